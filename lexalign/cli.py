@@ -1,0 +1,190 @@
+"""`lexalign`: each pipeline step as a command, for people who want one step at a time.
+
+Only click, yaml and LexAlign's config code are imported at start-up; torch,
+transformers and TRL load inside the commands, so `lexalign --help` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lexalign import __version__
+from lexalign.config.loader import load_config
+from lexalign.errors import LexAlignError, warn
+
+CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                      help="YAML config file (see config/*.example).")
+DEVICE = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=None,
+                      help="Override the config's device.")
+RESUME = click.option("--resume", type=click.Path(file_okay=False), default=None,
+                      help="Checkpoint folder to resume from (default: the newest matching one).")
+DRY_RUN = click.option("--dry-run", is_flag=True, help="Show the resolved configuration and plan; load nothing.")
+VERBOSE = click.option("--verbose", "-v", is_flag=True, help="Print every metric while training.")
+
+
+def _dry_run(kind: str, cfg: dict, plan: list[str]) -> None:
+    import yaml
+
+    click.echo(f"# Resolved {kind} configuration")
+    click.echo(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+    click.echo("\n# Plan")
+    for step in plan:
+        click.echo(f"- {step}")
+    if cfg.get("model", {}).get("trust_remote_code"):
+        warn("trust_remote_code is on: code shipped with the model will run on this machine.")
+
+
+def _checkpoint_dir(output_dir: str, configured: str | None) -> str:
+    return configured or str(Path("results/checkpoints") / Path(output_dir).name)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lexalign")
+def main() -> None:
+    """LexAlign: download, fine-tune, validate, align and evaluate language models.
+
+    The whole pipeline runs with `snakemake --cores 1 results/aligned`; these
+    commands run one step at a time.
+    """
+
+
+@main.command()
+@CONFIG
+@DRY_RUN
+@VERBOSE
+@click.option("--only", default=None, help="Fetch only the entry with this name.")
+def download(config_path: str, dry_run: bool, verbose: bool, only: str | None) -> None:
+    """Fetch the models and datasets listed in a downloads config."""
+    from lexalign.download import download_all
+
+    cfg = load_config(config_path, "download")
+    if dry_run:
+        _dry_run("download", cfg, [])
+    download_all(cfg, only=only, dry_run=dry_run)
+
+
+@main.command()
+@CONFIG
+@DEVICE
+@RESUME
+@DRY_RUN
+@VERBOSE
+def finetune(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
+    """Supervised fine-tuning (LoRA, QLoRA or full) of a model on SFT data."""
+    from lexalign import stages
+
+    cfg = load_config(config_path, "finetune")
+    device = device or cfg["device"]
+    out = cfg["output_dir"]
+    checkpoints = _checkpoint_dir(out, cfg["checkpoint_dir"])
+    data_dir = str(Path(checkpoints) / "data")
+    if dry_run:
+        _dry_run("finetune", cfg, [f"prepare SFT data {cfg['dataset']['path']} → {data_dir}",
+                                   f"{cfg['finetune']['method']} fine-tune {cfg['model']['path']} on {device} → {out}",
+                                   f"checkpoints every {cfg['finetune']['save_steps']} steps → {checkpoints}"])
+        return
+    stages.prepare_sft(cfg["dataset"], cfg["dataset"]["path"], data_dir, cfg["seed"])
+    stages.finetune(cfg["model"]["path"], data_dir, cfg["finetune"], out, checkpoints, device, cfg["seed"], resume,
+                    verbose, cfg["model"]["trust_remote_code"])
+
+
+def _align_paths(cfg: dict) -> tuple[str, str]:
+    out = cfg["alignment"]["output_dir"] or "results/aligned"
+    return out, _checkpoint_dir(out, cfg["alignment"]["checkpoint_dir"])
+
+
+@main.command()
+@CONFIG
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the validated data.")
+def validate(config_path: str, output: str) -> None:
+    """Check a preference dataset; write train/eval parquet, rejects.jsonl and report.json."""
+    from lexalign import stages
+
+    cfg = load_config(config_path, "align")
+    tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
+    stages.validate(cfg["dataset"], cfg["dataset"]["path"], tokenizer, output, cfg["seed"],
+                    cfg["model"]["trust_remote_code"])
+
+
+@main.command()
+@CONFIG
+@DEVICE
+@RESUME
+@DRY_RUN
+@VERBOSE
+def align(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
+    """Align a fine-tuned model on preference data (DPO through TRL)."""
+    from lexalign import stages
+    from lexalign.config.stages import AlignConfig
+    from lexalign.data.preference import is_validated_dir
+
+    cfg = load_config(config_path, "align")
+    AlignConfig.from_dict(cfg["alignment"])  # semantic checks before anything loads
+    device = device or cfg["device"]
+    out, checkpoints = _align_paths(cfg)
+    data = cfg["dataset"]["path"]
+    validated = data if data and is_validated_dir(data) else str(Path(checkpoints) / "data")
+    if dry_run:
+        a = cfg["alignment"]
+        _dry_run("align", cfg, [
+            f"validate {data} → {validated}" if validated != data else f"use validated data {data}",
+            f"{a['method']} ({', '.join(a['loss_type'] if isinstance(a['loss_type'], list) else [a['loss_type']])}, "
+            f"beta {a['beta']}, {'LoRA' if a['use_lora'] else 'full'}) on {cfg['model']['path']} [{device}] → {out}",
+            f"reference model: {cfg['model']['path']} (the SFT model)",
+            f"checkpoints every {a['save_steps']} steps → {checkpoints}",
+        ])
+        return
+    tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
+    if validated != data:
+        stages.validate(cfg["dataset"], data, tokenizer, validated, cfg["seed"], cfg["model"]["trust_remote_code"])
+    stages.align(cfg["model"]["path"], validated, cfg["alignment"], out, checkpoints, device, cfg["seed"], resume,
+                 verbose, cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
+                 resume_command=f"lexalign align --config {config_path}")
+
+
+@main.command()
+@CONFIG
+@click.option("--output", default="results/eval/aligned.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--judge", type=click.Choice(["none", "demo"]), default="none", show_default=True)
+@click.option("--num-prompts", default=200, show_default=True)
+def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> None:
+    """Compare the aligned model (alignment.output_dir) with its SFT reference (model.path)."""
+    from lexalign import stages
+    from lexalign.data.preference import is_validated_dir
+
+    cfg = load_config(config_path, "align")
+    out, checkpoints = _align_paths(cfg)
+    data = cfg["dataset"]["path"]
+    validated = data if data and is_validated_dir(data) else str(Path(checkpoints) / "data")
+    if not is_validated_dir(validated):
+        raise LexAlignError(f'No validated data at "{validated}"',
+                            hint=f"Run: lexalign validate --config {config_path} --output {validated}")
+    params = {"judge": judge, "num_prompts": num_prompts, "max_new_tokens": 32, "batch_size": 16}
+    result = stages.evaluate(out, cfg["model"]["path"], validated, params, cfg["alignment"]["beta"], output,
+                             cfg["seed"])
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "generation"}, indent=2))
+
+
+def run() -> None:
+    """Console entry point: errors become messages, never tracebacks."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except LexAlignError as err:
+        click.echo(err.render(), err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

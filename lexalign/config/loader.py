@@ -1,0 +1,223 @@
+"""Load YAML safely and validate it against the schemas in `lexalign/schemas/`.
+
+The pipeline (`rules/common.smk`) and the CLI use the same schema file, so a
+key means the same thing in both. Errors name the file, the key, the value
+found and what is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lexalign.errors import LexAlignError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+# PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string, not a float.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def load_yaml(path: str | Path) -> Any:
+    """`yaml.safe_load` a file, turning every failure into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LexAlignError(f'Config file not found: "{path}"', hint="Copy an example from config/*.example")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.constructor.ConstructorError as err:
+        raise LexAlignError(
+            f'Config file "{path}" uses a YAML tag that is not allowed',
+            f"{err.problem} {err.problem_mark}".strip(),
+            hint="Remove tags such as !!python/object: configs hold plain values only",
+        ) from None
+    except yaml.YAMLError as err:
+        raise LexAlignError(f'Config file "{path}" is not valid YAML', str(err)) from None
+    except UnicodeDecodeError as err:
+        raise LexAlignError(f'Config file "{path}" is not UTF-8 text', str(err)) from None
+
+
+@functools.cache
+def _root_schema() -> dict:
+    with SCHEMA_PATH.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def schema_for(kind: str) -> dict:
+    """The JSON schema of one config kind: pipeline, align, finetune or download."""
+    root = _root_schema()
+    defs = root["$defs"]
+
+    def obj(properties: dict, required: list[str]) -> dict:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": properties,
+            "required": required,
+            "$defs": defs,
+        }
+
+    model_ref = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "path": {"type": "string", "description": "The model to start from (a folder)."},
+            "base_model": {"type": ["string", "null"], "default": None, "description": "Tokenizer source, if not in path."},
+            "trust_remote_code": {"type": "boolean", "default": False},
+        },
+        "required": ["path"],
+    }
+    device = {"$ref": "#/$defs/device"}
+    if kind == "pipeline":
+        return root
+    if kind == "align":
+        return obj(
+            {
+                "model": model_ref,
+                "dataset": {"$ref": "#/$defs/dataset"},
+                "alignment": {"$ref": "#/$defs/alignment"},
+                "device": device,
+                "seed": {"type": "integer", "default": 42},
+            },
+            ["model", "dataset", "alignment"],
+        )
+    if kind == "finetune":
+        return obj(
+            {
+                "model": model_ref,
+                "dataset": {"$ref": "#/$defs/sft_dataset"},
+                "finetune": {"$ref": "#/$defs/finetune"},
+                "output_dir": {"type": "string", "default": "results/models/sft"},
+                "checkpoint_dir": {"type": ["string", "null"], "default": None},
+                "device": device,
+                "seed": {"type": "integer", "default": 42},
+            },
+            ["model", "dataset", "finetune"],
+        )
+    if kind == "download":
+        items = {"type": "array", "items": {"$ref": "#/$defs/source"}, "default": []}
+        return obj({"models": items, "datasets": items, "seed": {"type": "integer", "default": 42}}, [])
+    raise ValueError(f"unknown config kind {kind!r}")
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        merged = {k: v for k, v in schema.items() if k != "$ref"}
+        schema = {**root["$defs"][name], **merged}
+    return schema
+
+
+def _types(schema: dict, root: dict) -> set[str]:
+    schema = _resolve(schema, root)
+    found = set()
+    declared = schema.get("type")
+    if isinstance(declared, str):
+        found.add(declared)
+    elif isinstance(declared, list):
+        found.update(declared)
+    for option in schema.get("anyOf", []):
+        found |= _types(option, root)
+    return found
+
+
+def _normalise(data: Any, schema: dict, root: dict) -> Any:
+    """Fill defaults and turn numeric strings (`1e-5`) into numbers where the schema wants one."""
+    schema = _resolve(schema, root)
+    types = _types(schema, root)
+    if isinstance(data, str) and types & {"number", "integer"} and _NUMBER.match(data.strip()):
+        value = float(data)
+        return int(value) if "integer" in types and value.is_integer() and "number" not in types else value
+    if isinstance(data, dict) and "properties" in schema:
+        out = dict(data)
+        for key, sub in schema["properties"].items():
+            sub_resolved = _resolve(sub, root)
+            if key in out:
+                out[key] = _normalise(out[key], sub, root)
+            elif "default" in sub_resolved:
+                out[key] = copy.deepcopy(sub_resolved["default"])
+            elif sub_resolved.get("type") == "object" and "properties" in sub_resolved and key not in schema.get("required", []):
+                out[key] = _normalise({}, sub, root)
+        return out
+    if isinstance(data, list) and "items" in schema:
+        return [_normalise(item, schema["items"], root) for item in data]
+    return data
+
+
+def _describe(value: Any) -> str:
+    kind = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{shown} ({kind})"
+
+
+def _expected(error, root: dict) -> str:
+    schema = _resolve(error.schema, root) if isinstance(error.schema, dict) else {}
+    if error.validator == "enum":
+        return "one of: " + ", ".join(str(v) for v in error.validator_value)
+    if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        sign = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[error.validator]
+        return f"a value {sign} {error.validator_value}"
+    if error.validator == "type":
+        wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        names = {"number": "a number", "integer": "an integer", "string": "a string", "boolean": "true or false",
+                 "object": "a mapping", "array": "a list", "null": "null"}
+        return " or ".join(names.get(w, w) for w in wanted)
+    if error.validator == "anyOf":
+        return "a string or a list of strings"
+    return schema.get("description") or error.message
+
+
+def validate_config(data: Any, kind: str, source: str = "config") -> dict:
+    """Validate `data` against the schema of `kind`; return it with defaults filled in.
+
+    Raises LexAlignError naming the file, the key, the value and what is expected.
+    """
+    import jsonschema
+
+    root = _root_schema()
+    schema = schema_for(kind)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LexAlignError(f'Config "{source}" must be a mapping of keys to values', f"Found: {_describe(data)}")
+    data = _normalise(data, schema, root)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return data
+    err = errors[0]
+    where = ".".join(str(p) for p in err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(_resolve(err.schema, root).get("properties", {}))
+        unknown = sorted(set(err.instance) - set(allowed))
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        raise LexAlignError(
+            f'Unknown key "{key}" in {source}',
+            f"Allowed keys{' under ' + where if where else ''}: {', '.join(allowed)}",
+            hint=f'Did you mean "{close[0]}"?' if close else "Remove it or fix its spelling",
+        )
+    if err.validator == "required":
+        missing = err.message.split("'")[1]
+        key = f"{where}.{missing}" if where else missing
+        raise LexAlignError(f'Missing required key "{key}" in {source}')
+    raise LexAlignError(
+        f'Invalid value for "{where or "(top level)"}" in {source}',
+        f"Found: {_describe(err.instance)}",
+        f"Expected: {_expected(err, root)}",
+    )
+
+
+def load_config(path: str | Path, kind: str) -> dict:
+    """Load and validate a YAML config file of the given kind."""
+    return validate_config(load_yaml(path), kind, source=str(path))

@@ -1,0 +1,239 @@
+"""One config dataclass per stage, built from a schema-validated mapping.
+
+Defaults live in `lexalign/schemas/config.schema.yaml` (one place, shared with
+Snakemake's `validate`); these classes give each field a type and a meaning,
+and hold the checks a JSON schema cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lexalign.errors import LexAlignError
+
+# Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass
+class SourceConfig(_FromDict):
+    """Where a model or a dataset comes from."""
+
+    source: str
+    """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo)."""
+    repo_id: str | None = None
+    """Hub repo id, for `source: hub`."""
+    path: str | None = None
+    """File or folder, for `source: local`."""
+    revision: str = "main"
+    """Hub branch, tag or commit; the resolved commit is recorded in the lineage."""
+    repo_type: str = "model"
+    """`model` or `dataset`."""
+    allow_patterns: list[str] | str | None = None
+    """Only files matching these glob patterns are fetched."""
+    ignore_patterns: list[str] | str | None = None
+    """Files matching these glob patterns are skipped."""
+    output: str | None = None
+    """Where the download lands (`lexalign download`)."""
+    name: str | None = None
+    """Short name, used for the default output folder."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a model. Off unless you trust the repo."""
+
+    def __post_init__(self):
+        if self.source == "hub" and not self.repo_id:
+            raise LexAlignError('source "hub" needs a "repo_id"', hint='Add e.g. repo_id: "gpt2"')
+        if self.source == "local" and not self.path:
+            raise LexAlignError('source "local" needs a "path"', hint="Add path: ./my-model")
+
+
+@dataclass
+class DatasetConfig(_FromDict):
+    """A preference dataset and how to read it."""
+
+    path: str | None
+    """File or folder with the data."""
+    format: str = "auto"
+    """auto, json, jsonl, csv, tsv or parquet; auto detects from extension and content."""
+    prompt_field: str = "prompt"
+    """Column with the prompt."""
+    chosen_field: str = "chosen"
+    """Column with the preferred response."""
+    rejected_field: str = "rejected"
+    """Column with the dispreferred response."""
+    train_split: str = "train"
+    """Split (or file stem) used for training."""
+    eval_split: str | None = None
+    """An existing eval split; when absent, `eval_fraction` of prompts are held out."""
+    eval_fraction: float = 0.1
+    """Share of prompts held out for evaluation (split by prompt: no prompt leaks)."""
+    max_length: int = 512
+    """Longest prompt + response, in tokens of the model's tokenizer."""
+    length_policy: str = "drop"
+    """What happens to longer rows: drop (to rejects), truncate, or fail."""
+    max_reject_fraction: float = 0.5
+    """Validation fails (stopping the pipeline) when more than this share of rows is rejected."""
+    source: str = "local"
+    """Where the data comes from (pipeline only)."""
+    repo_id: str | None = None
+    revision: str = "main"
+
+
+@dataclass
+class SftDatasetConfig(_FromDict):
+    """Supervised fine-tuning data: plain text, prompt/completion, or chat messages."""
+
+    path: str | None
+    """File or folder with the data."""
+    format: str = "auto"
+    """auto, json, jsonl, csv, tsv or parquet."""
+    text_field: str = "text"
+    """Column with plain text (language modelling on the whole text)."""
+    prompt_field: str = "prompt"
+    """Column with the prompt (loss on the completion only)."""
+    completion_field: str = "completion"
+    """Column with the completion."""
+    messages_field: str = "messages"
+    """Column with chat messages ({role, content} lists)."""
+    train_split: str = "train"
+    """Split (or file stem) used for training."""
+    eval_fraction: float = 0.05
+    """Share of rows held out for evaluation during training."""
+    source: str = "local"
+    repo_id: str | None = None
+    revision: str = "main"
+
+
+@dataclass
+class TrainingConfig(_FromDict):
+    """Hyperparameters shared by every training stage."""
+
+    learning_rate: float
+    """Peak learning rate of AdamW."""
+    batch_size: int
+    """Per-device batch size (TRL: per_device_train_batch_size)."""
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step; effective batch = batch_size × this × processes."""
+    num_epochs: float
+    """Passes over the training data (TRL: num_train_epochs)."""
+    warmup_steps: int
+    """Linear warm-up steps of the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    save_steps: int
+    """A resumable checkpoint every this many optimizer steps."""
+    logging_steps: int
+    """Metrics are logged every this many steps."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides num_epochs)."""
+    eval_steps: int | None = None
+    """Evaluate on the eval split every this many steps (default: at the end of each epoch)."""
+    seed: int | None = None
+    """Training seed (default: the pipeline seed)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or `all-linear`."""
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """Supervised fine-tuning: LoRA, QLoRA (4-bit) or full."""
+
+    method: str = "lora"
+    """lora, qlora (4-bit NF4 base through bitsandbytes) or full."""
+    merge: bool = True
+    """Merge the adapter into the saved model; false saves the PEFT adapter alone."""
+    max_length: int = 512
+    """Sequences are truncated to this many tokens."""
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+@dataclass
+class AlignConfig(TrainingConfig):
+    """Preference alignment: DPO (TRL's DPOTrainer) or GDPO (listwise)."""
+
+    method: str = "dpo"
+    """dpo or gdpo."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (SFT) model; higher stays closer."""
+    loss_type: list[str] | str = "sigmoid"
+    """A TRL DPO loss, or a list of them mixed with `loss_weights`."""
+    loss_weights: list[float] | None = None
+    """Weights of the losses in `loss_type` (default: 1 each)."""
+    label_smoothing: float = 0.0
+    """Probability a preference label is flipped (robust, exo_pair)."""
+    max_length: int | None = 512
+    """Prompt + response tokens kept; longer sequences are truncated at the end."""
+    group_delay_size: int = 4
+    """GDPO: K, the number of ranked responses per prompt."""
+    group_delay_weight: float = 0.5
+    """GDPO: w, the weight of the Plackett-Luce group term (1 - w weighs the pairwise term)."""
+    use_lora: bool = True
+    """Train a LoRA adapter (merged into the output) instead of every weight."""
+    output_dir: str | None = None
+    """Where the aligned model is written."""
+    checkpoint_dir: str | None = None
+    """Where resumable checkpoints go; must lie outside output_dir."""
+
+    def __post_init__(self):
+        self.loss_type = _as_list(self.loss_type)
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if unknown:
+            raise LexAlignError(
+                f'Unknown loss_type "{unknown[0]}"', f"Supported: {', '.join(DPO_LOSS_TYPES)}"
+            )
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise LexAlignError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types",
+                hint="Give one weight per entry of loss_type",
+            )
+        if self.group_delay_size < 2:
+            raise LexAlignError(
+                f"group_delay_size must be >= 2 (got: {self.group_delay_size})",
+                hint="Need at least chosen + rejected responses",
+            )
+        if not 0.0 <= self.group_delay_weight <= 1.0:
+            raise LexAlignError(
+                f"group_delay_weight must be in [0, 1] (got: {self.group_delay_weight})",
+                hint="0 is the pairwise loss alone, 1 the group ranking loss alone",
+            )
+
+
+@dataclass
+class EvaluateConfig(_FromDict):
+    """Evaluation of an aligned model against its SFT reference."""
+
+    judge: str = "none"
+    """Rule-based judge for generations: `demo` (polite greeting) or `none`."""
+    num_prompts: int = 200
+    """Held-out prompts generated from (greedy decoding)."""
+    max_new_tokens: int = 32
+    """Tokens generated per prompt."""
+    batch_size: int = 16
+    """Prompts per forward pass."""

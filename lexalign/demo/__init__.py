@@ -1,0 +1,1 @@
+"""The built-in demo: a tiny model and a task where alignment has a checkable effect."""

@@ -1,0 +1,51 @@
+"""User-facing errors: a message, optional hints, never a traceback.
+
+Every error a user can cause by their config, data or environment is raised as
+`LexAlignError`. The CLI and the Snakemake scripts print it as
+
+    Error: <message>
+    <detail lines>
+    → <hint>
+
+and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class LexAlignError(Exception):
+    """An error with a message a user can act on."""
+
+    def __init__(self, message: str, *details: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = [d for d in details if d]
+        self.hint = hint
+
+    def render(self) -> str:
+        lines = [f"Error: {self.message}", *self.details]
+        if self.hint:
+            lines.append(f"→ {self.hint}")
+        return "\n".join(lines)
+
+
+def warn(message: str, *details: str) -> None:
+    """Print a warning the way users expect to see it: on stderr, plainly."""
+    print("\n".join([f"Warning: {message}", *details]), file=sys.stderr, flush=True)
+
+
+def exit_on_error(func):
+    """Decorator: turn LexAlignError into a clean message and exit status 1."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LexAlignError as err:
+            print(err.render(), file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    return wrapper

@@ -1,0 +1,145 @@
+"""The evaluate step: did alignment work?
+
+Two figures, each for the SFT model and the aligned model:
+- preference accuracy on held-out pairs: the implicit DPO reward
+  r = β·(log π(y|x) − log π_SFT(y|x)) ranks chosen above rejected;
+- the judged rate of the wanted behaviour in greedy generations on held-out
+  prompts (when a judge is configured; the demo has a rule-based one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lexalign.config.stages import EvaluateConfig
+
+
+def _encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Token ids of prompt+completion+EOS and where the completion starts (as TRL does)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    start = 0
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+        start += 1
+    return full, start
+
+
+def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
+                   max_length: int | None = None) -> list[float]:
+    """Sum of log π(completion tokens | prompt) for each pair."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [_encode_pair(tokenizer, p, c) for p, c in zip(prompts[start:start + batch_size],
+                                                                  completions[start:start + batch_size])]
+        if max_length:
+            encoded = [(ids[:max_length], s) for ids, s in encoded]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row, (ids, s) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            mask[row, s: len(ids)] = True
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+        out += (logps * mask[:, 1:].to(device)).sum(-1).tolist()
+    return out
+
+
+def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
+    prompts = frame["prompt"].tolist()
+    logps = {
+        (name, side): sequence_logps(model, tokenizer, prompts, frame[side].tolist(), batch_size)
+        for name, model in (("policy", policy), ("reference", reference))
+        for side in ("chosen", "rejected")
+    }
+    rewards = {
+        side: [beta * (p - r) for p, r in zip(logps["policy", side], logps["reference", side])]
+        for side in ("chosen", "rejected")
+    }
+    margins = [c - r for c, r in zip(rewards["chosen"], rewards["rejected"])]
+    n = max(len(margins), 1)
+    return {
+        "pairs": len(margins),
+        "preference_accuracy": sum(m > 0 for m in margins) / n,
+        "mean_margin": sum(margins) / n,
+        "logp_accuracy_policy": sum(c > r for c, r in zip(logps["policy", "chosen"], logps["policy", "rejected"])) / n,
+        "logp_accuracy_reference": sum(c > r for c, r in zip(logps["reference", "chosen"],
+                                                              logps["reference", "rejected"])) / n,
+    }
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions (deterministic, so the judged rate is reproducible)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+        with torch.no_grad():
+            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dict | None:
+    if cfg.judge == "none":
+        return None
+    from lexalign.demo import task
+
+    prompts = task.eval_prompts(seed, cfg.num_prompts)
+    result = {"judge": "demo-polite-greeting", "decoding": "greedy", "prompts": len(prompts)}
+    for name, model in models.items():
+        completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        result[f"{name}_rate"] = sum(task.judge(c) for c in completions) / len(completions)
+        result[f"{name}_examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(prompts, completions))[:5]]
+    if "sft_rate" in result and "aligned_rate" in result:
+        result["rise_points"] = 100 * (result["aligned_rate"] - result["sft_rate"])
+    return result
+
+
+def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
+             seed: int = 42) -> dict:
+    from lexalign.train.runtime import load_causal_lm, load_tokenizer, require_model
+
+    require_model(aligned, "lexalign align --config config/align.yaml")
+    require_model(reference, "lexalign finetune --config config/finetune.yaml")
+    tokenizer = load_tokenizer(aligned)
+    policy = load_causal_lm(aligned, "cpu").eval()
+    ref = load_causal_lm(reference, "cpu").eval()
+    result = {
+        "aligned": str(aligned),
+        "reference": str(reference),
+        "beta": beta,
+        **preference_metrics(policy, ref, tokenizer, eval_frame, beta, cfg.batch_size),
+    }
+    judged = judged_rates({"sft": ref, "aligned": policy}, tokenizer, cfg, seed)
+    if judged:
+        result["generation"] = judged
+    return result
+
+
+def summary(result: dict) -> str:
+    lines = [
+        f"Preference accuracy on {result['pairs']} held-out pairs: {result['preference_accuracy']:.3f} "
+        f"(mean reward margin {result['mean_margin']:.3f})"
+    ]
+    gen = result.get("generation")
+    if gen:
+        lines.append(
+            f"Judged wanted behaviour ({gen['judge']}, {gen['decoding']}, {gen['prompts']} prompts): "
+            f"SFT {100 * gen['sft_rate']:.1f}% → aligned {100 * gen['aligned_rate']:.1f}% "
+            f"({gen['rise_points']:+.1f} points)"
+        )
+    return "\n".join(lines)

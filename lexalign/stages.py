@@ -1,0 +1,134 @@
+"""One function per pipeline step, called by the CLI and by the Snakemake scripts.
+
+Each takes plain paths and the validated config sections, so a rule's
+`params:` (what Snakemake watches for changes) are exactly what a step reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lexalign.config.stages import (
+    AlignConfig,
+    DatasetConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    SftDatasetConfig,
+    SourceConfig,
+)
+from lexalign.io import write_json
+
+
+def download(source: dict, output: str | Path, kind: str, seed: int = 42) -> Path:
+    from lexalign.download import fetch
+
+    cfg = SourceConfig.from_dict(source)
+    out = fetch(cfg, output, kind, seed)
+    print(f"Fetched {kind} from {cfg.source} into {out}", flush=True)
+    return out
+
+
+def prepare_sft(data: dict, raw: str | Path, output: str | Path, seed: int = 42) -> dict:
+    from lexalign.data.common import write_split_outputs
+    from lexalign.data.sft import prepare_sft as _prepare
+    from lexalign.lineage import stage_record
+
+    cfg = SftDatasetConfig.from_dict({**data, "path": str(raw)})
+    result = _prepare(cfg, seed)
+    lineage = stage_record("prepare_sft_data", cfg.to_dict(), {"data": raw})
+    write_split_outputs(output, result, lineage)
+    report = result["report"]
+    print(f"SFT data ({report['shape']}): {report['train_rows']} train + {report['eval_rows']} eval, "
+          f"{report['rejected_rows']} rejected → {output}", flush=True)
+    return report
+
+
+def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output: str | Path, seed: int = 42,
+             trust_remote_code: bool = False) -> dict:
+    """Validate preference data and write train/eval parquet, rejects and report; gate on the result."""
+    from lexalign.data.common import write_split_outputs
+    from lexalign.data.preference import gate, summary, validate_preferences
+    from lexalign.lineage import stage_record
+    from lexalign.train.runtime import load_tokenizer
+
+    cfg = DatasetConfig.from_dict({**dataset, "path": str(raw)})
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    result = validate_preferences(cfg, tokenizer, seed)
+    lineage = stage_record("validate", cfg.to_dict(), {"data": raw, "tokenizer": tokenizer_path})
+    write_split_outputs(output, result, lineage)
+    print(summary(result["report"]), flush=True)
+    gate(result["report"], str(output))
+    return result["report"]
+
+
+def _frames(data: str | Path):
+    import pandas as pd
+
+    data = Path(data)
+    return pd.read_parquet(data / "train.parquet"), pd.read_parquet(data / "eval.parquet")
+
+
+def finetune(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
+             device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
+             trust_remote_code: bool = False) -> Path:
+    from lexalign.train.finetune import FinetuneJob
+
+    data = Path(data)
+    train, evals = _frames(data)
+    job = FinetuneJob(
+        model_path=Path(model),
+        train=train,
+        eval=evals,
+        cfg=FinetuneConfig.from_dict(params),
+        output_dir=Path(output),
+        checkpoint_dir=Path(checkpoint_dir),
+        device=device,
+        seed=seed,
+        resume=Path(resume) if resume else None,
+        verbose=verbose,
+        trust_remote_code=trust_remote_code,
+        lineage_inputs={"model": Path(model), "data": data},
+    )
+    return job.run()
+
+
+def align(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
+          device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
+          trust_remote_code: bool = False, tokenizer: str | None = None, resume_command: str | None = None) -> Path:
+    from lexalign.data.preference import gate
+    from lexalign.io import read_json
+    from lexalign.train.align import AlignJob
+
+    data = Path(data)
+    gate(read_json(data / "report.json"), str(data))
+    train, evals = _frames(data)
+    job = AlignJob(
+        model_path=Path(model),
+        train=train,
+        eval=evals,
+        cfg=AlignConfig.from_dict(params),
+        output_dir=Path(output),
+        checkpoint_dir=Path(checkpoint_dir),
+        device=device,
+        seed=seed,
+        resume=Path(resume) if resume else None,
+        verbose=verbose,
+        trust_remote_code=trust_remote_code,
+        tokenizer_path=Path(tokenizer) if tokenizer else None,
+        lineage_inputs={"model": Path(model), "data": data},
+    )
+    if resume_command:
+        job.resume_command = resume_command
+    return job.run()
+
+
+def evaluate(aligned: str | Path, reference: str | Path, data: str | Path, params: dict, beta: float,
+             output: str | Path, seed: int = 42) -> dict:
+    from lexalign.evaluate import evaluate as _evaluate
+    from lexalign.evaluate import summary
+
+    _, evals = _frames(data)
+    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(params), beta, seed)
+    write_json(output, result)
+    print(summary(result), flush=True)
+    return result

@@ -1,0 +1,1 @@
+"""Training stages: SFT (finetune) and preference alignment (align)."""

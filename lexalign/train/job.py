@@ -1,0 +1,101 @@
+"""A training job: what finetune and align share from setup to save.
+
+Each stage subclasses `TrainingJob` and supplies `setup()` (model, data,
+trainer); `run()` then trains with resume and interrupt handling, and saves
+the model atomically with its metrics, lineage and model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lexalign.config.stages import TrainingConfig
+from lexalign.io import atomic_dir, hash_object
+from lexalign.lineage import stage_record, write_lineage, write_model_card
+from lexalign.train import runtime
+from lexalign.train.callbacks import ConfigHashCallback, InterruptCallback, ProgressCallback
+
+
+@dataclass
+class TrainingJob:
+    """One training run, resolved: inputs, config, where outputs and checkpoints go."""
+
+    model_path: Path
+    """The model to start from."""
+    train: pd.DataFrame
+    """Training rows, in the columns the stage's TRL trainer reads."""
+    eval: pd.DataFrame
+    """Held-out rows evaluated every eval_steps (may be empty)."""
+    cfg: TrainingConfig
+    """The stage's hyperparameters."""
+    output_dir: Path
+    """Where the final model is written (atomically)."""
+    checkpoint_dir: Path
+    """Resumable checkpoints; outside output_dir, which Snakemake deletes on failure."""
+    device: str = "auto"
+    seed: int = 42
+    resume: Path | None = None
+    """A checkpoint to resume from; by default the newest one made with the same config."""
+    verbose: bool = False
+    trust_remote_code: bool = False
+    lineage_inputs: dict[str, Any] | None = None
+    """Named input paths whose hashes and lineage are recorded."""
+    resume_command: str = "lexalign <stage> --config <config>"
+    """Printed after an interrupt, with --resume appended."""
+
+    stage = "train"
+
+    def config_hash(self) -> str:
+        """Identifies config + inputs; a checkpoint is only resumed under the same hash."""
+        data = [int(pd.util.hash_pandas_object(f.astype(str), index=False).sum()) for f in (self.train, self.eval)]
+        return hash_object({"stage": self.stage, "cfg": self.cfg.to_dict(), "model": str(self.model_path),
+                            "data": data, "seed": self.seed})
+
+    def callbacks(self, interrupt: InterruptCallback) -> list:
+        return [
+            ProgressCallback(self.checkpoint_dir / "metrics.jsonl", verbose=self.verbose),
+            ConfigHashCallback(self.config_hash()),
+            interrupt,
+        ]
+
+    def setup(self):
+        """Return (trainer, tokenizer, interrupt callback). Implemented per stage."""
+        raise NotImplementedError
+
+    def title(self) -> str:
+        return self.stage
+
+    def adapter(self) -> tuple[bool, bool]:
+        """(trained an adapter?, merge it into the saved model?)"""
+        return False, False
+
+    def train_model(self, trainer, interrupt) -> None:
+        resume = self.resume or runtime.find_resume_checkpoint(self.checkpoint_dir, self.config_hash())
+        if resume:
+            print(f"Resuming from {resume}", flush=True)
+        runtime.run_trainer(trainer, resume, self.cfg, interrupt, self.resume_command)
+
+    def save(self, trainer, tokenizer) -> Path:
+        metrics = runtime.final_metrics(trainer)
+        adapter, merge = self.adapter()
+        with atomic_dir(self.output_dir) as tmp:
+            runtime.save_trained_model(trainer, tokenizer, tmp, adapter=adapter, merge=merge,
+                                       base_path=self.model_path, trust_remote_code=self.trust_remote_code)
+            record = stage_record(self.stage, self.cfg.to_dict(), self.lineage_inputs or {"model": self.model_path},
+                                  {"metrics": metrics, "config_hash": self.config_hash()})
+            write_lineage(tmp, record)
+            write_model_card(tmp, record, self.title(), metrics)
+            runtime.keep_metrics(self.checkpoint_dir, tmp)
+        return self.output_dir
+
+    def run(self) -> Path:
+        trainer, tokenizer, interrupt = self.setup()
+        self.train_model(trainer, interrupt)
+        out = self.save(trainer, tokenizer)
+        runtime.clear_checkpoints(self.checkpoint_dir)
+        print(f"{self.title()} written to {out}", flush=True)
+        return out

@@ -1,0 +1,221 @@
+"""What every training stage shares: devices, model loading, trainer arguments,
+checkpoint discovery, and running a trainer with clear errors.
+
+Entry points (finetune, align) are split into setup, train and save; this
+module holds the parts of each that do not depend on the objective.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lexalign.config.stages import TrainingConfig
+from lexalign.errors import LexAlignError, warn
+from lexalign.train.callbacks import CONFIG_HASH_FILE
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def resolve_device(requested: str) -> str:
+    """`auto`, `cuda` or `cpu` → the device training will use."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        warn("CUDA requested but unavailable. Using CPU.", "Training will be significantly slower.")
+    return "cpu"
+
+
+def require_model(path: str | Path, produced_by: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise LexAlignError(f'Model not found at "{path}"', hint=f"Run: {produced_by}")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, trust_remote_code: bool = False):
+    """Load a causal LM from safetensors; 4-bit NF4 through bitsandbytes for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise LexAlignError("QLoRA needs bitsandbytes, which could not be loaded", str(err),
+                                hint="pip install bitsandbytes, or use method: lora") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        )
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    elif device == "cuda" and torch.cuda.is_bf16_supported():
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def lora_config(cfg: TrainingConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, has_eval: bool, seed: int) -> dict:
+    """The TrainingArguments shared by SFTConfig and DPOConfig, from a LexAlign config."""
+    import torch
+
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    args = {
+        "output_dir": str(checkpoint_dir),
+        "learning_rate": cfg.learning_rate,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "num_train_epochs": cfg.num_epochs,
+        "max_steps": cfg.max_steps or -1,
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "seed": cfg.seed if cfg.seed is not None else seed,
+        "data_seed": cfg.seed if cfg.seed is not None else seed,
+        "use_cpu": device == "cpu",
+        "bf16": bf16,
+        "fp16": False,
+        # Checkpointing trades compute for memory: worth it on a GPU, a pure loss on the CPU.
+        "gradient_checkpointing": device == "cuda",
+        "report_to": [],
+        "disable_tqdm": True,
+        "save_only_model": False,
+        "dataloader_num_workers": 0,
+    }
+    if has_eval:
+        args["eval_strategy"] = "steps" if cfg.eval_steps else "epoch"
+        if cfg.eval_steps:
+            args["eval_steps"] = cfg.eval_steps
+    return args
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), reverse=True)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint the Trainer finished writing (its state file is written last)."""
+    return (path / "trainer_state.json").is_file() and (path / CONFIG_HASH_FILE).is_file()
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, config_hash: str) -> Path | None:
+    """The newest complete checkpoint made with this exact config, if any."""
+    if not checkpoint_dir.is_dir():
+        return None
+    for candidate in _checkpoints(checkpoint_dir):
+        if not is_complete_checkpoint(candidate):
+            warn(f"Skipping incomplete checkpoint {candidate}")
+            continue
+        if (candidate / CONFIG_HASH_FILE).read_text().strip() != config_hash:
+            warn(f"Not resuming from {candidate}: it was made with a different config. Starting fresh.")
+            return None
+        return candidate
+    return None
+
+
+def clear_checkpoints(checkpoint_dir: Path) -> None:
+    """After a successful save the checkpoints have served their purpose."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def keep_metrics(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Copy the run's metrics.jsonl (for plots) beside the saved model."""
+    metrics = checkpoint_dir / "metrics.jsonl"
+    if metrics.is_file():
+        shutil.copy2(metrics, out_dir / "metrics.jsonl")
+
+
+def run_trainer(trainer, resume: Path | None, cfg: TrainingConfig, interrupt, resume_command: str) -> Any:
+    """trainer.train() with the errors users should see instead of tracebacks."""
+    import torch
+
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        kind = "CUDA out of memory" if isinstance(err, torch.OutOfMemoryError) else "CPU out of memory"
+        raise LexAlignError(
+            kind,
+            hint=f"Try: reducing batch_size (now {cfg.batch_size}), enabling use_lora, "
+            f"or raising gradient_accumulation_steps (now {cfg.gradient_accumulation_steps})",
+        ) from None
+    if interrupt.interrupted:
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        raise LexAlignError(
+            f"Training interrupted. Checkpoint saved to: {checkpoint}",
+            hint=f"Resume with: {resume_command} --resume {checkpoint}",
+        )
+    return result
+
+
+def merged_model(adapter_dir: Path, base_path: Path, trust_remote_code: bool = False):
+    """Base weights in full precision with the adapter merged in (also undoes QLoRA's 4-bit)."""
+    from peft import PeftModel
+
+    base = load_causal_lm(base_path, "cpu", trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: bool, base_path: Path,
+                       trust_remote_code: bool = False) -> None:
+    """Write the trained model into `out_dir` (a folder being built atomically).
+
+    Adapters are merged into full-precision base weights unless `merge` is
+    false, in which case the PEFT adapter is saved alone (loadable with PEFT).
+    """
+    import tempfile
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if adapter and merge:
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as adapter_dir:
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+            merged = merged_model(Path(adapter_dir), base_path, trust_remote_code)
+        merged.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def final_metrics(trainer) -> dict:
+    """The last value of each logged metric, for the model card."""
+    out: dict = {}
+    for entry in trainer.state.log_history:
+        out.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step",)})
+    out["global_step"] = trainer.state.global_step
+    return out

@@ -1,0 +1,47 @@
+# Config validation and named helpers shared by every rule.
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)
+from lexalign.config.loader import validate_config  # noqa: E402
+from lexalign.errors import LexAlignError  # noqa: E402
+
+# The same schema as the CLI: fills defaults, turns `1e-5` strings into numbers,
+# and names the key, the value found and what is expected on an error.
+try:
+    config.update(validate_config(config, "pipeline", source="the pipeline config"))
+    from lexalign.config.stages import AlignConfig, FinetuneConfig
+
+    AlignConfig.from_dict(config["alignment"])
+    FinetuneConfig.from_dict(config["finetune"])
+except LexAlignError as err:
+    raise WorkflowError(err.render()) from None
+validate(config, "../lexalign/schemas/config.schema.yaml")
+
+RESULTS = "results"
+LOGS = "logs"
+
+
+def package_modules(*modules):
+    """Source files of the lexalign modules a rule runs: editing one reruns the rule."""
+    root = Path(workflow.basedir) / "lexalign"
+    return [str(root / f"{module}.py") for module in ("__init__", "errors", "io", "lineage", *modules)]
+
+
+def local_input(section):
+    """A local source's path, so editing the user's file reruns its download."""
+    source = config[section]
+    return [source["path"]] if source.get("source") == "local" and source.get("path") else []
+
+
+def source_params(section):
+    """The source config of a download, without keys that do not change what is fetched."""
+    return {k: v for k, v in config[section].items() if k not in ("name", "output")}
+
+
+def training_seed():
+    return config["seed"]

@@ -1,0 +1,38 @@
+# Step 2: supervised fine-tuning of the base model.
+
+
+rule prepare_sft_data:
+    input:
+        raw=f"{RESULTS}/data/raw/sft_data",
+        code=package_modules("stages", "data/load", "data/sft", "data/common"),
+    output:
+        directory(f"{RESULTS}/data/sft"),
+    params:
+        data=config["sft_data"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/prepare_sft_data.log",
+    script:
+        "../scripts/prepare_sft_data.py"
+
+
+rule finetune:
+    input:
+        model=f"{RESULTS}/models/base",
+        data=f"{RESULTS}/data/sft",
+        code=package_modules("stages", "train/job", "train/runtime", "train/callbacks", "train/finetune"),
+    output:
+        directory(f"{RESULTS}/models/sft"),
+    params:
+        finetune=config["finetune"],
+        device=config["device"],
+        seed=training_seed(),
+        trust_remote_code=config["model"]["trust_remote_code"],
+        # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
+        checkpoint_dir=f"{RESULTS}/checkpoints/sft",
+    log:
+        f"{LOGS}/finetune.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/finetune.tsv"
+    script:
+        "../scripts/finetune.py"

@@ -1,0 +1,12 @@
+"""The prepare_sft_data step: a Snakemake rule's script, or `python scripts/prepare_sft_data.py --config FILE`."""
+
+import sys
+from pathlib import Path
+
+# Importable from a checkout without installing (Snakemake runs a copy of this file).
+_smk = globals().get("snakemake")
+sys.path.insert(0, str(Path(_smk.scriptdir if _smk else Path(__file__).resolve().parent).parent))
+
+from lexalign.workflow import main_script  # noqa: E402
+
+main_script("prepare_sft_data", _smk)
