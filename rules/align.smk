@@ -14,6 +14,8 @@ rule align:
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
         checkpoint_dir=f"{RESULTS}/checkpoints/aligned",
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/align.log",
     benchmark:

@@ -1,4 +1,5 @@
 # Config validation and named helpers shared by every rule.
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +28,10 @@ LOGS = "logs"
 
 
 def package_modules(*modules):
-    """Source files of the lexalign modules a rule runs: editing one reruns the rule."""
-    root = Path(workflow.basedir) / "lexalign"
-    return [str(root / f"{module}.py") for module in ("__init__", "errors", "io", "lineage", *modules)]
+    """Source files of the lexalign modules a step runs; editing one reruns the step."""
+    # Relative to the working directory, so a moved checkout is not "changed input".
+    root = Path(os.path.relpath(Path(workflow.basedir) / "lexalign"))
+    return [(root / f"{module}.py").as_posix() for module in ("__init__", "errors", "io", "lineage", *modules)]
 
 
 def local_input(section):

@@ -11,6 +11,8 @@ rule download_model:
         source=source_params("model"),
         kind="model",
         seed=config["seed"],
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/download_model.log",
     script:
@@ -29,6 +31,8 @@ rule download_data:
         seed=config["seed"],
     wildcard_constraints:
         dataset="sft_data|preference_data",
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/download_{{dataset}}.log",
     script:

@@ -13,6 +13,8 @@ rule evaluate:
         evaluate=config["evaluate"],
         beta=config["alignment"]["beta"],
         seed=config["seed"],
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/evaluate.log",
     benchmark:

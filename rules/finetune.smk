@@ -10,6 +10,8 @@ rule prepare_sft_data:
     params:
         data=config["sft_data"],
         seed=config["seed"],
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/prepare_sft_data.log",
     script:
@@ -30,6 +32,8 @@ rule finetune:
         trust_remote_code=config["model"]["trust_remote_code"],
         # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir=f"{RESULTS}/checkpoints/sft",
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/finetune.log",
     benchmark:

@@ -13,6 +13,8 @@ rule validate_preferences:
         dataset=config["preference_data"],
         seed=config["seed"],
         trust_remote_code=config["model"]["trust_remote_code"],
+    conda:
+        "../envs/lexalign.yaml"
     log:
         f"{LOGS}/validate_preferences.log",
     script:

@@ -191,12 +191,16 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
     if not isinstance(data, dict):
         raise LexAlignError(f'Config "{source}" must be a mapping of keys to values', f"Found: {_describe(data)}")
     data = _normalise(data, schema, root)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, source)
+    return data
+
+
+def _raise_first_error(errors, root: dict, source: str, prefix: str = "") -> None:
+    errors = sorted(errors, key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
-        return data
+        return
     err = errors[0]
-    where = ".".join(str(p) for p in err.absolute_path)
+    where = ".".join([prefix] * bool(prefix) + [str(p) for p in err.absolute_path])
     if err.validator == "additionalProperties":
         allowed = sorted(_resolve(err.schema, root).get("properties", {}))
         unknown = sorted(set(err.instance) - set(allowed))
@@ -221,3 +225,14 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
 def load_config(path: str | Path, kind: str) -> dict:
     """Load and validate a YAML config file of the given kind."""
     return validate_config(load_yaml(path), kind, source=str(path))
+
+
+def section_defaults(section: str, values: dict | None = None) -> dict:
+    """A validated `$defs` section (finetune, alignment, dataset, …) with defaults filled in."""
+    import jsonschema
+
+    root = _root_schema()
+    schema = {**root["$defs"][section], "$defs": root["$defs"]}
+    data = _normalise(dict(values or {}), schema, root)
+    _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, "config", prefix=section)
+    return data

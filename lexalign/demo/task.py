@@ -117,3 +117,40 @@ def corpus(seed: int) -> list[str]:
     texts = [t.format(name=n) for n in NAMES for t in PROMPT_TEMPLATES + WANTED_TEMPLATES + UNWANTED_TEMPLATES]
     rng.shuffle(texts)
     return texts
+
+
+# Ranked demo data (GDPO): four tiers from most to least polite. Only the polite
+# tier starts with "Hello", so the judge still counts just that one as wanted.
+RANKED_TIERS = [
+    WANTED_TEMPLATES,
+    [" Hi {name}.", " Hi there {name}."],
+    [" Yes {name}, what is it?", " What now, {name}?"],
+    UNWANTED_TEMPLATES,
+]
+RANKED_SCORES = [3.0, 2.0, 1.0, 0.0]
+
+
+def ranked_rows(seed: int, n: int, k: int = 4) -> list[dict]:
+    """Distinct prompt/responses/scores rows: K responses best first (polite > neutral > curt > rude).
+
+    `k` (2 to 4) tiers are kept: always the best and the worst, evenly spaced
+    ones between. Scores are strictly decreasing (no ties). Prompts come from
+    TRAIN_PROMPTS only, so evaluation prompts stay unseen.
+    """
+    tiers = len(RANKED_TIERS)
+    if not 2 <= k <= tiers:
+        raise ValueError(f"k must be between 2 and {tiers}, got {k}")
+    keep = [int((i * (tiers - 1)) / (k - 1) + 0.5) for i in range(k)]
+    rng = random.Random(seed + 4)
+    combos = []
+    for name, prompt in TRAIN_PROMPTS:
+        for best in RANKED_TIERS[0]:
+            for worst in RANKED_TIERS[-1]:
+                middle = [rng.choice(tier) for tier in RANKED_TIERS[1:-1]]
+                responses = [t.format(name=name) for t in [best, *middle, worst]]
+                combos.append({
+                    "prompt": prompt,
+                    "responses": [responses[i] for i in keep],
+                    "scores": [RANKED_SCORES[i] for i in keep],
+                })
+    return random.Random(seed + 5).sample(combos, min(n, len(combos)))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny demo model built offline, demo data, a fast SFT model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """The demo's randomly initialised tiny Llama and its BPE tokenizer."""
+    from lexalign.demo.model import write_demo_model
+
+    out = tmp_path_factory.mktemp("demo-model")
+    write_demo_model(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model_dir):
+    from lexalign.train.runtime import load_tokenizer
+
+    return load_tokenizer(demo_model_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def preference_file(tmp_path) -> Path:
+    from lexalign.demo import task
+
+    return write_jsonl(tmp_path / "prefs" / "train.jsonl", task.preference_rows(0, 64))
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    """The demo model after a short LoRA SFT (merged): a realistic align input."""
+    import pandas as pd
+
+    from lexalign.config.loader import section_defaults
+    from lexalign.config.stages import FinetuneConfig
+    from lexalign.demo import task
+    from lexalign.train.finetune import FinetuneJob
+
+    root = tmp_path_factory.mktemp("sft")
+    params = section_defaults("finetune", {"learning_rate": 3e-3, "batch_size": 16, "num_epochs": 2,
+                                           "max_length": 64, "lora_dropout": 0.0, "save_steps": 1000})
+    job = FinetuneJob(
+        model_path=demo_model_dir,
+        train=pd.DataFrame(task.sft_rows(0, 400)),
+        eval=pd.DataFrame(columns=["prompt", "completion"]),
+        cfg=FinetuneConfig.from_dict(params),
+        output_dir=root / "model",
+        checkpoint_dir=root / "checkpoints",
+        device="cpu",
+    )
+    return job.run()

@@ -1,0 +1,176 @@
+"""The whole Snakemake pipeline on the demo, for real, in a temporary copy of the workflow."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "lexalign"]
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The `Job stats` table of a dry run: rule → count."""
+    stats = output.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in stats.splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) != "total":
+            jobs[match.group(1)] = int(match.group(2))
+    return jobs
+
+
+def edit_config(workdir: Path, section: str, key: str, value) -> None:
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config[section][key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One real pipeline run on the demo, shared by the tests of this module."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    result = snakemake(workdir, "--cores", "2", "results/aligned", "results/eval/aligned.json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_aligned_model_loads_and_generates(demo_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(demo_run / "results/aligned")
+    tokenizer = AutoTokenizer.from_pretrained(demo_run / "results/aligned")
+    inputs = tokenizer("User: Please greet Zoe.\nAssistant:", return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert completion.strip(), "the aligned model generated nothing"
+    assert (demo_run / "results/aligned/model.safetensors").is_file()
+    assert not list((demo_run / "results/aligned").glob("*.bin")), "weights must be safetensors"
+
+
+@pytest.mark.slow
+def test_alignment_visibly_works_on_the_demo(demo_run):
+    result = json.loads((demo_run / "results/eval/aligned.json").read_text())
+    assert result["pairs"] >= 20
+    assert result["preference_accuracy"] >= 0.9
+    generation = result["generation"]
+    assert generation["decoding"] == "greedy" and generation["prompts"] == 40
+    assert generation["aligned_rate"] - generation["sft_rate"] >= 0.30
+    assert generation["sft_rate"] <= 0.5, "the SFT model should start well below the aligned one"
+
+
+@pytest.mark.slow
+def test_model_card_and_lineage(demo_run):
+    aligned = demo_run / "results/aligned"
+    card = (aligned / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    lineage = json.loads((aligned / "lineage.json").read_text())
+    assert lineage["stage"] == "align"
+    assert lineage["config"]["beta"] == 0.1
+    assert lineage["versions"]["trl"] and lineage["versions"]["transformers"]
+    assert set(lineage["inputs"]) == {"model", "data"}
+    assert all(len(v["sha256"]) == 64 for v in lineage["inputs"].values())
+    # The chain goes back to the download of the demo model.
+    sft = lineage["parents"]["model"]
+    assert sft["stage"] == "finetune"
+    assert sft["parents"]["model"]["stage"] == "download"
+    metrics = [json.loads(line) for line in (aligned / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/margins" in m for m in metrics)
+
+
+@pytest.mark.slow
+def test_validation_outputs_account_for_every_row(demo_run):
+    data = demo_run / "results/data/preferences"
+    report = json.loads((data / "report.json").read_text())
+    rejects = (data / "rejects.jsonl").read_text().splitlines()
+    assert report["train_rows"] + report["eval_rows"] + len(rejects) == report["input_rows"] == 400
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(demo_run):
+    result = snakemake(demo_run, "--cores", "1", "results/aligned", "results/eval/aligned.json")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_beta_change_reruns_only_align_and_evaluate(demo_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    edit_config(workdir, "alignment", "beta", 0.2)
+    result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert planned_jobs(result.stdout) == {"align": 1, "evaluate": 1}
+    assert "params changed" in result.stdout.lower() or "Params have changed" in result.stdout
+
+
+@pytest.mark.slow
+def test_finetune_change_does_not_refetch(demo_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    edit_config(workdir, "finetune", "learning_rate", 1e-3)
+    result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
+    assert planned_jobs(result.stdout) == {"finetune": 1, "align": 1, "evaluate": 1}
+
+
+@pytest.mark.slow
+def test_code_change_reruns_the_rules_that_run_it(demo_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    evaluate = workdir / "lexalign" / "evaluate.py"
+    evaluate.write_text(evaluate.read_text() + "\n# edited\n")
+    result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
+    assert planned_jobs(result.stdout) == {"evaluate": 1}
+
+
+def test_dry_run_plans_the_whole_dag(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert planned_jobs(result.stdout) == {
+        "download_model": 1, "download_data": 2, "prepare_sft_data": 1, "finetune": 1,
+        "validate_preferences": 1, "align": 1, "evaluate": 1,
+    }
+
+
+def test_pipeline_config_error_names_key_value_and_expectation(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    edit_config(workdir, "alignment", "beta", "high")
+    result = snakemake(workdir, "-n", "--cores", "1")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert 'Invalid value for "alignment.beta"' in out
+    assert "Found: 'high' (a string)" in out and "Expected: a number" in out
+
+
+def test_lint_is_clean(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    result = snakemake(workdir, "--lint")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
