@@ -151,8 +151,10 @@ def find_resume_checkpoint(checkpoint_dir: Path, config_hash: str) -> Path | Non
 
 
 def clear_checkpoints(checkpoint_dir: Path) -> None:
-    """After a successful save the checkpoints have served their purpose."""
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    """After a successful save the checkpoints have served their purpose (other files stay)."""
+    for checkpoint in _checkpoints(checkpoint_dir) if checkpoint_dir.is_dir() else []:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    (checkpoint_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def keep_metrics(checkpoint_dir: Path, out_dir: Path) -> None:
