@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lexalign-installed
 # unpinned torch would pull the multi-GB CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test lint dag clean
+.PHONY: setup system-deps demo test lint dag report clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Graphviz (DAG pictures) and Chromium (the report test): installed when
+# missing and this is a Debian/Ubuntu machine where we are root; elsewhere the
+# tests that need them are skipped with the reason. See README.
+system-deps:
+	@if ! command -v dot >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      graphviz chromium fonts-dejavu-core >/dev/null; \
+	  else echo "Graphviz/Chromium missing: see README (Development)"; fi; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/snakemake --cores 1 results/aligned results/eval/aligned.json
 
-test: $(STAMP)
+report: $(STAMP)
+	$(BIN)/snakemake --cores 1 results/report.html
+	$(BIN)/snakemake --report results/snakemake-report.html
+
+dag: $(STAMP)
+	mkdir -p results
+	$(BIN)/snakemake --dag 2>/dev/null | dot -Tsvg > results/dag.svg
+	$(BIN)/snakemake --rulegraph 2>/dev/null | dot -Tsvg > results/rulegraph.svg
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-# LexAlign: download → finetune (SFT) → validate preferences → align → evaluate.
+# LexAlign: download → finetune (SFT) → validate preferences → align → evaluate → report.
 # Run: snakemake --cores 1            (everything, on config/config.yaml: the demo)
 #      snakemake --cores 1 results/aligned
 
@@ -12,10 +12,12 @@ include: "rules/finetune.smk"
 include: "rules/validate.smk"
 include: "rules/align.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/aligned",
-        f"{RESULTS}/eval/aligned.json",
+        run_evaluations(),
+        f"{RESULTS}/report.html",
     default_target: True

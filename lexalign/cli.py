@@ -58,10 +58,22 @@ def main() -> None:
 @VERBOSE
 @click.option("--only", default=None, help="Fetch only the entry with this name.")
 def download(config_path: str, dry_run: bool, verbose: bool, only: str | None) -> None:
-    """Fetch the models and datasets listed in a downloads config."""
+    """Fetch the models and datasets listed in a downloads config.
+
+    Sources: hub (a repo id and revision), local (a path) or demo; see
+    config/downloads.yaml.example. Hub repos are fetched with the huggingface_hub
+    client, resuming interrupted transfers; a complete download already in place
+    is checked and kept. Private or gated repos need `hf auth login` or HF_TOKEN.
+    --dry-run lists the files and their total size without downloading.
+    """
     from lexalign.download import download_all
 
     cfg = load_config(config_path, "download")
+    if verbose:
+        from huggingface_hub.utils import logging as hf_logging
+
+        if hf_logging.get_verbosity() > hf_logging.INFO:  # HF_DEBUG may already ask for more
+            hf_logging.set_verbosity_info()  # the client's own messages; it never logs the token
     if dry_run:
         _dry_run("download", cfg, [])
     download_all(cfg, only=only, dry_run=dry_run)

@@ -1,7 +1,15 @@
 """The download step: models and datasets from the demo, a local path, or the Hub.
 
 All three sources have one config shape (`SourceConfig`) and land in a folder
-written atomically, with a `lineage.json` recording where it came from.
+put in place atomically, with a `lineage.json` recording where it came from (for
+the Hub: the commit the revision resolved to) and a `.lexalign-download.json`
+manifest of every file's size and sha256. Hub downloads go through the real
+`huggingface_hub` client (see `lexalign/hub/`): resumable, checked against the
+Hub's checksums, and not fetched again when a complete copy is in place.
+
+Authentication is the client's own: HF_TOKEN, or the login stored by
+`hf auth login`. The token never reaches a message, a log, the lineage or any
+output: configs cannot hold one (the schema has no such key).
 """
 
 from __future__ import annotations
@@ -11,11 +19,12 @@ from pathlib import Path
 
 from lexalign.config.stages import SourceConfig
 from lexalign.errors import LexAlignError
+from lexalign.hub import manifest
+from lexalign.hub.fetch import DUPLICATE_WEIGHT_PATTERNS, files_count, human_size  # noqa: F401  (re-exported)
 from lexalign.io import atomic_dir
 from lexalign.lineage import stage_record, write_lineage
 
-# With safetensors present, these duplicate weight formats are not fetched.
-DUPLICATE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt"]
+SECTIONS = (("models", "model"), ("datasets", "preference_data"))
 
 
 def _copy_local(src: Path, dest: Path) -> None:
@@ -27,65 +36,38 @@ def _copy_local(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest / src.name)
 
 
-def _hub_error(err: Exception, source: SourceConfig) -> LexAlignError:
-    from huggingface_hub import errors as hf_errors
-
-    rid, rev = source.repo_id, source.revision
-    if isinstance(err, hf_errors.GatedRepoError):
-        return LexAlignError(
-            f"access to {rid} is gated (revision {rev})",
-            hint=f"Accept the terms at https://huggingface.co/{rid}, then log in with `hf auth login` or set HF_TOKEN",
-        )
-    if isinstance(err, hf_errors.RevisionNotFoundError):
-        return LexAlignError(f"revision not found: {rid} (revision {rev})", hint="Check the branch, tag or commit")
-    if isinstance(err, hf_errors.RepositoryNotFoundError):
-        return LexAlignError(
-            f"repository not found: {rid} (revision {rev})",
-            hint="Check the repo id; a private repo also needs `hf auth login` or HF_TOKEN",
-        )
-    if isinstance(err, hf_errors.LocalEntryNotFoundError) or "connect" in str(err).lower():
-        return LexAlignError(
-            f"the Hugging Face Hub could not be reached while fetching {rid}",
-            hint="Check the network, or download elsewhere and use source: local with a path",
-        )
-    return LexAlignError(f"download of {rid} (revision {rev}) failed: {type(err).__name__}")
+def _request(source: SourceConfig, kind: str) -> dict:
+    if source.source == "local":
+        return {"source": "local", "path": str(Path(source.path).expanduser())}
+    return {"source": "demo", "kind": kind}
 
 
-def _fetch_hub(source: SourceConfig, dest: Path) -> dict:
-    """Snapshot a Hub repo into `dest`; return the resolved commit and file list."""
-    from huggingface_hub import HfApi, snapshot_download
+def _finisher(source: SourceConfig, kind: str):
+    def finish(folder: Path, extra: dict) -> None:
+        record = stage_record("download", {"kind": kind, **source.to_dict()}, {}, extra)
+        write_lineage(folder, record)
 
-    api = HfApi()
-    try:
-        info = api.repo_info(source.repo_id, revision=source.revision, repo_type=source.repo_type, files_metadata=False)
-        files = [s.rfilename for s in (info.siblings or [])]
-        ignore = list(source.ignore_patterns or []) if not isinstance(source.ignore_patterns, str) else [source.ignore_patterns]
-        if source.repo_type == "model" and any(f.endswith(".safetensors") for f in files):
-            ignore += DUPLICATE_WEIGHT_PATTERNS
-        snapshot_download(
-            source.repo_id,
-            revision=info.sha,
-            repo_type=source.repo_type,
-            allow_patterns=source.allow_patterns,
-            ignore_patterns=ignore or None,
-            local_dir=dest,
-        )
-    except LexAlignError:
-        raise
-    except Exception as err:  # every Hub failure becomes a message, never a traceback
-        raise _hub_error(err, source) from None
-    shutil.rmtree(dest / ".cache", ignore_errors=True)
-    return {"resolved_revision": info.sha, "files": sorted(files)}
+    return finish
 
 
 def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42) -> Path:
     """Fetch one model or dataset into `out_dir`.
 
-    kind: `model`, `sft_data` or `preference_data` (the demo builds each differently).
+    kind: `model`, `sft_data` or `preference_data` (the demo builds each differently;
+    for the Hub it picks the default repo_type).
     """
-    from lexalign.demo import data as demo_data
-
     out_dir = Path(out_dir)
+    finish = _finisher(source, kind)
+    if source.source == "hub":
+        from lexalign.hub.fetch import fetch_hub
+
+        try:
+            fetch_hub(source, out_dir, source.hub_repo_type(kind), finish)
+        except OSError as err:  # disk full, permissions: a message, not a traceback
+            raise LexAlignError(f'Could not write the download of {source.repo_id} to "{out_dir}"',
+                                err.strerror or type(err).__name__,
+                                hint="Check free disk space and permissions; run again to resume") from None
+        return out_dir
     extra: dict = {}
     with atomic_dir(out_dir) as tmp:
         if source.source == "demo":
@@ -94,29 +76,106 @@ def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42) 
 
                 extra["demo_model"] = write_demo_model(tmp, seed)
             else:
+                from lexalign.demo import data as demo_data
+
                 extra["rows"] = demo_data.write(kind, tmp, seed)
         elif source.source == "local":
             _copy_local(Path(source.path).expanduser(), tmp)
         else:
-            extra.update(_fetch_hub(source, tmp))
-        record = stage_record("download", {"kind": kind, **source.to_dict()}, {}, extra)
-        write_lineage(tmp, record)
+            raise LexAlignError(f'Unknown source "{source.source}"', hint="Use demo, local or hub")
+        manifest.write(tmp, _request(source, kind), None, manifest.describe(tmp))
+        finish(tmp, extra)
     return out_dir
 
 
-def download_all(config: dict, only: str | None = None, dry_run: bool = False) -> list[Path]:
-    """`lexalign download`: every model and dataset listed in a downloads config."""
-    done = []
-    for section, kind in (("models", "model"), ("datasets", "preference_data")):
-        for entry in config.get(section, []):
+# --- lexalign download -----------------------------------------------------------------------
+
+
+def _entries(config: dict, only: str | None) -> list[tuple[str, str, str, SourceConfig, Path]]:
+    """(section, kind, name, source, output) of every entry of a downloads config."""
+    entries, names = [], []
+    for section, kind in SECTIONS:
+        for entry in config.get(section) or []:
             source = SourceConfig.from_dict(entry)
             name = source.name or (source.repo_id or source.path or f"demo-{kind}").rstrip("/").split("/")[-1]
+            names.append(name)
             if only and name != only:
                 continue
-            out = Path(source.output or f"results/downloads/{section}/{name}")
-            if dry_run:
-                print(f"would fetch {kind} {name} from {source.source} → {out}")
-                continue
-            print(f"Fetching {kind} {name} from {source.source} → {out}", flush=True)
-            done.append(fetch(source, out, kind, seed=config.get("seed", 42)))
+            entries.append((section, kind, name, source, Path(source.output or f"results/downloads/{section}/{name}")))
+    if only and not entries:
+        raise LexAlignError(f'No model or dataset named "{only}" in the config',
+                            f"Names: {', '.join(names) or '(none)'}",
+                            hint="Use one of these names, or set `name:` on the entry")
+    return entries
+
+
+def _describe_source(source: SourceConfig, kind: str) -> str:
+    if source.source == "hub":
+        return f"hub {source.repo_id} ({source.hub_repo_type(kind)}, revision {source.revision})"
+    if source.source == "local":
+        return f"local {source.path}"
+    return "demo"
+
+
+def _dry_run_entry(source: SourceConfig, kind: str, out: Path) -> tuple[int, int]:
+    """Print what would be fetched; return (files, bytes)."""
+    if source.source == "demo":
+        print("  built offline by LexAlign (no files to fetch)")
+        return 0, 0
+    if source.source == "local":
+        src = Path(source.path).expanduser()
+        if not src.exists():
+            raise LexAlignError(f'Local path not found: "{src}"', hint="Fix `path` in the config")
+        files = [(src.name, src.stat().st_size)] if src.is_file() else \
+            [(p.relative_to(src).as_posix(), p.stat().st_size) for p in sorted(src.rglob("*")) if p.is_file()]
+        return _print_files(files, f"{files_count(len(files))}, {{size}} to copy")
+    from lexalign.hub.errors import hub_error, is_offline, offline_error
+    from lexalign.hub.fetch import make_plan, request_of
+
+    repo_type = source.hub_repo_type(kind)
+    if is_offline():
+        raise offline_error(source.repo_id, source.revision)
+    try:
+        plan = make_plan(source, repo_type)
+    except LexAlignError:
+        raise
+    except Exception as err:
+        raise hub_error(err, source.repo_id, source.revision, repo_type) from None
+    print(f"  commit {plan.commit}")
+    total = _print_files([(f.path, f.size) for f in plan.files], f"{files_count(len(plan.files))}, {{size}}")
+    if plan.skipped:
+        print(f"  skipped, duplicate weights (safetensors present): {', '.join(f.path for f in plan.skipped)}")
+    present = manifest.complete(out, request_of(source, repo_type), commit=plan.commit, hashes=False)
+    print(f"  already complete in {out}: nothing to download" if present else "  would download them")
+    return total
+
+
+def _print_files(files: list[tuple[str, int]], summary: str) -> tuple[int, int]:
+    width = max((len(p) for p, _ in files), default=0)
+    for path, size in files:
+        print(f"    {path:<{width}}  {human_size(size):>9}")
+    total = sum(size for _, size in files)
+    print("  " + summary.format(size=human_size(total)))
+    return len(files), total
+
+
+def download_all(config: dict, only: str | None = None, dry_run: bool = False) -> list[Path]:
+    """`lexalign download`: every model and dataset listed in a downloads config.
+
+    With `dry_run`, list each entry's files and sizes (the Hub is asked for its
+    file list, nothing is downloaded) and the total.
+    """
+    done: list[Path] = []
+    count = size = 0
+    for _section, kind, name, source, out in _entries(config, only):
+        label = "model" if kind == "model" else "dataset"
+        if dry_run:
+            print(f"{label} {name}: {_describe_source(source, kind)} → {out}", flush=True)
+            n, b = _dry_run_entry(source, kind, out)
+            count, size = count + n, size + b
+            continue
+        print(f"Fetching {label} {name} from {_describe_source(source, kind)} → {out}", flush=True)
+        done.append(fetch(source, out, kind, seed=config.get("seed", 42)))
+    if dry_run:
+        print(f"Total: {files_count(count)}, {human_size(size)} (dry run: nothing was downloaded)", flush=True)
     return done

@@ -31,6 +31,18 @@ class LexAlignError(Exception):
         return "\n".join(lines)
 
 
+class TrainingInterrupted(LexAlignError):
+    """Ctrl+C or SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, checkpoint, resume_command: str):
+        super().__init__(f"Training interrupted. Checkpoint saved to: {checkpoint}")
+        self.checkpoint = checkpoint
+        self.resume_command = resume_command
+
+    def render(self) -> str:
+        return f"{self.message}\nResume with: {self.resume_command} --resume {self.checkpoint}"
+
+
 def warn(message: str, *details: str) -> None:
     """Print a warning the way users expect to see it: on stderr, plainly."""
     print("\n".join([f"Warning: {message}", *details]), file=sys.stderr, flush=True)

@@ -93,6 +93,47 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
+def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
+    """Sum of log-probs of the sampled tokens (positions >= start where `keep`)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=attention).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    return (logps[:, start - 1:] * keep).sum(-1).tolist()
+
+
+def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                batch_size: int = 16) -> float:
+    """Monte Carlo KL(aligned ‖ SFT) per prompt: sample y ~ π_aligned at temperature 1 and average
+    log π_aligned(y|x) − log π_SFT(y|x) over the sampled token ids (an unbiased estimate)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    device = next(policy.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+        width = batch["input_ids"].shape[1]
+        with torch.no_grad():
+            tokens = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                     top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+        generated = tokens[:, width:]
+        # Keep each sampled token up to and including the first EOS.
+        after_eos = (generated == tokenizer.eos_token_id).long().cumsum(-1)
+        keep = ((after_eos == 0) | ((after_eos == 1) & (generated == tokenizer.eos_token_id))).float()
+        attention = torch.cat([batch["attention_mask"], keep.long()], dim=1)
+        diff = [p - r for p, r in zip(_generated_logps(policy, tokens, attention, width, keep),
+                                      _generated_logps(reference, tokens, attention, width, keep))]
+        total += sum(diff)
+        count += len(diff)
+    torch.random.set_rng_state(generator_state)
+    return total / max(count, 1)
+
+
 def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dict | None:
     if cfg.judge == "none":
         return None
@@ -124,6 +165,9 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
         "beta": beta,
         **preference_metrics(policy, ref, tokenizer, eval_frame, beta, cfg.batch_size),
     }
+    eval_prompts = sorted(set(eval_frame["prompt"]))[: cfg.num_prompts]
+    result["kl_estimate"] = kl_estimate(policy, ref, tokenizer, eval_prompts, cfg.max_new_tokens, seed,
+                                        cfg.batch_size) if eval_prompts else None
     judged = judged_rates({"sft": ref, "aligned": policy}, tokenizer, cfg, seed)
     if judged:
         result["generation"] = judged
@@ -135,6 +179,8 @@ def summary(result: dict) -> str:
         f"Preference accuracy on {result['pairs']} held-out pairs: {result['preference_accuracy']:.3f} "
         f"(mean reward margin {result['mean_margin']:.3f})"
     ]
+    if result.get("kl_estimate") is not None:
+        lines.append(f"KL(aligned ‖ SFT) estimate per prompt: {result['kl_estimate']:.3f} nats")
     gen = result.get("generation")
     if gen:
         lines.append(

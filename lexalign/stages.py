@@ -132,3 +132,14 @@ def evaluate(aligned: str | Path, reference: str | Path, data: str | Path, param
     write_json(output, result)
     print(summary(result), flush=True)
     return result
+
+
+def report(runs: list[str], evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path,
+           page: str | Path, plots: str | Path) -> Path:
+    """The HTML report comparing every run (lists are in the order of `runs`)."""
+    from lexalign.report import build_report
+
+    out = build_report(dict(zip(runs, map(Path, evals))), dict(zip(runs, map(Path, models))), Path(validated),
+                       Path(tokenizer), Path(page), Path(plots))
+    print(f"Report written to {out}", flush=True)
+    return out

@@ -34,6 +34,8 @@ def _call(step: str, smk) -> None:
                      trust_remote_code=p.trust_remote_code)
     elif step == "evaluate":
         stages.evaluate(i.aligned, i.reference, i.data, p.evaluate, p.beta, o[0], p.seed)
+    elif step == "report":
+        stages.report(p.runs, i.evals, i.models, i.validated, i.tokenizer, o.page, o.plots)
     else:
         raise ValueError(f"unknown step {step!r}")
 

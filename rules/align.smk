@@ -1,11 +1,13 @@
-# Step 4: preference alignment of the SFT model.
+# Step 4: preference alignment of the SFT model; the primary run and the sweep runs.
 
 
 rule align:
     input:
         model=f"{RESULTS}/models/sft",
-        data=f"{RESULTS}/data/preferences",
-        code=package_modules("stages", "train/job", "train/runtime", "train/callbacks", "train/align"),
+        data=preference_data(config["alignment"]),
+        code=package_modules(
+            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo"
+        ),
     output:
         directory(f"{RESULTS}/aligned"),
     params:
@@ -13,6 +15,7 @@ rule align:
         device=config["device"],
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
+        # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir=f"{RESULTS}/checkpoints/aligned",
     conda:
         "../envs/lexalign.yaml"
@@ -22,3 +25,26 @@ rule align:
         f"{RESULTS}/benchmarks/align.tsv"
     script:
         "../scripts/align.py"
+
+
+# A sweep run: the same step with the run's alignment config. Runs share the
+# download, the SFT model and the validated data.
+use rule align as align_run with:
+    input:
+        model=f"{RESULTS}/models/sft",
+        data=lambda wc: preference_data(run_alignment(wc.run)),
+        code=package_modules(
+            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo"
+        ),
+    output:
+        directory(f"{RESULTS}/runs/{{run}}/model"),
+    params:
+        alignment=lambda wc: run_alignment(wc.run),
+        device=config["device"],
+        seed=training_seed(),
+        trust_remote_code=config["model"]["trust_remote_code"],
+        checkpoint_dir=lambda wc: f"{RESULTS}/checkpoints/runs/{wc.run}",
+    log:
+        f"{LOGS}/align/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/align/{{run}}.tsv"

@@ -15,10 +15,18 @@ from lexalign.errors import LexAlignError  # noqa: E402
 # and names the key, the value found and what is expected on an error.
 try:
     config.update(validate_config(config, "pipeline", source="the pipeline config"))
+    from lexalign.config.loader import section_defaults
     from lexalign.config.stages import AlignConfig, FinetuneConfig
 
-    AlignConfig.from_dict(config["alignment"])
     FinetuneConfig.from_dict(config["finetune"])
+    AlignConfig.from_dict(config["alignment"])
+    # Each sweep run: the alignment section with the run's overrides, checked in full.
+    RUNS = {
+        name: section_defaults("alignment", {**config["alignment"], **overrides})
+        for name, overrides in config["runs"].items()
+    }
+    for run_config in RUNS.values():
+        AlignConfig.from_dict(run_config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
 validate(config, "../lexalign/schemas/config.schema.yaml")
@@ -47,3 +55,21 @@ def source_params(section):
 
 def training_seed():
     return config["seed"]
+
+
+def run_alignment(run):
+    """The alignment config of a sweep run (the primary run is `aligned`)."""
+    return config["alignment"] if run == "aligned" else RUNS[run]
+
+
+def preference_data(alignment):
+    """Validated data for an alignment: pairs, or groups of K for GDPO with K > 2."""
+    k = alignment["group_delay_size"]
+    if alignment["method"] == "gdpo" and k > 2:
+        return f"{RESULTS}/data/preferences-k{k}"
+    return f"{RESULTS}/data/preferences"
+
+
+def run_evaluations():
+    """Every evaluation: the primary run and each sweep run."""
+    return [f"{RESULTS}/eval/aligned.json"] + [f"{RESULTS}/runs/{run}/eval.json" for run in RUNS]

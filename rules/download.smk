@@ -1,10 +1,13 @@
 # Step 1: models and datasets from the demo, a local path or the Hub.
 
+localrules: download_model, download_data
+
 
 rule download_model:
     input:
         local_input("model"),
-        code=package_modules("download", "demo/model", "demo/task", "config/stages"),
+        code=package_modules("download", "hub/__init__", "hub/errors", "hub/fetch", "hub/manifest", "demo/model",
+                             "demo/task", "config/stages"),
     output:
         directory(f"{RESULTS}/models/base"),
     params:
@@ -22,7 +25,8 @@ rule download_model:
 rule download_data:
     input:
         lambda wc: local_input(wc.dataset),
-        code=package_modules("download", "demo/data", "demo/task", "config/stages"),
+        code=package_modules("download", "hub/__init__", "hub/errors", "hub/fetch", "hub/manifest", "demo/data",
+                             "demo/task", "config/stages"),
     output:
         directory(f"{RESULTS}/data/raw/{{dataset}}"),
     params:

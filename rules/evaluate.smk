@@ -1,12 +1,13 @@
-# Step 5: did alignment work? Aligned model against its SFT reference.
+# Step 5: did alignment work? Each run against its SFT reference, on the same held-out data.
 
 
 rule evaluate:
     input:
         aligned=f"{RESULTS}/aligned",
         reference=f"{RESULTS}/models/sft",
+        # Every run is scored on the same held-out pairs, so runs compare.
         data=f"{RESULTS}/data/preferences",
-        code=package_modules("stages", "evaluate", "demo/task"),
+        code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
     output:
         f"{RESULTS}/eval/aligned.json",
     params:
@@ -21,3 +22,27 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate.tsv"
     script:
         "../scripts/evaluate.py"
+
+
+use rule evaluate as evaluate_run with:
+    input:
+        aligned=f"{RESULTS}/runs/{{run}}/model",
+        reference=f"{RESULTS}/models/sft",
+        data=f"{RESULTS}/data/preferences",
+        code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
+    output:
+        f"{RESULTS}/runs/{{run}}/eval.json",
+    params:
+        evaluate=config["evaluate"],
+        beta=lambda wc: run_alignment(wc.run)["beta"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/evaluate/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
+
+
+# Every run of the sweep, evaluated (the report is built on top of these).
+rule sweep:
+    input:
+        run_evaluations(),

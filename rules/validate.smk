@@ -19,3 +19,17 @@ rule validate_preferences:
         f"{LOGS}/validate_preferences.log",
     script:
         "../scripts/validate.py"
+
+
+# GDPO with K > 2: the same data as ranked groups of K responses per prompt.
+use rule validate_preferences as validate_groups with:
+    output:
+        directory(f"{RESULTS}/data/preferences-k{{k}}"),
+    params:
+        dataset=lambda wc: {**config["preference_data"], "group_size": int(wc.k)},
+        seed=config["seed"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    wildcard_constraints:
+        k=r"\d+",
+    log:
+        f"{LOGS}/validate_groups_k{{k}}.log",

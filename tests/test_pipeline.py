@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 import shutil
 import subprocess
 import sys
@@ -28,8 +30,13 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+# A Hub token planted in the environment of every pipeline run: it must never reach an output or a log.
+PLANTED_TOKEN = "hf_PlantedTokenForLeakTests0123456789"
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
+    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -46,7 +53,7 @@ def planned_jobs(output: str) -> dict[str, int]:
 def edit_config(workdir: Path, section: str, key: str, value) -> None:
     path = workdir / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
-    config[section][key] = value
+    config.setdefault(section, {})[key] = value
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -54,8 +61,9 @@ def edit_config(workdir: Path, section: str, key: str, value) -> None:
 def demo_run(tmp_path_factory):
     """One real pipeline run on the demo, shared by the tests of this module."""
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    result = snakemake(workdir, "--cores", "2", "results/aligned", "results/eval/aligned.json")
+    result = snakemake(workdir, "--cores", "2")  # rule all: every run, evaluated, and the report
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert PLANTED_TOKEN not in result.stdout + result.stderr
     return workdir
 
 
@@ -174,3 +182,79 @@ def test_lint_is_clean(tmp_path):
     workdir = copy_workflow(tmp_path)
     result = snakemake(workdir, "--lint")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_adding_a_sweep_run_schedules_only_that_run(demo_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    edit_config(workdir, "runs", "beta-0.5", {"beta": 0.5, "loss_type": "ipo"})
+    result = snakemake(workdir, "-n", "--cores", "1", "sweep")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "sweep": 1}
+    assert "results/runs/beta-0.5/model" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (make system-deps)")
+def test_report_renders_with_every_image(demo_run, tmp_path):
+    page = demo_run / "results/report.html"
+    assert page.is_file()
+    for name in ("curve_loss", "curve_rewards_margins", "eval_comparison", "length_histogram"):
+        assert (demo_run / f"results/report/{name}.png").stat().st_size > 1000
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(["chromium", *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    assert loaded.group(1) == loaded.group(2) and int(loaded.group(2)) == 5
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1100,2400", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_snakemake_report_includes_the_plots(demo_run):
+    result = snakemake(demo_run, "--report", "results/snakemake-report.html")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (demo_run / "results/snakemake-report.html").stat().st_size > 10000
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz not installed (make system-deps)")
+def test_dag_pictures_render(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    for kind in ("--dag", "--rulegraph"):
+        graph = snakemake(workdir, kind).stdout
+        svg = subprocess.run(["dot", "-Tsvg"], input=graph, capture_output=True, text=True, check=True).stdout
+        assert svg.startswith("<?xml") and "finetune" in svg and "align" in svg
+
+
+@pytest.mark.slow
+def test_planted_token_is_in_no_output_or_log(demo_run):
+    leaked = []
+    for folder in ("results", "logs", ".snakemake/log"):
+        for path in (demo_run / folder).rglob("*"):
+            if path.is_file() and PLANTED_TOKEN.encode() in path.read_bytes():
+                leaked.append(str(path.relative_to(demo_run)))
+    assert not leaked
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_results_is_refused_while_the_first_runs(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
+    first = subprocess.Popen([SNAKEMAKE, "--cores", "1", "results/models/sft"], cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list((workdir / ".snakemake" / "locks").glob("*")) and time.time() < deadline:
+            time.sleep(0.2)
+        second = snakemake(workdir, "--cores", "1", "results/models/sft")
+        assert second.returncode != 0
+        assert "cannot be locked" in second.stdout + second.stderr
+    finally:
+        output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-2000:]
+    assert (workdir / "results/models/sft/model.safetensors").is_file()

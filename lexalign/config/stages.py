@@ -35,50 +35,81 @@ def _as_list(value) -> list[str]:
 
 @dataclass
 class SourceConfig(_FromDict):
-    """Where a model or a dataset comes from."""
+    """Where a model or a dataset comes from: one shape for the demo, a local path and the Hub.
+
+    Used by `lexalign download` (the `models:` and `datasets:` lists of
+    config/downloads.yaml) and by the pipeline's download rules.
+    """
 
     source: str
     """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo)."""
     repo_id: str | None = None
-    """Hub repo id, for `source: hub`."""
+    """Hub repo id (`owner/name`), for `source: hub`."""
     path: str | None = None
-    """File or folder, for `source: local`."""
+    """File or folder copied into place, for `source: local` (the way to work offline)."""
     revision: str = "main"
-    """Hub branch, tag or commit; the resolved commit is recorded in the lineage."""
-    repo_type: str = "model"
-    """`model` or `dataset`."""
+    """Hub branch, tag or commit; the commit it resolves to is recorded in lineage.json."""
+    repo_type: str | None = None
+    """`model` or `dataset`; by default `model` for a model and `dataset` for data."""
     allow_patterns: list[str] | str | None = None
-    """Only files matching these glob patterns are fetched."""
+    """Only files matching one of these glob patterns are fetched (e.g. `["*.json", "*.safetensors"]`)."""
     ignore_patterns: list[str] | str | None = None
-    """Files matching these glob patterns are skipped."""
+    """Files matching one of these glob patterns are skipped."""
+    skip_duplicate_weights: bool = True
+    """When a model's selected files include safetensors weights, skip the same weights in other
+    formats (*.bin, *.pt, *.pth, *.h5, *.msgpack, *.ckpt, *.ot)."""
     output: str | None = None
-    """Where the download lands (`lexalign download`)."""
+    """Where the download lands (`lexalign download`; default results/downloads/<models|datasets>/<name>)."""
     name: str | None = None
-    """Short name, used for the default output folder."""
+    """Short name: the default output folder, and what `lexalign download --only` selects."""
     trust_remote_code: bool = False
     """Run Python code shipped with a model. Off unless you trust the repo."""
 
     def __post_init__(self):
         if self.source == "hub" and not self.repo_id:
             raise LexAlignError('source "hub" needs a "repo_id"', hint='Add e.g. repo_id: "gpt2"')
+        if self.source == "hub" and not str(self.revision or "").strip():
+            raise LexAlignError(f'source "hub" ({self.repo_id}) needs a non-empty "revision"',
+                                hint="Use a branch (main), a tag or a commit")
         if self.source == "local" and not self.path:
             raise LexAlignError('source "local" needs a "path"', hint="Add path: ./my-model")
+
+    def hub_repo_type(self, kind: str) -> str:
+        """The repo type to ask the Hub for: the configured one, else from what is fetched."""
+        return self.repo_type or ("model" if kind == "model" else "dataset")
 
 
 @dataclass
 class DatasetConfig(_FromDict):
-    """A preference dataset and how to read it."""
+    """A preference dataset and how to read it (validated by `lexalign validate` and the validate rule).
+
+    Shapes read: prompt/chosen/rejected strings; chat messages (chosen and
+    rejected as {role, content} lists, with or without a prompt); transcripts
+    with an implicit prompt (Anthropic HH-RLHF); ranked responses, in order or
+    with scores (raw UltraFeedback `completions`). See `lexalign.data.shapes`.
+    """
 
     path: str | None
-    """File or folder with the data."""
+    """File or folder with the data: JSON, JSON Lines, CSV/TSV, Parquet, a `datasets` save_to_disk folder,
+    or a Hub dataset as the download step lands it."""
     format: str = "auto"
-    """auto, json, jsonl, csv, tsv or parquet; auto detects from extension and content."""
+    """auto, json, jsonl, csv, tsv, parquet or arrow; auto detects from the extension and, for JSON, the content."""
     prompt_field: str = "prompt"
-    """Column with the prompt."""
+    """Column with the prompt (a string or chat messages); may be absent when chosen/rejected hold it."""
     chosen_field: str = "chosen"
-    """Column with the preferred response."""
+    """Column with the preferred response (a string, or chat messages)."""
     rejected_field: str = "rejected"
-    """Column with the dispreferred response."""
+    """Column with the dispreferred response (a string, or chat messages)."""
+    responses_field: str = "responses"
+    """Ranked data: column with a list of responses, best first, or scored (strings, or objects such as
+    UltraFeedback's `completions` with `response` and `overall_score`). Used when chosen/rejected are absent."""
+    scores_field: str = "scores"
+    """Ranked data: column with one score per response (higher is better); when absent, scores come from
+    the response objects, or the list order is the ranking."""
+    group_size: int | None = None
+    """Responses per prompt: None for pairs (DPO); K >= 2 for GDPO (from alignment.group_delay_size). Ranked
+    groups keep the best, the worst and evenly spaced ones between; smaller groups are rejected; pairs are
+    grouped by prompt into rankings (K > 2)."""
     train_split: str = "train"
     """Split (or file stem) used for training."""
     eval_split: str | None = None
@@ -88,13 +119,30 @@ class DatasetConfig(_FromDict):
     max_length: int = 512
     """Longest prompt + response, in tokens of the model's tokenizer."""
     length_policy: str = "drop"
-    """What happens to longer rows: drop (to rejects), truncate, or fail."""
+    """What happens to longer rows: drop (to rejects), truncate (the responses), or fail (the share is
+    reported whichever is chosen)."""
     max_reject_fraction: float = 0.5
     """Validation fails (stopping the pipeline) when more than this share of rows is rejected."""
     source: str = "local"
     """Where the data comes from (pipeline only)."""
     repo_id: str | None = None
+    """Hub dataset repo id, for `source: hub` (pipeline only)."""
     revision: str = "main"
+    """Hub branch, tag or commit (pipeline only)."""
+
+    def __post_init__(self):
+        from lexalign.data.load import FORMATS, unsupported_format
+
+        if self.format not in FORMATS:
+            raise unsupported_format(self.format)
+        if self.length_policy not in ("drop", "truncate", "fail"):
+            raise LexAlignError(f'Unknown length_policy "{self.length_policy}"', "Supported: drop, truncate, fail")
+        if self.group_size is not None and self.group_size < 2:
+            raise LexAlignError(f"group_size must be >= 2 (got: {self.group_size})",
+                                hint="Need at least chosen + rejected responses")
+        if self.eval_split and self.eval_split == self.train_split:
+            raise LexAlignError(f'eval_split "{self.eval_split}" is the train split',
+                                hint="Use another split, or remove eval_split to hold out eval_fraction of prompts")
 
 
 @dataclass
@@ -154,8 +202,8 @@ class TrainingConfig(_FromDict):
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
-    target_modules: list[str] | str = "all-linear"
-    """Modules that get LoRA adapters: a list of names, or `all-linear`."""
+    target_modules: list[str] | str = "auto"
+    """Modules that get LoRA adapters: `auto` (per architecture), `all-linear`, or a list of names."""
 
 
 @dataclass
@@ -196,6 +244,8 @@ class AlignConfig(TrainingConfig):
     """GDPO: w, the weight of the Plackett-Luce group term (1 - w weighs the pairwise term)."""
     use_lora: bool = True
     """Train a LoRA adapter (merged into the output) instead of every weight."""
+    load_in_4bit: bool = False
+    """QLoRA: hold the SFT weights in 4-bit NF4 while training the adapter (needs use_lora)."""
     output_dir: str | None = None
     """Where the aligned model is written."""
     checkpoint_dir: str | None = None
@@ -213,6 +263,8 @@ class AlignConfig(TrainingConfig):
                 f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types",
                 hint="Give one weight per entry of loss_type",
             )
+        if self.load_in_4bit and not self.use_lora:
+            raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
         if self.group_delay_size < 2:
             raise LexAlignError(
                 f"group_delay_size must be >= 2 (got: {self.group_delay_size})",

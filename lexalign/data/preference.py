@@ -1,7 +1,26 @@
 """Validate a preference dataset: every row is kept or rejected with a reason.
 
-Output (`write_outputs`): `train.parquet`, `eval.parquet`, `rejects.jsonl` and
-`report.json`. Kept plus rejected always equals the rows read.
+Rows stream through in batches: read (`load`, `jsonl`) → normalise the shape
+(`shapes`) → column-wise checks (`checks`) → exact duplicates → token lengths
+(`lengths`) → [pairs grouped into rankings (`ranking`)] → split by prompt →
+out (`outputs`). Kept plus rejected always equals the rows read.
+
+Reason codes in `report["reject_reasons"]` and `rejects.jsonl`:
+
+- reading: `unparseable_json` (with its line number), `undecodable_bytes`,
+  `not_an_object`, `malformed_row` (CSV/TSV field count);
+- fields: `missing_field`, `null_field`, `non_string_field`, `empty_field`
+  (empty or whitespace only), `bad_message`, `bad_score`;
+- content: `chosen_equals_rejected`, `duplicate_row`, `roles_not_alternating`,
+  `not_ending_with_assistant`, `prompt_mismatch` / `no_shared_prompt` (chosen
+  and rejected do not share the prompt), `chat_template_error`,
+  `chat_template_mismatch` (the template does not round-trip);
+- groups: `too_few_responses` (fewer than group_size), `all_tied`;
+- length: `too_long`, `prompt_too_long`, `identical_after_truncation`;
+- split: `prompt_in_train_and_eval` (an eval row whose prompt is in train).
+
+Outputs (`validate_to_dir`, or `validate_preferences` + `write_split_outputs`):
+`train.parquet`, `eval.parquet`, `rejects.jsonl`, `report.json`.
 """
 
 from __future__ import annotations
@@ -10,173 +29,278 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from lexalign.config.stages import DatasetConfig
-from lexalign.data.common import in_eval_split, reject_record
-from lexalign.data.load import read_records
+from lexalign.data.checks import Deduper, check_pairs, normalise
+from lexalign.data.common import eval_threshold, hash_strings, reject
+from lexalign.data.lengths import LengthCheck
+from lexalign.data.load import data_files, detect_format, iter_pieces, sample
+from lexalign.data.outputs import MemorySink, ParquetSink
+from lexalign.data.ranking import group_pairs
+from lexalign.data.shapes import ChatRenderer, detect_plan
 from lexalign.errors import LexAlignError
+from lexalign.io import atomic_dir, write_json
 
 COLUMNS = ["prompt", "chosen", "rejected"]
+REASONS = (
+    "unparseable_json", "undecodable_bytes", "not_an_object", "malformed_row",
+    "missing_field", "null_field", "non_string_field", "empty_field", "bad_message", "bad_score",
+    "chosen_equals_rejected", "duplicate_row", "roles_not_alternating", "not_ending_with_assistant",
+    "prompt_mismatch", "no_shared_prompt", "chat_template_error", "chat_template_mismatch",
+    "too_few_responses", "all_tied", "too_long", "prompt_too_long", "identical_after_truncation",
+    "prompt_in_train_and_eval",
+)
 
 
-def _missing_field_error(field: str, available: list[str]) -> LexAlignError:
-    return LexAlignError(
-        f'Dataset missing required field "{field}"',
-        f"Available fields: {', '.join(available) or '(none)'}",
-        hint="Expected format: {prompt: str, chosen: str, rejected: str}",
-    )
+class _Validation:
+    def __init__(self, cfg: DatasetConfig, tokenizer, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.files = {"train": data_files(cfg.path, cfg.train_split)}
+        self.files["eval"] = data_files(cfg.path, cfg.eval_split, exact=True) if cfg.eval_split else []
+        self.kinds = {f: detect_format(f, cfg.format) for split in self.files.values() for f in split}
+        records, names, text_cells = [], [], False
+        for file in self.files["train"]:
+            records, names = sample(file, self.kinds[file], cfg.train_split)
+            text_cells = self.kinds[file] in ("csv", "tsv")
+            if names:
+                break
+        # nothing readable at all: read as pairs, so every line is rejected with its reason
+        self.plan = detect_plan(records, names or list(self.plan_fields), cfg, text_cells)
+        k = self.plan.group_size
+        self.grouped = bool(k and k > 2 and self.plan.shape != "ranked")
+        self.renderer = ChatRenderer(tokenizer)
+        self.lengths = LengthCheck(tokenizer, cfg.max_length, cfg.length_policy) if tokenizer is not None else None
+        self.dedupe = Deduper()
+        self.threshold = eval_threshold(0.0 if cfg.eval_split else cfg.eval_fraction)
+        self.train_prompts: set[int] = set()
+        self.pending: list[tuple] = []
+        self.origins: dict[str, list] = {}
+        self.reasons: Counter = Counter()
+        self.input_sizes: dict[int, int] = {}
+        self.output_sizes: Counter = Counter()
+        self.counts = Counter()
+        self.rankings: Counter = Counter()
+        self.sink = None
 
+    @property
+    def plan_fields(self) -> tuple[str, str, str]:
+        return self.cfg.prompt_field, self.cfg.chosen_field, self.cfg.rejected_field
 
-def _check_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, dict | None]:
-    values = {}
-    for column, field in fields.items():
-        value = row.get(field)
-        if value is None or (isinstance(value, float) and value != value):
-            return None, reject_record(row, "null_field", f"{field} is null")
-        if not isinstance(value, str):
-            return None, reject_record(row, "non_string_field", f"{field} is {type(value).__name__}")
-        if not value.strip():
-            return None, reject_record(row, "empty_field", f"{field} is empty")
-        values[column] = value
-    if values["chosen"] == values["rejected"]:
-        return None, reject_record(row, "chosen_equals_rejected")
-    values["source_row"] = row.get("_row")
-    return values, None
+    def _reject(self, records: list[dict]) -> None:
+        if records:
+            self.reasons.update(r["reason"] for r in records)
+            self.counts["rejected"] += len(records)
+            self.sink.reject(records)
 
+    def run(self, sink) -> dict:
+        self.sink = sink
+        for split, split_name in (("train", self.cfg.train_split), ("eval", self.cfg.eval_split)):
+            for file in self.files[split]:
+                for piece in iter_pieces(file, self.kinds[file], self.plan.fast_fields, self.plan.columns,
+                                         split_name):
+                    self._piece(piece, split)
+            self._finish(split)
+        if self.lengths is not None:
+            self.lengths.raise_if_failed()
+        return self._report()
 
-def _token_lengths(tokenizer, prompts: list[str], responses: list[str]) -> list[int]:
-    """Tokens of prompt + response (+1 for the EOS the trainer appends)."""
-    encoded = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
-    return [len(ids) + 1 for ids in encoded]
-
-
-def _apply_length_policy(kept: list[dict], cfg: DatasetConfig, tokenizer, rejects: list[dict]) -> tuple[list[dict], dict]:
-    if not kept:
-        return kept, {}
-    prompts = [r["prompt"] for r in kept]
-    chosen_len = _token_lengths(tokenizer, prompts, [r["chosen"] for r in kept])
-    rejected_len = _token_lengths(tokenizer, prompts, [r["rejected"] for r in kept])
-    longest = [max(a, b) for a, b in zip(chosen_len, rejected_len)]
-    too_long = [i for i, n in enumerate(longest) if n > cfg.max_length]
-    stats = {
-        "tokens": {f"p{q}": float(pd.Series(longest).quantile(q / 100)) for q in (50, 90, 99)} | {"max": max(longest)},
-        "over_max_length": len(too_long),
-        "over_max_length_share": len(too_long) / len(kept),
-        "length_policy": cfg.length_policy,
-    }
-    if too_long and cfg.length_policy == "fail":
-        first = kept[too_long[0]]
-        raise LexAlignError(
-            f"{len(too_long)} of {len(kept)} rows exceed max_length {cfg.max_length} tokens",
-            f"First: row {first['source_row']} with {longest[too_long[0]]} tokens",
-            hint="Raise dataset.max_length, or set dataset.length_policy to drop or truncate",
-        )
-    if not too_long:
-        return kept, stats
-    out = []
-    long_set = set(too_long)
-    for i, row in enumerate(kept):
-        if i not in long_set:
-            out.append(row)
-        elif cfg.length_policy == "drop":
-            rejects.append(reject_record({**row, "_row": row["source_row"]}, "too_long", f"{longest[i]} tokens > {cfg.max_length}"))
+    def _piece(self, piece, split: str) -> None:
+        self.counts["input"] += len(piece) + len(piece.rejects)
+        self._reject(piece.rejects)
+        table, bad = normalise(piece, self.plan, self.renderer, self.input_sizes)
+        self._reject(bad)
+        table, bad = check_pairs(table, piece.file, self.plan)
+        self._reject(bad)
+        if "responses" not in table.column_names:
+            self.input_sizes[2] = self.input_sizes.get(2, 0) + table.num_rows
+        prompt_hash = hash_strings(table.column("prompt"), self.seed)
+        keep, bad = self.dedupe(table, piece.file, prompt_hash, self.plan)
+        self._reject(bad)
+        if bad:
+            table, prompt_hash = table.filter(keep), prompt_hash[keep]
+        if self.lengths is not None:
+            rows = table.num_rows
+            table, bad = self.lengths(table, piece.file, self.plan_fields)
+            self._reject(bad)
+            if table.num_rows != rows:
+                prompt_hash = hash_strings(table.column("prompt"), self.seed)
+        if self.grouped:
+            self.pending.append((table, piece.file))
         else:
-            truncated = _truncate(row, tokenizer, cfg.max_length)
-            if truncated is None:
-                rejects.append(reject_record({**row, "_row": row["source_row"]}, "prompt_too_long", f"prompt alone fills {cfg.max_length} tokens"))
+            self._route(table, prompt_hash, split, piece.file)
+
+    def _finish(self, split: str) -> None:
+        if not self.grouped or not self.pending:
+            return
+        import pyarrow as pa
+
+        rows = []
+        for table, file in self.pending:
+            columns = [table.column(c).to_pylist() for c in COLUMNS + ["_row"]]
+            rows += [(*values, file) for values in zip(*columns, strict=True)]
+        self.pending = []
+        ranked, bad, stats = group_pairs(rows, self.plan.group_size, self.plan_fields)
+        self.rankings.update(stats)
+        self._reject(bad)
+        columns = {name: [r[name] for r in ranked] for name in ("prompt", "chosen", "rejected", "responses", "scores",
+                                                                "source_row", "source_rows")}
+        table = pa.table({
+            **{name: pa.array(columns[name], type=pa.string()) for name in COLUMNS},
+            "responses": pa.array(columns["responses"], type=pa.list_(pa.string())),
+            "scores": pa.array(columns["scores"], type=pa.list_(pa.float64())),
+            "_row": pa.array(columns["source_row"], type=pa.int64()),
+            "source_rows": pa.array(columns["source_rows"], type=pa.list_(pa.int64())),
+        })
+        self.origins = {r["prompt"]: list(zip(r["source_rows"], r["_files"], strict=False)) for r in ranked}
+        self._route(table, hash_strings(table.column("prompt"), self.seed), split, "(grouped)")
+
+    def _route(self, table, prompt_hash: np.ndarray, split: str, file: str) -> None:
+        import pyarrow as pa
+
+        if table.num_rows == 0:
+            return
+        if self.cfg.eval_split:
+            if split == "train":
+                self.train_prompts.update(prompt_hash.tolist())
+                parts = {"train": table}
             else:
-                out.append(truncated)
-    return out, stats
+                leak = np.fromiter(map(self.train_prompts.__contains__, prompt_hash.tolist()), dtype=bool,
+                                   count=len(prompt_hash))
+                if leak.any():
+                    self._leaked(table.filter(pa.array(leak)), file)
+                parts = {"eval": table.filter(pa.array(~leak))}
+        else:
+            to_eval = prompt_hash < self.threshold
+            parts = {"train": table.filter(pa.array(~to_eval)), "eval": table.filter(pa.array(to_eval))}
+        for name, part in parts.items():
+            self.sink.write(name, part)
+            self.counts[f"{name}_rows"] += part.num_rows
+            if "source_rows" in part.column_names:
+                self.counts["kept"] += sum(map(len, part.column("source_rows").to_pylist()))
+                self.output_sizes.update(len(r) for r in part.column("responses").to_pylist())
+            else:
+                self.counts["kept"] += part.num_rows
+                sizes = part.column("responses").to_pylist() if "responses" in part.column_names else None
+                if sizes is None:
+                    self.output_sizes[2] += part.num_rows
+                else:
+                    self.output_sizes.update(map(len, sizes))
 
+    def _leaked(self, table, file: str) -> None:
+        records = []
+        for row in table.to_pylist():
+            origins = self.origins.get(row["prompt"], []) if "source_rows" in row else [(row["_row"], file)]
+            data = {self.plan.prompt: row["prompt"], self.plan.chosen: row["chosen"],
+                    self.plan.rejected: row["rejected"]}
+            records += [reject(n, f, "prompt_in_train_and_eval", "the prompt is also in the train split", data)
+                        for n, f in origins]
+        self._reject(records)
 
-def _truncate(row: dict, tokenizer, max_length: int) -> dict | None:
-    prompt_tokens = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-    budget = max_length - prompt_tokens - 1
-    if budget < 1:
-        return None
-    out = dict(row)
-    for key in ("chosen", "rejected"):
-        ids = tokenizer(row[key], add_special_tokens=False)["input_ids"][:budget]
-        out[key] = tokenizer.decode(ids)
-    return out if out["chosen"] != out["rejected"] else None
+    def _report(self) -> dict:
+        cfg, counts = self.cfg, self.counts
+        total = counts["input"]
+        report = {
+            "source": str(cfg.path),
+            "shape": self.plan.shape,
+            "files": [{"file": str(f), "format": self.kinds[f], "split": s}
+                      for s, fs in self.files.items() for f in fs],
+            "input_rows": total,
+            "kept_rows": counts["kept"],
+            "train_rows": counts["train_rows"],
+            "eval_rows": counts["eval_rows"],
+            "rejected_rows": counts["rejected"],
+            "reject_reasons": dict(sorted(self.reasons.items())),
+            "reject_fraction": counts["rejected"] / total if total else 0.0,
+            "max_reject_fraction": cfg.max_reject_fraction,
+            "group_size": self.plan.group_size,
+            "responses_per_prompt": {str(k): v for k, v in sorted(self.output_sizes.items())},
+            "input_responses_per_prompt": {str(k): v for k, v in sorted(self.input_sizes.items())},
+            "split": {"eval_split": cfg.eval_split, "eval_fraction": None if cfg.eval_split else cfg.eval_fraction,
+                      "by": "prompt", "seed": self.seed},
+            "lengths": self.lengths.report(total) if self.lengths is not None else {"checked": False},
+        }
+        if self.plan.counts:
+            report["notes"] = dict(self.plan.counts)
+        if self.grouped:
+            report["rankings"] = dict(self.rankings)
+        if report["kept_rows"] + report["rejected_rows"] != total:  # pragma: no cover - a bug, never data
+            raise AssertionError(f"rows lost in validation: {report['kept_rows']} kept + "
+                                 f"{report['rejected_rows']} rejected != {total} read")
+        return report
 
 
 def validate_preferences(cfg: DatasetConfig, tokenizer, seed: int = 42) -> dict[str, Any]:
-    """Read, check and split the data. Returns train/eval frames, rejects and the report."""
-    rows, rejects = read_records(cfg.path, cfg.format, cfg.train_split)
-    eval_rows: list[dict] = []
-    if cfg.eval_split:
-        eval_rows, eval_bad = read_records(cfg.path, cfg.format, cfg.eval_split)
-        rejects += eval_bad
-    total = len(rows) + len(eval_rows) + len(rejects)
-    fields = {"prompt": cfg.prompt_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
-    available = sorted({k for r in rows[:1000] for k in r if not k.startswith("_")})
-    for field in fields.values():
-        if rows and all(field not in r for r in rows[:1000]):
-            raise _missing_field_error(field, available)
+    """Read, check and split the data in memory. Returns train/eval frames, rejects and the report.
 
-    def check(batch: list[dict]) -> list[dict]:
-        kept, seen = [], set()
-        for row in batch:
-            if any(f not in row for f in fields.values()):
-                missing = next(f for f in fields.values() if f not in row)
-                rejects.append(reject_record(row, "missing_field", missing))
-                continue
-            value, bad = _check_row(row, fields)
-            if bad:
-                rejects.append(bad)
-                continue
-            key = (value["prompt"], value["chosen"], value["rejected"])
-            if key in seen:
-                rejects.append(reject_record(row, "duplicate_row"))
-                continue
-            seen.add(key)
-            kept.append(value)
-        return kept
+    `tokenizer` measures lengths (None skips the length check) and renders conversations.
+    """
+    validation = _Validation(cfg, tokenizer, seed)
+    sink = MemorySink(validation.grouped)
+    report = validation.run(sink)
+    frames = sink.frames()
+    return {"train": frames["train"], "eval": frames["eval"], "rejects": sink.rejects, "report": report}
 
-    train = check(rows)
-    evals = check(eval_rows)
-    train, length_stats = _apply_length_policy(train, cfg, tokenizer, rejects)
-    evals, _ = _apply_length_policy(evals, cfg, tokenizer, rejects)
-    if cfg.eval_split:
-        train_prompts = {r["prompt"] for r in train}
-        leaked = [r for r in evals if r["prompt"] in train_prompts]
-        evals = [r for r in evals if r["prompt"] not in train_prompts]
-        rejects += [reject_record({**r, "_row": r["source_row"]}, "prompt_in_train_and_eval") for r in leaked]
-    else:
-        evals = [r for r in train if in_eval_split(r["prompt"], cfg.eval_fraction, seed)]
-        train = [r for r in train if not in_eval_split(r["prompt"], cfg.eval_fraction, seed)]
 
-    reasons = Counter(r["reason"] for r in rejects)
-    report = {
-        "source": str(cfg.path),
-        "input_rows": total,
-        "train_rows": len(train),
-        "eval_rows": len(evals),
-        "rejected_rows": len(rejects),
-        "reject_reasons": dict(sorted(reasons.items())),
-        "reject_fraction": len(rejects) / total if total else 0.0,
-        "max_reject_fraction": cfg.max_reject_fraction,
-        "responses_per_prompt": {"2": len(train) + len(evals)},
-        "lengths": length_stats,
-    }
-    assert report["train_rows"] + report["eval_rows"] + report["rejected_rows"] == total, "rows lost in validation"
-    frame = lambda rows_: pd.DataFrame(rows_, columns=COLUMNS + ["source_row"])  # noqa: E731
-    return {"train": frame(train), "eval": frame(evals), "rejects": rejects, "report": report}
+def validate_to_dir(cfg: DatasetConfig, tokenizer, out_dir: str | Path, seed: int = 42,
+                    lineage: dict | None = None) -> dict:
+    """Validate straight into `out_dir` (train/eval parquet, rejects.jsonl, report.json), batch by batch.
+
+    Memory stays bounded by the batch size, whatever the file size (except
+    when pairs are grouped into rankings, which needs every pair of a prompt).
+    Returns the report.
+    """
+    validation = _Validation(cfg, tokenizer, seed)
+    with atomic_dir(out_dir) as tmp:
+        sink = ParquetSink(tmp, validation.grouped)
+        try:
+            report = validation.run(sink)
+        finally:
+            sink.close()
+        write_json(tmp / "report.json", report)
+        if lineage:
+            write_json(tmp / "lineage.json", lineage)
+    return report
+
+
+class _Discard:
+    def write(self, split: str, table) -> None:
+        pass
+
+    def reject(self, records: list[dict]) -> None:
+        pass
+
+
+def check_only(cfg: DatasetConfig, tokenizer=None, seed: int = 42) -> dict:
+    """Every check, nothing kept or written: the report alone (a dry run; what the benchmark times)."""
+    return _Validation(cfg, tokenizer, seed).run(_Discard())
 
 
 def summary(report: dict) -> str:
+    """A few lines for the terminal: what was kept, what was dropped and why."""
     lines = [
-        f"Validated {report['input_rows']} rows from {report['source']}: "
+        f"Validated {report['input_rows']} rows ({report.get('shape', 'pairs')}) from {report['source']}: "
         f"kept {report['train_rows']} train + {report['eval_rows']} eval, rejected {report['rejected_rows']} "
         f"({100 * report['reject_fraction']:.1f}%)"
     ]
     for reason, count in report["reject_reasons"].items():
         lines.append(f"  {reason}: {count}")
-    tokens = report.get("lengths", {}).get("tokens")
+    sizes = report.get("responses_per_prompt")
+    if sizes:
+        lines.append("  responses per prompt: " + ", ".join(f"{k} × {v}" for k, v in sizes.items()))
+    rankings = report.get("rankings")
+    if rankings:
+        lines.append(f"  rankings: {rankings.get('prompts', 0)} prompts from {rankings.get('pairs', 0)} pairs; "
+                     f"{rankings.get('total_order', 0)} total order, {rankings.get('with_ties', 0)} with ties, "
+                     f"{rankings.get('with_cycles', 0)} with cycles (tied)")
+    lengths = report.get("lengths", {})
+    tokens = lengths.get("tokens")
     if tokens:
-        lines.append(f"  length in tokens: p50 {tokens['p50']:.0f}, p90 {tokens['p90']:.0f}, max {tokens['max']}")
+        lines.append(
+            f"  length in tokens: p50 {tokens['p50']:.0f}, p90 {tokens['p90']:.0f}, max {tokens['max']}; "
+            f"{lengths.get('over_max_length', 0)} rows ({100 * lengths.get('over_max_length_share', 0):.1f}%) over "
+            f"max_length {lengths.get('max_length')} ({lengths.get('length_policy')})"
+        )
     return "\n".join(lines)
 
 

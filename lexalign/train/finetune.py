@@ -50,7 +50,7 @@ class FinetuneJob(TrainingJob):
             train_dataset=Dataset.from_pandas(self.train, preserve_index=False),
             eval_dataset=Dataset.from_pandas(self.eval, preserve_index=False) if has_eval else None,
             processing_class=tokenizer,
-            peft_config=runtime.lora_config(self.cfg) if self.cfg.uses_adapter else None,
+            peft_config=runtime.lora_config(self.cfg, model.config.model_type) if self.cfg.uses_adapter else None,
             callbacks=self.callbacks(interrupt),
         )
         return trainer, tokenizer, interrupt

@@ -7,7 +7,7 @@ the model atomically with its metrics, lineage and model card.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class TrainingJob:
     """Named input paths whose hashes and lineage are recorded."""
     resume_command: str = "lexalign <stage> --config <config>"
     """Printed after an interrupt, with --resume appended."""
+    extra_callbacks: list = field(default_factory=list)
+    """More TrainerCallbacks (for the Python API: custom logging, early stopping, fault injection)."""
 
     stage = "train"
 
@@ -60,6 +62,7 @@ class TrainingJob:
             ProgressCallback(self.checkpoint_dir / "metrics.jsonl", verbose=self.verbose),
             ConfigHashCallback(self.config_hash()),
             interrupt,
+            *self.extra_callbacks,
         ]
 
     def setup(self):
@@ -73,6 +76,10 @@ class TrainingJob:
         """(trained an adapter?, merge it into the saved model?)"""
         return False, False
 
+    def merge_base(self) -> Path:
+        """The full-precision weights a trained adapter is merged into."""
+        return self.model_path
+
     def train_model(self, trainer, interrupt) -> None:
         resume = self.resume or runtime.find_resume_checkpoint(self.checkpoint_dir, self.config_hash())
         if resume:
@@ -84,7 +91,7 @@ class TrainingJob:
         adapter, merge = self.adapter()
         with atomic_dir(self.output_dir) as tmp:
             runtime.save_trained_model(trainer, tokenizer, tmp, adapter=adapter, merge=merge,
-                                       base_path=self.model_path, trust_remote_code=self.trust_remote_code)
+                                       base_path=self.merge_base(), trust_remote_code=self.trust_remote_code)
             record = stage_record(self.stage, self.cfg.to_dict(), self.lineage_inputs or {"model": self.model_path},
                                   {"metrics": metrics, "config_hash": self.config_hash()})
             write_lineage(tmp, record)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lexalign.config.stages import TrainingConfig
-from lexalign.errors import LexAlignError, warn
+from lexalign.errors import LexAlignError, TrainingInterrupted, warn
 from lexalign.train.callbacks import CONFIG_HASH_FILE
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -69,6 +69,15 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
             bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         )
         kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        try:
+            from peft import prepare_model_for_kbit_training
+
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (RuntimeError, ValueError, ImportError) as err:
+            raise LexAlignError("4-bit (QLoRA) loading failed: bitsandbytes cannot run here", str(err).splitlines()[0],
+                                hint="Use method: lora (or load_in_4bit: false)") from None
+        # Norms in fp32 and input gradients on, as PEFT recommends for k-bit training.
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
     elif device == "cuda" and torch.cuda.is_bf16_supported():
         kwargs["dtype"] = torch.bfloat16
     else:
@@ -76,14 +85,36 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def lora_config(cfg: TrainingConfig):
+# LoRA targets per architecture when `target_modules: auto`: attention and MLP
+# projections, the set QLoRA showed to match full fine-tuning. Others: all-linear.
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def lora_targets(target_modules, model_type: str | None):
+    if target_modules == "auto":
+        return LORA_TARGETS.get(model_type or "", "all-linear")
+    return target_modules
+
+
+def lora_config(cfg: TrainingConfig, model_type: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=lora_targets(cfg.target_modules, model_type),
         task_type="CAUSAL_LM",
     )
 
@@ -179,10 +210,7 @@ def run_trainer(trainer, resume: Path | None, cfg: TrainingConfig, interrupt, re
         ) from None
     if interrupt.interrupted:
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        raise LexAlignError(
-            f"Training interrupted. Checkpoint saved to: {checkpoint}",
-            hint=f"Resume with: {resume_command} --resume {checkpoint}",
-        )
+        raise TrainingInterrupted(checkpoint, resume_command)
     return result
 
 

@@ -1,0 +1,351 @@
+"""GDPO through a subclass of TRL's DPOTrainer: listwise preferences over K ranked responses.
+
+Everything but the data layout and the loss is DPOTrainer's: PEFT wrapping,
+the reference model (the model passed in; with PEFT, the same model with the
+adapter disabled), the fused log-prob LM head, checkpoints, resume, logging.
+
+Data: rows with `prompt` (str), `responses` (list[str], best first) and `scores`
+(list[float], non-increasing; equal scores are ties). Rows with only
+`chosen`/`rejected` are read as a group of two with scores [1, 0].
+
+Batch layout: like TRL's concatenated batch, where rows 0..B-1 are the chosen
+and rows B..2B-1 the rejected completions, a GDPO batch of B prompts holds K·B
+rows, response-major: row k·B + b is response k (0 = best) of prompt b. All K·B
+sequences go through the policy in one forward pass and through the reference
+in one no-grad pass; at K = 2 the batch is exactly DPO's.
+
+The loss and the ranking metrics are in `lexalign.losses.gdpo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers.data.data_collator import DataCollatorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import pad, use_adapter
+
+from lexalign.errors import LexAlignError, warn
+from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def select_indices(n: int, k: int) -> list[int]:
+    """K of n ranked positions: the best (0), the worst (n-1) and evenly spaced ones between."""
+    if n < k:
+        raise ValueError(f"cannot pick {k} of {n}")
+    if k == 1:
+        return [0]
+    return [int(math.floor(i * (n - 1) / (k - 1) + 0.5)) for i in range(k)]
+
+
+def _as_list(value) -> list:
+    return list(value) if value is not None and not isinstance(value, str) else []
+
+
+def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
+    """Rows of `frame` as groups of exactly K responses best first, and how many groups were dropped.
+
+    Reads `responses`/`scores` when present (scores default to the given order,
+    strictly), else `chosen`/`rejected` as a group of two. Responses are sorted
+    by score, best first, stably: tied responses keep their given order. A
+    group with more than K responses keeps the best, the worst and evenly
+    spaced ones between; one with fewer is dropped.
+    """
+    ranked = "responses" in frame.columns
+    rows, dropped = [], 0
+    for record in frame.to_dict("records"):
+        if ranked:
+            responses = [str(r) for r in _as_list(record["responses"])]
+            scores = _as_list(record.get("scores"))
+            if len(scores) != len(responses):
+                scores = [float(len(responses) - 1 - i) for i in range(len(responses))]
+        else:
+            responses, scores = [record["chosen"], record["rejected"]], [1.0, 0.0]
+        if len(responses) < k:
+            dropped += 1
+            continue
+        order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))  # stable
+        order = [order[i] for i in select_indices(len(order), k)]
+        rows.append({"prompt": record["prompt"], "responses": [responses[i] for i in order],
+                     "scores": [float(scores[i]) for i in order]})
+    return rows, dropped
+
+
+def ranked_dataset(frame: pd.DataFrame, k: int, split: str = "train"):
+    """A `datasets.Dataset` of prompt/responses/scores with exactly K responses per row."""
+    rows, dropped = ranked_groups(frame, k)
+    if dropped:
+        warn(f"GDPO: dropped {dropped} of {len(frame)} {split} groups with fewer than {k} responses "
+             f"(group_delay_size: {k})")
+    if not rows and len(frame):
+        raise LexAlignError(
+            f"No {split} group has {k} ranked responses (group_delay_size: {k})",
+            hint="Use ranked data with at least that many responses per prompt, or lower group_delay_size "
+                 "(2 uses plain chosen/rejected pairs)",
+        )
+    return Dataset.from_list(rows) if rows else None
+
+
+@dataclass
+class DataCollatorForRankedPreference(DataCollatorMixin):
+    """Pads tokenized groups into one batch of K·B sequences, response-major.
+
+    Each example holds `prompt_ids` (list[int]), `completion_ids` (K lists of
+    token ids, best first) and `scores` (K floats). The output has `input_ids`,
+    `attention_mask` and `completion_mask` of shape [K·B, L], where row k·B + b
+    is prompt b followed by its response k, and `scores` of shape [B, K]. At
+    K = 2 this is TRL's DataCollatorForPreference output (chosen rows, then
+    rejected rows), plus `scores`.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        k = len(examples[0]["completion_ids"])
+        if any(len(e["completion_ids"]) != k for e in examples):
+            raise ValueError("every group in a batch must have the same number of responses")
+        sequences, masks = [], []
+        for rank in range(k):
+            for e in examples:
+                completion = e["completion_ids"][rank]
+                sequences.append(list(e["prompt_ids"]) + list(completion))
+                masks.append([0] * len(e["prompt_ids"]) + [1] * len(completion))
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                sl = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                sl = slice(-self.max_length, None)
+            else:
+                raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}")
+            sequences = [s[sl] for s in sequences]
+            masks = [m[sl] for m in masks]
+        kw = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
+        return {
+            "input_ids": pad([torch.tensor(s) for s in sequences], padding_value=self.pad_token_id, **kw),
+            "attention_mask": pad([torch.ones(len(s), dtype=torch.long) for s in sequences], padding_value=0, **kw),
+            "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0, **kw),
+            "scores": torch.tensor([[float(s) for s in e["scores"]] for e in examples], dtype=torch.float32),
+        }
+
+
+# --- trainer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GDPOConfig(DPOConfig):
+    """DPOConfig plus K and w. `loss_type` must stay `["sigmoid"]`: GDPO's loss replaces it."""
+
+    group_delay_size: int = field(default=4, metadata={"help": "K, the ranked responses per prompt (>= 2)."})
+    group_delay_weight: float = field(
+        default=0.5, metadata={"help": "w in [0, 1], the weight of the Plackett-Luce group term."}
+    )
+
+
+_NON_MODEL_KEYS = {"completion_mask", "scores"}
+
+
+class GDPOTrainer(DPOTrainer):
+    """Listwise preference optimization over K ranked responses (see the module docstring)."""
+
+    _tag_names = ["trl", "gdpo", "lexalign"]
+    _name = "GDPO"
+    _paper = {}
+
+    def __init__(self, model, ref_model=None, args: GDPOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None,
+                 optimizers=(None, None), peft_config=None):
+        if args is None or not isinstance(args, GDPOConfig):
+            raise TypeError("GDPOTrainer needs a GDPOConfig")
+        if args.group_delay_size < 2:
+            raise ValueError(f"group_delay_size must be >= 2 (got: {args.group_delay_size})")
+        if not 0.0 <= args.group_delay_weight <= 1.0:
+            raise ValueError(f"group_delay_weight must be in [0, 1] (got: {args.group_delay_weight})")
+        unsupported = {
+            "loss_type": list(args.loss_type) != ["sigmoid"],
+            "label_smoothing": args.label_smoothing != 0.0,
+            "precompute_ref_log_probs": args.precompute_ref_log_probs,
+            "ld_alpha": args.ld_alpha is not None,
+            "use_weighting": args.use_weighting,
+            "f_divergence_type": args.f_divergence_type != "reverse_kl",
+            "padding_free": args.padding_free,
+        }
+        bad = [name for name, is_set in unsupported.items() if is_set]
+        if bad:
+            raise ValueError(f"GDPO does not support these DPOConfig options: {', '.join(bad)}")
+        if processing_class is None:
+            raise ValueError("GDPOTrainer needs processing_class (the tokenizer)")
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        if data_collator is None:
+            data_collator = DataCollatorForRankedPreference(
+                pad_token_id=processing_class.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        self.group_size = args.group_delay_size
+        self.group_weight = args.group_delay_weight
+        super().__init__(
+            model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+        )
+
+    # Data ----------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Tokenize prompt/responses/scores into prompt_ids, completion_ids (K lists) and scores."""
+        first = next(iter(dataset))
+        if "completion_ids" in first:
+            return dataset  # already prepared
+        k = args.group_delay_size
+        eos = self._tokenizer.eos_token
+
+        def tokenize(example):
+            if is_conversational(example):
+                raise ValueError("GDPO reads plain-text prompts and responses, not chat messages")
+            if example.get("responses") is not None:
+                responses = list(example["responses"])
+                scores = example.get("scores")
+                scores = [float(len(responses) - 1 - i) for i in range(len(responses))] if scores is None \
+                    else [float(s) for s in scores]
+            else:
+                responses, scores = [example["chosen"], example["rejected"]], [1.0, 0.0]
+            if len(responses) != k or len(scores) != k:
+                raise ValueError(f"{dataset_name}: a group has {len(responses)} responses and {len(scores)} scores; "
+                                 f"group_delay_size is {k}")
+            order = sorted(range(k), key=lambda i: -scores[i])  # best first; ties keep their order
+            responses = [r if r.endswith(eos) else r + eos for r in (responses[i] for i in order)]
+            prompt_ids = _tokenize(processing_class, example["prompt"])["input_ids"]
+            full = [_tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in responses]
+            # The completion starts where prompt and prompt+completion diverge (as in TRL's DPO).
+            start = min(common_prefix_length(prompt_ids, ids) for ids in full)
+            return {"prompt_ids": prompt_ids[:start], "completion_ids": [ids[start:] for ids in full],
+                    "scores": [scores[i] for i in order]}
+
+        map_kwargs = {}
+        if isinstance(dataset, Dataset):
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} groups"}
+        dataset = dataset.map(tokenize, **map_kwargs)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "scores"]
+
+    # Loss ----------------------------------------------------------------------------------------
+
+    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Summed response log-probs of all K·B rows under the reference, in one no-grad pass."""
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                # PEFT: the reference is the model with the adapter disabled (or a frozen "ref" copy of a
+                # pre-existing adapter), exactly as in DPOTrainer.
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            else:
+                context = contextlib.nullcontext()
+            with context:
+                ref_model = self.model if self.ref_model is None else self.ref_model
+                outputs = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -seq_len:].sum(dim=1)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        scores = inputs["scores"]
+        batch, k = scores.shape
+        model_kwargs = {key: v for key, v in inputs.items() if key not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        # One policy pass over all K·B sequences, one reference pass.
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        logps = per_token_logps.sum(dim=1)
+        ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
+
+        # Row r·B + b is response r of prompt b: view as [K, B], transpose to [B, K].
+        logps_bk = logps.view(k, batch).T
+        rewards = self.beta * (logps - ref_logps).view(k, batch).T
+        result = gdpo_loss(rewards, self.group_weight, scores)
+        loss = result.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_metrics(mode, inputs, outputs, shift_mask, seq_len, batch, k, logps_bk, rewards.detach(),
+                          scores, result)
+
+        if return_outputs:
+            warnings.warn("return_outputs=True recomputes the logits with an extra forward pass", FutureWarning,
+                          stacklevel=2)
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(self, mode, inputs, outputs, shift_mask, seq_len, batch, k, logps, rewards, scores, result):
+        """DPO's metrics with chosen = best and rejected = worst, plus the listwise ones."""
+        gather, metrics = self.accelerator.gather_for_metrics, self._metrics[mode]
+
+        def mean(values: torch.Tensor) -> float:
+            return gather(values.detach().float()).mean().item()
+
+        entropy = outputs.entropy[:, -seq_len:].detach()
+        tokens = gather(shift_mask.sum()).sum()
+        metrics["entropy"].append((gather((entropy * shift_mask).sum()).sum() / tokens).item() if tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        masks = shift_mask.view(k, batch, -1)
+        mean_logits = outputs.mean_logits[:, -seq_len:].view(k, batch, -1)
+        for name, rank in (("chosen", 0), ("rejected", k - 1)):
+            m = masks[rank].bool()
+            total, count = gather(mean_logits[rank][m].sum()).sum().item(), gather(m.sum()).sum().item()
+            metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
+        best_mask = masks[0].bool()
+        correct = gather((outputs.is_top1[:, -seq_len:].view(k, batch, -1)[0] & best_mask).sum()).sum()
+        count = gather(best_mask.sum()).sum()
+        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        best, worst = rewards[:, 0], rewards[:, -1]
+        metrics["rewards/chosen"].append(mean(best))
+        metrics["rewards/rejected"].append(mean(worst))
+        metrics["rewards/accuracies"].append(mean(best > worst))
+        metrics["rewards/margins"].append(mean(best - worst))
+        metrics["logps/chosen"].append(mean(logps[:, 0]))
+        metrics["logps/rejected"].append(mean(logps[:, -1]))
+
+        metrics["loss/pairwise"].append(mean(result.pairwise))
+        metrics["loss/group"].append(mean(result.group))
+        metrics["rewards/top1_accuracy"].append(mean(top1_accuracy(rewards, scores)))
+        pair = gather(pair_accuracy(rewards, scores))
+        if not torch.isnan(pair).all():
+            metrics["rewards/pair_accuracy"].append(torch.nanmean(pair).item())
+        if mode == "eval":
+            tau = gather(kendall_tau(rewards, scores))
+            if not torch.isnan(tau).all():
+                metrics["kendall_tau"].append(torch.nanmean(tau).item())

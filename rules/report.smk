@@ -1,0 +1,29 @@
+# Step 6: one report comparing every run (results/report.html), plots marked for `snakemake --report`.
+
+
+report: "../report/workflow.rst"
+
+
+rule report:
+    input:
+        evals=run_evaluations(),
+        models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS],
+        validated=f"{RESULTS}/data/preferences",
+        tokenizer=f"{RESULTS}/models/base",
+        code=package_modules("stages", "report"),
+    output:
+        page=f"{RESULTS}/report.html",
+        plots=report(
+            directory(f"{RESULTS}/report"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="LexAlign",
+        ),
+    params:
+        runs=["aligned"] + list(RUNS),
+    conda:
+        "../envs/lexalign.yaml"
+    log:
+        f"{LOGS}/report.log",
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,352 @@
+"""A Hugging Face Hub of our own on 127.0.0.1, for testing downloads with the real client.
+
+It answers the endpoints `huggingface_hub` (2.x) calls for `repo_info`,
+`list_repo_tree`, `hf_hub_download` and `snapshot_download`:
+
+- `GET /api/{models,datasets}/{repo}/revision/{rev}`: repo info, with the commit `sha`;
+- `GET /api/{models,datasets}/{repo}/tree/{rev}[/{path}]`: a list of `{type, path, size, oid[, lfs]}`;
+- `HEAD` / `GET /{repo}/resolve/{rev}/{file}` (datasets: `/datasets/{repo}/resolve/…`): regular files
+  are served directly with `ETag` (the git blob id), `X-Repo-Commit` and `Content-Length`; LFS files
+  answer `302` to a second server on another port (a stand-in for the Hub's CDN) with `X-Linked-Etag`
+  (the sha256) and `X-Linked-Size`, as huggingface.co does. The client then fetches from the "CDN"
+  without its `Authorization` header.
+
+Both honour `Range: bytes=N-` (206 + `Content-Range`), so an interrupted transfer resumes.
+Errors carry the `X-Error-Code` header the client maps to its exception types:
+unknown repo 404 `RepoNotFound`; private repo without a valid token 401 `RepoNotFound`;
+gated repo 401/403 `GatedRepo`; unknown token 401 "Invalid credentials in Authorization header";
+unknown revision 404 `RevisionNotFound`; unknown file 404 `EntryNotFound`.
+
+Knobs: `fail_with[repo_id] = status` answers that status for everything about a repo;
+`drop_once.add(path)` cuts the connection halfway through the next full GET of that file;
+`fail_file[path] = n` answers 500 to the next n GETs of that file's content.
+Every request is recorded in `requests` (method, path, Range and Authorization headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".parquet", ".gguf")
+LFS_MIN_SIZE = 10_000
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str, data: bytes) -> bool:
+    return path.endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    repo_type: str = "model"
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)
+    private: bool = False
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)
+    """Tokens that accepted a gated repo's terms."""
+
+    def resolve(self, rev: str) -> str | None:
+        if rev in self.refs:
+            return self.refs[rev]
+        if rev in self.commits:
+            return rev
+        matches = [sha for sha in self.commits if len(rev) >= 7 and sha.startswith(rev)]
+        return matches[0] if len(matches) == 1 else None
+
+
+@dataclass
+class Seen:
+    server: str
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None
+
+
+class HubServer:
+    """Start with `with HubServer() as hub:`; `hub.url` is the value for HF_ENDPOINT."""
+
+    def __init__(self):
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.tokens: set[str] = set()
+        self.fail_with: dict[str, int] = {}
+        self.drop_once: set[str] = set()
+        self.fail_file: dict[str, int] = {}
+        self.requests: list[Seen] = []
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._hub = _Server(("127.0.0.1", 0), _Handler, self, "hub")
+        self._cdn = _Server(("127.0.0.1", 0), _Handler, self, "cdn")
+
+    # --- repos -------------------------------------------------------------------------------
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes | str], *, repo_type: str = "model",
+                 branch: str = "main", tags: tuple[str, ...] = (), private: bool = False,
+                 gated: bool = False) -> str:
+        """Create a repo (or add a commit to `branch` of an existing one); return the commit sha."""
+        repo = self.repos.setdefault((repo_type, repo_id), Repo(repo_id, repo_type))
+        repo.private, repo.gated = private or repo.private, gated or repo.gated
+        data = {path: (content.encode() if isinstance(content, str) else content) for path, content in files.items()}
+        with self._lock:
+            self._counter += 1
+            digest = hashlib.sha1(f"{repo_type}/{repo_id}#{self._counter}".encode())
+        for path in sorted(data):
+            digest.update(path.encode() + b"\0" + data[path])
+            if is_lfs(path, data[path]):
+                self.blobs[hashlib.sha256(data[path]).hexdigest()] = data[path]
+        sha = digest.hexdigest()
+        repo.commits[sha] = data
+        repo.refs[branch] = sha
+        for tag in tags:
+            repo.refs[tag] = sha
+        return sha
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._hub.server_address[1]}"
+
+    @property
+    def cdn_url(self) -> str:
+        return f"http://127.0.0.1:{self._cdn.server_address[1]}"
+
+    def __enter__(self) -> HubServer:
+        for server in (self._hub, self._cdn):
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server in (self._hub, self._cdn):
+            server.shutdown()
+            server.server_close()
+
+    # --- what the tests look at --------------------------------------------------------------------
+
+    def seen(self, method: str | None = None, contains: str = "", server: str | None = None) -> list[Seen]:
+        return [r for r in list(self.requests)
+                if (method is None or r.method == method) and contains in r.path
+                and (server is None or r.server == server)]
+
+    def file_requests(self) -> list[Seen]:
+        """HEAD/GET of file contents (resolve and CDN), not API calls."""
+        return [r for r in list(self.requests) if "/resolve/" in r.path or r.server == "cdn"]
+
+    @property
+    def authorizations(self) -> list[str]:
+        return [r.authorization for r in list(self.requests) if r.authorization]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, hub: HubServer, role: str):
+        super().__init__(address, handler)
+        self.hub = hub
+        self.role = role
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, str(value))
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def _json(self, data, headers: dict | None = None) -> None:
+        self._send(200, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _error(self, status: int, code: str | None = None, message: str = "", headers: dict | None = None) -> None:
+        extra = {"X-Error-Code": code} if code else {}
+        if message:
+            extra["X-Error-Message"] = message
+        body = json.dumps({"error": message or code or str(status)}).encode()
+        self._send(status, body, {"Content-Type": "application/json", **extra, **(headers or {})})
+
+    def _token(self) -> str | None:
+        value = self.headers.get("Authorization")
+        return value.split(" ", 1)[1] if value and " " in value else None
+
+    def _record(self) -> None:
+        self.server.hub.requests.append(Seen(
+            self.server.role, self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+
+    def do_HEAD(self) -> None:
+        self._record()
+        self._route()
+
+    def do_GET(self) -> None:
+        self._record()
+        self._route()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def _route(self) -> None:
+        parts = urlsplit(self.path)
+        path, query = parts.path, parse_qs(parts.query)
+        if self.server.role == "cdn":
+            if path.startswith("/blobs/") and path[7:] in self.server.hub.blobs:
+                name = query.get("filename", [""])[0]
+                return self._content(self.server.hub.blobs[path[7:]], {}, name)
+            return self._error(404)
+        if path.startswith("/api/models/") or path.startswith("/api/datasets/"):
+            repo_type = "model" if path.startswith("/api/models/") else "dataset"
+            rest = path.split("/", 3)[3]
+            for marker, handler in (("/revision/", self._revision), ("/tree/", self._tree)):
+                if marker in rest:
+                    repo_id, tail = rest.split(marker, 1)
+                    return handler(repo_type, repo_id, tail, query)
+            return self._error(404)
+        repo_type = "model"
+        if path.startswith("/datasets/"):
+            repo_type, path = "dataset", path[len("/datasets"):]
+        if "/resolve/" in path:
+            repo_id, tail = path[1:].split("/resolve/", 1)
+            rev, _, filename = tail.partition("/")
+            return self._resolve(repo_type, repo_id, unquote(rev), unquote(filename))
+        return self._error(404)
+
+    def _access(self, repo_type: str, repo_id: str, rev: str | None) -> tuple[Repo, str] | None:
+        """The repo and commit, or None after answering with the error the Hub would give."""
+        hub = self.server.hub
+        token = self._token()
+        if token is not None and token not in hub.tokens:
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return None
+        if repo_id in hub.fail_with:
+            status = hub.fail_with[repo_id]
+            code = {401: "RepoNotFound", 403: "GatedRepo", 404: "RepoNotFound"}.get(status)
+            self._error(status, code, f"forced {status}")
+            return None
+        repo = hub.repos.get((repo_type, repo_id))
+        if repo is None or (repo.private and token is None):
+            status = 401 if token is None else 404
+            self._error(status, "RepoNotFound", "Repository not found")
+            return None
+        if repo.gated and token not in repo.granted:
+            self._error(401 if token is None else 403, "GatedRepo",
+                        f"Access to {repo_id} is restricted. You must have access to it and be authenticated.")
+            return None
+        sha = repo.resolve(rev) if rev is not None else repo.refs.get("main")
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return None
+        return repo, sha
+
+    def _revision(self, repo_type: str, repo_id: str, rev: str, query: dict) -> None:
+        found = self._access(repo_type, repo_id, unquote(rev))
+        if found is None:
+            return
+        repo, sha = found
+        files = repo.commits[sha]
+        self._json({
+            "id": repo_id, "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "sha": sha,
+            "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False,
+            "lastModified": "2025-01-01T00:00:00.000Z", "tags": [],
+            "siblings": [{"rfilename": p} for p in sorted(files)],
+        })
+
+    def _tree(self, repo_type: str, repo_id: str, tail: str, query: dict) -> None:
+        rev, _, sub = tail.partition("/")
+        found = self._access(repo_type, repo_id, unquote(rev))
+        if found is None:
+            return
+        repo, sha = found
+        files = repo.commits[sha]
+        sub = unquote(sub).strip("/")
+        prefix = f"{sub}/" if sub else ""
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        entries, folders = [], set()
+        for path in sorted(files):
+            if not path.startswith(prefix):
+                continue
+            rel = path[len(prefix):]
+            if not recursive and "/" in rel:
+                folders.add(prefix + rel.split("/", 1)[0])
+                continue
+            if recursive:
+                parents = rel.split("/")[:-1]
+                folders.update(prefix + "/".join(parents[: i + 1]) for i in range(len(parents)))
+            data = files[path]
+            entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+            if is_lfs(path, data):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        entries += [{"type": "directory", "path": f, "size": 0, "oid": hashlib.sha1(f.encode()).hexdigest()}
+                    for f in sorted(folders)]
+        if sub and not entries:
+            return self._error(404, "EntryNotFound", f"{sub} does not exist")
+        self._json(entries)
+
+    def _resolve(self, repo_type: str, repo_id: str, rev: str, filename: str) -> None:
+        found = self._access(repo_type, repo_id, rev)
+        if found is None:
+            return
+        repo, sha = found
+        data = repo.commits[sha].get(filename)
+        if data is None:
+            return self._error(404, "EntryNotFound", f"{filename} does not exist", {"X-Repo-Commit": sha})
+        headers = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
+        if is_lfs(filename, data):
+            digest = hashlib.sha256(data).hexdigest()
+            location = f"{self.server.hub.cdn_url}/blobs/{digest}?filename={quote(filename, safe='')}"
+            return self._send(302, b"", {**headers, "Location": location, "ETag": f'"{digest}"',
+                                         "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": len(data)})
+        self._content(data, {**headers, "ETag": f'"{git_blob_id(data)}"'}, filename)
+
+    def _content(self, data: bytes, headers: dict, name: str) -> None:
+        """The file's bytes, a Range of them, or half of them and a cut connection (drop_once)."""
+        total = len(data)
+        headers = {**headers, "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        wanted = self.headers.get("Range")
+        if wanted and wanted.startswith("bytes=") and self.command == "GET":
+            start_text, _, end_text = wanted[6:].partition("-")
+            start = int(start_text)
+            end = int(end_text) if end_text else total - 1
+            if start >= total:
+                return self._send(416, b"", {"Content-Range": f"bytes */{total}"})
+            return self._send(206, data[start:end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{total}"})
+        hub = self.server.hub
+        if self.command == "GET" and hub.fail_file.get(name, 0) > 0:
+            hub.fail_file[name] -= 1
+            return self._error(500, None, "Internal Error")
+        if self.command == "GET" and name in hub.drop_once and total > 1:
+            hub.drop_once.discard(name)
+            self.send_response(200)
+            for key, value in headers.items():
+                self.send_header(key, str(value))
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            self.wfile.write(data[: total // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self._send(200, data, headers, length=total)

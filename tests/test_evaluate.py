@@ -1,0 +1,56 @@
+"""Evaluation figures checked against values computed independently."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from lexalign.evaluate import kl_estimate, preference_metrics, sequence_logps
+from lexalign.train.runtime import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def models(demo_model_dir, sft_model_dir):
+    return load_causal_lm(demo_model_dir, "cpu").eval(), load_causal_lm(sft_model_dir, "cpu").eval()
+
+
+def brute_force_logp(model, tokenizer, prompt: str, completion: str) -> float:
+    """log π(completion + EOS | prompt), one token at a time."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    total = 0.0
+    for position in range(len(prompt_ids), len(full)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full[:position]])).logits[0, -1]
+        total += torch.log_softmax(logits.float(), -1)[full[position]].item()
+    return total
+
+
+def test_sequence_logps_match_token_by_token(models, demo_tokenizer):
+    _, sft = models
+    prompts = ["User: Please greet Zoe.\nAssistant:", "User: Say hello to Bob.\nAssistant:"]
+    completions = [" Hello Zoe, it is lovely to meet you!", " Go away Bob."]  # different lengths: padding matters
+    batched = sequence_logps(sft, demo_tokenizer, prompts, completions, batch_size=2)
+    for got, prompt, completion in zip(batched, prompts, completions):
+        assert got == pytest.approx(brute_force_logp(sft, demo_tokenizer, prompt, completion), abs=1e-4)
+
+
+def test_preference_metrics_of_a_model_against_itself_are_zero(models, demo_tokenizer):
+    _, sft = models
+    frame = pd.DataFrame({"prompt": ["User: Please greet Zoe.\nAssistant:"] * 2,
+                          "chosen": [" Hello Zoe!", " Hello Zoe, welcome!"],
+                          "rejected": [" Go away Zoe.", " Go away."]})
+    metrics = preference_metrics(sft, sft, demo_tokenizer, frame, beta=0.1, batch_size=2)
+    assert metrics["pairs"] == 2
+    assert metrics["mean_margin"] == 0.0 and metrics["preference_accuracy"] == 0.0  # ties are not wins
+
+
+def test_kl_estimate_is_zero_against_itself_and_positive_otherwise(models, demo_tokenizer):
+    base, sft = models
+    prompts = ["User: Please greet Zoe.\nAssistant:", "User: Welcome Bob to the team.\nAssistant:"]
+    assert kl_estimate(sft, sft, demo_tokenizer, prompts, max_new_tokens=8, seed=0) == pytest.approx(0.0, abs=1e-6)
+    kl = kl_estimate(sft, base, demo_tokenizer, prompts * 8, max_new_tokens=8, seed=0)
+    assert math.isfinite(kl) and kl > 0.5
