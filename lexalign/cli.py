@@ -36,6 +36,8 @@ def _dry_run(kind: str, cfg: dict, plan: list[str]) -> None:
         click.echo(f"- {step}")
     if cfg.get("model", {}).get("trust_remote_code"):
         warn("trust_remote_code is on: code shipped with the model will run on this machine.")
+    if cfg.get("model", {}).get("allow_pickle"):
+        warn("allow_pickle is on: pickle-based weights can run code on this machine when loaded.")
 
 
 def _checkpoint_dir(output_dir: str, configured: str | None) -> str:
@@ -101,7 +103,15 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
         return
     stages.prepare_sft(cfg["dataset"], cfg["dataset"]["path"], data_dir, cfg["seed"])
     stages.finetune(cfg["model"]["path"], data_dir, cfg["finetune"], out, checkpoints, device, cfg["seed"], resume,
-                    verbose, cfg["model"]["trust_remote_code"])
+                    verbose, cfg["model"]["trust_remote_code"], cfg["model"]["allow_pickle"])
+
+
+def _dataset_for(cfg: dict) -> dict:
+    """The dataset section as validation needs it: GDPO with K > 2 wants groups of K responses."""
+    alignment = cfg["alignment"]
+    if alignment["method"] == "gdpo" and alignment["group_delay_size"] > 2:
+        return {**cfg["dataset"], "group_size": alignment["group_delay_size"]}
+    return cfg["dataset"]
 
 
 def _align_paths(cfg: dict) -> tuple[str, str]:
@@ -118,7 +128,7 @@ def validate(config_path: str, output: str) -> None:
 
     cfg = load_config(config_path, "align")
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
-    stages.validate(cfg["dataset"], cfg["dataset"]["path"], tokenizer, output, cfg["seed"],
+    stages.validate(_dataset_for(cfg), cfg["dataset"]["path"], tokenizer, output, cfg["seed"],
                     cfg["model"]["trust_remote_code"])
 
 
@@ -152,7 +162,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
         return
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     if validated != data:
-        stages.validate(cfg["dataset"], data, tokenizer, validated, cfg["seed"], cfg["model"]["trust_remote_code"])
+        stages.validate(_dataset_for(cfg), data, tokenizer, validated, cfg["seed"], cfg["model"]["trust_remote_code"])
     stages.align(cfg["model"]["path"], validated, cfg["alignment"], out, checkpoints, device, cfg["seed"], resume,
                  verbose, cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
                  resume_command=f"lexalign align --config {config_path}")

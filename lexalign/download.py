@@ -31,6 +31,11 @@ def _copy_local(src: Path, dest: Path) -> None:
     if not src.exists():
         raise LexAlignError(f'Local path not found: "{src}"', hint="Fix `path` in the config, or use source: demo")
     if src.is_dir():
+        root = src.resolve()
+        for link in (p for p in src.rglob("*") if p.is_symlink()):
+            if not link.resolve().is_relative_to(root):
+                raise LexAlignError(f'"{link}" links outside "{src}" (to "{link.resolve()}")',
+                                    hint="Refusing to copy it: replace the link with the file itself")
         shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=False)
     else:
         shutil.copy2(src, dest / src.name)

@@ -76,6 +76,33 @@ def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: 
     }
 
 
+def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
+    """Over groups of K ranked responses: Kendall's tau between the implicit rewards and the given ranking,
+    strict top-1 accuracy and pair accuracy (GDPO's metrics), averaged over prompts."""
+    import torch
+
+    from lexalign.losses.gdpo import kendall_tau, pair_accuracy, top1_accuracy
+
+    groups = [(p, list(r), list(s)) for p, r, s in zip(frame["prompt"], frame["responses"], frame["scores"])]
+    k = min((len(r) for _, r, _ in groups), default=0)
+    groups = [(p, r[:k], s[:k]) for p, r, s in groups if len(r) == k]
+    if k < 3 or not groups:
+        return {}
+    prompts = [p for p, r, _ in groups for _ in r]
+    responses = [y for _, r, _ in groups for y in r]
+    policy_logps = sequence_logps(policy, tokenizer, prompts, responses, batch_size)
+    reference_logps = sequence_logps(reference, tokenizer, prompts, responses, batch_size)
+    rewards = beta * (torch.tensor(policy_logps) - torch.tensor(reference_logps)).view(len(groups), k)
+    scores = torch.tensor([s for _, _, s in groups], dtype=torch.float32)
+    return {
+        "ranking_groups": len(groups),
+        "ranking_k": k,
+        "kendall_tau": float(torch.nanmean(kendall_tau(rewards, scores))),
+        "top1_accuracy": float(top1_accuracy(rewards, scores).float().mean()),
+        "pair_accuracy": float(torch.nanmean(pair_accuracy(rewards, scores))),
+    }
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions (deterministic, so the judged rate is reproducible)."""
     import torch
@@ -151,7 +178,7 @@ def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dic
 
 
 def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
-             seed: int = 42) -> dict:
+             seed: int = 42, ranked_frame: pd.DataFrame | None = None) -> dict:
     from lexalign.train.runtime import load_causal_lm, load_tokenizer, require_model
 
     require_model(aligned, "lexalign align --config config/align.yaml")
@@ -165,6 +192,8 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
         "beta": beta,
         **preference_metrics(policy, ref, tokenizer, eval_frame, beta, cfg.batch_size),
     }
+    if ranked_frame is not None and len(ranked_frame):
+        result.update(ranking_metrics(policy, ref, tokenizer, ranked_frame, beta, cfg.batch_size))
     eval_prompts = sorted(set(eval_frame["prompt"]))[: cfg.num_prompts]
     result["kl_estimate"] = kl_estimate(policy, ref, tokenizer, eval_prompts, cfg.max_new_tokens, seed,
                                         cfg.batch_size) if eval_prompts else None

@@ -8,6 +8,7 @@ folder that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,16 +23,42 @@ def _tmp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete `.name.tmp-PID` / `.name.old-PID` left beside `path` by killed processes."""
+    for leftover in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = leftover.name[len(path.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise LexAlignError(f'No space left on the device while writing "{path}"',
+                                "The previous output, if any, is untouched.",
+                                hint="Free some disk space (or point results/ elsewhere) and run again") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,8 +81,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.fsync(handle.fileno())
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise LexAlignError(f'Could not write "{path}": {err.strerror}', hint="Check free disk space and permissions") from None
+        raise LexAlignError(f'Could not write "{path}": {err.strerror}',
+                            "The previous version, if any, is untouched.",
+                            hint="Check free disk space and permissions") from None
     os.replace(tmp, path)
+
+
+def safe_relative_path(name: str, where: str) -> str:
+    """A file name from a repo or dataset, refused if it could land outside its folder."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if not name or posix.is_absolute() or PureWindowsPath(name).drive or ".." in posix.parts:
+        raise LexAlignError(f'Unsafe file name "{name}" in {where}',
+                            "Absolute paths and `..` could write outside the output folder",
+                            hint="Refusing to fetch it: check the repo or dataset")
+    return posix.as_posix()
 
 
 def write_json(path: str | Path, data: Any) -> None:

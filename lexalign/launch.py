@@ -130,7 +130,10 @@ def run_launcher(cmd: list[str], env: dict | None = None, stdout=None, stderr=No
 
     After `timeout` seconds the launcher and its processes are killed and TimeoutError raised.
     """
-    env = {**(env or os.environ), "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
+    # torchrun would turn SIGTERM/SIGINT into "signal the workers again, SIGKILL them 30 s later":
+    # leave those two to the workers (PET_* sets torchrun's --signals-to-handle; torch versions without it ignore it).
+    quiet = "SIGHUP,SIGQUIT"
+    env = {**(env or os.environ), "PET_SIGNALS_TO_HANDLE": quiet, "TORCHELASTIC_SIGNALS_TO_HANDLE": quiet}
     env.setdefault("PYTHONUNBUFFERED", "1")
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -197,11 +200,20 @@ def launched(step: str, smk) -> bool:
 def load_spec(path: str | Path) -> tuple[str, SimpleNamespace]:
     """A spec file back into (step, an object shaped like the rule's `snakemake`)."""
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    smk = SimpleNamespace(params=SimpleNamespace(**spec["params"]),
+    smk = SimpleNamespace(params=_Params(**spec["params"]),
                           input=_Files(spec["input"]["all"], spec["input"]["named"]),
                           output=_Files(spec["output"]["all"], spec["output"]["named"]),
                           log=[], resources=None, threads=None)
     return spec["step"], smk
+
+
+class _Params(SimpleNamespace):
+    """A rule's params; one a hand-written spec leaves out reads as None (the step's default)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
 
 
 class _Files(list):

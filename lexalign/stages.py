@@ -45,20 +45,19 @@ def prepare_sft(data: dict, raw: str | Path, output: str | Path, seed: int = 42)
 
 def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output: str | Path, seed: int = 42,
              trust_remote_code: bool = False) -> dict:
-    """Validate preference data and write train/eval parquet, rejects and report; gate on the result."""
-    from lexalign.data.common import write_split_outputs
-    from lexalign.data.preference import gate, summary, validate_preferences
+    """Validate preference data into train/eval parquet, rejects and report (streamed, memory bounded by
+    batches); then gate: too many rejects, or nothing left, stops here with the summary."""
+    from lexalign.data.preference import gate, summary, validate_to_dir
     from lexalign.lineage import stage_record
     from lexalign.train.runtime import load_tokenizer
 
     cfg = DatasetConfig.from_dict({**dataset, "path": str(raw)})
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-    result = validate_preferences(cfg, tokenizer, seed)
     lineage = stage_record("validate", cfg.to_dict(), {"data": raw, "tokenizer": tokenizer_path})
-    write_split_outputs(output, result, lineage)
-    print(summary(result["report"]), flush=True)
-    gate(result["report"], str(output))
-    return result["report"]
+    report = validate_to_dir(cfg, tokenizer, output, seed, lineage)
+    print(summary(report), flush=True)
+    gate(report, str(output))
+    return report
 
 
 def _frames(data: str | Path):
@@ -70,7 +69,7 @@ def _frames(data: str | Path):
 
 def finetune(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
              device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
-             trust_remote_code: bool = False) -> Path:
+             trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     from lexalign.train.finetune import FinetuneJob
 
     data = Path(data)
@@ -87,14 +86,41 @@ def finetune(model: str | Path, data: str | Path, params: dict, output: str | Pa
         resume=Path(resume) if resume else None,
         verbose=verbose,
         trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
         lineage_inputs={"model": Path(model), "data": data},
     )
     return job.run()
 
 
+def reference(model: str | Path, data: str | Path, output: str | Path, layout: str = "pairs",
+              max_length: int | None = 512, truncation_mode: str = "keep_start", load_in_4bit: bool = False,
+              device: str = "auto", trust_remote_code: bool = False, cache_dir: str | Path | None = None,
+              tokenizer: str | None = None) -> dict:
+    """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet)."""
+    from lexalign.data.preference import gate
+    from lexalign.io import read_json
+    from lexalign.reference import compute_reference
+    from lexalign.train.runtime import resolve_device
+
+    data = Path(data)
+    gate(read_json(data / "report.json"), str(data))
+    train, evals = _frames(data)
+    summary = compute_reference(model, train, evals, output, layout=layout, max_length=max_length,
+                                truncation_mode=truncation_mode, device=resolve_device(device),
+                                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
+                                tokenizer_path=tokenizer, cache_dir=cache_dir)
+    cached = f", tokens from the cache ({', '.join(summary['token_cache'])})" if summary["token_cache"] else ""
+    print(f"Reference log-probs ({layout}): {summary['train_groups']} train + {summary['eval_groups']} eval groups, "
+          f"{summary['sequences']} sequences in {summary['forward_seconds']:.1f} s "
+          f"(tokenized in {summary['tokenize_seconds']:.1f} s{cached}) → {output}", flush=True)
+    return summary
+
+
 def align(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
           device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
-          trust_remote_code: bool = False, tokenizer: str | None = None, resume_command: str | None = None) -> Path:
+          trust_remote_code: bool = False, tokenizer: str | None = None, resume_command: str | None = None,
+          reference: str | Path | None = None) -> Path:
+    """Align the SFT model; with `reference` (the reference step's file) no reference pass runs in training."""
     from lexalign.data.preference import gate
     from lexalign.io import read_json
     from lexalign.train.align import AlignJob
@@ -115,6 +141,7 @@ def align(model: str | Path, data: str | Path, params: dict, output: str | Path,
         verbose=verbose,
         trust_remote_code=trust_remote_code,
         tokenizer_path=Path(tokenizer) if tokenizer else None,
+        reference_path=Path(reference) if reference else None,
         lineage_inputs={"model": Path(model), "data": data},
     )
     if resume_command:
@@ -123,12 +150,15 @@ def align(model: str | Path, data: str | Path, params: dict, output: str | Path,
 
 
 def evaluate(aligned: str | Path, reference: str | Path, data: str | Path, params: dict, beta: float,
-             output: str | Path, seed: int = 42) -> dict:
+             output: str | Path, seed: int = 42, ranked: str | Path | None = None) -> dict:
+    """Score one run on the held-out pairs (and on ranked groups of K, when given) against the SFT model."""
     from lexalign.evaluate import evaluate as _evaluate
     from lexalign.evaluate import summary
 
     _, evals = _frames(data)
-    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(params), beta, seed)
+    ranked_eval = _frames(ranked)[1] if ranked else None
+    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(params), beta, seed,
+                       ranked_eval)
     write_json(output, result)
     print(summary(result), flush=True)
     return result

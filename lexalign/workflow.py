@@ -28,12 +28,16 @@ def _call(step: str, smk) -> None:
         stages.validate(p.dataset, i.raw, i.tokenizer, o[0], p.seed, p.trust_remote_code)
     elif step == "finetune":
         stages.finetune(i.model, i.data, p.finetune, o[0], p.checkpoint_dir, p.device, p.seed,
-                        trust_remote_code=p.trust_remote_code)
+                        trust_remote_code=p.trust_remote_code, allow_pickle=p.allow_pickle)
+    elif step == "reference":
+        stages.reference(i.model, i.data, o[0], **p.reference, device=p.device,
+                         trust_remote_code=p.trust_remote_code, cache_dir=p.cache_dir)
     elif step == "align":
         stages.align(i.model, i.data, p.alignment, o[0], p.checkpoint_dir, p.device, p.seed,
-                     trust_remote_code=p.trust_remote_code)
+                     trust_remote_code=p.trust_remote_code, reference=getattr(i, "reference", None))
     elif step == "evaluate":
-        stages.evaluate(i.aligned, i.reference, i.data, p.evaluate, p.beta, o[0], p.seed)
+        stages.evaluate(i.aligned, i.reference, i.data, p.evaluate, p.beta, o[0], p.seed,
+                        ranked=i.ranked[0] if i.get("ranked") else None)
     elif step == "report":
         stages.report(p.runs, i.evals, i.models, i.validated, i.tokenizer, o.page, o.plots)
     else:
@@ -53,7 +57,10 @@ def run_rule(step: str, smk) -> None:
             for r in redirect:
                 stack.enter_context(r)
             try:
-                _call(step, smk)
+                from lexalign.launch import launched
+
+                if not launched(step, smk):  # several processes (resources): `accelerate launch` ran the step
+                    _call(step, smk)
             except LexAlignError as err:
                 print(err.render(), file=sys.stderr, flush=True)
                 if handle:

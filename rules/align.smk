@@ -5,8 +5,11 @@ rule align:
     input:
         model=f"{RESULTS}/models/sft",
         data=preference_data(config["alignment"]),
+        # The reference log-probs, computed once (rules/reference.smk).
+        reference=reference_file(config["alignment"]),
         code=package_modules(
-            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo"
+            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
+            "reference",
         ),
     output:
         directory(f"{RESULTS}/aligned"),
@@ -33,8 +36,10 @@ use rule align as align_run with:
     input:
         model=f"{RESULTS}/models/sft",
         data=lambda wc: preference_data(run_alignment(wc.run)),
+        reference=lambda wc: reference_file(run_alignment(wc.run)),
         code=package_modules(
-            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo"
+            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
+            "reference",
         ),
     output:
         directory(f"{RESULTS}/runs/{{run}}/model"),

@@ -31,6 +31,11 @@ except LexAlignError as err:
     raise WorkflowError(err.render()) from None
 validate(config, "../lexalign/schemas/config.schema.yaml")
 
+# Say it on every run, the dry run included: these settings let a model run code here.
+for _key in ("trust_remote_code", "allow_pickle"):
+    if config["model"][_key]:
+        print(f"Warning: model.{_key} is on: the model can run code on this machine.", file=sys.stderr)
+
 RESULTS = "results"
 LOGS = "logs"
 
@@ -70,6 +75,37 @@ def preference_data(alignment):
     return f"{RESULTS}/data/preferences"
 
 
+def ranking_data():
+    """Ranked groups for GDPO's metrics in every run's evaluation: the largest K any GDPO run uses."""
+    sizes = [a["group_delay_size"] for a in [config["alignment"], *RUNS.values()] if a["method"] == "gdpo"]
+    return [preference_data({"method": "gdpo", "group_delay_size": max(sizes)})] if max(sizes, default=2) > 2 else []
+
+
 def run_evaluations():
     """Every evaluation: the primary run and each sweep run."""
     return [f"{RESULTS}/eval/aligned.json"] + [f"{RESULTS}/runs/{run}/eval.json" for run in RUNS]
+
+
+def reference_file(alignment):
+    """The reference log-probs an alignment reads: keyed by the data (pairs, or K for GDPO), max_length and
+    4-bit loading, never by beta or the loss, so runs that differ only in those share one file."""
+    from lexalign.reference import layout_for
+
+    data = Path(preference_data(alignment)).name
+    layout = layout_for(alignment["method"], alignment["group_delay_size"])
+    length = f"max{alignment['max_length']}" if alignment["max_length"] else "full"
+    quant = "-nf4" if alignment["load_in_4bit"] else ""
+    return f"{RESULTS}/reference/{data}/{layout}-{length}{quant}.parquet"
+
+
+def reference_params(setting):
+    """The reference step's settings from its file name (see reference_file)."""
+    import re
+
+    layout, length, quant = re.fullmatch(r"(pairs|k\d+)-(max\d+|full)(-nf4)?", setting).groups()
+    return {
+        "layout": layout,
+        "max_length": int(length[3:]) if length != "full" else None,
+        "truncation_mode": "keep_start",
+        "load_in_4bit": quant is not None,
+    }

@@ -7,6 +7,7 @@ rule evaluate:
         reference=f"{RESULTS}/models/sft",
         # Every run is scored on the same held-out pairs, so runs compare.
         data=f"{RESULTS}/data/preferences",
+        ranked=ranking_data(),
         code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
     output:
         f"{RESULTS}/eval/aligned.json",
@@ -29,6 +30,7 @@ use rule evaluate as evaluate_run with:
         aligned=f"{RESULTS}/runs/{{run}}/model",
         reference=f"{RESULTS}/models/sft",
         data=f"{RESULTS}/data/preferences",
+        ranked=ranking_data(),
         code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
     output:
         f"{RESULTS}/runs/{{run}}/eval.json",

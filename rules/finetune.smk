@@ -30,6 +30,7 @@ rule finetune:
         device=config["device"],
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
+        allow_pickle=config["model"]["allow_pickle"],
         # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir=f"{RESULTS}/checkpoints/sft",
     conda:

@@ -6,7 +6,10 @@ rule validate_preferences:
         raw=f"{RESULTS}/data/raw/preference_data",
         # The base model's tokenizer measures lengths; finetune does not change it.
         tokenizer=f"{RESULTS}/models/base",
-        code=package_modules("stages", "data/load", "data/preference", "data/common"),
+        code=package_modules(
+            "stages", "config/stages", "data/load", "data/jsonl", "data/shapes", "data/checks", "data/lengths",
+            "data/ranking", "data/outputs", "data/preference", "data/common"
+        ),
     output:
         directory(f"{RESULTS}/data/preferences"),
     params:

@@ -179,3 +179,10 @@ def test_missing_model_names_the_command_that_makes_it(tmp_path):
     with pytest.raises(LexAlignError) as err:
         job_for(tmp_path, tmp_path / "nothing").run()
     assert err.value.render().startswith(f'Error: Model not found at "{tmp_path / "nothing"}"\n→ Run: lexalign ')
+
+
+def test_tensorboard_logs_when_enabled(tmp_path, demo_model_dir):
+    job = job_for(tmp_path, demo_model_dir, max_steps=2, tensorboard=True)
+    job.run()
+    events = list((job.checkpoint_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

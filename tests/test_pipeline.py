@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "lexalign"]
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "report", "lexalign"]
 
 
 def copy_workflow(dest: Path) -> Path:

@@ -1,11 +1,15 @@
 """The demo pipeline on a real (single-node) SLURM cluster, through profiles/slurm.
 
-The test installs Debian's slurmctld, slurmd, slurm-client and munge when they
-are missing, starts them by hand (no systemd) with their state under a
-temporary folder, runs the demo's jobs with `snakemake --profile` (a copy of
-profiles/slurm fitted to this machine: no GPUs, its memory and CPUs), checks
-that they ran as SLURM jobs and that results/aligned loads, and stops the
-daemons by their pid files. It needs root and apt-get; elsewhere it is skipped.
+The test installs Debian's slurmctld, slurmd, slurm-client and munge (and
+snakemake-executor-plugin-slurm) when they are missing, starts them by hand (no
+systemd) with their state under a temporary folder, and runs the demo to
+results/aligned with `snakemake --workflow-profile` (a copy of profiles/slurm
+fitted to this machine: no GPUs, its memory and CPUs; finetune in two CPU
+processes). Halfway through training it requeues the finetune job, as SLURM
+does when it preempts one. It checks that every job but the downloads ran as a
+SLURM job, that the requeued job resumed from its checkpoint and that
+results/aligned loads, then stops the daemons by their pid files. It needs root
+and apt-get; elsewhere it is skipped.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, write_jsonl
 from test_pipeline import SNAKEMAKE, copy_workflow
+
+from lexalign.demo import task
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 DAEMONS = ["slurmctld", "slurmd", "munged"]
 PLUGIN = "snakemake-executor-plugin-slurm"
-SNAKEMAKE_TIMEOUT = 200
+SNAKEMAKE_TIMEOUT = 420
 
 
 def _skip_reason() -> str | None:
@@ -172,15 +178,24 @@ class Cluster:
                 out.append(f"--- {path}\n" + "\n".join(path.read_text().splitlines()[-30:]))
         return "\n".join(out)
 
-    def squeue(self) -> dict[str, tuple[str, str]]:
+    def squeue(self, field: str = "%j") -> dict[str, tuple[str, str]]:
         """jobid → (name, state) of every job slurmctld still knows, finished ones included."""
-        out = _run(["squeue", "--states=all", "-h", "-o", "%i|%j|%T"], env=self.env, timeout=20).stdout
+        out = _run(["squeue", "--states=all", "-h", "-o", f"%i|{field}|%T"], env=self.env, timeout=20).stdout
         return {i: (n, s) for i, n, s in (line.split("|") for line in out.splitlines() if line.count("|") == 2)}
 
+    def squeue_comments(self) -> dict[str, tuple[str, str]]:
+        """jobid → (comment, state); the SLURM executor comments each job with rule_<rule>."""
+        return self.squeue("%k")
+
     def stop(self) -> None:
+        """Cancel the jobs, stop the daemons by their pid files, then any process of this cluster's jobs left."""
         if self.conf.is_file() and self.pid_files["slurmctld"].is_file():
             try:
                 _run(["scancel", "--full", "--user", "root"], env=self.env, timeout=20)
+                deadline = time.monotonic() + 45  # training saves a checkpoint on SIGTERM, then exits
+                while time.monotonic() < deadline and any(
+                        state in ("RUNNING", "COMPLETING", "PENDING") for _, state in self.squeue().values()):
+                    time.sleep(0.5)
             except (subprocess.TimeoutExpired, OSError):
                 pass
         for name in DAEMONS:  # slurmctld and slurmd first, munged (which they use) last
@@ -189,15 +204,28 @@ class Cluster:
                 pid = int(path.read_text().strip())
             except (OSError, ValueError):
                 continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            _terminate(pid)
+        # slurmstepd and job processes that outlived slurmd: they carry this cluster's SLURM_CONF.
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if marker in (proc / "environ").read_bytes().split(b"\0"):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                except (OSError, ProcessLookupError):
+                    pass
+
+
+def _terminate(pid: int, grace: float = 15) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
@@ -216,15 +244,18 @@ def _partitions(profile: dict) -> list[str]:
 
 
 def fit_profile(profile: dict, cpus: int, memory_mb: int) -> dict:
-    """profiles/slurm fitted to this node: no GPUs (2 CPU processes for finetune instead), its memory and CPUs."""
+    """profiles/slurm fitted to this node: no GPUs (2 CPU processes for finetune instead), its memory and CPUs.
+
+    Every job asks for one CPU and a quarter of the memory, so jobs that may run side by side do.
+    """
     profile = dict(profile)
 
     def fit(resources: dict) -> dict:
         resources = {k: v for k, v in resources.items() if k not in ("gpu", "gpus", "gres")}
         if "mem_mb" in resources:
-            resources["mem_mb"] = min(int(resources["mem_mb"]), memory_mb // 2)
+            resources["mem_mb"] = min(int(resources["mem_mb"]), memory_mb // 4)
         if "cpus_per_task" in resources:
-            resources["cpus_per_task"] = min(int(resources["cpus_per_task"]), cpus)
+            resources["cpus_per_task"] = 1
         return resources
 
     profile["default-resources"] = fit(profile.get("default-resources") or {})
@@ -232,7 +263,7 @@ def fit_profile(profile: dict, cpus: int, memory_mb: int) -> dict:
     profile["set-threads"] = {rule: min(int(t), cpus) for rule, t in (profile.get("set-threads") or {}).items()}
     # Two training processes on the CPU, as `gpu: 2` would start on a GPU node.
     profile["set-resources"].setdefault("finetune", {}).update(
-        processes=2, cpus_per_task=min(2, cpus), accelerate_config="config/accelerate/cpu_2proc.yaml")
+        processes=2, accelerate_config="config/accelerate/cpu_2proc.yaml")
     profile.update({
         # Without an accounting database `sacct` cannot answer: query squeue (MinJobAge keeps finished jobs).
         "slurm-status-command": "squeue",
@@ -245,12 +276,23 @@ def fit_profile(profile: dict, cpus: int, memory_mb: int) -> dict:
     return profile
 
 
+FINETUNE_STEPS = 20
+
+
 def shrink_demo(workdir: Path) -> None:
-    """Fewer training steps: this test is about SLURM, test_pipeline about what training achieves."""
+    """Less data and fewer steps: this test is about SLURM, test_pipeline about what training achieves.
+
+    The demo's rows, fewer of them, as local files; finetune logs every step and
+    runs long enough to be requeued halfway through.
+    """
+    write_jsonl(workdir / "data/sft/train.jsonl", task.sft_rows(0, 96))
+    write_jsonl(workdir / "data/preferences/train.jsonl", task.preference_rows(0, 64))
     path = workdir / "config/config.yaml"
     config = yaml.safe_load(path.read_text())
-    config["finetune"].update(max_steps=6, logging_steps=2, save_steps=1000)
-    config["alignment"].update(max_steps=4, logging_steps=2, save_steps=1000)
+    config["sft_data"].update(source="local", path="data/sft")
+    config["preference_data"].update(source="local", path="data/preferences", eval_fraction=0.1)
+    config["finetune"].update(max_steps=FINETUNE_STEPS, batch_size=4, logging_steps=1, save_steps=1000)
+    config["alignment"].update(max_steps=2, batch_size=4, logging_steps=1, save_steps=1000)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -283,9 +325,47 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_demo_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
-    (tmp_path / "workflow").mkdir()
-    workdir = copy_workflow(tmp_path / "workflow")
+def _wait(condition, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _logged_steps(metrics: Path) -> int:
+    try:
+        return sum('"loss"' in line for line in metrics.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _preempt(cluster: Cluster, workdir: Path, snakemake: subprocess.Popen) -> str:
+    """Requeue the finetune job once it is training, as SLURM does when it preempts a job.
+
+    SLURM sends SIGTERM to every process of the job (SIGKILL KillWait later) and queues
+    it again; training saves a checkpoint first. A requeued job waits ~2 minutes
+    before it may start again: the test lets it start at once.
+    """
+    metrics = workdir / "results/checkpoints/sft/metrics.jsonl"
+    _wait(lambda: _logged_steps(metrics) >= 1 or snakemake.poll() is not None, SNAKEMAKE_TIMEOUT,
+          "finetune to start training", poll=0.05)
+    assert snakemake.poll() is None, "snakemake ended before finetune trained"
+    jobs = cluster.squeue_comments()
+    slurm_id = next(i for i, (comment, state) in jobs.items() if comment == "rule_finetune" and state == "RUNNING")
+    requeue = _run(["scontrol", "requeue", slurm_id], env=cluster.env, timeout=20)
+    assert requeue.returncode == 0, requeue.stderr
+    _wait(lambda: cluster.squeue().get(slurm_id, ("", ""))[1] == "PENDING", 60, "the requeued job to be pending")
+    _run(["scontrol", "update", f"jobid={slurm_id}", "StartTime=now"], env=cluster.env, timeout=20)
+    return slurm_id
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster, tmp_path_factory):
+    """The demo, to results/aligned, through the SLURM profile; finetune preempted halfway."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     shrink_demo(workdir)
     profile = yaml.safe_load((workdir / "profiles/slurm/config.yaml").read_text())
     assert profile["executor"] == "slurm"
@@ -294,19 +374,27 @@ def test_demo_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
     (workdir / "profiles/slurm-test/config.yaml").write_text(yaml.safe_dump(fitted, sort_keys=False))
 
     started = time.monotonic()
-    try:
-        # --workflow-profile: as `--profile`, profiles/default (the local settings) would override its resources.
-        result = subprocess.run([SNAKEMAKE, "--workflow-profile", "profiles/slurm-test", "results/aligned"],
-                                cwd=workdir, env=cluster.env, capture_output=True, text=True,
-                                timeout=SNAKEMAKE_TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        pytest.fail(f"snakemake ran past {SNAKEMAKE_TIMEOUT} s\n{out[-4000:]}\n{cluster.squeue()}\n{cluster.logs()}")
-    output = result.stdout + result.stderr
+    out_file = workdir / "snakemake.out"
+    # --workflow-profile: as `--profile`, profiles/default (the local settings) would override its resources.
+    with out_file.open("w") as out:
+        snakemake = subprocess.Popen([SNAKEMAKE, "--workflow-profile", "profiles/slurm-test", "results/aligned"],
+                                     cwd=workdir, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            preempted = _preempt(cluster, workdir, snakemake)
+            snakemake.wait(timeout=SNAKEMAKE_TIMEOUT - (time.monotonic() - started))
+        except (subprocess.TimeoutExpired, AssertionError, StopIteration) as err:
+            snakemake.kill()
+            snakemake.wait()
+            pytest.fail(f"{type(err).__name__}: {err}\n{out_file.read_text()[-5000:]}\n{cluster.squeue()}\n"
+                        f"{cluster.logs()}")
+    output = out_file.read_text()
     print(f"snakemake through SLURM: {time.monotonic() - started:.0f} s")
-    assert result.returncode == 0, output[-6000:] + "\n" + cluster.logs()
+    assert snakemake.returncode == 0, output[-6000:] + "\n" + cluster.logs()
+    return {"workdir": workdir, "output": output, "preempted": preempted}
 
-    # Every job but the downloads (localrules) was an sbatch job, and SLURM ran it to completion.
+
+def test_jobs_ran_as_slurm_jobs_but_the_downloads(cluster, pipeline):
+    output, workdir = pipeline["output"], pipeline["workdir"]
     jobs = jobs_of(output)
     submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output))
     local = {j["rule"] for j in jobs.values() if j["local"]}
@@ -318,15 +406,30 @@ def test_demo_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
     for slurm_id in submitted.values():
         assert slurm_id in known, f"SLURM job {slurm_id} unknown to slurmctld: {known}"
         assert known[slurm_id][1] == "COMPLETED", known
-    finetune_id = next(s for j, s in submitted.items() if jobs[j]["rule"] == "finetune")
-    slurm_log = workdir / ".snakemake/slurm_logs/rule_finetune" / f"{finetune_id}.log"
-    assert slurm_log.is_file(), sorted(p.name for p in (workdir / ".snakemake/slurm_logs").rglob("*"))
+    for rule in remote:
+        assert list((workdir / ".snakemake/slurm_logs" / f"rule_{rule}").rglob("*.log")), f"no SLURM log for {rule}"
 
-    # finetune asked for 2 processes: accelerate launch started them inside the SLURM job.
-    finetune_log = (workdir / "logs/finetune.log").read_text()
-    assert "Training in 2 processes" in finetune_log, finetune_log[-3000:]
 
+def test_training_ran_in_two_processes_inside_the_job(pipeline):
+    log = (pipeline["workdir"] / "logs/finetune.log").read_text()
+    assert "Training in 2 processes" in log and "accelerate.commands.launch --num_processes 2" in log, log[-3000:]
+
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, pipeline):
+    workdir, slurm_id = pipeline["workdir"], pipeline["preempted"]
+    job = _run(["scontrol", "show", "job", slurm_id], env=cluster.env).stdout
+    assert "Restarts=1" in job and "JobState=COMPLETED" in job, job
+    log = (workdir / "logs/finetune.log").read_text()  # the second run's: the job ran the rule again
+    assert re.search(r"Resuming from results/checkpoints/sft/checkpoint-\d+", log), log[-3000:]
+    lineage = (workdir / "results/models/sft/lineage.json").read_text()
+    assert f'"global_step": {FINETUNE_STEPS}' in lineage
+    metrics = workdir / "results/models/sft/metrics.jsonl"
+    steps = [int(s) for s in re.findall(r'"step": (\d+)[^\n]*"loss"', metrics.read_text())]
+    assert sorted(set(steps)) == list(range(1, FINETUNE_STEPS + 1)), steps
+
+
+def test_the_aligned_model_loads(pipeline):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(workdir / "results/aligned")
+    model = AutoModelForCausalLM.from_pretrained(pipeline["workdir"] / "results/aligned")
     assert model.num_parameters() > 0

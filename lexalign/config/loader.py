@@ -71,6 +71,7 @@ def schema_for(kind: str) -> dict:
             "path": {"type": "string", "description": "The model to start from (a folder)."},
             "base_model": {"type": ["string", "null"], "default": None, "description": "Tokenizer source, if not in path."},
             "trust_remote_code": {"type": "boolean", "default": False},
+            "allow_pickle": {"type": "boolean", "default": False},
         },
         "required": ["path"],
     }
@@ -132,6 +133,8 @@ def _normalise(data: Any, schema: dict, root: dict) -> Any:
     """Fill defaults and turn numeric strings (`1e-5`) into numbers where the schema wants one."""
     schema = _resolve(schema, root)
     types = _types(schema, root)
+    if isinstance(data, str) and "boolean" in types and data.strip().lower() in ("true", "false"):
+        return data.strip().lower() == "true"  # `snakemake --config key=true` passes a string
     if isinstance(data, str) and types & {"number", "integer"} and _NUMBER.match(data.strip()):
         value = float(data)
         return int(value) if "integer" in types and value.is_integer() and "number" not in types else value

@@ -64,6 +64,8 @@ class SourceConfig(_FromDict):
     """Short name: the default output folder, and what `lexalign download --only` selects."""
     trust_remote_code: bool = False
     """Run Python code shipped with a model. Off unless you trust the repo."""
+    allow_pickle: bool = False
+    """Load pickle-based weights (.bin, .pt) when a model has no safetensors. Pickles can run code."""
 
     def __post_init__(self):
         if self.source == "hub" and not self.repo_id:
@@ -204,6 +206,8 @@ class TrainingConfig(_FromDict):
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "auto"
     """Modules that get LoRA adapters: `auto` (per architecture), `all-linear`, or a list of names."""
+    tensorboard: bool = False
+    """Also log every metric to TensorBoard, under the run's checkpoint folder."""
 
 
 @dataclass

@@ -207,11 +207,17 @@ def _shift(pieces: list[Piece], offset: int) -> list[Piece]:
     return pieces
 
 
-def read_jsonl(path: str | Path, fields: list[str] | None = None, chunk_bytes: int = CHUNK_BYTES,
+def read_jsonl(path: str | Path, fields: list[str] | None = None, chunk_bytes: int | None = None,
                workers: int | None = None) -> Iterator[Piece]:
-    """Pieces of a JSON Lines file in order; see the module docstring."""
+    """Pieces of a JSON Lines file in order; see the module docstring.
+
+    Chunks are CHUNK_BYTES, or smaller for a small file, so that every worker has several.
+    """
     path = Path(path)
     file = path.name
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    if chunk_bytes is None:
+        chunk_bytes = int(min(CHUNK_BYTES, max(1 << 20, path.stat().st_size // (4 * workers))))
     if not fields:
         line = 1
         for chunk in _chunks(path, chunk_bytes):
@@ -219,7 +225,6 @@ def read_jsonl(path: str | Path, fields: list[str] | None = None, chunk_bytes: i
             line += _count_lines(chunk)
         return
     parser = _Parser(list(fields), file)
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
     offset = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="lexalign-jsonl") as pool:
         pending: deque = deque()

@@ -20,6 +20,9 @@ import numpy as np
 from lexalign.data.common import reject
 from lexalign.errors import LexAlignError
 
+# Texts per tokenizer call: enough for every core, few enough that the encodings stay small.
+ENCODE_BATCH = 4096
+
 
 class LengthCheck:
     def __init__(self, tokenizer, max_length: int, policy: str):
@@ -37,15 +40,18 @@ class LengthCheck:
         self.first_over: tuple | None = None
 
     def count(self, texts: list[str], special: bool = True) -> np.ndarray:
-        """Tokens in each text."""
-        if not texts:
-            return np.zeros(0, dtype=np.int64)
-        if self.backend is not None:
-            encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
-            encodings = encode(texts, add_special_tokens=special)
-            return np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
-        ids = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
-        return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        """Tokens in each text, a few thousand texts per call: encodings are large, only their lengths are kept."""
+        out = np.zeros(len(texts), dtype=np.int64)
+        for start in range(0, len(texts), ENCODE_BATCH):
+            part = texts[start:start + ENCODE_BATCH]
+            if self.backend is not None:
+                encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
+                encoded = encode(part, add_special_tokens=special)
+            else:
+                encoded = self.tokenizer(part, add_special_tokens=special)["input_ids"]
+            out[start:start + len(part)] = np.fromiter(map(len, encoded), dtype=np.int64, count=len(part))
+            del encoded  # free this batch's encodings before the next is made
+        return out
 
     def _ids(self, text: str) -> list[int]:
         if self.backend is not None:

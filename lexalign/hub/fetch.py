@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from lexalign.errors import LexAlignError, warn
+from lexalign.io import safe_relative_path
 from lexalign.hub import manifest
 from lexalign.hub.errors import endpoint, hub_error, is_network_error, is_offline, offline_error
 
@@ -100,6 +101,8 @@ def make_plan(source, repo_type: str) -> Plan:
         for e in api.list_repo_tree(source.repo_id, repo_type=repo_type, revision=commit, recursive=True)
         if isinstance(e, RepoFile)
     }
+    for name in entries:  # a hostile repo must not write outside its folder
+        safe_relative_path(name, f"{source.repo_id} (revision {source.revision})")
     allow = _pattern_list(source.allow_patterns)
     ignore = (_pattern_list(source.ignore_patterns) or []) + list(manifest.RESERVED)
 

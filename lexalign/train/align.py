@@ -6,6 +6,13 @@ the adapter disabled, which is exactly the SFT policy; with full fine-tuning
 TRL loads a frozen copy of the same SFT weights. An SFT output that is an
 adapter alone is merged into its base first, so the reference never falls back
 to the original base model.
+
+With a reference file (`reference_path`, from `lexalign.reference`: the
+pipeline's reference step) the data arrive tokenized and with the reference
+log-probabilities of every response, computed once: no reference pass runs in
+any epoch, and with full fine-tuning no second model is loaded at all (TRL's
+`precompute_ref_log_probs`, reading the precomputed columns). Without one, the
+reference is computed online, as above.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 from lexalign.config.stages import AlignConfig
 from lexalign.errors import LexAlignError
 from lexalign.io import atomic_dir
+from lexalign.reference import TRUNCATION_MODE
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
 from lexalign.train.job import TrainingJob
@@ -27,6 +35,8 @@ class AlignJob(TrainingJob):
 
     tokenizer_path: Path | None = None
     """Where the tokenizer is, when not beside the model (model.base_model)."""
+    reference_path: Path | None = None
+    """Precomputed reference log-probs (`lexalign.reference`); None computes them online."""
     sft_path: Path | None = None
     """The SFT model's full weights (set by setup; differs from model_path when that is an adapter alone)."""
     resume_command: str = "lexalign align --config <config>"
@@ -55,6 +65,7 @@ def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
         "loss_weights": cfg.loss_weights,
         "label_smoothing": cfg.label_smoothing,
         "max_length": cfg.max_length,
+        "truncation_mode": TRUNCATION_MODE,
         "trust_remote_code": job.trust_remote_code,
     }
 
@@ -89,45 +100,124 @@ def load_policy(job: AlignJob, device: str):
     return model, tokenizer
 
 
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PrecomputedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer on data the reference step tokenized and scored.
+
+        Rows arrive with prompt_ids/chosen_ids/rejected_ids (tokenized exactly as
+        DPOTrainer tokenizes) and ref_chosen_logps/ref_rejected_logps; with
+        `precompute_ref_log_probs` the trainer reads those columns, so it neither
+        runs the reference nor, for full fine-tuning, loads a reference model.
+        """
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            # Already tokenized: only drop what DPOTrainer drops, pairs whose prompt fills max_length.
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    return PrecomputedDPOTrainer
+
+
+def reference_datasets(job: AlignJob, device: str):
+    """Train and eval datasets from the job's reference file, checked against the job's inputs."""
+    from lexalign import reference
+
+    cfg = job.cfg
+    layout = reference.layout_for(cfg.method, cfg.group_delay_size)
+    splits = {"train": reference.split_groups(job.train, layout), "eval": reference.split_groups(job.eval, layout)}
+    if layout != "pairs":
+        from lexalign.train.gdpo import check_groups
+
+        for name, frame in (("train", job.train), ("eval", job.eval)):
+            check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)
+    path = _reference_file(job.reference_path)
+    expected = reference.reference_key(job.model_path, job.tokenizer_path or job.model_path, splits, layout,
+                                       cfg.max_length, TRUNCATION_MODE, cfg.load_in_4bit,
+                                       reference.compute_dtype(device, cfg.load_in_4bit))
+    reference.check_key(path, reference.read_key(path), expected)
+    tables = reference.load_reference(path)
+    print(f"Reference log-probs: {path} ({tables['train'].num_rows} train, {tables['eval'].num_rows} eval groups)",
+          flush=True)
+    return reference.trainer_dataset(tables["train"], layout), reference.trainer_dataset(tables["eval"], layout)
+
+
+def _reference_file(path: Path) -> Path:
+    if not Path(path).is_file():
+        raise LexAlignError(f'Reference log-probs not found at "{path}"',
+                            hint="Compute them with the pipeline's reference step, or align without them")
+    return Path(path)
+
+
 def setup(job: AlignJob):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from lexalign.train.gdpo import skip_reference_hash
+
     if job.cfg.method not in ("dpo", "gdpo"):
         raise LexAlignError(f'alignment.method "{job.cfg.method}" is not available in this version',
                             hint="Use method: dpo or gdpo")
+    if job.cfg.method == "gdpo":
+        check_gdpo_options(job.cfg)
     device = runtime.resolve_device(job.device)
+    # The reference file is checked before any model is loaded.
+    precomputed = reference_datasets(job, device) if job.reference_path else None
     model, tokenizer = load_policy(job, device)
-    has_eval = len(job.eval) > 0
-    columns = ["prompt", "chosen", "rejected"]
     interrupt = InterruptCallback()
     if job.cfg.method == "gdpo":
-        return setup_gdpo(job, device, model, tokenizer, interrupt), tokenizer, interrupt
-    trainer = DPOTrainer(
-        model=model,
-        args=DPOConfig(**dpo_arguments(job, device, has_eval)),
-        train_dataset=Dataset.from_pandas(job.train[columns], preserve_index=False),
-        eval_dataset=Dataset.from_pandas(job.eval[columns], preserve_index=False) if has_eval else None,
-        processing_class=tokenizer,
-        peft_config=runtime.lora_config(job.cfg, model.config.model_type) if job.cfg.use_lora else None,
-        callbacks=job.callbacks(interrupt),
-    )
+        return setup_gdpo(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
+    if precomputed:
+        train, evaluation = precomputed
+    else:
+        columns = ["prompt", "chosen", "rejected"]
+        train = Dataset.from_pandas(job.train[columns], preserve_index=False)
+        evaluation = Dataset.from_pandas(job.eval[columns], preserve_index=False) if len(job.eval) else None
+    args = dpo_arguments(job, device, evaluation is not None)
+    if precomputed:
+        args["precompute_ref_log_probs"] = True
+    with skip_reference_hash(precomputed is not None):
+        trainer = (_dpo_trainer_class() if precomputed else DPOTrainer)(
+            model=model,
+            args=DPOConfig(**args),
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=runtime.lora_config(job.cfg, model.config.model_type) if job.cfg.use_lora else None,
+            callbacks=job.callbacks(interrupt),
+        )
     return trainer, tokenizer, interrupt
 
 
-def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt):
+def check_gdpo_options(cfg: AlignConfig) -> None:
+    if list(cfg.loss_type) != ["sigmoid"] or cfg.label_smoothing:
+        raise LexAlignError("method: gdpo has its own loss; loss_type and label_smoothing are DPO options",
+                            hint="Remove loss_type/label_smoothing, or use method: dpo")
+
+
+def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
     """GDPO's trainer: DPO's arguments and machinery, K ranked responses per prompt."""
     from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
 
     cfg = job.cfg
-    if list(cfg.loss_type) != ["sigmoid"] or cfg.label_smoothing:
-        raise LexAlignError("method: gdpo has its own loss; loss_type and label_smoothing are DPO options",
-                            hint="Remove loss_type/label_smoothing, or use method: dpo")
+    check_gdpo_options(cfg)
     k = cfg.group_delay_size
-    train = ranked_dataset(job.train, k, "train")
-    evaluation = ranked_dataset(job.eval, k, "eval") if len(job.eval) else None
+    if precomputed:
+        train, evaluation = precomputed
+    else:
+        train = ranked_dataset(job.train, k, "train")
+        evaluation = ranked_dataset(job.eval, k, "eval") if len(job.eval) else None
     args = {**dpo_arguments(job, device, evaluation is not None), "group_delay_size": k,
-            "group_delay_weight": cfg.group_delay_weight}
+            "group_delay_weight": cfg.group_delay_weight, "precompute_ref_log_probs": precomputed is not None}
     return GDPOTrainer(
         model=model,
         args=GDPOConfig(**args),

@@ -59,14 +59,12 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # with several processes, the main one reports
             return
         self.last.update(logs)
         record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time() - self.start, 3), **logs}
         with self.metrics_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        if not state.is_world_process_zero:
-            return
         if self.tty:
             self.stream.write("\r\033[K" + self._line(state))
         else:
@@ -92,8 +90,20 @@ class ConfigHashCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             (folder / CONFIG_HASH_FILE).write_text(self.config_hash + "\n")
+
+
+def any_process(flag: bool, device) -> bool:
+    """True if `flag` is true in any training process (the flag itself with a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 class InterruptCallback(TrainerCallback):
@@ -116,6 +126,8 @@ class InterruptCallback(TrainerCallback):
                 pass
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Every process stops after the same step, even if the signal reached them on either side of it.
+        self.interrupted = any_process(self.interrupted, args.device)
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True

@@ -36,7 +36,7 @@ class FinetuneJob(TrainingJob):
         device = runtime.resolve_device(self.device)
         tokenizer = runtime.load_tokenizer(self.model_path, self.trust_remote_code)
         model = runtime.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
-                                       trust_remote_code=self.trust_remote_code)
+                                       trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
         has_eval = len(self.eval) > 0
         args = SFTConfig(
             **runtime.trainer_arguments(self.cfg, device, self.checkpoint_dir, has_eval, self.seed),

@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
@@ -53,18 +54,17 @@ def _as_list(value) -> list:
     return list(value) if value is not None and not isinstance(value, str) else []
 
 
-def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
-    """Rows of `frame` as groups of exactly K responses best first, and how many groups were dropped.
+def iter_ranked_groups(frame: pd.DataFrame, k: int):
+    """(position in `frame`, group) for each row: the group of exactly K responses best first, or None.
 
     Reads `responses`/`scores` when present (scores default to the given order,
     strictly), else `chosen`/`rejected` as a group of two. Responses are sorted
     by score, best first, stably: tied responses keep their given order. A
     group with more than K responses keeps the best, the worst and evenly
-    spaced ones between; one with fewer is dropped.
+    spaced ones between; one with fewer is None (dropped).
     """
     ranked = "responses" in frame.columns
-    rows, dropped = [], 0
-    for record in frame.to_dict("records"):
+    for position, record in enumerate(frame.to_dict("records")):
         if ranked:
             responses = [str(r) for r in _as_list(record["responses"])]
             scores = _as_list(record.get("scores"))
@@ -73,27 +73,39 @@ def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
         else:
             responses, scores = [record["chosen"], record["rejected"]], [1.0, 0.0]
         if len(responses) < k:
-            dropped += 1
+            yield position, None
             continue
         order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))  # stable
         order = [order[i] for i in select_indices(len(order), k)]
-        rows.append({"prompt": record["prompt"], "responses": [responses[i] for i in order],
-                     "scores": [float(scores[i]) for i in order]})
-    return rows, dropped
+        yield position, {"prompt": record["prompt"], "responses": [responses[i] for i in order],
+                         "scores": [float(scores[i]) for i in order]}
 
 
-def ranked_dataset(frame: pd.DataFrame, k: int, split: str = "train"):
-    """A `datasets.Dataset` of prompt/responses/scores with exactly K responses per row."""
-    rows, dropped = ranked_groups(frame, k)
+def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
+    """Rows of `frame` as groups of exactly K responses best first (see `iter_ranked_groups`),
+    and how many groups were dropped for having fewer than K responses."""
+    groups = [group for _, group in iter_ranked_groups(frame, k)]
+    rows = [group for group in groups if group is not None]
+    return rows, len(groups) - len(rows)
+
+
+def check_groups(kept: int, dropped: int, total: int, k: int, split: str) -> None:
+    """Warn about dropped groups; fail when a non-empty split has none left."""
     if dropped:
-        warn(f"GDPO: dropped {dropped} of {len(frame)} {split} groups with fewer than {k} responses "
+        warn(f"GDPO: dropped {dropped} of {total} {split} groups with fewer than {k} responses "
              f"(group_delay_size: {k})")
-    if not rows and len(frame):
+    if not kept and total:
         raise LexAlignError(
             f"No {split} group has {k} ranked responses (group_delay_size: {k})",
             hint="Use ranked data with at least that many responses per prompt, or lower group_delay_size "
                  "(2 uses plain chosen/rejected pairs)",
         )
+
+
+def ranked_dataset(frame: pd.DataFrame, k: int, split: str = "train"):
+    """A `datasets.Dataset` of prompt/responses/scores with exactly K responses per row."""
+    rows, dropped = ranked_groups(frame, k)
+    check_groups(len(rows), dropped, len(frame), k, split)
     return Dataset.from_list(rows) if rows else None
 
 
@@ -106,7 +118,8 @@ class DataCollatorForRankedPreference(DataCollatorMixin):
     `attention_mask` and `completion_mask` of shape [K·B, L], where row k·B + b
     is prompt b followed by its response k, and `scores` of shape [B, K]. At
     K = 2 this is TRL's DataCollatorForPreference output (chosen rows, then
-    rejected rows), plus `scores`.
+    rejected rows), plus `scores`. Examples with `ref_logps` (K precomputed
+    reference log-probs, see `lexalign.reference`) add `ref_logps` of shape [B, K].
     """
 
     pad_token_id: int
@@ -135,12 +148,16 @@ class DataCollatorForRankedPreference(DataCollatorMixin):
             sequences = [s[sl] for s in sequences]
             masks = [m[sl] for m in masks]
         kw = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        return {
+        batch = {
             "input_ids": pad([torch.tensor(s) for s in sequences], padding_value=self.pad_token_id, **kw),
             "attention_mask": pad([torch.ones(len(s), dtype=torch.long) for s in sequences], padding_value=0, **kw),
             "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0, **kw),
             "scores": torch.tensor([[float(s) for s in e["scores"]] for e in examples], dtype=torch.float32),
         }
+        if "ref_logps" in examples[0]:
+            batch["ref_logps"] = torch.tensor([[float(v) for v in e["ref_logps"]] for e in examples],
+                                              dtype=torch.float32)
+        return batch
 
 
 # --- trainer -----------------------------------------------------------------------------------
@@ -156,7 +173,33 @@ class GDPOConfig(DPOConfig):
     )
 
 
-_NON_MODEL_KEYS = {"completion_mask", "scores"}
+_NON_MODEL_KEYS = {"completion_mask", "scores", "ref_logps"}
+
+
+@contextlib.contextmanager
+def skip_reference_hash(precomputed: bool):
+    """While a trainer is built on precomputed reference log-probs, skip TRL's hash of every weight.
+
+    With `precompute_ref_log_probs`, DPOTrainer hashes the whole reference state dict
+    (seconds to minutes for a large model) to key its own cache of log-probs; that
+    cache is never read when the datasets already carry them.
+    """
+    if not precomputed:
+        yield
+        return
+    from trl.trainer import dpo_trainer
+
+    original = dpo_trainer.hash_module
+    dpo_trainer.hash_module = lambda module: "precomputed"
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = original
+
+
+def _has_columns(dataset, columns) -> bool:
+    names = getattr(dataset, "column_names", None) or []
+    return all(c in names for c in columns)
 
 
 class GDPOTrainer(DPOTrainer):
@@ -178,7 +221,6 @@ class GDPOTrainer(DPOTrainer):
         unsupported = {
             "loss_type": list(args.loss_type) != ["sigmoid"],
             "label_smoothing": args.label_smoothing != 0.0,
-            "precompute_ref_log_probs": args.precompute_ref_log_probs,
             "ld_alpha": args.ld_alpha is not None,
             "use_weighting": args.use_weighting,
             "f_divergence_type": args.f_divergence_type != "reverse_kl",
@@ -200,19 +242,25 @@ class GDPOTrainer(DPOTrainer):
             )
         self.group_size = args.group_delay_size
         self.group_weight = args.group_delay_weight
-        super().__init__(
-            model=model, ref_model=ref_model, args=args, data_collator=data_collator,
-            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
-        )
+        precomputed = args.precompute_ref_log_probs and all(
+            d is None or _has_columns(d, ["ref_logps"]) for d in (train_dataset, eval_dataset))
+        with skip_reference_hash(precomputed):
+            super().__init__(
+                model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+            )
 
     # Data ----------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Tokenize prompt/responses/scores into prompt_ids, completion_ids (K lists) and scores."""
+        """Tokenize prompt/responses/scores into prompt_ids, completion_ids (K lists) and scores.
+
+        Datasets already tokenized (`lexalign.reference` output) are only filtered, as TRL filters.
+        """
         first = next(iter(dataset))
         if "completion_ids" in first:
-            return dataset  # already prepared
+            return self._drop_fully_truncated(dataset, args)
         k = args.group_delay_size
         eos = self._tokenizer.eos_token
 
@@ -242,13 +290,42 @@ class GDPOTrainer(DPOTrainer):
         if isinstance(dataset, Dataset):
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} groups"}
         dataset = dataset.map(tokenize, **map_kwargs)
+        return self._drop_fully_truncated(dataset, args)
+
+    @staticmethod
+    def _drop_fully_truncated(dataset, args):
+        """Drop groups whose prompt alone fills max_length (keep_start), as DPOTrainer drops pairs."""
         if args.max_length is not None and args.truncation_mode == "keep_start":
             dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
         return dataset
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "scores"]
+            self._signature_columns = ["prompt_ids", "completion_ids", "scores", "ref_logps"]
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """`precompute_ref_log_probs`: a `ref_logps` column (K values per group, best first).
+
+        A dataset that already has one (from the reference step) is used as it is;
+        otherwise the reference pass runs here once over the dataset, before training.
+        """
+        if _has_columns(dataset, ["ref_logps"]):
+            return dataset
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                            num_workers=self.args.dataloader_num_workers)
+        values = []
+        for batch in loader:
+            batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
+            scores = batch["scores"]
+            model_kwargs = {key: v for key, v in batch.items() if key not in _NON_MODEL_KEYS}
+            model_kwargs["use_cache"] = False
+            completion_mask = batch["completion_mask"]
+            labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+            logps = self._reference_logps(model_kwargs, labels, completion_mask.size(1) - 1)
+            values += logps.view(scores.size(1), scores.size(0)).T.float().cpu().tolist()
+        return dataset.add_column("ref_logps", values)
 
     # Loss ----------------------------------------------------------------------------------------
 
@@ -256,12 +333,14 @@ class GDPOTrainer(DPOTrainer):
         """Summed response log-probs of all K·B rows under the reference, in one no-grad pass."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if self.ref_model is None and is_peft_model(unwrapped):
                 # PEFT: the reference is the model with the adapter disabled (or a frozen "ref" copy of a
                 # pre-existing adapter), exactly as in DPOTrainer.
-                unwrapped = self.accelerator.unwrap_model(self.model)
                 context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             else:
+                # A frozen reference model; or, with precompute_ref_log_probs and full fine-tuning, the
+                # policy itself before its first step (as in DPOTrainer).
                 context = contextlib.nullcontext()
             with context:
                 ref_model = self.model if self.ref_model is None else self.ref_model
@@ -285,7 +364,10 @@ class GDPOTrainer(DPOTrainer):
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = per_token_logps.sum(dim=1)
-        ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
+        if "ref_logps" in inputs:  # precomputed, [B, K] → response-major like `logps`
+            ref_logps = inputs["ref_logps"].to(logps.dtype).T.reshape(-1)
+        else:
+            ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
 
         # Row r·B + b is response r of prompt b: view as [K, B], transpose to [B, K].
         logps_bk = logps.view(k, batch).T

@@ -42,6 +42,8 @@ class TrainingJob:
     """A checkpoint to resume from; by default the newest one made with the same config."""
     verbose: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load pickle-based weights of the input model (refused by default: pickles can run code)."""
     lineage_inputs: dict[str, Any] | None = None
     """Named input paths whose hashes and lineage are recorded."""
     resume_command: str = "lexalign <stage> --config <config>"
@@ -87,22 +89,34 @@ class TrainingJob:
         runtime.run_trainer(trainer, resume, self.cfg, interrupt, self.resume_command)
 
     def save(self, trainer, tokenizer) -> Path:
+        """Write the model; with several processes every one gathers the weights and the main one writes."""
+        accelerator = trainer.accelerator
+        # Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered by all processes together.
+        sharded = accelerator.num_processes > 1 and accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+        state_dict = accelerator.get_state_dict(trainer.model) if sharded else None
+        if accelerator.is_main_process:
+            self._write(trainer, tokenizer, state_dict)
+        accelerator.wait_for_everyone()
+        return self.output_dir
+
+    def _write(self, trainer, tokenizer, state_dict) -> None:
         metrics = runtime.final_metrics(trainer)
         adapter, merge = self.adapter()
         with atomic_dir(self.output_dir) as tmp:
             runtime.save_trained_model(trainer, tokenizer, tmp, adapter=adapter, merge=merge,
-                                       base_path=self.merge_base(), trust_remote_code=self.trust_remote_code)
+                                       base_path=self.merge_base(), trust_remote_code=self.trust_remote_code,
+                                       state_dict=state_dict)
             record = stage_record(self.stage, self.cfg.to_dict(), self.lineage_inputs or {"model": self.model_path},
                                   {"metrics": metrics, "config_hash": self.config_hash()})
             write_lineage(tmp, record)
             write_model_card(tmp, record, self.title(), metrics)
             runtime.keep_metrics(self.checkpoint_dir, tmp)
-        return self.output_dir
 
     def run(self) -> Path:
         trainer, tokenizer, interrupt = self.setup()
         self.train_model(trainer, interrupt)
         out = self.save(trainer, tokenizer)
-        runtime.clear_checkpoints(self.checkpoint_dir)
-        print(f"{self.title()} written to {out}", flush=True)
+        if trainer.accelerator.is_main_process:
+            runtime.clear_checkpoints(self.checkpoint_dir)
+            print(f"{self.title()} written to {out}", flush=True)
         return out

@@ -48,12 +48,34 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, trust_remote_code: bool = False):
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(path: Path, allow_pickle: bool) -> bool:
+    """True to load safetensors. Pickle-based weights can run code when loaded: refused unless allowed."""
+    files = [p.name for p in Path(path).glob("*") if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return True
+    pickled = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickled and not allow_pickle:
+        raise LexAlignError(
+            f'Model at "{path}" has only pickle-based weights ({", ".join(pickled[:3])})',
+            "Loading a pickle can run arbitrary code on this machine.",
+            hint="Convert them to safetensors, or set model.allow_pickle: true if you trust the source",
+        )
+    if pickled:
+        warn(f'Loading pickle-based weights from "{path}" (allow_pickle: true)')
+    return not pickled
+
+
+def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, trust_remote_code: bool = False,
+                   allow_pickle: bool = False):
     """Load a causal LM from safetensors; 4-bit NF4 through bitsandbytes for QLoRA."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code,
+                              "use_safetensors": check_weights_format(Path(path), allow_pickle)}
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -82,7 +104,33 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.float32
+    kwargs["attn_implementation"] = attention_implementation(device)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def attention_implementation(device: str) -> str:
+    """FlashAttention 2 on a GPU where it is installed, else PyTorch's SDPA (fused kernels on GPU and CPU)."""
+    return "flash_attention_2" if device == "cuda" and _installed("flash_attn") else "sdpa"
+
+
+def gpu_defaults(device: str) -> dict:
+    """Switched on when training on a GPU: bf16 where supported, gradient checkpointing, Liger kernels
+    (fused RMSNorm, RoPE, SwiGLU and cross-entropy) where installed. On the CPU each would cost time."""
+    import torch
+
+    if device != "cuda":
+        return {"bf16": False, "gradient_checkpointing": False, "use_liger_kernel": False}
+    return {
+        "bf16": torch.cuda.is_bf16_supported(),
+        "gradient_checkpointing": True,
+        "use_liger_kernel": _installed("liger_kernel"),
+    }
 
 
 # LoRA targets per architecture when `target_modules: auto`: attention and MLP
@@ -121,9 +169,6 @@ def lora_config(cfg: TrainingConfig, model_type: str | None = None):
 
 def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, has_eval: bool, seed: int) -> dict:
     """The TrainingArguments shared by SFTConfig and DPOConfig, from a LexAlign config."""
-    import torch
-
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     args = {
         "output_dir": str(checkpoint_dir),
         "learning_rate": cfg.learning_rate,
@@ -140,11 +185,9 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
         "seed": cfg.seed if cfg.seed is not None else seed,
         "data_seed": cfg.seed if cfg.seed is not None else seed,
         "use_cpu": device == "cpu",
-        "bf16": bf16,
         "fp16": False,
-        # Checkpointing trades compute for memory: worth it on a GPU, a pure loss on the CPU.
-        "gradient_checkpointing": device == "cuda",
-        "report_to": [],
+        **gpu_defaults(device),
+        "report_to": tensorboard_reporting(cfg, checkpoint_dir),
         "disable_tqdm": True,
         "save_only_model": False,
         "dataloader_num_workers": 0,
@@ -154,6 +197,17 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
         if cfg.eval_steps:
             args["eval_steps"] = cfg.eval_steps
     return args
+
+
+def tensorboard_reporting(cfg: TrainingConfig, checkpoint_dir: Path) -> list[str]:
+    if not cfg.tensorboard:
+        return []
+    if not _installed("tensorboard"):
+        raise LexAlignError("tensorboard: true, but TensorBoard is not installed", hint="pip install tensorboard")
+    import os
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(checkpoint_dir / "tensorboard")
+    return ["tensorboard"]
 
 
 def _checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -223,22 +277,24 @@ def merged_model(adapter_dir: Path, base_path: Path, trust_remote_code: bool = F
 
 
 def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: bool, base_path: Path,
-                       trust_remote_code: bool = False) -> None:
+                       trust_remote_code: bool = False, state_dict: dict | None = None) -> None:
     """Write the trained model into `out_dir` (a folder being built atomically).
 
     Adapters are merged into full-precision base weights unless `merge` is
     false, in which case the PEFT adapter is saved alone (loadable with PEFT).
+    `state_dict`: the weights gathered from every process (FSDP, DeepSpeed ZeRO-3).
     """
     import tempfile
 
     model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = {"state_dict": state_dict} if state_dict is not None else {}
     if adapter and merge:
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as adapter_dir:
-            model.save_pretrained(adapter_dir, safe_serialization=True)
+            model.save_pretrained(adapter_dir, safe_serialization=True, **weights)
             merged = merged_model(Path(adapter_dir), base_path, trust_remote_code)
         merged.save_pretrained(out_dir, safe_serialization=True)
     else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(out_dir)
 
 

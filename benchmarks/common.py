@@ -1,0 +1,141 @@
+"""What the training benchmarks share: the model and data they train on, a step clock, peak memory,
+and running each configuration in its own process, by turns.
+
+The model is the demo's Llama at benchmark size (hidden 256, 4 layers: 3.25M
+parameters with the demo's 384-token vocabulary) and every sequence is exactly
+`seq_len` tokens (a 64-token prompt and a completion truncated at `seq_len`), so
+the matrix products, not Python, dominate a step and padding plays no part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def write_model(out: Path, hidden: int, layers: int, seq_len: int) -> int:
+    """A randomly initialised demo Llama and its tokenizer in `out` (the "SFT model"); returns its size."""
+    from lexalign.demo.model import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(0)
+    model = build_model(tokenizer, 0, hidden_size=hidden, layers=layers)
+    model.config.max_position_embeddings = max(seq_len, model.config.max_position_embeddings)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, seed: int = 0):
+    """Prompt/chosen/rejected rows whose prompt + completion reach `seq_len` tokens (then truncated)."""
+    import pandas as pd
+
+    from lexalign.demo import task
+    from lexalign.train.runtime import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    rng = random.Random(seed)
+    words = " ".join(task.corpus(seed)).split()
+
+    def text(n_tokens: int) -> str:
+        out = ""
+        while len(tokenizer(out, add_special_tokens=False)["input_ids"]) < n_tokens:
+            out += " " + " ".join(rng.choice(words) for _ in range(16))
+        return out
+
+    return pd.DataFrame([{"prompt": text(prompt_tokens), "chosen": text(seq_len), "rejected": text(seq_len)}
+                         for _ in range(rows)])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def step_clock():
+    """A TrainerCallback recording each optimizer step's CPU and wall time, each epoch's, and peak RSS."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.steps_cpu, self.steps_wall, self.epochs_cpu, self.epochs_wall = [], [], [], []
+            self.peak_train_mb = None
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._epoch = (time.process_time(), time.perf_counter())
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.epochs_cpu.append(time.process_time() - self._epoch[0])
+            self.epochs_wall.append(time.perf_counter() - self._epoch[1])
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._step = (time.process_time(), time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps_cpu.append(time.process_time() - self._step[0])
+            self.steps_wall.append(time.perf_counter() - self._step[1])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.peak_train_mb = peak_rss_mb()
+
+        def result(self) -> dict:
+            return {"steps_cpu": self.steps_cpu, "steps_wall": self.steps_wall, "epochs_cpu": self.epochs_cpu,
+                    "epochs_wall": self.epochs_wall, "peak_train_mb": self.peak_train_mb}
+
+    return StepClock()
+
+
+def run_worker(script: Path, name: str, spec: dict, threads: int) -> dict:
+    """Run `script --worker NAME SPEC` in a fresh process (so its peak RSS is its own); return its JSON."""
+    spec_file = Path(spec["tmp"]) / f"spec-{name}.json"
+    out_file = Path(spec["tmp"]) / f"result-{name}.json"
+    spec_file.write_text(json.dumps(spec))
+    out_file.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, str(script), "--worker", name, str(spec_file), str(out_file)],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"worker {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(out_file.read_text())
+
+
+def by_turns(script: Path, names: list[str], spec: dict, rounds: int, threads: int) -> dict[str, list[dict]]:
+    """Each configuration once per round, the order rotating, so a busy machine slows them alike."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            print(f"  round {r + 1}/{rounds}: {name}", flush=True)
+            results[name].append(run_worker(script, name, spec, threads))
+    return results
+
+
+def steady_rate(result: dict, warmup: int, clock: str) -> float:
+    """Steps per second of one run: 1 / the median time of its steps after `warmup`."""
+    times = result["steps_cpu" if clock == "cpu" else "steps_wall"][warmup:]
+    return 1.0 / statistics.median(times)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {cores} cores, {gpu}, torch {torch.__version__}"

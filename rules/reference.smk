@@ -1,0 +1,30 @@
+# Step 3b: the reference (SFT) model's log-probabilities of every validated response, computed once.
+# Align reads them: no reference pass in any epoch, no second model for full fine-tuning. The file is
+# keyed by the data, the layout (DPO pairs or GDPO's K), max_length and 4-bit loading, so a change of
+# beta or loss_type, or a sweep run on the same SFT model, reuses it.
+
+
+rule reference:
+    input:
+        model=f"{RESULTS}/models/sft",
+        data=f"{RESULTS}/data/{{dataset}}",
+        code=package_modules("stages", "reference", "train/runtime", "train/gdpo", "losses/gdpo"),
+    output:
+        f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
+    params:
+        reference=lambda wc: reference_params(wc.setting),
+        device=config["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        # Tokens cached by content (tokenizer + texts): a new SFT model on the same data reuses them.
+        cache_dir=f"{RESULTS}/cache/tokens",
+    wildcard_constraints:
+        dataset=r"preferences(-k\d+)?",
+        setting=r"(pairs|k\d+)-(max\d+|full)(-nf4)?",
+    conda:
+        "../envs/lexalign.yaml"
+    log:
+        f"{LOGS}/reference/{{dataset}}/{{setting}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reference/{{dataset}}/{{setting}}.tsv"
+    script:
+        "../scripts/reference.py"

@@ -1,0 +1,168 @@
+"""Faults injected on purpose: SIGKILL at random moments, a full disk, hostile paths and weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from lexalign.demo import task
+
+LEXALIGN = str(Path(sys.executable).parent / "lexalign")
+KILLS_PER_STAGE = 10  # 20 random kill points over finetune and align
+SAVE_STEPS = 2
+MAX_STEPS = 80  # enough that ten kills within a few checkpoints of start-up cannot finish a run
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def start(config: Path, stage: str) -> subprocess.Popen:
+    return subprocess.Popen([LEXALIGN, stage, "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def complete_checkpoints(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+                  if (p / "lexalign_config_hash.txt").is_file())
+
+
+def timed_run(config: Path, stage: str, steps: int) -> tuple[float, float]:
+    """Run a stage to the end; return the seconds until training started (its first progress
+    line) and the seconds per optimizer step."""
+    began, started = time.time(), None
+    proc = start(config, stage)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if started is None and line.startswith("Epoch "):
+            started = time.time() - began
+    assert proc.wait() == 0, "".join(lines)[-3000:]
+    return started, (time.time() - began - started) / steps
+
+
+def kill_until_done(config: Path, stage: str, output: Path, checkpoints: Path, rng: random.Random,
+                    kills: int, timing: tuple[float, float]) -> list[dict]:
+    """SIGKILL `stage` at random moments `kills` times (or until it finishes), then let it finish."""
+    history = []
+    for _ in range(kills):
+        before = complete_checkpoints(checkpoints)
+        proc = start(config, stage)
+        # From start-up (loading, tokenization) to a few checkpoints into training (steps, checkpoint saves).
+        startup, per_step = timing
+        time.sleep(rng.uniform(0.5 * startup, startup + 8 * SAVE_STEPS * per_step))
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0]
+        history.append({"stage": stage, "before": before, "after": complete_checkpoints(checkpoints),
+                        "resumed": [int(n) for n in re.findall(r"Resuming from \S*checkpoint-(\d+)", log)],
+                        "finished": output.exists()})
+        assert not output.exists() or (output / "model.safetensors").is_file(), "a half-written output looks complete"
+        if output.exists():
+            break
+    proc = start(config, stage)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-3000:]
+    return history
+
+
+def assert_nothing_lost(history: list[dict]) -> None:
+    for kill in history:
+        if kill["before"]:
+            # A restart resumes from the newest complete checkpoint there was: only later steps are redone.
+            assert kill["resumed"] in ([], [kill["before"][-1]]), kill
+            assert not kill["after"] or kill["after"][-1] >= kill["before"][-1], kill
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_loses_only_steps_since_the_last_checkpoint(tmp_path, demo_model_dir):
+    rng = random.Random(20261122)
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", task.sft_rows(0, 192))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", task.preference_rows(0, 160))
+    finetune = {"learning_rate": "3e-3", "batch_size": 4, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS,
+                "max_length": 64, "logging_steps": 1, "lora_dropout": 0.0}
+    alignment = {"learning_rate": "1e-3", "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": MAX_STEPS,
+                 "save_steps": SAVE_STEPS, "warmup_steps": 0, "max_length": 64, "logging_steps": 1,
+                 "lora_dropout": 0.0}
+
+    def configs(root: Path) -> tuple[Path, Path]:
+        root.mkdir()
+        ft = root / "finetune.yaml"
+        ft.write_text(yaml.safe_dump({
+            "model": {"path": str(demo_model_dir)}, "dataset": {"path": str(sft_rows)}, "finetune": finetune,
+            "output_dir": str(root / "sft"), "checkpoint_dir": str(root / "ckpt-sft"), "device": "cpu"}))
+        al = root / "align.yaml"
+        al.write_text(yaml.safe_dump({
+            "model": {"path": str(root / "sft")}, "dataset": {"path": str(prefs), "max_length": 64},
+            "alignment": {**alignment, "output_dir": str(root / "aligned"), "checkpoint_dir": str(root / "ckpt-al")},
+            "device": "cpu"}))
+        return ft, al
+
+    straight_ft, straight_al = configs(tmp_path / "straight")
+    timing = {"finetune": timed_run(straight_ft, "finetune", MAX_STEPS),
+              "align": timed_run(straight_al, "align", MAX_STEPS)}
+
+    killed_ft, killed_al = configs(tmp_path / "killed")
+    root = tmp_path / "killed"
+    history = kill_until_done(killed_ft, "finetune", root / "sft", root / "ckpt-sft", rng, KILLS_PER_STAGE,
+                              timing["finetune"])
+    history += kill_until_done(killed_al, "align", root / "aligned", root / "ckpt-al", rng, KILLS_PER_STAGE,
+                               timing["align"])
+    (tmp_path / "kill-history.json").write_text(json.dumps(history, indent=1))
+    assert sum(not kill["finished"] for kill in history) >= 2 * KILLS_PER_STAGE - 1, history
+    assert_nothing_lost(history)
+    assert any(kill["resumed"] for kill in history), "no kill ever landed after a checkpoint"
+    for name in ("sft", "aligned"):
+        ref, got = weights(tmp_path / "straight" / name), weights(root / name)
+        for key in ref:
+            assert torch.allclose(ref[key], got[key], atol=1e-5), f"{name}: {key} differs from the run never killed"
+    (tmp_path / "kill-history.json").write_text(json.dumps(history, indent=1))
+    print(f"kills: {len(history)}, resumed: {sum(bool(k['resumed']) for k in history)}")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB filesystem (tmpfs), where this machine lets us mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_output(tiny_disk):
+    import pandas as pd
+
+    from lexalign.data.common import write_split_outputs
+    from lexalign.errors import LexAlignError
+    from lexalign.io import write_json
+
+    def result(rows: int, width: int) -> dict:
+        frame = pd.DataFrame({"prompt": [os.urandom(width).hex() for _ in range(rows)],
+                              "chosen": ["a"] * rows, "rejected": ["b"] * rows, "source_row": range(rows)})
+        return {"train": frame, "eval": frame.iloc[:0], "rejects": [], "report": {"rows": rows}}
+
+    out = tiny_disk / "validated"
+    write_split_outputs(out, result(10, 8))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(LexAlignError) as err:
+        write_split_outputs(out, result(2000, 1024))  # ~4 MB of incompressible text on a 1 MiB disk
+    assert err.value.render().startswith(f'Error: No space left on the device while writing "{out}"')
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["validated"], "temporaries left behind"
+    with pytest.raises(LexAlignError, match="Could not write"):
+        write_json(tiny_disk / "report.json", {"x": "y" * 2_000_000})
