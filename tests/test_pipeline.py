@@ -135,6 +135,7 @@ def test_beta_change_reruns_only_align_and_evaluate(demo_run, tmp_path):
     edit_config(workdir, "alignment", "beta", 0.2)
     result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
     assert result.returncode == 0, result.stderr[-2000:]
+    # Not the reference step either: its log-probs do not depend on beta.
     assert planned_jobs(result.stdout) == {"align": 1, "evaluate": 1}
     assert "params changed" in result.stdout.lower() or "Params have changed" in result.stdout
 
@@ -145,7 +146,8 @@ def test_finetune_change_does_not_refetch(demo_run, tmp_path):
     shutil.copytree(demo_run, workdir, symlinks=True)
     edit_config(workdir, "finetune", "learning_rate", 1e-3)
     result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
-    assert planned_jobs(result.stdout) == {"finetune": 1, "align": 1, "evaluate": 1}
+    # The reference log-probs depend on the SFT model, so they are recomputed too; downloads and data are not.
+    assert planned_jobs(result.stdout) == {"finetune": 1, "reference": 1, "align": 1, "evaluate": 1}
 
 
 @pytest.mark.slow
@@ -164,7 +166,7 @@ def test_dry_run_plans_the_whole_dag(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert planned_jobs(result.stdout) == {
         "download_model": 1, "download_data": 2, "prepare_sft_data": 1, "finetune": 1,
-        "validate_preferences": 1, "align": 1, "evaluate": 1,
+        "validate_preferences": 1, "validate_groups": 1, "reference": 1, "align": 1, "evaluate": 1,
     }
 
 

@@ -49,7 +49,8 @@ class ProgressCallback(TrainerCallback):
         epoch = min(int(state.epoch or 0) + 1, epochs)
         steps_run = max(state.global_step - self.start_step, 1)
         eta = (time.time() - self.start) / steps_run * (total - state.global_step)
-        parts = [f"Epoch {epoch}/{epochs}: [{'█' * filled}{'░' * (BAR_WIDTH - filled)}] {100 * done:3.0f}%"]
+        parts = [f"Epoch {epoch}/{epochs}: [{'█' * filled}{'░' * (BAR_WIDTH - filled)}] {100 * done:3.0f}% "
+                 f"({state.global_step}/{total})"]
         for key, label in (("loss", "Loss"), ("loss/pairwise", "Policy Loss"), ("rewards/margins", "Reward"),
                            ("eval_loss", "Eval Loss")):
             if key in self.last:
