@@ -2,25 +2,29 @@
 
     .venv/bin/python benchmarks/bench_align_vs_trl.py                 # LoRA (the default align config)
     .venv/bin/python benchmarks/bench_align_vs_trl.py --method full   # full fine-tuning
-    .venv/bin/python benchmarks/bench_align_vs_trl.py --steps 10 --rounds 2   # a quick run
+    .venv/bin/python benchmarks/bench_align_vs_trl.py --steps 10 --memory-steps 4   # a quick run
 
-Same SFT model (the demo Llama at 3.25M parameters), data (256-token
-sequences), hyperparameters and seed in four configurations, each in its own
-process so its peak RSS is its own:
+Same SFT model (the demo Llama at 3.25M parameters), data (every sequence 256
+tokens), hyperparameters and seed in four configurations:
 
 * `trl`: a plain script: `AutoModelForCausalLM.from_pretrained`, `DPOTrainer(...)`, `train()`;
-* `lexalign`: LexAlign's align step (`AlignJob.run()`, as `lexalign align` runs it), the reference online;
+* `lexalign`: LexAlign's align step (`AlignJob`, as `lexalign align` runs it), the reference online;
 * `trl-precompute`: the plain script with `precompute_ref_log_probs=True` (TRL's reference pass before training);
 * `lexalign-reference`: the align step reading the pipeline's reference file (`lexalign.reference`).
 
-The configurations take turns, `--rounds` times, the order rotating. A step's
-time is measured by a TrainerCallback from step begin to step end; the
-steady-state step rate of a run is 1 / the median of its steps after the first
-`--warmup`, and a configuration's rate the median over its rounds. `--clock cpu`
-(the default) uses the process's CPU time, which other jobs on a shared machine
-disturb far less than wall time; with `--threads 1` (the default) CPU time is
-compute time. Peak memory is the process's peak RSS at the end of training
-(before saving), and the part training added to the RSS before the model loaded.
+Step rate: the four train in one process, in turns, one optimizer step each
+(`common.Turns`: each run holds the turn from one step's start to the next, so
+its data loading, logging and callbacks count with its step). Each step is
+timed with its thread's CPU clock (`--clock cpu`, the default; other jobs on a
+shared machine disturb it far less than wall time; with `--threads 1`, the
+default, it is compute time). A ratio is the median of step-by-step ratios
+(steps that ran one right after the other), after the first `--warmup` steps
+and without the last (when a run may already be saving); the interquartile
+range shows the noise.
+
+Peak memory: each configuration again alone in its own process (`--memory-steps`
+steps, `lexalign` including its save), its peak RSS at the end of training, and
+what training added to the RSS before the model loaded.
 
 The issue asks lexalign's steady-state step rate >= 0.97 x TRL's and peak memory within 5%.
 """
@@ -41,17 +45,18 @@ CONFIGS = ["trl", "lexalign", "trl-precompute", "lexalign-reference"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
-def worker(name: str, spec: dict, out: Path) -> None:
-    import torch
+def training_run(name: str, spec: dict, callback, save: bool = True):
+    """Set up configuration `name` with `callback` installed; return a zero-argument function that trains it.
 
-    torch.set_num_threads(spec["threads"])
+    Models load here, not in the returned function: transformers' loading is not thread-safe. With `save`,
+    lexalign's run ends as `lexalign align` does, saving the model (merged, for LoRA).
+    """
     import pandas as pd
-    from datasets import Dataset  # noqa: F401  (imports before the baseline, as the align step has them)
-    from trl import DPOConfig, DPOTrainer  # noqa: F401
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
 
     frame = pd.read_parquet(spec["data"])
-    clock = common.step_clock()
-    baseline = common.current_rss_mb()
     lora = spec["method"] == "lora"
     if name.startswith("lexalign"):
         from lexalign.config.loader import section_defaults
@@ -68,35 +73,56 @@ def worker(name: str, spec: dict, out: Path) -> None:
                        cfg=AlignConfig.from_dict(params), output_dir=Path(spec["tmp"]) / f"out-{name}",
                        checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device="cpu", seed=0,
                        reference_path=Path(spec["reference"]) if name == "lexalign-reference" else None,
-                       extra_callbacks=[clock])
-        job.run()
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                       extra_callbacks=[callback])
+        if save:
+            return job.run
+        trainer, _, interrupt = job.setup()
+        return lambda: job.train_model(trainer, interrupt)  # what job.run() does between setup and save
 
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-        args = DPOConfig(output_dir=str(Path(spec["tmp"]) / f"ckpt-{name}"), learning_rate=spec["lr"],
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    args = DPOConfig(output_dir=str(Path(spec["tmp"]) / f"ckpt-{name}"), learning_rate=spec["lr"],
                          per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
-                         max_length=spec["seq_len"], logging_steps=spec["logging_steps"], save_strategy="no",
-                         beta=0.1, seed=0, data_seed=0, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True,
-                         dataloader_num_workers=0, precompute_ref_log_probs=name == "trl-precompute",
-                         # LexAlign's CPU setting (TRL's default is on; it only trades compute for memory)
-                         gradient_checkpointing=False)
-        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_pandas(frame, preserve_index=False),
-                             peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None,
-                             callbacks=[clock])
-        trainer.train()
+                     max_length=spec["seq_len"], logging_steps=spec["logging_steps"], save_strategy="no",
+                     beta=0.1, seed=0, data_seed=0, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True,
+                     dataloader_num_workers=0, precompute_ref_log_probs=name == "trl-precompute",
+                     # LexAlign's CPU setting (TRL's default is on; it only trades compute for memory)
+                     gradient_checkpointing=False)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_pandas(frame, preserve_index=False),
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None,
+                         callbacks=[callback])
+    return trainer.train
+
+
+def worker(name: str, spec: dict, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import Dataset  # noqa: F401  (imported before the baseline, as the align step has them)
+    from trl import DPOTrainer  # noqa: F401
+
+    if name == "turns":  # every configuration, step by step in turns, in this process
+        turns = common.Turns(CONFIGS)
+        turns.run({config: training_run(config, spec, turns.callback(config), save=False) for config in CONFIGS})
+        out.write_text(json.dumps(turns.steps))
+        return
+    clock = common.step_clock()  # one configuration alone, for its peak memory
+    baseline = common.current_rss_mb()
+    training_run(name, {**spec, "steps": spec["memory_steps"]}, clock)()
     out.write_text(json.dumps({**clock.result(), "baseline_mb": baseline}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
-    parser.add_argument("--steps", type=int, default=24, help="training steps per run")
-    parser.add_argument("--warmup", type=int, default=4, help="first steps of each run left out")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="training steps of each configuration")
+    parser.add_argument("--warmup", type=int, default=4, help="first steps left out")
+    parser.add_argument("--memory-steps", type=int, default=8, help="steps of each memory run")
+    parser.add_argument("--memory-rounds", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=256)
@@ -112,37 +138,43 @@ def main() -> None:
 
     from lexalign.reference import compute_reference
 
+    script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-align-") as tmp:
         tmp = Path(tmp)
         params = common.write_model(tmp / "sft", args.hidden, args.layers, args.seq_len)
-        frame = common.make_pairs(tmp / "sft", args.steps * args.batch, 64, args.seq_len)
+        frame = common.make_pairs(tmp / "sft", max(args.steps, args.memory_steps) * args.batch, 64, args.seq_len)
         frame.to_parquet(tmp / "pairs.parquet")
         compute_reference(tmp / "sft", frame, frame.iloc[:0], tmp / "reference.parquet", layout="pairs",
                           max_length=args.seq_len)
         spec = {"tmp": str(tmp), "model": str(tmp / "sft"), "data": str(tmp / "pairs.parquet"),
                 "reference": str(tmp / "reference.parquet"), "method": args.method, "steps": args.steps,
-                "batch": args.batch, "seq_len": args.seq_len, "lr": 1e-4 if args.method == "full" else 1e-3,
-                "logging_steps": 5, "threads": args.threads}
-        results = common.by_turns(Path(__file__).resolve(), CONFIGS, spec, args.rounds, args.threads)
+                "memory_steps": args.memory_steps, "batch": args.batch, "seq_len": args.seq_len,
+                "lr": 1e-4 if args.method == "full" else 1e-3, "logging_steps": 5, "threads": args.threads}
+        print("Step rates: the four configurations in turns, one step each, in one process", flush=True)
+        steps = common.run_worker(script, "turns", spec, args.threads)
+        print("Peak memory: each configuration in its own process", flush=True)
+        memory = common.by_turns(script, CONFIGS, spec, args.memory_rounds, args.threads)
 
-    rate = {name: statistics.median(common.steady_rate(r, args.warmup, args.clock) for r in runs)
-            for name, runs in results.items()}
-    peak = {name: statistics.median(r["peak_train_mb"] for r in runs) for name, runs in results.items()}
+    clock = args.clock
+    peak = {name: statistics.median(r["peak_train_mb"] for r in runs) for name, runs in memory.items()}
     added = {name: statistics.median(r["peak_train_mb"] - r["baseline_mb"] for r in runs)
-             for name, runs in results.items()}
-    print(f"\nlexalign align vs plain TRL DPOTrainer ({common.machine()}, {args.threads} thread(s))")
+             for name, runs in memory.items()}
+    print(f"\nlexalign align vs plain TRL DPOTrainer ({common.machine()}, {args.threads} thread(s) each)")
     print(f"Llama {params / 1e6:.2f}M parameters (hidden {args.hidden}, {args.layers} layers), {args.method}, "
-          f"{args.batch} pairs/step, {args.seq_len}-token sequences; {args.steps} steps per run, first "
-          f"{args.warmup} left out; {args.rounds} rounds by turns; {args.clock} time")
+          f"{args.batch} pairs/step, {args.seq_len}-token sequences; {args.steps} steps each in turns, the first "
+          f"{args.warmup} and the last left out; {clock} time of each step (its thread's clock)")
     print(f"{'configuration':<20} {'steps/s':>8} {'peak RSS MB':>12} {'added by training MB':>21}")
     for name in CONFIGS:
-        print(f"{name:<20} {rate[name]:>8.3f} {peak[name]:>12.0f} {added[name]:>21.0f}")
+        rate = 1 / statistics.median(s[clock] for s in steps[name][args.warmup:-1])
+        print(f"{name:<20} {rate:>8.3f} {peak[name]:>12.0f} {added[name]:>21.0f}")
+    print("ratios: the median of step-by-step ratios (steps that ran one after the other), interquartile range")
     for ours, theirs in (("lexalign", "trl"), ("lexalign-reference", "trl-precompute"),
                          ("lexalign-reference", "trl")):
-        ratio = rate[ours] / rate[theirs]
-        memory = peak[ours] / peak[theirs] - 1
-        print(f"{ours} / {theirs}: step rate {ratio:.3f} ({'>=' if ratio >= 0.97 else '<'} 0.97), "
-              f"peak RSS {memory:+.1%} ({'within' if abs(memory) <= 0.05 else 'NOT within'} 5%), "
+        ratio, low, high = common.paired_ratio(steps[ours], steps[theirs], args.warmup, clock)
+        memory_change = peak[ours] / peak[theirs] - 1
+        print(f"{ours} / {theirs}: step rate {ratio:.3f} (IQR {low:.3f}..{high:.3f}; "
+              f"{'>=' if ratio >= 0.97 else '<'} 0.97), peak RSS {memory_change:+.1%} "
+              f"({'within' if abs(memory_change) <= 0.05 else 'NOT within'} 5%), "
               f"memory added by training {added[ours] - added[theirs]:+.0f} MB")
 
 

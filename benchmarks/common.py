@@ -1,5 +1,5 @@
-"""What the training benchmarks share: the model and data they train on, a step clock, peak memory,
-and running each configuration in its own process, by turns.
+"""What the training benchmarks share: the model and data they train on, step clocks, peak memory,
+running configurations step by step in turns in one process, and each in its own process, by turns.
 
 The model is the demo's Llama at benchmark size (hidden 256, 4 layers: 3.25M
 parameters with the demo's 384-token vocabulary) and every sequence is exactly
@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +140,107 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {cores} cores, {gpu}, torch {torch.__version__}"
+
+
+class Turns:
+    """Training runs in threads of one process taking turns, one optimizer step each.
+
+    A run holds the turn from the start of a step (`on_step_begin`) to the start
+    of its next one, so its data loading, logging and callbacks count with its
+    step and never overlap another run's. Each step is timed with the thread's
+    own CPU clock (`time.thread_time`; the waiting threads use none) and with
+    wall time. Steps of different runs that follow each other ran under the same
+    machine load, so their ratios, paired step by step, cancel most of it.
+    """
+
+    def __init__(self, names: list[str]):
+        self.order = list(names)
+        self.turn = 0
+        self.done: set[str] = set()
+        self.arrived: set[str] = set()
+        self.lock = threading.Condition()
+        self.steps: dict[str, list[dict]] = {name: [] for name in names}
+
+    def _current(self) -> str | None:
+        live = [n for n in self.order if n not in self.done]
+        return live[self.turn % len(live)] if live else None
+
+    def acquire(self, name: str) -> None:
+        """Wait for `name`'s turn; the first steps wait until every run is set up and ready."""
+        with self.lock:
+            self.arrived.add(name)
+            self.lock.notify_all()
+            self.lock.wait_for(lambda: len(self.arrived | self.done) == len(self.order) and self._current() == name)
+
+    def release(self, name: str, finished: bool = False) -> None:
+        with self.lock:
+            live = [n for n in self.order if n not in self.done]
+            if finished:
+                position = live.index(name)
+                self.done.add(name)
+                remaining = len(live) - 1
+                if remaining:
+                    # The next live run after `name` keeps its place in the rotation.
+                    self.turn = position % remaining
+            else:
+                self.turn = (live.index(name) + 1) % len(live)
+            self.lock.notify_all()
+
+    def callback(self, name: str):
+        """The TrainerCallback that makes run `name` take its turns and records its step times."""
+        from transformers import TrainerCallback
+
+        turns = self
+
+        class TakeTurns(TrainerCallback):
+            started = None
+
+            def _close(self, state):
+                if self.started is not None:
+                    cpu, wall, step = self.started
+                    turns.steps[name].append({"cpu": time.thread_time() - cpu, "wall": time.perf_counter() - wall,
+                                              "step": step})
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if self.started is not None:
+                    self._close(state)
+                    turns.release(name)
+                turns.acquire(name)
+                self.started = (time.thread_time(), time.perf_counter(), state.global_step)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self._close(state)
+                self.started = None
+                turns.release(name, finished=True)
+
+        return TakeTurns()
+
+    def run(self, targets: dict) -> None:
+        """Run each `targets[name]()` (a training run with `callback(name)` installed) in its own thread."""
+        errors = {}
+
+        def body(name, target):
+            try:
+                target()
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors[name] = err
+                if name not in self.done:
+                    self.release(name, finished=True)
+
+        threads = [threading.Thread(target=body, args=(name, targets[name]), name=name) for name in self.order]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            name, err = next(iter(errors.items()))
+            raise RuntimeError(f"run {name} failed: {err!r}") from err
+
+
+def paired_ratio(ours: list[dict], theirs: list[dict], warmup: int, clock: str) -> tuple[float, float, float]:
+    """Step rate of `ours` over `theirs`: the median of step-by-step time ratios after `warmup`, with its
+    interquartile range."""
+    # The last step is left out too: a run that finished first may be saving its model meanwhile.
+    ratios = sorted(t[clock] / o[clock] for o, t in zip(ours[warmup:-1], theirs[warmup:-1], strict=False))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
