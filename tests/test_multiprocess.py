@@ -74,12 +74,6 @@ def test_shipped_accelerate_configs_load(name):
 # --- the same losses in one and in two processes (real training) --------------------------------
 
 
-def _gdpo_available() -> bool:
-    try:
-        from lexalign.train.gdpo import GDPOTrainer  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _spec(path: Path, step: str, params: dict, inputs: dict, output: Path) -> Path:
@@ -107,13 +101,12 @@ def _cases(root: Path, model: Path) -> dict[str, dict]:
         "dpo": ("align", "alignment", section_defaults("alignment", {**common, "learning_rate": 1e-3, "beta": 0.1}),
                 root / "data/pairs"),
     }
-    if _gdpo_available():
-        write_jsonl(root / "raw/ranked/train.jsonl", task.ranked_rows(0, 64, 3))
-        stages.validate({"eval_fraction": 0.1, "max_length": 64, "group_size": 3}, root / "raw/ranked", model,
-                        root / "data/ranked")
-        gdpo = section_defaults("alignment", {**common, "learning_rate": 1e-3, "beta": 0.1, "method": "gdpo",
-                                              "group_delay_size": 3})
-        cases["gdpo"] = ("align", "alignment", gdpo, root / "data/ranked")
+    write_jsonl(root / "raw/ranked/train.jsonl", task.ranked_rows(0, 64, 3))
+    stages.validate({"eval_fraction": 0.1, "max_length": 64, "group_size": 3}, root / "raw/ranked", model,
+                    root / "data/ranked")
+    gdpo = section_defaults("alignment", {**common, "learning_rate": 1e-3, "beta": 0.1, "method": "gdpo",
+                                          "group_delay_size": 3})
+    cases["gdpo"] = ("align", "alignment", gdpo, root / "data/ranked")
     return {
         name: {"step": step, "section": section, "params": params, "inputs": {"model": str(model), "data": str(data)}}
         for name, (step, section, params, data) in cases.items()
@@ -168,8 +161,6 @@ def _case_names():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _case_names())
 def test_two_processes_give_the_losses_of_one(runs, case):
-    if case not in runs["one"]:
-        pytest.skip("GDPO (lexalign.train.gdpo) is not available")
     one, two = _losses(runs["one"][case]), _losses(runs["two"][case])
     # One line per step: only the main process writes metrics.jsonl.
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, STEPS + 1)), runs["log"][-3000:]
@@ -181,8 +172,6 @@ def test_two_processes_give_the_losses_of_one(runs, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", _case_names())
 def test_two_processes_write_one_model_that_loads(runs, case):
-    if case not in runs["two"]:
-        pytest.skip("GDPO (lexalign.train.gdpo) is not available")
     import torch
     from transformers import AutoModelForCausalLM
 
