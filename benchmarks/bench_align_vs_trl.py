@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/bench_align_vs_trl.py                 # LoRA (the default align config)
     .venv/bin/python benchmarks/bench_align_vs_trl.py --method full   # full fine-tuning
     .venv/bin/python benchmarks/bench_align_vs_trl.py --steps 10 --memory-steps 4   # a quick run
+    python benchmarks/bench_align_vs_trl.py --device cuda --hidden 1024 --layers 12 --batch 8 --seq-len 512
+
+On a GPU (`--device cuda`) both sides use LexAlign's GPU settings (bf16,
+gradient checkpointing, SDPA or FlashAttention, Liger where installed; bf16
+frozen weights for LoRA), steps are timed on the wall clock after
+`torch.cuda.synchronize()`, and memory is the peak GPU memory allocated.
 
 Same SFT model (the demo Llama at 3.25M parameters), data (every sequence 256
 tokens), hyperparameters and seed in four configurations:
@@ -52,7 +58,6 @@ def training_run(name: str, spec: dict, callback, save: bool = True):
     lexalign's run ends as `lexalign align` does, saving the model (merged, for LoRA).
     """
     import pandas as pd
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -71,7 +76,7 @@ def training_run(name: str, spec: dict, callback, save: bool = True):
             "beta": 0.1})
         job = AlignJob(model_path=Path(spec["model"]), train=frame, eval=frame.iloc[:0],
                        cfg=AlignConfig.from_dict(params), output_dir=Path(spec["tmp"]) / f"out-{name}",
-                       checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device="cpu", seed=0,
+                       checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device=spec["device"], seed=0,
                        reference_path=Path(spec["reference"]) if name == "lexalign-reference" else None,
                        extra_callbacks=[callback])
         if save:
@@ -82,15 +87,17 @@ def training_run(name: str, spec: dict, callback, save: bool = True):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    load, settings = common.plain_trl_settings(spec["device"], lora)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], **load)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     args = DPOConfig(output_dir=str(Path(spec["tmp"]) / f"ckpt-{name}"), learning_rate=spec["lr"],
                          per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
                      max_length=spec["seq_len"], logging_steps=spec["logging_steps"], save_strategy="no",
-                     beta=0.1, seed=0, data_seed=0, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True,
+                     beta=0.1, seed=0, data_seed=0, report_to=[], disable_tqdm=True,
                      dataloader_num_workers=0, precompute_ref_log_probs=name == "trl-precompute",
-                     # LexAlign's CPU setting (TRL's default is on; it only trades compute for memory)
-                     gradient_checkpointing=False)
+                     # LexAlign's settings for the device (on the CPU gradient checkpointing is off,
+                     # though on in TRL's default: it only trades compute for memory)
+                     **settings)
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_pandas(frame, preserve_index=False),
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None,
@@ -129,8 +136,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda":
+        args.clock = "wall"  # a CPU clock misses the GPU's work
     if args.worker:
         name, spec, out = args.worker
         worker(name, json.loads(Path(spec).read_text()), Path(out))
@@ -145,25 +155,30 @@ def main() -> None:
         frame = common.make_pairs(tmp / "sft", max(args.steps, args.memory_steps) * args.batch, 64, args.seq_len)
         frame.to_parquet(tmp / "pairs.parquet")
         compute_reference(tmp / "sft", frame, frame.iloc[:0], tmp / "reference.parquet", layout="pairs",
-                          max_length=args.seq_len)
+                          max_length=args.seq_len, device=args.device)
         spec = {"tmp": str(tmp), "model": str(tmp / "sft"), "data": str(tmp / "pairs.parquet"),
                 "reference": str(tmp / "reference.parquet"), "method": args.method, "steps": args.steps,
                 "memory_steps": args.memory_steps, "batch": args.batch, "seq_len": args.seq_len,
-                "lr": 1e-4 if args.method == "full" else 1e-3, "logging_steps": 5, "threads": args.threads}
+                "lr": 1e-4 if args.method == "full" else 1e-3, "logging_steps": 5, "threads": args.threads,
+                "device": args.device}
         print("Step rates: the four configurations in turns, one step each, in one process", flush=True)
         steps = common.run_worker(script, "turns", spec, args.threads)
         print("Peak memory: each configuration in its own process", flush=True)
         memory = common.by_turns(script, CONFIGS, spec, args.memory_rounds, args.threads)
 
     clock = args.clock
-    peak = {name: statistics.median(r["peak_train_mb"] for r in runs) for name, runs in memory.items()}
-    added = {name: statistics.median(r["peak_train_mb"] - r["baseline_mb"] for r in runs)
-             for name, runs in memory.items()}
+    gpu = args.device == "cuda"
+    # On a GPU the peak GPU memory allocated (nothing is allocated there before the model loads).
+    peak = {name: statistics.median(r["peak_gpu_mb" if gpu else "peak_train_mb"] for r in runs)
+            for name, runs in memory.items()}
+    added = {name: statistics.median(r["peak_gpu_mb"] if gpu else r["peak_train_mb"] - r["baseline_mb"]
+                                     for r in runs) for name, runs in memory.items()}
+    memory_label = "peak GPU MB" if gpu else "peak RSS MB"
     print(f"\nlexalign align vs plain TRL DPOTrainer ({common.machine()}, {args.threads} thread(s) each)")
     print(f"Llama {params / 1e6:.2f}M parameters (hidden {args.hidden}, {args.layers} layers), {args.method}, "
           f"{args.batch} pairs/step, {args.seq_len}-token sequences; {args.steps} steps each in turns, the first "
           f"{args.warmup} and the last left out; {clock} time of each step (its thread's clock)")
-    print(f"{'configuration':<20} {'steps/s':>8} {'peak RSS MB':>12} {'added by training MB':>21}")
+    print(f"{'configuration':<20} {'steps/s':>8} {memory_label:>12} {'added by training MB':>21}")
     for name in CONFIGS:
         rate = 1 / statistics.median(s[clock] for s in steps[name][args.warmup:-1])
         print(f"{name:<20} {rate:>8.3f} {peak[name]:>12.0f} {added[name]:>21.0f}")
@@ -173,7 +188,7 @@ def main() -> None:
         ratio, low, high = common.paired_ratio(steps[ours], steps[theirs], args.warmup, clock)
         memory_change = peak[ours] / peak[theirs] - 1
         print(f"{ours} / {theirs}: step rate {ratio:.3f} (IQR {low:.3f}..{high:.3f}; "
-              f"{'>=' if ratio >= 0.97 else '<'} 0.97), peak RSS {memory_change:+.1%} "
+              f"{'>=' if ratio >= 0.97 else '<'} 0.97), {memory_label[:-3]} {memory_change:+.1%} "
               f"({'within' if abs(memory_change) <= 0.05 else 'NOT within'} 5%), "
               f"memory added by training {added[ours] - added[theirs]:+.0f} MB")
 

@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/bench_reference.py
     .venv/bin/python benchmarks/bench_reference.py --steps-per-epoch 4 --skip-memory --skip-tokenize  # quick
+    python benchmarks/bench_reference.py --device cuda --hidden 1024 --layers 12 --batch 8 --seq-len 512
+
+On a GPU (`--device cuda`) the runs use LexAlign's GPU settings, steps are
+timed on the wall clock after `torch.cuda.synchronize()`, and the memory part
+compares peak GPU memory allocated.
 
 Three parts:
 
@@ -68,7 +73,7 @@ def align_job(spec: dict, name: str, callback):
         "max_length": spec["seq_len"], "logging_steps": 5, "save_steps": 100000, "beta": 0.1})
     return AlignJob(model_path=Path(spec["model"]), train=frame, eval=frame.iloc[:0],
                     cfg=AlignConfig.from_dict(params), output_dir=Path(spec["tmp"]) / f"out-{name}",
-                    checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device="cpu", seed=0,
+                    checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device=spec["device"], seed=0,
                     reference_path=Path(spec["reference"]) if kind == "reference" else None,
                     extra_callbacks=[callback])
 
@@ -86,9 +91,9 @@ def worker(name: str, spec: dict, out: Path) -> None:
         frame = pd.read_parquet(spec["data"])
         started = (time.process_time(), time.perf_counter())
         compute_reference(spec["model"], frame, frame.iloc[:0], spec["reference"], layout="pairs",
-                          max_length=spec["seq_len"], cache_dir=Path(spec["tmp"]) / "cache")
+                          max_length=spec["seq_len"], cache_dir=Path(spec["tmp"]) / "cache", device=spec["device"])
         out.write_text(json.dumps({"cpu": time.process_time() - started[0], "wall": time.perf_counter() - started[1],
-                                   "peak_mb": common.peak_rss_mb()}))
+                                   "peak_mb": common.peak_rss_mb(), "peak_gpu_mb": common.peak_gpu_mb()}))
     elif name == "turns":  # the four runs, in turns, in this process
         turns = common.Turns(RUNS)
         targets = {}
@@ -148,6 +153,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--memory-hidden", type=int, default=1024)
     parser.add_argument("--memory-layers", type=int, default=8)
     parser.add_argument("--skip-memory", action="store_true")
@@ -163,6 +169,8 @@ def main() -> None:
         return
 
     script = Path(__file__).resolve()
+    if args.device == "cuda":
+        args.clock = "wall"  # a CPU clock misses the GPU's work
     clock = args.clock
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         tmp = Path(tmp)
@@ -171,7 +179,7 @@ def main() -> None:
         frame.to_parquet(tmp / "pairs.parquet")
         spec = {"tmp": str(tmp), "model": str(tmp / "sft"), "data": str(tmp / "pairs.parquet"), "batch": args.batch,
                 "epochs": args.epochs, "seq_len": args.seq_len, "threads": args.threads,
-                "reference": str(tmp / "reference.parquet")}
+                "reference": str(tmp / "reference.parquet"), "device": args.device}
         print("The reference step, in its own process", flush=True)
         refstep = common.run_worker(script, "refstep", spec, args.threads)
         print("Epochs: the four runs in turns, one step each, in one process", flush=True)
@@ -229,7 +237,14 @@ def main() -> None:
               f"({'<=' if ratio <= 0.8 else '>'} 0.8)")
     print("  (ratio, whole run: the reference step, model loading included, plus all epochs, over all epochs online)")
 
-    if memory:
+    if memory and args.device == "cuda":
+        on, ref = memory["online-full"][0], memory["reference-full"][0]
+        print(f"\nPeak GPU memory allocated, full fine-tuning (Llama {memory_params / 1e6:.1f}M parameters, hidden "
+              f"{args.memory_hidden}, {args.memory_layers} layers, 2 steps of 2 pairs, each run in its own process)")
+        print(f"  without the reference file: {on['peak_gpu_mb']:.0f} MB; with it: {ref['peak_gpu_mb']:.0f} MB "
+              f"({ref['peak_gpu_mb'] / on['peak_gpu_mb']:.3f}x, {on['peak_gpu_mb'] - ref['peak_gpu_mb']:.0f} MB less); "
+              f"the reference step peaked at {memory_ref['peak_gpu_mb']:.0f} MB")
+    elif memory:
         on, ref = memory["online-full"][0], memory["reference-full"][0]
         print(f"\nPeak memory, full fine-tuning (Llama {memory_params / 1e6:.1f}M parameters, hidden "
               f"{args.memory_hidden}, {args.memory_layers} layers, 2 steps of 2 pairs, each run in its own process)")

@@ -59,6 +59,33 @@ def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, see
                          for _ in range(rows)])
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work, so a clock read after it includes it (nothing to do on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def plain_trl_settings(device: str, lora: bool) -> tuple[dict, dict]:
+    """(from_pretrained kwargs, DPOConfig kwargs) a plain TRL script would use for the settings LexAlign
+    picks on `device` (runtime.load_causal_lm, runtime.gpu_defaults), so both sides compute the same."""
+    import torch
+
+    from lexalign.train import runtime
+
+    bf16_weights = device == "cuda" and torch.cuda.is_bf16_supported() and lora
+    load = {"dtype": torch.bfloat16 if bf16_weights else torch.float32,
+            "attn_implementation": runtime.attention_implementation(device)}
+    return load, {"use_cpu": device == "cpu", **runtime.gpu_defaults(device)}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -75,7 +102,7 @@ def step_clock():
     class StepClock(TrainerCallback):
         def __init__(self):
             self.steps_cpu, self.steps_wall, self.epochs_cpu, self.epochs_wall = [], [], [], []
-            self.peak_train_mb = None
+            self.peak_train_mb = self.peak_gpu_mb = None
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             self._epoch = (time.process_time(), time.perf_counter())
@@ -85,18 +112,22 @@ def step_clock():
             self.epochs_wall.append(time.perf_counter() - self._epoch[1])
 
         def on_step_begin(self, args, state, control, **kwargs):
+            sync()
             self._step = (time.process_time(), time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             self.steps_cpu.append(time.process_time() - self._step[0])
             self.steps_wall.append(time.perf_counter() - self._step[1])
 
         def on_train_end(self, args, state, control, **kwargs):
             self.peak_train_mb = peak_rss_mb()
+            self.peak_gpu_mb = peak_gpu_mb()
 
         def result(self) -> dict:
             return {"steps_cpu": self.steps_cpu, "steps_wall": self.steps_wall, "epochs_cpu": self.epochs_cpu,
-                    "epochs_wall": self.epochs_wall, "peak_train_mb": self.peak_train_mb}
+                    "epochs_wall": self.epochs_wall, "peak_train_mb": self.peak_train_mb,
+                    "peak_gpu_mb": self.peak_gpu_mb}
 
     return StepClock()
 
@@ -197,6 +228,7 @@ class Turns:
 
             def _close(self, state):
                 if self.started is not None:
+                    sync()  # the step's GPU work counts with it
                     cpu, wall, step = self.started
                     turns.steps[name].append({"cpu": time.thread_time() - cpu, "wall": time.perf_counter() - wall,
                                               "step": step})
@@ -206,6 +238,7 @@ class Turns:
                     self._close(state)
                     turns.release(name)
                 turns.acquire(name)
+                sync()
                 self.started = (time.thread_time(), time.perf_counter(), state.global_step)
 
             def on_train_end(self, args, state, control, **kwargs):

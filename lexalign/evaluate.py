@@ -35,7 +35,7 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str],
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [_encode_pair(tokenizer, p, c) for p, c in zip(prompts[start:start + batch_size],
-                                                                  completions[start:start + batch_size])]
+                                                                  completions[start:start + batch_size], strict=False)]
         if max_length:
             encoded = [(ids[:max_length], s) for ids, s in encoded]
         width = max(len(ids) for ids, _ in encoded)
@@ -61,18 +61,19 @@ def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: 
         for side in ("chosen", "rejected")
     }
     rewards = {
-        side: [beta * (p - r) for p, r in zip(logps["policy", side], logps["reference", side])]
+        side: [beta * (p - r) for p, r in zip(logps["policy", side], logps["reference", side], strict=False)]
         for side in ("chosen", "rejected")
     }
-    margins = [c - r for c, r in zip(rewards["chosen"], rewards["rejected"])]
+    margins = [c - r for c, r in zip(rewards["chosen"], rewards["rejected"], strict=False)]
     n = max(len(margins), 1)
     return {
         "pairs": len(margins),
         "preference_accuracy": sum(m > 0 for m in margins) / n,
         "mean_margin": sum(margins) / n,
-        "logp_accuracy_policy": sum(c > r for c, r in zip(logps["policy", "chosen"], logps["policy", "rejected"])) / n,
+        "logp_accuracy_policy": sum(c > r for c, r in zip(logps["policy", "chosen"], logps["policy", "rejected"],
+                                                          strict=True)) / n,
         "logp_accuracy_reference": sum(c > r for c, r in zip(logps["reference", "chosen"],
-                                                              logps["reference", "rejected"])) / n,
+                                                              logps["reference", "rejected"], strict=False)) / n,
     }
 
 
@@ -83,7 +84,8 @@ def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: flo
 
     from lexalign.losses.gdpo import kendall_tau, pair_accuracy, top1_accuracy
 
-    groups = [(p, list(r), list(s)) for p, r, s in zip(frame["prompt"], frame["responses"], frame["scores"])]
+    groups = [(p, list(r), list(s))
+              for p, r, s in zip(frame["prompt"], frame["responses"], frame["scores"], strict=True)]
     k = min((len(r) for _, r, _ in groups), default=0)
     groups = [(p, r[:k], s[:k]) for p, r, s in groups if len(r) == k]
     if k < 3 or not groups:
@@ -154,7 +156,7 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
         keep = ((after_eos == 0) | ((after_eos == 1) & (generated == tokenizer.eos_token_id))).float()
         attention = torch.cat([batch["attention_mask"], keep.long()], dim=1)
         diff = [p - r for p, r in zip(_generated_logps(policy, tokens, attention, width, keep),
-                                      _generated_logps(reference, tokens, attention, width, keep))]
+                                      _generated_logps(reference, tokens, attention, width, keep), strict=False)]
         total += sum(diff)
         count += len(diff)
     torch.random.set_rng_state(generator_state)
@@ -171,7 +173,8 @@ def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dic
     for name, model in models.items():
         completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
         result[f"{name}_rate"] = sum(task.judge(c) for c in completions) / len(completions)
-        result[f"{name}_examples"] = [{"prompt": p, "completion": c} for p, c in list(zip(prompts, completions))[:5]]
+        result[f"{name}_examples"] = [{"prompt": p, "completion": c}
+                                      for p, c in list(zip(prompts, completions, strict=True))[:5]]
     if "sft_rate" in result and "aligned_rate" in result:
         result["rise_points"] = 100 * (result["aligned_rate"] - result["sft_rate"])
     return result

@@ -104,7 +104,8 @@ def write_model_card(out_dir: str | Path, record: dict, title: str, metrics: dic
         lines.append(f"- **{step['stage']}**: {summary}")
     if metrics:
         lines += ["", "## Training metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in sorted(metrics.items())]
     lines += ["", "The full lineage (configs, input hashes, package versions) is in `lineage.json`.", ""]
     from lexalign.io import atomic_write_text
 

@@ -45,7 +45,7 @@ def plot_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
         for name, model_dir in runs.items():
             points = [(m["step"], m[key]) for m in _metrics(model_dir) if key in m]
             if points:
-                ax.plot(*zip(*points), marker=".", label=name)
+                ax.plot(*zip(*points, strict=False), marker=".", label=name)
         ax.set(title=title, xlabel="optimizer step")
         ax.grid(alpha=0.3)
         if ax.has_data():
@@ -92,8 +92,8 @@ def plot_lengths(validated: Path, tokenizer_dir: Path, out_dir: Path, limit: int
     plt = _figure()
     frame = pd.read_parquet(validated / "train.parquet", columns=["prompt", "chosen", "rejected"]).head(limit)
     tokenizer = load_tokenizer(tokenizer_dir)
-    texts = [p + c for p, c in zip(frame["prompt"], frame["chosen"])] + \
-            [p + r for p, r in zip(frame["prompt"], frame["rejected"])]
+    texts = [p + c for p, c in zip(frame["prompt"], frame["chosen"], strict=False)] + \
+            [p + r for p, r in zip(frame["prompt"], frame["rejected"], strict=False)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(lengths, bins=30, color="tab:purple")

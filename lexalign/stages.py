@@ -169,7 +169,7 @@ def report(runs: list[str], evals: list[str], models: list[str], validated: str 
     """The HTML report comparing every run (lists are in the order of `runs`)."""
     from lexalign.report import build_report
 
-    out = build_report(dict(zip(runs, map(Path, evals))), dict(zip(runs, map(Path, models))), Path(validated),
-                       Path(tokenizer), Path(page), Path(plots))
+    out = build_report(dict(zip(runs, map(Path, evals), strict=True)), dict(zip(runs, map(Path, models), strict=True)),
+                       Path(validated), Path(tokenizer), Path(page), Path(plots))
     print(f"Report written to {out}", flush=True)
     return out

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, write_jsonl
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")

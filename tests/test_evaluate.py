@@ -34,7 +34,7 @@ def test_sequence_logps_match_token_by_token(models, demo_tokenizer):
     prompts = ["User: Please greet Zoe.\nAssistant:", "User: Say hello to Bob.\nAssistant:"]
     completions = [" Hello Zoe, it is lovely to meet you!", " Go away Bob."]  # different lengths: padding matters
     batched = sequence_logps(sft, demo_tokenizer, prompts, completions, batch_size=2)
-    for got, prompt, completion in zip(batched, prompts, completions):
+    for got, prompt, completion in zip(batched, prompts, completions, strict=False):
         assert got == pytest.approx(brute_force_logp(sft, demo_tokenizer, prompt, completion), abs=1e-4)
 
 

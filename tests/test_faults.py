@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
 from lexalign.demo import task
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")

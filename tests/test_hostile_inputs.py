@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_download_hub import assert_clean_error, cli, hub, model_entry  # noqa: F401  (fixtures)
 
 from lexalign.errors import LexAlignError
 from lexalign.io import safe_relative_path
-from test_download_hub import assert_clean_error, cli, hub, model_entry  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("name", ["../escape.txt", "a/../../b", "/etc/passwd", "C:\\\\evil.dll", "..\\\\up.bin", ""])

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -69,7 +69,8 @@ def schema_for(kind: str) -> dict:
         "additionalProperties": False,
         "properties": {
             "path": {"type": "string", "description": "The model to start from (a folder)."},
-            "base_model": {"type": ["string", "null"], "default": None, "description": "Tokenizer source, if not in path."},
+            "base_model": {"type": ["string", "null"], "default": None,
+                           "description": "Tokenizer source, if not in path."},
             "trust_remote_code": {"type": "boolean", "default": False},
             "allow_pickle": {"type": "boolean", "default": False},
         },
@@ -146,7 +147,8 @@ def _normalise(data: Any, schema: dict, root: dict) -> Any:
                 out[key] = _normalise(out[key], sub, root)
             elif "default" in sub_resolved:
                 out[key] = copy.deepcopy(sub_resolved["default"])
-            elif sub_resolved.get("type") == "object" and "properties" in sub_resolved and key not in schema.get("required", []):
+            elif (sub_resolved.get("type") == "object" and "properties" in sub_resolved
+                  and key not in schema.get("required", [])):
                 out[key] = _normalise({}, sub, root)
         return out
     if isinstance(data, list) and "items" in schema:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 from lexalign.errors import LexAlignError, warn
-from lexalign.io import safe_relative_path
 from lexalign.hub import manifest
 from lexalign.hub.errors import endpoint, hub_error, is_network_error, is_offline, offline_error
+from lexalign.io import safe_relative_path
 
 # With safetensors weights selected, these other weight formats (PyTorch pickles,
 # TensorFlow, Flax, Rust) are duplicates of the same tensors and are not fetched.

@@ -96,7 +96,7 @@ def load_policy(job: AlignJob, device: str):
     job.sft_path = sft_weights(job)
     tokenizer = runtime.load_tokenizer(job.tokenizer_path or job.model_path, job.trust_remote_code)
     model = runtime.load_causal_lm(job.sft_path, device, quantize_4bit=job.cfg.load_in_4bit,
-                                   trust_remote_code=job.trust_remote_code)
+                                   trust_remote_code=job.trust_remote_code, train_all_weights=not job.cfg.use_lora)
     return model, tokenizer
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lexalign.config.stages import FinetuneConfig
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
 from lexalign.train.job import TrainingJob
@@ -36,7 +35,8 @@ class FinetuneJob(TrainingJob):
         device = runtime.resolve_device(self.device)
         tokenizer = runtime.load_tokenizer(self.model_path, self.trust_remote_code)
         model = runtime.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
-                                       trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+                                       trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
+                                       train_all_weights=self.cfg.method == "full")
         has_eval = len(self.eval) > 0
         args = SFTConfig(
             **runtime.trainer_arguments(self.cfg, device, self.checkpoint_dir, has_eval, self.seed),

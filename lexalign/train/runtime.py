@@ -69,8 +69,14 @@ def check_weights_format(path: Path, allow_pickle: bool) -> bool:
 
 
 def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, trust_remote_code: bool = False,
-                   allow_pickle: bool = False):
-    """Load a causal LM from safetensors; 4-bit NF4 through bitsandbytes for QLoRA."""
+                   allow_pickle: bool = False, train_all_weights: bool = False):
+    """Load a causal LM from safetensors; 4-bit NF4 through bitsandbytes for QLoRA.
+
+    On a GPU with bf16, frozen weights (LoRA's base, a reference) are stored in bf16. Weights that are all
+    trained (`train_all_weights`, full fine-tuning) stay fp32 and the Trainer autocasts to bf16: AdamW's
+    updates at alignment learning rates (1e-6 of a weight) are far below bf16's resolution (2**-8 of it)
+    and would round away.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +106,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
                                 hint="Use method: lora (or load_in_4bit: false)") from None
         # Norms in fp32 and input gradients on, as PEFT recommends for k-bit training.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
-    elif device == "cuda" and torch.cuda.is_bf16_supported():
+    elif device == "cuda" and torch.cuda.is_bf16_supported() and not train_all_weights:
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.float32
