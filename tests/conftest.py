@@ -69,3 +69,16 @@ def sft_model_dir(tmp_path_factory, demo_model_dir) -> Path:
         device="cpu",
     )
     return job.run()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One real pipeline run on the demo (rule all: every run, evaluated, and the report) in a temporary copy
+    of the workflow, shared by test_pipeline and test_reference. Tests that change it work on a copy."""
+    from test_pipeline import PLANTED_TOKEN, copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    result = snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert PLANTED_TOKEN not in result.stdout + result.stderr
+    return workdir

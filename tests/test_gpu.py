@@ -65,13 +65,32 @@ def align_job(tmp_path: Path, model: Path, train: pd.DataFrame, reference: Path 
                     device="cuda", seed=3, reference_path=reference)
 
 
-def test_the_defaults_switch_on():
+def test_the_defaults_switch_on(demo_model_dir):
+    from transformers.models.llama import modeling_llama
+
+    from lexalign.train.kernels import liger_installed
+
     defaults = runtime.gpu_defaults("cuda")
     assert defaults["bf16"] == torch.cuda.is_bf16_supported()
     assert defaults["gradient_checkpointing"] is True
-    assert defaults["use_liger_kernel"] == runtime._installed("liger_kernel")
     assert runtime.attention_implementation("cuda") in ("sdpa", "flash_attention_2")
     assert runtime.resolve_device("auto") == "cuda"
+
+    classes = (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward,
+               modeling_llama.apply_rotary_pos_emb)
+    model = runtime.load_causal_lm(demo_model_dir, "cuda")
+    assert model.config._attn_implementation == runtime.attention_implementation("cuda")
+    assert model.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    # Liger's kernels on this model's layers when installed, and on nothing else in the process.
+    assert ("forward" in vars(model.model.norm)) == liger_installed()
+    assert classes == (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward,
+                       modeling_llama.apply_rotary_pos_emb)
+    on_cpu = runtime.load_causal_lm(demo_model_dir, "cpu")
+    assert "forward" not in vars(on_cpu.model.norm)
+    on_cpu(torch.tensor([[1, 2, 3]]))  # a Triton kernel would refuse CPU tensors
+    patched = model.cuda()(torch.tensor([[1, 2, 3]], device="cuda")).logits.float().cpu()
+    plain = on_cpu(torch.tensor([[1, 2, 3]])).logits
+    assert torch.allclose(patched, plain, atol=0.1), (patched - plain).abs().max()
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
@@ -83,7 +102,10 @@ def test_finetune_on_the_gpu(tmp_path, demo_model_dir, method):
     assert trainer.args.bf16 == torch.cuda.is_bf16_supported() and trainer.args.gradient_checkpointing
     assert next(trainer.model.parameters()).device.type == "cuda"
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
-    assert trained and all(p.dtype == torch.float32 for p in trained), "trained weights must stay fp32"
+    # Full fine-tuning and LoRA keep the trained weights in fp32 (bf16 autocast); for 4-bit models TRL
+    # casts the adapters to bf16, the QLoRA paper's recipe.
+    expected = torch.bfloat16 if method == "qlora" and torch.cuda.is_bf16_supported() else torch.float32
+    assert trained and all(p.dtype == expected for p in trained), {p.dtype for p in trained}
     if method == "qlora":
         assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
     job.train_model(trainer, interrupt)

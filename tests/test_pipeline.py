@@ -56,16 +56,6 @@ def edit_config(workdir: Path, section: str, key: str, value) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One real pipeline run on the demo, shared by the tests of this module."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    result = snakemake(workdir, "--cores", "2")  # rule all: every run, evaluated, and the report
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert PLANTED_TOKEN not in result.stdout + result.stderr
-    return workdir
-
-
 @pytest.mark.slow
 def test_aligned_model_loads_and_generates(demo_run):
     import torch

@@ -299,22 +299,12 @@ def test_gdpo_reads_the_reference_of_its_k_groups(tmp_path):
     assert "results/reference/preferences-k4/k4-max64.parquet" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def aligned_once(tmp_path_factory):
-    from test_pipeline import copy_workflow, snakemake
-
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    result = snakemake(workdir, "--cores", "2", "results/aligned")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workdir
-
-
 @pytest.mark.slow
-def test_align_reads_the_reference_file(aligned_once):
-    assert (aligned_once / "results/reference/preferences/pairs-max64.parquet").is_file()
+def test_align_reads_the_reference_file(demo_run):
+    assert (demo_run / "results/reference/preferences/pairs-max64.parquet").is_file()
     assert "Reference log-probs: results/reference/preferences/pairs-max64.parquet" in \
-        (aligned_once / "logs/align.log").read_text()
-    assert list((aligned_once / "results/cache/tokens").glob("*.parquet"))
+        (demo_run / "logs/align.log").read_text()
+    assert list((demo_run / "results/cache/tokens").glob("*.parquet"))
 
 
 @pytest.mark.slow
@@ -325,11 +315,11 @@ def test_align_reads_the_reference_file(aligned_once):
     # A new SFT model is a new reference (its tokens come from the cache).
     ("finetune", "learning_rate", 1e-3, "results/aligned", {"finetune": 1, "reference": 1, "align": 1}),
 ])
-def test_what_reruns_the_reference_step(aligned_once, tmp_path, section, key, value, target, expected):
+def test_what_reruns_the_reference_step(demo_run, tmp_path, section, key, value, target, expected):
     from test_pipeline import edit_config, planned_jobs, snakemake
 
     workdir = tmp_path / "copy"
-    shutil.copytree(aligned_once, workdir, symlinks=True)
+    shutil.copytree(demo_run, workdir, symlinks=True)
     edit_config(workdir, section, key, value)
     result = snakemake(workdir, "-n", "--cores", "1", target)
     assert result.returncode == 0, result.stderr[-2000:]

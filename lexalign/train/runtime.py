@@ -105,13 +105,23 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
             raise LexAlignError("4-bit (QLoRA) loading failed: bitsandbytes cannot run here", str(err).splitlines()[0],
                                 hint="Use method: lora (or load_in_4bit: false)") from None
         # Norms in fp32 and input gradients on, as PEFT recommends for k-bit training.
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+        if device == "cuda":
+            from lexalign.train.kernels import apply_liger
+
+            apply_liger(model)
+        return model
     elif device == "cuda" and torch.cuda.is_bf16_supported() and not train_all_weights:
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.float32
     kwargs["attn_implementation"] = attention_implementation(device)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device == "cuda":
+        from lexalign.train.kernels import apply_liger
+
+        apply_liger(model)
+    return model
 
 
 def _installed(module: str) -> bool:
@@ -126,17 +136,14 @@ def attention_implementation(device: str) -> str:
 
 
 def gpu_defaults(device: str) -> dict:
-    """Switched on when training on a GPU: bf16 where supported, gradient checkpointing, Liger kernels
-    (fused RMSNorm, RoPE, SwiGLU and cross-entropy) where installed. On the CPU each would cost time."""
+    """Training arguments switched on on a GPU: bf16 autocast where supported, gradient checkpointing.
+    On the CPU each would cost time. (Liger's kernels are applied as the model loads, see kernels.py;
+    the Trainer's `use_liger_kernel` would patch transformers process-wide.)"""
     import torch
 
     if device != "cuda":
-        return {"bf16": False, "gradient_checkpointing": False, "use_liger_kernel": False}
-    return {
-        "bf16": torch.cuda.is_bf16_supported(),
-        "gradient_checkpointing": True,
-        "use_liger_kernel": _installed("liger_kernel"),
-    }
+        return {"bf16": False, "gradient_checkpointing": False}
+    return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
 
 
 # LoRA targets per architecture when `target_modules: auto`: attention and MLP
