@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+# The chains below run side by side: one torch thread each, so they do not oversubscribe the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def start(config: Path, stage: str) -> subprocess.Popen:
     return subprocess.Popen([LEXALIGN, stage, "--config", str(config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV)
 
 
 def complete_checkpoints(folder: Path) -> list[int]:
@@ -41,7 +46,7 @@ def complete_checkpoints(folder: Path) -> list[int]:
 
 
 def straight_run(config: Path, stage: str) -> None:
-    done = subprocess.run([LEXALIGN, stage, "--config", str(config)], capture_output=True, text=True)
+    done = subprocess.run([LEXALIGN, stage, "--config", str(config)], capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
@@ -92,7 +97,6 @@ def assert_nothing_lost(history: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_loses_only_steps_since_the_last_checkpoint(tmp_path, demo_model_dir):
-    rng = random.Random(20261122)
     sft_rows = write_jsonl(tmp_path / "sft.jsonl", task.sft_rows(0, 192))
     prefs = write_jsonl(tmp_path / "prefs.jsonl", task.preference_rows(0, 160))
     finetune = {"learning_rate": "3e-3", "batch_size": 4, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS,
@@ -101,7 +105,7 @@ def test_sigkill_at_random_points_loses_only_steps_since_the_last_checkpoint(tmp
                  "save_steps": SAVE_STEPS, "warmup_steps": 0, "max_length": 64, "logging_steps": 1,
                  "lora_dropout": 0.0}
 
-    def configs(root: Path) -> tuple[Path, Path]:
+    def configs(root: Path, sft_model: Path) -> tuple[Path, Path]:
         root.mkdir()
         ft = root / "finetune.yaml"
         ft.write_text(yaml.safe_dump({
@@ -109,19 +113,26 @@ def test_sigkill_at_random_points_loses_only_steps_since_the_last_checkpoint(tmp
             "output_dir": str(root / "sft"), "checkpoint_dir": str(root / "ckpt-sft"), "device": "cpu"}))
         al = root / "align.yaml"
         al.write_text(yaml.safe_dump({
-            "model": {"path": str(root / "sft")}, "dataset": {"path": str(prefs), "max_length": 64},
+            "model": {"path": str(sft_model)}, "dataset": {"path": str(prefs), "max_length": 64},
             "alignment": {**alignment, "output_dir": str(root / "aligned"), "checkpoint_dir": str(root / "ckpt-al")},
             "device": "cpu"}))
         return ft, al
 
-    straight_ft, straight_al = configs(tmp_path / "straight")
-    straight_run(straight_ft, "finetune")
-    straight_run(straight_al, "align")
-
-    killed_ft, killed_al = configs(tmp_path / "killed")
+    # Both aligns start from the never-killed SFT model, so the killed finetune and the killed align
+    # run side by side (with the never-killed runs), and each is compared with its never-killed twin.
+    straight_sft = tmp_path / "straight" / "sft"
+    straight_ft, straight_al = configs(tmp_path / "straight", straight_sft)
+    killed_ft, killed_al = configs(tmp_path / "killed", straight_sft)
     root = tmp_path / "killed"
-    history = kill_at_random_points(killed_ft, "finetune", root / "sft", root / "ckpt-sft", rng, KILLS_PER_STAGE)
-    history += kill_at_random_points(killed_al, "align", root / "aligned", root / "ckpt-al", rng, KILLS_PER_STAGE)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        killed_sft = pool.submit(kill_at_random_points, killed_ft, "finetune", root / "sft", root / "ckpt-sft",
+                                 random.Random(20261122), KILLS_PER_STAGE)
+        straight_run(straight_ft, "finetune")
+        straight_aligned = pool.submit(straight_run, straight_al, "align")
+        history = kill_at_random_points(killed_al, "align", root / "aligned", root / "ckpt-al",
+                                        random.Random(20261123), KILLS_PER_STAGE)
+        history = killed_sft.result() + history
+        straight_aligned.result()
     (tmp_path / "kill-history.json").write_text(json.dumps(history, indent=1))
     assert len(history) == 2 * KILLS_PER_STAGE
     assert_nothing_lost(history)

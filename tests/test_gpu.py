@@ -72,7 +72,7 @@ def test_the_defaults_switch_on(demo_model_dir):
 
     defaults = runtime.gpu_defaults("cuda")
     assert defaults["bf16"] == torch.cuda.is_bf16_supported()
-    assert defaults["gradient_checkpointing"] is True
+    assert defaults[runtime.checkpointing_argument()] is True
     assert runtime.attention_implementation("cuda") in ("sdpa", "flash_attention_2")
     assert runtime.resolve_device("auto") == "cuda"
 

@@ -42,4 +42,4 @@ def test_module_patches_are_undone_and_the_model_keeps_its_own(demo_model_dir):
 def test_liger_is_only_applied_on_the_gpu(demo_model_dir):
     model = runtime.load_causal_lm(demo_model_dir, "cpu")
     assert "forward" not in vars(model.model.norm)
-    assert runtime.gpu_defaults("cpu") == {"bf16": False, "gradient_checkpointing": False}
+    assert runtime.gpu_defaults("cpu") == {"bf16": False, runtime.checkpointing_argument(): False}

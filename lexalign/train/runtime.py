@@ -141,9 +141,16 @@ def gpu_defaults(device: str) -> dict:
     the Trainer's `use_liger_kernel` would patch transformers process-wide.)"""
     import torch
 
-    if device != "cuda":
-        return {"bf16": False, "gradient_checkpointing": False}
-    return {"bf16": torch.cuda.is_bf16_supported(), "gradient_checkpointing": True}
+    on_gpu = device == "cuda"
+    return {"bf16": on_gpu and torch.cuda.is_bf16_supported(), checkpointing_argument(): on_gpu}
+
+
+def checkpointing_argument() -> str:
+    """transformers 5.x renamed `gradient_checkpointing` (a deprecated alias since) to `activation_checkpointing`."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 # LoRA targets per architecture when `target_modules: auto`: attention and MLP
