@@ -60,11 +60,27 @@ def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output:
     return report
 
 
-def _frames(data: str | Path):
+def _frames(data: str | Path, gated: bool = False):
+    """The train and eval rows of a data folder; with `gated`, only if its validation report passed the gate."""
     import pandas as pd
 
     data = Path(data)
+    if gated:
+        from lexalign.data.preference import gate
+        from lexalign.io import read_json
+
+        gate(read_json(data / "report.json"), str(data))
     return pd.read_parquet(data / "train.parquet"), pd.read_parquet(data / "eval.parquet")
+
+
+def _job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose, trust_remote_code,
+                gated: bool = False) -> dict:
+    """What every TrainingJob is built from (lexalign.train.job.TrainingJob's shared fields)."""
+    train, evals = _frames(data, gated)
+    return {"model_path": Path(model), "train": train, "eval": evals, "output_dir": Path(output),
+            "checkpoint_dir": Path(checkpoint_dir), "device": device, "seed": seed,
+            "resume": Path(resume) if resume else None, "verbose": verbose, "trust_remote_code": trust_remote_code,
+            "lineage_inputs": {"model": Path(model), "data": Path(data)}}
 
 
 def finetune(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
@@ -72,23 +88,9 @@ def finetune(model: str | Path, data: str | Path, params: dict, output: str | Pa
              trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     from lexalign.train.finetune import FinetuneJob
 
-    data = Path(data)
-    train, evals = _frames(data)
-    job = FinetuneJob(
-        model_path=Path(model),
-        train=train,
-        eval=evals,
-        cfg=FinetuneConfig.from_dict(params),
-        output_dir=Path(output),
-        checkpoint_dir=Path(checkpoint_dir),
-        device=device,
-        seed=seed,
-        resume=Path(resume) if resume else None,
-        verbose=verbose,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        lineage_inputs={"model": Path(model), "data": data},
-    )
+    job = FinetuneJob(cfg=FinetuneConfig.from_dict(params), allow_pickle=allow_pickle,
+                      **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
+                                    trust_remote_code))
     return job.run()
 
 
@@ -97,14 +99,10 @@ def reference(model: str | Path, data: str | Path, output: str | Path, layout: s
               device: str = "auto", trust_remote_code: bool = False, cache_dir: str | Path | None = None,
               tokenizer: str | None = None) -> dict:
     """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet)."""
-    from lexalign.data.preference import gate
-    from lexalign.io import read_json
     from lexalign.reference import compute_reference
     from lexalign.train.runtime import resolve_device
 
-    data = Path(data)
-    gate(read_json(data / "report.json"), str(data))
-    train, evals = _frames(data)
+    train, evals = _frames(data, gated=True)
     summary = compute_reference(model, train, evals, output, layout=layout, max_length=max_length,
                                 truncation_mode=truncation_mode, device=resolve_device(device),
                                 load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
@@ -121,29 +119,12 @@ def align(model: str | Path, data: str | Path, params: dict, output: str | Path,
           trust_remote_code: bool = False, tokenizer: str | None = None, resume_command: str | None = None,
           reference: str | Path | None = None) -> Path:
     """Align the SFT model; with `reference` (the reference step's file) no reference pass runs in training."""
-    from lexalign.data.preference import gate
-    from lexalign.io import read_json
     from lexalign.train.align import AlignJob
 
-    data = Path(data)
-    gate(read_json(data / "report.json"), str(data))
-    train, evals = _frames(data)
-    job = AlignJob(
-        model_path=Path(model),
-        train=train,
-        eval=evals,
-        cfg=AlignConfig.from_dict(params),
-        output_dir=Path(output),
-        checkpoint_dir=Path(checkpoint_dir),
-        device=device,
-        seed=seed,
-        resume=Path(resume) if resume else None,
-        verbose=verbose,
-        trust_remote_code=trust_remote_code,
-        tokenizer_path=Path(tokenizer) if tokenizer else None,
-        reference_path=Path(reference) if reference else None,
-        lineage_inputs={"model": Path(model), "data": data},
-    )
+    job = AlignJob(cfg=AlignConfig.from_dict(params), tokenizer_path=Path(tokenizer) if tokenizer else None,
+                   reference_path=Path(reference) if reference else None,
+                   **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
+                                 trust_remote_code, gated=True))
     if resume_command:
         job.resume_command = resume_command
     return job.run()
