@@ -36,29 +36,15 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository on the path)
 
 
 def make_texts(tokenizer, prompt_tokens: int, completion_tokens: int, groups: int, k: int, seed: int):
     """Prompts and K responses of (at least) the given token lengths, from the demo vocabulary."""
-    import random
-
-    from lexalign.demo import task
-
-    rng = random.Random(seed)
-    words = " ".join(task.corpus(seed)).split()
-
-    def text(n_tokens: int) -> str:
-        out = ""
-        while len(tokenizer(out, add_special_tokens=False)["input_ids"]) < n_tokens:
-            out += " " + " ".join(rng.choice(words) for _ in range(16))
-        return out
-
-    rows = []
-    for _ in range(groups):
-        rows.append({"prompt": text(prompt_tokens), "responses": [text(completion_tokens) for _ in range(k)],
-                     "scores": [float(k - i) for i in range(k)]})
-    return rows
+    text = common.text_maker(tokenizer, seed)
+    return [{"prompt": text(prompt_tokens), "responses": [text(completion_tokens) for _ in range(k)],
+             "scores": [float(k - i) for i in range(k)]} for _ in range(groups)]
 
 
 def sync() -> None:
@@ -86,7 +72,7 @@ class Config:
         device = args["device"]
         tokenizer = load_tokenizer(model_dir)
         model = load_causal_lm(model_dir, device)
-        common = {
+        shared = {
             "output_dir": str(model_dir.parent / "checkpoints"),
             "per_device_train_batch_size": prompts,
             "report_to": [],
@@ -101,10 +87,10 @@ class Config:
         if kind == "dpo":
             pairs = frame.assign(chosen=frame.responses.str[0], rejected=frame.responses.str[-1])
             dataset = Dataset.from_pandas(pairs[["prompt", "chosen", "rejected"]], preserve_index=False)
-            self.trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=dataset,
+            self.trainer = DPOTrainer(model=model, args=DPOConfig(**shared), train_dataset=dataset,
                                       processing_class=tokenizer)
         else:
-            self.trainer = GDPOTrainer(model=model, args=GDPOConfig(**common, group_delay_size=k),
+            self.trainer = GDPOTrainer(model=model, args=GDPOConfig(**shared, group_delay_size=k),
                                        train_dataset=ranked_dataset(frame, k), processing_class=tokenizer)
         self.model = self.trainer.model.to(self.trainer.args.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)

@@ -38,14 +38,10 @@ def write_model(out: Path, hidden: int, layers: int, seq_len: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, seed: int = 0):
-    """Prompt/chosen/rejected rows whose prompt + completion reach `seq_len` tokens (then truncated)."""
-    import pandas as pd
-
+def text_maker(tokenizer, seed: int):
+    """A function giving texts of the demo's words with at least `n_tokens` tokens (random, from `seed`)."""
     from lexalign.demo import task
-    from lexalign.train.runtime import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
     rng = random.Random(seed)
     words = " ".join(task.corpus(seed)).split()
 
@@ -55,6 +51,16 @@ def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, see
             out += " " + " ".join(rng.choice(words) for _ in range(16))
         return out
 
+    return text
+
+
+def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, seed: int = 0):
+    """Prompt/chosen/rejected rows whose prompt + completion reach `seq_len` tokens (then truncated)."""
+    import pandas as pd
+
+    from lexalign.train.runtime import load_tokenizer
+
+    text = text_maker(load_tokenizer(model_dir), seed)
     return pd.DataFrame([{"prompt": text(prompt_tokens), "chosen": text(seq_len), "rejected": text(seq_len)}
                          for _ in range(rows)])
 
