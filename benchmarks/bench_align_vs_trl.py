@@ -130,17 +130,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out")
     parser.add_argument("--memory-steps", type=int, default=8, help="steps of each memory run")
     parser.add_argument("--memory-rounds", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    common.add_training_arguments(parser)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.device == "cuda":
-        args.clock = "wall"  # a CPU clock misses the GPU's work
+    args = common.parse_training_arguments(parser)
     if args.worker:
         name, spec, out = args.worker
         worker(name, json.loads(Path(spec).read_text()), Path(out))

@@ -147,13 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    common.add_training_arguments(parser)
     parser.add_argument("--memory-hidden", type=int, default=1024)
     parser.add_argument("--memory-layers", type=int, default=8)
     parser.add_argument("--skip-memory", action="store_true")
@@ -161,7 +155,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the tokenization part")
     parser.add_argument("--skip-tokenize", action="store_true")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.parse_training_arguments(parser)
     if args.worker:
         name, spec, out = args.worker
         spec = json.loads(Path(spec).read_text())
@@ -169,8 +163,6 @@ def main() -> None:
         return
 
     script = Path(__file__).resolve()
-    if args.device == "cuda":
-        args.clock = "wall"  # a CPU clock misses the GPU's work
     clock = args.clock
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         tmp = Path(tmp)

@@ -9,6 +9,7 @@ the matrix products, not Python, dominate a step and padding plays no part.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -63,6 +64,25 @@ def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, see
     text = text_maker(load_tokenizer(model_dir), seed)
     return pd.DataFrame([{"prompt": text(prompt_tokens), "chosen": text(seq_len), "rejected": text(seq_len)}
                          for _ in range(rows)])
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, batch and clock options of the training benchmarks."""
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: LexAlign's GPU settings, the wall clock, peak GPU memory")
+
+
+def parse_training_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.device == "cuda":
+        args.clock = "wall"  # a CPU clock misses the GPU's work
+    return args
 
 
 def sync() -> None:
