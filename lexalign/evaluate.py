@@ -13,36 +13,36 @@ from pathlib import Path
 
 import pandas as pd
 
+from lexalign import tokens
 from lexalign.config.stages import EvaluateConfig
 
 
-def _encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    """Token ids of prompt+completion+EOS and where the completion starts (as TRL does)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
-        start += 1
-    return full, start
+def pad_id(tokenizer) -> int:
+    """The id padding is filled with: masked out everywhere, so any id does (GPT-2 has no pad token)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
 
 
-def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
-                   max_length: int | None = None) -> list[float]:
-    """Sum of log π(completion tokens | prompt) for each pair."""
+def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str], chat: bool = False,
+                   batch_size: int = 16, max_length: int | None = None) -> list[float]:
+    """Sum of log π(completion tokens | prompt) for each pair, on the trainers' tokens (lexalign.tokens)."""
     import torch
 
     device = next(model.parameters()).device
+    prompt_ids, completion_ids = tokens.tokenize_groups(tokenizer, prompts, [[c] for c in completions], chat)
+    encoded = [(p + c[0], len(p)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     out: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [_encode_pair(tokenizer, p, c) for p, c in zip(prompts[start:start + batch_size],
-                                                                  completions[start:start + batch_size], strict=False)]
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
         if max_length:
-            encoded = [(ids[:max_length], s) for ids, s in encoded]
-        width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            batch = [(ids[:max_length], s) for ids, s in batch]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id(tokenizer), dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for row, (ids, s) in enumerate(encoded):
+        for row, (ids, s) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             mask[row, s: len(ids)] = True
@@ -53,10 +53,26 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str],
     return out
 
 
+def _prompt_batch(tokenizer, prompts: list[str], chat: bool, device):
+    """Left-padded prompt ids for generation, by the same rule as training (lexalign.tokens)."""
+    import torch
+
+    ids = tokens.prompt_ids(tokenizer, prompts, chat)
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), pad_id(tokenizer), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, seq in enumerate(ids):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            attention[row, width - len(seq):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
 def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
     prompts = frame["prompt"].tolist()
+    chat = tokens.chat_rendered(frame)
     logps = {
-        (name, side): sequence_logps(model, tokenizer, prompts, frame[side].tolist(), batch_size)
+        (name, side): sequence_logps(model, tokenizer, prompts, frame[side].tolist(), chat, batch_size)
         for name, model in (("policy", policy), ("reference", reference))
         for side in ("chosen", "rejected")
     }
@@ -92,8 +108,9 @@ def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: flo
         return {}
     prompts = [p for p, r, _ in groups for _ in r]
     responses = [y for _, r, _ in groups for y in r]
-    policy_logps = sequence_logps(policy, tokenizer, prompts, responses, batch_size)
-    reference_logps = sequence_logps(reference, tokenizer, prompts, responses, batch_size)
+    chat = tokens.chat_rendered(frame)
+    policy_logps = sequence_logps(policy, tokenizer, prompts, responses, chat, batch_size)
+    reference_logps = sequence_logps(reference, tokenizer, prompts, responses, chat, batch_size)
     rewards = beta * (torch.tensor(policy_logps) - torch.tensor(reference_logps)).view(len(groups), k)
     scores = torch.tensor([s for _, _, s in groups], dtype=torch.float32)
     return {
@@ -105,20 +122,21 @@ def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: flo
     }
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions (deterministic, so the judged rate is reproducible)."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, chat: bool = False
+             ) -> list[str]:
+    """Greedy completions (deterministic, so the judged rate is reproducible), stopping at any of the
+    model's end ids (generation_config's list: Llama-3's, Phi-3's and Gemma's several)."""
     import torch
 
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    stops = tokens.end_ids(model, tokenizer)
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+        batch = _prompt_batch(tokenizer, prompts[start:start + batch_size], chat, device)
         with torch.no_grad():
-            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=stops, pad_token_id=pad_id(tokenizer))
+        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 
 
@@ -133,30 +151,32 @@ def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
 
 
 def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                batch_size: int = 16) -> float:
+                batch_size: int = 16, chat: bool = False) -> float:
     """Monte Carlo KL(aligned ‖ SFT) per prompt: sample y ~ π_aligned at temperature 1 and average
     log π_aligned(y|x) − log π_SFT(y|x) over the sampled token ids (an unbiased estimate)."""
     import torch
 
-    tokenizer.padding_side = "left"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
+    stops = tokens.end_ids(policy, tokenizer)
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+        batch = _prompt_batch(tokenizer, prompts[start:start + batch_size], chat, device)
         width = batch["input_ids"].shape[1]
         with torch.no_grad():
-            tokens = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                                     top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
-        generated = tokens[:, width:]
-        # Keep each sampled token up to and including the first EOS.
-        after_eos = (generated == tokenizer.eos_token_id).long().cumsum(-1)
-        keep = ((after_eos == 0) | ((after_eos == 1) & (generated == tokenizer.eos_token_id))).float()
+            generated_ids = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                            top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad_id(tokenizer))
+        generated = generated_ids[:, width:]
+        # Keep each sampled token up to and including the first end id.
+        is_end = torch.isin(generated, torch.tensor(stops, device=generated.device)) if stops \
+            else torch.zeros_like(generated, dtype=torch.bool)
+        after_end = is_end.long().cumsum(-1)
+        keep = ((after_end == 0) | ((after_end == 1) & is_end)).float()
         attention = torch.cat([batch["attention_mask"], keep.long()], dim=1)
-        diff = [p - r for p, r in zip(_generated_logps(policy, tokens, attention, width, keep),
-                                      _generated_logps(reference, tokens, attention, width, keep), strict=False)]
+        diff = [p - r for p, r in zip(_generated_logps(policy, generated_ids, attention, width, keep),
+                                      _generated_logps(reference, generated_ids, attention, width, keep),
+                                      strict=False)]
         total += sum(diff)
         count += len(diff)
     torch.random.set_rng_state(generator_state)
@@ -199,7 +219,7 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
         result.update(ranking_metrics(policy, ref, tokenizer, ranked_frame, beta, cfg.batch_size))
     eval_prompts = sorted(set(eval_frame["prompt"]))[: cfg.num_prompts]
     result["kl_estimate"] = kl_estimate(policy, ref, tokenizer, eval_prompts, cfg.max_new_tokens, seed,
-                                        cfg.batch_size) if eval_prompts else None
+                                        cfg.batch_size, tokens.chat_rendered(eval_frame)) if eval_prompts else None
     judged = judged_rates({"sft": ref, "aligned": policy}, tokenizer, cfg, seed)
     if judged:
         result["generation"] = judged

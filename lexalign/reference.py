@@ -44,15 +44,15 @@ from typing import Any
 
 import pandas as pd
 
+from lexalign import tokens
 from lexalign.errors import LexAlignError
+from lexalign.tokens import encode  # noqa: F401 - re-exported for callers of the old home
 
-FORMAT = 1
+FORMAT = 2
 """Bumped when the file's layout or the computation changes (part of every key)."""
 TRUNCATION_MODE = "keep_start"
 """DPOConfig's default, which align uses: longer sequences lose their end."""
 METADATA_KEY = b"lexalign.reference"
-PARALLEL_MIN_TEXTS = 4096
-"""Below this many texts a batch is encoded on one core (threads cost more than they save)."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILES = ("config.json", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -87,24 +87,27 @@ class Groups:
     scores: list[list[float]]
     dropped: int = 0
     """Rows with fewer than K responses (GDPO drops them)."""
+    chat: bool = False
+    """The texts were rendered by the model's chat template (`lexalign.tokens`: no special tokens added)."""
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def split_groups(frame: pd.DataFrame, layout: str) -> Groups:
+def split_groups(frame: pd.DataFrame, layout: str, chat: bool | None = None) -> Groups:
     """The groups of `frame`: DPO's (prompt, chosen, rejected) pairs, or GDPO's ranked groups of K."""
+    chat = tokens.chat_rendered(frame) if chat is None else chat
     if layout == "pairs":
         n = len(frame)
         if not n:
-            return Groups([], [], [], [])
+            return Groups([], [], [], [], chat=bool(chat))
         prompts = frame["prompt"].astype(str).tolist()
         chosen, rejected = frame["chosen"].astype(str), frame["rejected"].astype(str)
         responses = [list(pair) for pair in zip(chosen, rejected, strict=True)]
-        return Groups(list(range(n)), prompts, responses, [[1.0, 0.0]] * n)
+        return Groups(list(range(n)), prompts, responses, [[1.0, 0.0]] * n, chat=bool(chat))
     from lexalign.train.gdpo import iter_ranked_groups
 
-    out, dropped = Groups([], [], [], []), 0
+    out, dropped = Groups([], [], [], [], chat=bool(chat)), 0
     for position, group in iter_ranked_groups(frame, group_size(layout)) if len(frame) else ():
         if group is None:
             dropped += 1
@@ -136,6 +139,7 @@ def groups_hash(groups: Groups, with_scores: bool = True) -> str:
             _update(digest, response)
         if with_scores:
             _update(digest, repr([groups.rows[i], *groups.scores[i]]))
+    _update(digest, f"chat={groups.chat}")  # the same texts tokenize differently as chat or plain text
     return digest.hexdigest()
 
 
@@ -201,84 +205,10 @@ def reference_key(model_path: str | Path, tokenizer_path: str | Path, splits: di
 # --- tokenization ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tokenizer_threads(enabled: bool):
-    """Let the Rust tokenizer encode a batch on every core (TOKENIZERS_PARALLELISM is read per call)."""
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    if enabled:
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        # Set (to false) afterwards, so a later fork does not warn that parallelism was used.
-        os.environ["TOKENIZERS_PARALLELISM"] = previous if previous is not None else "false"
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _encode_chunk(args) -> list[list[int]]:
-    tokenizer, texts = args
-    return tokenizer(text=texts)["input_ids"]
-
-
-def encode(tokenizer, texts: list[str], workers: int | None = None, chunk: int = 65536) -> list[list[int]]:
-    """`tokenizer(text)["input_ids"]` of each text, as TRL's `_tokenize` calls it, in batches.
-
-    A fast tokenizer encodes each batch in Rust, on every core for large batches;
-    a slow (Python) one is spread over worker processes when there are many texts.
-    """
-    if not texts:
-        return []
-    workers = workers or available_cores()
-    if getattr(tokenizer, "is_fast", False):
-        out: list[list[int]] = []
-        with _tokenizer_threads(workers > 1 and len(texts) >= PARALLEL_MIN_TEXTS):
-            for start in range(0, len(texts), chunk):
-                out += tokenizer(text=texts[start:start + chunk])["input_ids"]
-        return out
-    if workers > 1 and len(texts) >= PARALLEL_MIN_TEXTS:
-        from concurrent.futures import ProcessPoolExecutor
-
-        size = -(-len(texts) // (workers * 4))
-        pieces = [(tokenizer, texts[i:i + size]) for i in range(0, len(texts), size)]
-        with ProcessPoolExecutor(workers) as pool:
-            return [ids for part in pool.map(_encode_chunk, pieces) for ids in part]
-    return _encode_chunk((tokenizer, texts))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def tokenize_groups(tokenizer, groups: Groups, workers: int | None = None) -> tuple[list, list]:
-    """(prompt_ids, completion_ids) of every group, exactly as TRL's DPOTrainer (and GDPO) tokenize.
-
-    Each response gets the EOS token unless it ends with it; the prompt and each
-    `prompt + response` are tokenized with the tokenizer's defaults; the
-    completion starts where the tokenized prompt and every prompt + response
-    first differ (TRL's `common_prefix_length`, the minimum over the responses).
-    """
-    eos = tokenizer.eos_token
-    unique_prompts = list(dict.fromkeys(groups.prompts))
-    fulls = [prompt + (r if r.endswith(eos) else r + eos)
-             for prompt, responses in zip(groups.prompts, groups.responses, strict=True) for r in responses]
-    encoded = encode(tokenizer, unique_prompts + fulls, workers)
-    prompt_tokens = dict(zip(unique_prompts, encoded[:len(unique_prompts)], strict=True))
-    full_tokens = iter(encoded[len(unique_prompts):])
-    prompt_ids, completion_ids = [], []
-    for prompt, responses in zip(groups.prompts, groups.responses, strict=True):
-        ids = prompt_tokens[prompt]
-        full = [next(full_tokens) for _ in responses]
-        start = min(_common_prefix(ids, f) for f in full)
-        prompt_ids.append(ids[:start])
-        completion_ids.append([f[start:] for f in full])
-    return prompt_ids, completion_ids
+    """(prompt_ids, completion_ids) of every group, by LexAlign's one tokenization rule (`lexalign.tokens`):
+    chat-rendered groups exactly as the model's template makes them, plain text with BOS and EOS once."""
+    return tokens.tokenize_groups(tokenizer, groups.prompts, groups.responses, groups.chat, workers)
 
 
 def token_table(tokenizer, groups: Groups, workers: int | None = None, chunk: int = 8192):
@@ -290,7 +220,7 @@ def token_table(tokenizer, groups: Groups, workers: int | None = None, chunk: in
     pieces = []
     for start in range(0, len(groups), chunk):
         part = Groups(groups.rows[start:start + chunk], groups.prompts[start:start + chunk],
-                      groups.responses[start:start + chunk], groups.scores[start:start + chunk])
+                      groups.responses[start:start + chunk], groups.scores[start:start + chunk], chat=groups.chat)
         prompt_ids, completion_ids = tokenize_groups(tokenizer, part, workers)
         pieces.append(pa.table({"prompt_ids": pa.array(prompt_ids, type=ids),
                                 "completion_ids": pa.array(completion_ids, type=pa.list_(ids))}))
@@ -506,15 +436,36 @@ def trainer_dataset(table, layout: str):
 
     if table.num_rows == 0:
         return None
+    scored = "ref_logps" in table.column_names  # without: the trainer runs the reference itself
     if layout == "pairs":
-        completions, logps = table.column("completion_ids"), table.column("ref_logps")
+        completions = table.column("completion_ids")
         columns = {
             "prompt_ids": table.column("prompt_ids"),
             "chosen_ids": pc.list_element(completions, 0),
             "rejected_ids": pc.list_element(completions, 1),
-            "ref_chosen_logps": pc.list_element(logps, 0),
-            "ref_rejected_logps": pc.list_element(logps, 1),
         }
+        if scored:
+            logps = table.column("ref_logps")
+            columns.update(ref_chosen_logps=pc.list_element(logps, 0), ref_rejected_logps=pc.list_element(logps, 1))
     else:
-        columns = {name: table.column(name) for name in ("prompt_ids", "completion_ids", "scores", "ref_logps")}
+        names = ("prompt_ids", "completion_ids", "scores", "ref_logps") if scored else \
+            ("prompt_ids", "completion_ids", "scores")
+        columns = {name: table.column(name) for name in names}
     return Dataset(InMemoryTable(pa.table(columns)))
+
+
+def tokenized_dataset(tokenizer, frame: pd.DataFrame, layout: str, split: str, workers: int | None = None):
+    """A split tokenized for the trainer without reference log-probs (align without the reference step).
+
+    The same tokens as the reference step's (`lexalign.tokens`), so training
+    never falls back to TRL's own tokenization of rendered chat text."""
+    import pyarrow as pa
+
+    groups = split_groups(frame, layout)
+    if layout != "pairs":
+        from lexalign.train.gdpo import check_groups
+
+        check_groups(len(groups), groups.dropped, len(frame), group_size(layout), split)
+    table = token_table(tokenizer, groups, workers)
+    table = table.append_column("scores", pa.array(groups.scores, type=pa.list_(pa.float64())))
+    return trainer_dataset(table, layout)

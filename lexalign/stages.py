@@ -17,6 +17,7 @@ from lexalign.config.stages import (
     SourceConfig,
 )
 from lexalign.io import write_json
+from lexalign.tokens import CHAT_ATTR
 
 
 def download(source: dict, output: str | Path, kind: str, seed: int = 42) -> Path:
@@ -70,7 +71,19 @@ def _frames(data: str | Path, gated: bool = False):
         from lexalign.io import read_json
 
         gate(read_json(data / "report.json"), str(data))
-    return pd.read_parquet(data / "train.parquet"), pd.read_parquet(data / "eval.parquet")
+    frames = pd.read_parquet(data / "train.parquet"), pd.read_parquet(data / "eval.parquet")
+    chat = data_is_chat(data)
+    for frame in frames:
+        frame.attrs[CHAT_ATTR] = chat
+    return frames
+
+
+def data_is_chat(data: str | Path) -> bool:
+    """Whether validation rendered a data folder's texts with the chat template (its report.json says)."""
+    from lexalign.io import read_json
+
+    report = Path(data) / "report.json"
+    return bool(read_json(report).get(CHAT_ATTR, False)) if report.is_file() else False
 
 
 def _job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose, trust_remote_code,

@@ -81,9 +81,11 @@ def test_groups_keep_their_rows_and_count_the_dropped():
 
 def test_parallel_batched_tokens_equal_one_by_one(demo_tokenizer, monkeypatch):
     texts = [row["prompt"] + row["chosen"] for row in task.preference_rows(0, 64)] * 4
-    monkeypatch.setattr(reference, "PARALLEL_MIN_TEXTS", 1)
-    batched = reference.encode(demo_tokenizer, texts, workers=2, chunk=100)
-    assert batched == [demo_tokenizer(text=t)["input_ids"] for t in texts]
+    from lexalign import tokens
+
+    monkeypatch.setattr(tokens, "PARALLEL_MIN_TEXTS", 1)
+    batched = tokens.encode(demo_tokenizer, texts, workers=2, chunk=100)
+    assert batched == [demo_tokenizer(text=t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def test_tokens_are_cached_by_content(demo_tokenizer, tmp_path, monkeypatch):

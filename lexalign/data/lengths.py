@@ -1,7 +1,8 @@
 """Token lengths with the model's tokenizer: prompt plus each response, measured as the trainer sees them.
 
-TRL tokenizes `prompt + response` (special tokens included) and appends EOS,
-so a row's length is the longest of those sequences. Whole batches go through
+The trainers' sequences follow `lexalign.tokens`: chat-rendered texts as the
+template wrote them, plain text with the tokenizer's prefix (BOS) and EOS once;
+a row's length is the longest of its prompt + response sequences. Whole batches go through
 the fast tokenizer at once (`encode_batch_fast`, on all cores unless
 TOKENIZERS_PARALLELISM=false); only the token counts are kept.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lexalign import tokens
 from lexalign.data.common import reject
 from lexalign.errors import LexAlignError
 
@@ -25,7 +27,7 @@ ENCODE_BATCH = 4096
 
 
 class LengthCheck:
-    def __init__(self, tokenizer, max_length: int, policy: str):
+    def __init__(self, tokenizer, max_length: int, policy: str, chat: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.policy = policy
@@ -33,13 +35,14 @@ class LengthCheck:
         if backend is not None and (backend.truncation is not None or backend.padding is not None):
             backend = None  # lengths would be cut or padded: use the tokenizer's own call
         self.backend = backend
-        self.eos = getattr(tokenizer, "eos_token", None) or ""
+        # What the trainers add around each text (lexalign.tokens): BOS ids before it, EOS after it (plain text).
+        self.prefix, self.eos = tokens.added_tokens(tokenizer, chat)
         self.lengths: list[np.ndarray] = []
         self.over = 0
         self.truncated = 0
         self.first_over: tuple | None = None
 
-    def count(self, texts: list[str], special: bool = True) -> np.ndarray:
+    def count(self, texts: list[str], special: bool = False) -> np.ndarray:
         """Tokens in each text, a few thousand texts per call: encodings are large, only their lengths are kept."""
         out = np.zeros(len(texts), dtype=np.int64)
         for start in range(0, len(texts), ENCODE_BATCH):
@@ -74,8 +77,9 @@ class LengthCheck:
             groups = list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist(), strict=False))
         sizes = np.fromiter(map(len, groups), dtype=np.int64, count=n)
         texts = [p + r for p, group in zip(prompts, groups, strict=False) for r in group]
-        eos = np.fromiter((bool(self.eos) and t.endswith(self.eos) for t in texts), dtype=bool, count=len(texts))
-        lengths = self.count(texts) + ~eos
+        lengths = self.count(texts) + self.prefix
+        if self.eos:
+            lengths += ~np.fromiter((t.endswith(self.eos) for t in texts), dtype=bool, count=len(texts))
         longest = np.maximum.reduceat(lengths, np.concatenate(([0], np.cumsum(sizes)[:-1])))
         self.lengths.append(longest)
         over = longest > self.max_length
@@ -102,9 +106,9 @@ class LengthCheck:
                                       f"{longest[i]} tokens > max_length {self.max_length}", data(i)))
             return table.filter(pa.array(keep)), rejects
         columns = {name: table.column(name).to_pylist() for name in table.column_names}
-        prompt_tokens = self.count([prompts[i] for i in index])
+        prompt_tokens = self.count([prompts[i] for i in index]) + self.prefix
         for i, used in zip(index.tolist(), prompt_tokens.tolist(), strict=False):
-            budget = self.max_length - used - 1
+            budget = self.max_length - used - (1 if self.eos else 0)
             if budget < 1:
                 rejects.append(reject(int(rows[i]), file, "prompt_too_long",
                                       f"the prompt alone has {used} tokens; max_length is {self.max_length}", data(i)))

@@ -41,6 +41,7 @@ from lexalign.data.ranking import group_pairs
 from lexalign.data.shapes import ChatRenderer, detect_plan
 from lexalign.errors import LexAlignError
 from lexalign.io import atomic_dir, write_json
+from lexalign.tokens import CHAT_ATTR
 
 COLUMNS = ["prompt", "chosen", "rejected"]
 REASONS = (
@@ -70,7 +71,8 @@ class _Validation:
         k = self.plan.group_size
         self.grouped = bool(k and k > 2 and self.plan.shape != "ranked")
         self.renderer = ChatRenderer(tokenizer)
-        self.lengths = LengthCheck(tokenizer, cfg.max_length, cfg.length_policy) if tokenizer is not None else None
+        self.lengths = (LengthCheck(tokenizer, cfg.max_length, cfg.length_policy, self.plan.chat)
+                        if tokenizer is not None else None)
         self.dedupe = Deduper()
         self.threshold = eval_threshold(0.0 if cfg.eval_split else cfg.eval_fraction)
         self.train_prompts: set[int] = set()
@@ -203,6 +205,8 @@ class _Validation:
         report = {
             "source": str(cfg.path),
             "shape": self.plan.shape,
+            # Texts rendered by the chat template: every later step encodes them with no special tokens added.
+            CHAT_ATTR: self.plan.chat,
             "files": [{"file": str(f), "format": self.kinds[f], "split": s}
                       for s, fs in self.files.items() for f in fs],
             "input_rows": total,
@@ -239,6 +243,8 @@ def validate_preferences(cfg: DatasetConfig, tokenizer, seed: int = 42) -> dict[
     sink = MemorySink(validation.grouped)
     report = validation.run(sink)
     frames = sink.frames()
+    for name in ("train", "eval"):
+        frames[name].attrs[CHAT_ATTR] = report[CHAT_ATTR]
     return {"train": frames["train"], "eval": frames["eval"], "rejects": sink.rejects, "report": report}
 
 

@@ -59,6 +59,8 @@ class Plan:
     scores: str
     group_size: int | None = None
     counts: dict = field(default_factory=dict)
+    chat: bool = False
+    """Rows are conversations, rendered with the model's chat template (every row of the dataset)."""
 
     @property
     def columns(self) -> list[str]:
@@ -99,7 +101,7 @@ def detect_plan(records: list[dict], names: list[str], cfg, text_cells: bool = F
         value = _decode_cell(_first(records, plan.chosen), text_cells)
         prompt = _decode_cell(_first(records, plan.prompt), text_cells)
         if isinstance(value, list) or isinstance(prompt, list):
-            plan.shape = "conversational"
+            plan.shape, plan.chat = "conversational", True
         elif plan.prompt not in present:
             transcripts = [r.get(plan.chosen) for r in records[:200]]
             if not any(isinstance(t, str) and _ASSISTANT in t for t in transcripts):
@@ -110,6 +112,7 @@ def detect_plan(records: list[dict], names: list[str], cfg, text_cells: bool = F
         if plan.prompt not in present:
             raise missing_field_error(plan.prompt, names, fields, ranked_hint)
         plan.shape = "ranked"
+        plan.chat = isinstance(_decode_cell(_first(records, plan.prompt), text_cells), list)
         return plan
     missing = next(f for f in (plan.prompt, plan.chosen, plan.rejected) if f not in present)
     raise missing_field_error(missing, names, fields, ranked_hint)
@@ -263,6 +266,8 @@ def pair_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: bool 
         chosen, rejected = text(chosen, plan.chosen), text(rejected, plan.rejected)
         if prompt is None:
             return implicit_prompt(chosen, rejected)
+        if isinstance(prompt, str) and plan.chat:  # a plain row in a chat dataset: rendered like the others
+            prompt = [{"role": "user", "content": text(prompt, plan.prompt)}]
         if isinstance(prompt, list):
             _conversational(plan, plan.prompt)
             prompt_messages = _messages(prompt, plan.prompt)
@@ -359,8 +364,11 @@ def ranked_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: boo
     if len(ranked) < max(k, 2):
         raise Rejected("too_few_responses", f"{len(ranked)} distinct responses; group_size is {k}")
     ranked = [ranked[i] for i in select_indices(len(ranked), k)]
-    if isinstance(prompt, list):
-        prompt_messages = _messages(prompt, plan.prompt)
+    if isinstance(prompt, list) and not plan.chat:
+        raise Rejected("non_string_field", f"{plan.prompt} is a list, in a dataset of plain-text prompts")
+    if plan.chat:  # every prompt of a chat dataset is rendered, a plain string as one user turn
+        prompt_messages = [{"role": "user", "content": text(prompt, plan.prompt)}] if isinstance(prompt, str) \
+            else _messages(prompt, plan.prompt)
         check_roles(prompt_messages + [{"role": "assistant", "content": "…"}], plan.prompt)
         prompt_text, responses = renderer.split(prompt_messages, [[{"role": "assistant", "content": texts[i]}]
                                                                   for i in ranked])

@@ -1,4 +1,4 @@
-"""The align step: DPO through TRL's DPOTrainer, starting from the SFT model.
+"""The align step: DPO through TRL's DPOTrainer (GDPO through ours), starting from the SFT model.
 
 The reference model is always the SFT model: with `use_lora` a fresh adapter is
 trained on top of the (merged) SFT weights and TRL computes the reference with
@@ -104,10 +104,10 @@ def _dpo_trainer_class():
     from trl import DPOTrainer
 
     class PrecomputedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer on data the reference step tokenized and scored.
+        """TRL's DPOTrainer on data LexAlign tokenized (`lexalign.tokens`), possibly scored.
 
-        Rows arrive with prompt_ids/chosen_ids/rejected_ids (tokenized exactly as
-        DPOTrainer tokenizes) and ref_chosen_logps/ref_rejected_logps; with
+        Rows arrive with prompt_ids/chosen_ids/rejected_ids and, from the
+        reference step, ref_chosen_logps/ref_rejected_logps; with
         `precompute_ref_log_probs` the trainer reads those columns, so it neither
         runs the reference nor, for full fine-tuning, loads a reference model.
         """
@@ -151,6 +151,16 @@ def reference_datasets(job: AlignJob, device: str):
     return reference.trainer_dataset(tables["train"], layout), reference.trainer_dataset(tables["eval"], layout)
 
 
+def tokenized_datasets(job: AlignJob, tokenizer):
+    """Train and eval datasets tokenized for the trainer, the reference computed online."""
+    from lexalign import reference
+
+    layout = reference.layout_for(job.cfg.method, job.cfg.group_delay_size)
+    train = reference.tokenized_dataset(tokenizer, job.train, layout, "train")
+    evaluation = reference.tokenized_dataset(tokenizer, job.eval, layout, "eval") if len(job.eval) else None
+    return train, evaluation
+
+
 def _reference_file(path: Path) -> Path:
     if not Path(path).is_file():
         raise LexAlignError(f'Reference log-probs not found at "{path}"',
@@ -159,8 +169,7 @@ def _reference_file(path: Path) -> Path:
 
 
 def setup(job: AlignJob):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from lexalign.train.gdpo import skip_reference_hash
 
@@ -176,17 +185,13 @@ def setup(job: AlignJob):
     interrupt = InterruptCallback()
     if job.cfg.method == "gdpo":
         return setup_gdpo(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
-    if precomputed:
-        train, evaluation = precomputed
-    else:
-        columns = ["prompt", "chosen", "rejected"]
-        train = Dataset.from_pandas(job.train[columns], preserve_index=False)
-        evaluation = Dataset.from_pandas(job.eval[columns], preserve_index=False) if len(job.eval) else None
+    # Tokenized here, by LexAlign's rule (lexalign.tokens), never by TRL from rendered chat text.
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
     args = dpo_arguments(job, device, evaluation is not None)
     if precomputed:
         args["precompute_ref_log_probs"] = True
     with skip_reference_hash(precomputed is not None):
-        trainer = (_dpo_trainer_class() if precomputed else DPOTrainer)(
+        trainer = _dpo_trainer_class()(
             model=model,
             args=DPOConfig(**args),
             train_dataset=train,
@@ -206,16 +211,12 @@ def check_gdpo_options(cfg: AlignConfig) -> None:
 
 def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
     """GDPO's trainer: DPO's arguments and machinery, K ranked responses per prompt."""
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
+    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer
 
     cfg = job.cfg
     check_gdpo_options(cfg)
     k = cfg.group_delay_size
-    if precomputed:
-        train, evaluation = precomputed
-    else:
-        train = ranked_dataset(job.train, k, "train")
-        evaluation = ranked_dataset(job.eval, k, "eval") if len(job.eval) else None
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
     args = {**dpo_arguments(job, device, evaluation is not None), "group_delay_size": k,
             "group_delay_weight": cfg.group_delay_weight, "precompute_ref_log_probs": precomputed is not None}
     return GDPOTrainer(

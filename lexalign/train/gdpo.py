@@ -31,12 +31,13 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
 from lexalign.errors import LexAlignError, warn
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
+from lexalign.tokens import tokenize_groups
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -262,7 +263,6 @@ class GDPOTrainer(DPOTrainer):
         if "completion_ids" in first:
             return self._drop_fully_truncated(dataset, args)
         k = args.group_delay_size
-        eos = self._tokenizer.eos_token
 
         def tokenize(example):
             if is_conversational(example):
@@ -278,13 +278,10 @@ class GDPOTrainer(DPOTrainer):
                 raise ValueError(f"{dataset_name}: a group has {len(responses)} responses and {len(scores)} scores; "
                                  f"group_delay_size is {k}")
             order = sorted(range(k), key=lambda i: -scores[i])  # best first; ties keep their order
-            responses = [r if r.endswith(eos) else r + eos for r in (responses[i] for i in order)]
-            prompt_ids = _tokenize(processing_class, example["prompt"])["input_ids"]
-            full = [_tokenize(processing_class, example["prompt"] + r)["input_ids"] for r in responses]
-            # The completion starts where prompt and prompt+completion diverge (as in TRL's DPO).
-            start = min(common_prefix_length(prompt_ids, ids) for ids in full)
-            return {"prompt_ids": prompt_ids[:start], "completion_ids": [ids[start:] for ids in full],
-                    "scores": [scores[i] for i in order]}
+            # Plain text (BOS and EOS once, lexalign.tokens); LexAlign's align step passes chat data tokenized.
+            (prompt_ids,), (completion_ids,) = tokenize_groups(
+                processing_class, [example["prompt"]], [[responses[i] for i in order]], chat=False, workers=1)
+            return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "scores": [scores[i] for i in order]}
 
         map_kwargs = {}
         if isinstance(dataset, Dataset):
