@@ -102,6 +102,10 @@ def write_model_card(out_dir: str | Path, record: dict, title: str, metrics: dic
             if not isinstance(v, (dict, list)) and v is not None and k not in ("output_dir", "checkpoint_dir")
         )
         lines.append(f"- **{step['stage']}**: {summary}")
+    reference = record.get("reference_model")
+    if reference:
+        lines += ["", f"Reference model (the starting point alignment is held close to): `{reference['path']}`, "
+                      f"{reference['note']}."]
     if metrics:
         lines += ["", "## Training metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"

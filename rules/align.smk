@@ -3,12 +3,12 @@
 
 rule align:
     input:
-        model=f"{RESULTS}/models/sft",
+        model=sft_model(),
         data=preference_data(config["alignment"]),
         # The reference log-probs, computed once (rules/reference.smk).
         reference=reference_file(config["alignment"]),
         code=package_modules(
-            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
+            "stages", "tokens", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
             "reference",
         ),
     output:
@@ -34,11 +34,11 @@ rule align:
 # download, the SFT model and the validated data.
 use rule align as align_run with:
     input:
-        model=f"{RESULTS}/models/sft",
+        model=sft_model(),
         data=lambda wc: preference_data(run_alignment(wc.run)),
         reference=lambda wc: reference_file(run_alignment(wc.run)),
         code=package_modules(
-            "stages", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
+            "stages", "tokens", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
             "reference",
         ),
     output:

@@ -58,6 +58,12 @@ def source_params(section):
     return {k: v for k, v in config[section].items() if k not in ("name", "output")}
 
 
+def sft_model():
+    """The model alignment starts from and is measured against: the SFT output, or with finetune.method
+    none the downloaded model itself, read in place (no SFT job, no SFT data, no copy of its weights)."""
+    return f"{RESULTS}/models/base" if config["finetune"]["method"] == "none" else f"{RESULTS}/models/sft"
+
+
 def training_seed():
     return config["seed"]
 

@@ -4,11 +4,11 @@
 rule evaluate:
     input:
         aligned=f"{RESULTS}/aligned",
-        reference=f"{RESULTS}/models/sft",
+        reference=sft_model(),
         # Every run is scored on the same held-out pairs, so runs compare.
         data=f"{RESULTS}/data/preferences",
         ranked=ranking_data(),
-        code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
+        code=package_modules("stages", "tokens", "evaluate", "demo/task", "losses/gdpo"),
     output:
         f"{RESULTS}/eval/aligned.json",
     params:
@@ -28,10 +28,10 @@ rule evaluate:
 use rule evaluate as evaluate_run with:
     input:
         aligned=f"{RESULTS}/runs/{{run}}/model",
-        reference=f"{RESULTS}/models/sft",
+        reference=sft_model(),
         data=f"{RESULTS}/data/preferences",
         ranked=ranking_data(),
-        code=package_modules("stages", "evaluate", "demo/task", "losses/gdpo"),
+        code=package_modules("stages", "tokens", "evaluate", "demo/task", "losses/gdpo"),
     output:
         f"{RESULTS}/runs/{{run}}/eval.json",
     params:

@@ -6,9 +6,9 @@
 
 rule reference:
     input:
-        model=f"{RESULTS}/models/sft",
+        model=sft_model(),
         data=f"{RESULTS}/data/{{dataset}}",
-        code=package_modules("stages", "reference", "train/runtime", "train/gdpo", "losses/gdpo"),
+        code=package_modules("stages", "tokens", "reference", "train/runtime", "train/gdpo", "losses/gdpo"),
     output:
         f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
     params:

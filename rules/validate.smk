@@ -7,7 +7,7 @@ rule validate_preferences:
         # The base model's tokenizer measures lengths; finetune does not change it.
         tokenizer=f"{RESULTS}/models/base",
         code=package_modules(
-            "stages", "config/stages", "data/load", "data/jsonl", "data/shapes", "data/checks", "data/lengths",
+            "stages", "tokens", "config/stages", "data/load", "data/jsonl", "data/shapes", "data/checks", "data/lengths",
             "data/ranking", "data/outputs", "data/preference", "data/common"
         ),
     output:

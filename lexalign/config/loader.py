@@ -195,9 +195,38 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
         data = {}
     if not isinstance(data, dict):
         raise LexAlignError(f'Config "{source}" must be a mapping of keys to values', f"Found: {_describe(data)}")
+    given = set(data)
     data = _normalise(data, schema, root)
     _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, source)
+    if kind == "pipeline" and "sft_data" not in given and data["finetune"]["method"] != "none":
+        # Never fall back to the demo's SFT data for a user's model.
+        raise LexAlignError(f'Missing required key "sft_data" in {source}',
+                            f'finetune.method is "{data["finetune"]["method"]}": supervised fine-tuning needs data',
+                            hint="Add sft_data (repo_id or path), or set finetune.method: none to align the model "
+                                 "as it is (an instruct model)")
+    _resolve_sources(data, kind, source)
     return data
+
+
+SOURCE_SECTIONS = {"pipeline": ("model", "sft_data", "preference_data"), "align": ("dataset",),
+                   "finetune": ("dataset",)}
+"""The sections of each config kind that say where something comes from (`source`, `repo_id`, `path`)."""
+
+
+def _resolve_sources(data: dict, kind: str, source: str) -> None:
+    """Fill in each `source` from the keys given (a repo_id means the Hub, a path local, neither the demo)."""
+    from lexalign.config.stages import resolve_source
+
+    entries = [(name, data[name]) for name in SOURCE_SECTIONS.get(kind, ()) if isinstance(data.get(name), dict)]
+    if kind == "download":
+        entries = [(f"{section}[{i}]", entry) for section in ("models", "datasets")
+                   for i, entry in enumerate(data.get(section) or [])]
+    for where, entry in entries:
+        try:
+            entry["source"] = resolve_source(entry, where)
+        except LexAlignError as err:
+            err.message = f"{err.message} in {source}"
+            raise
 
 
 def _raise_first_error(errors, root: dict, source: str, prefix: str = "") -> None:

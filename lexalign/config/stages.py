@@ -33,6 +33,36 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+SOURCE_KEYS = {"hub": "repo_id", "local": "path"}
+"""The key that says where each kind of source is."""
+
+
+def resolve_source(values: dict[str, Any], where: str = "model") -> str:
+    """Which source a model or dataset entry means: the one its keys name.
+
+    A `repo_id` means the Hub and a `path` a local file or folder; the demo only
+    when asked for (`source: demo`) or when nothing at all is given. An explicit
+    `source` that contradicts the keys is an error, never a silent demo.
+    """
+    given = values.get("source")
+    named = [kind for kind, key in SOURCE_KEYS.items() if values.get(key)]
+    if given is None:
+        if len(named) > 1:
+            raise LexAlignError(f"{where} has both repo_id and path: one source only",
+                                f'repo_id: {values.get("repo_id")!r}, path: {values.get("path")!r}',
+                                hint="Keep repo_id for the Hub, or path for a local copy")
+        return named[0] if named else "demo"
+    others = [kind for kind in named if kind != given]
+    if others:
+        key = SOURCE_KEYS[others[0]]
+        raise LexAlignError(
+            f'{where}.source is "{given}" but {where}.{key} is set',
+            f"{where}.{key}: {values.get(key)!r} means source {others[0]}",
+            hint=f"Remove source: {given} (a {key} alone is enough), or remove {key}",
+        )
+    return given
+
+
 @dataclass
 class SourceConfig(_FromDict):
     """Where a model or a dataset comes from: one shape for the demo, a local path and the Hub.
@@ -41,8 +71,9 @@ class SourceConfig(_FromDict):
     config/downloads.yaml) and by the pipeline's download rules.
     """
 
-    source: str
-    """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo)."""
+    source: str | None = None
+    """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo); by default
+    the one the keys name (`resolve_source`: repo_id → hub, path → local, neither → demo)."""
     repo_id: str | None = None
     """Hub repo id (`owner/name`), for `source: hub`."""
     path: str | None = None
@@ -68,6 +99,7 @@ class SourceConfig(_FromDict):
     """Load pickle-based weights (.bin, .pt) when a model has no safetensors. Pickles can run code."""
 
     def __post_init__(self):
+        self.source = resolve_source(self.to_dict(), self.name or "source")
         if self.source == "hub" and not self.repo_id:
             raise LexAlignError('source "hub" needs a "repo_id"', hint='Add e.g. repo_id: "gpt2"')
         if self.source == "hub" and not str(self.revision or "").strip():
@@ -125,8 +157,8 @@ class DatasetConfig(_FromDict):
     reported whichever is chosen)."""
     max_reject_fraction: float = 0.5
     """Validation fails (stopping the pipeline) when more than this share of rows is rejected."""
-    source: str = "local"
-    """Where the data comes from (pipeline only)."""
+    source: str | None = None
+    """Where the data comes from (pipeline only): demo, local or hub, by default from the keys given."""
     repo_id: str | None = None
     """Hub dataset repo id, for `source: hub` (pipeline only)."""
     revision: str = "main"
@@ -167,9 +199,12 @@ class SftDatasetConfig(_FromDict):
     """Split (or file stem) used for training."""
     eval_fraction: float = 0.05
     """Share of rows held out for evaluation during training."""
-    source: str = "local"
+    source: str | None = None
+    """Where the data comes from (pipeline only): demo, local or hub, by default from the keys given."""
     repo_id: str | None = None
+    """Hub dataset repo id (pipeline only)."""
     revision: str = "main"
+    """Hub branch, tag or commit (pipeline only)."""
 
 
 @dataclass

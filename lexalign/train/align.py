@@ -48,6 +48,9 @@ class AlignJob(TrainingJob):
     def adapter(self) -> tuple[bool, bool]:
         return self.cfg.use_lora, True
 
+    def record_extra(self) -> dict:
+        return {"reference_model": reference_model(self.model_path)}
+
     def setup(self):
         return setup(self)
 
@@ -68,6 +71,17 @@ def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
         "truncation_mode": TRUNCATION_MODE,
         "trust_remote_code": job.trust_remote_code,
     }
+
+
+def reference_model(model_path: Path) -> dict:
+    """What the reference (the model alignment starts from and is held close to) is, for lineage and the card."""
+    from lexalign.lineage import read_lineage
+
+    stage = (read_lineage(model_path) or {}).get("stage")
+    sft = stage == "finetune"
+    return {"path": str(model_path), "stage": stage, "sft": sft,
+            "note": "the SFT model" if sft else "the starting model as it is, with no SFT step "
+                    "(finetune.method: none, or a model given to lexalign align directly)"}
 
 
 def sft_weights(job: AlignJob) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lexalign.errors import LexAlignError
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
 from lexalign.train.job import TrainingJob
@@ -31,6 +32,10 @@ class FinetuneJob(TrainingJob):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
+        if self.cfg.method == "none":
+            raise LexAlignError("finetune.method is none: there is nothing to fine-tune",
+                                hint="Align the model as it is: lexalign align with model.path set to it "
+                                     "(the pipeline plans no finetune job for method none)")
         runtime.require_model(self.model_path, "lexalign download --config config/downloads.yaml")
         device = runtime.resolve_device(self.device)
         tokenizer = runtime.load_tokenizer(self.model_path, self.trust_remote_code)

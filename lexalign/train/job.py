@@ -74,6 +74,10 @@ class TrainingJob:
     def title(self) -> str:
         return self.stage
 
+    def record_extra(self) -> dict:
+        """More facts for lineage.json (and the model card)."""
+        return {}
+
     def adapter(self) -> tuple[bool, bool]:
         """(trained an adapter?, merge it into the saved model?)"""
         return False, False
@@ -107,7 +111,7 @@ class TrainingJob:
                                        base_path=self.merge_base(), trust_remote_code=self.trust_remote_code,
                                        state_dict=state_dict)
             record = stage_record(self.stage, self.cfg.to_dict(), self.lineage_inputs or {"model": self.model_path},
-                                  {"metrics": metrics, "config_hash": self.config_hash()})
+                                  {"metrics": metrics, "config_hash": self.config_hash(), **self.record_extra()})
             write_lineage(tmp, record)
             write_model_card(tmp, record, self.title(), metrics)
             runtime.keep_metrics(self.checkpoint_dir, tmp)
