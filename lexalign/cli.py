@@ -92,6 +92,7 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
     from lexalign import stages
 
     cfg = load_config(config_path, "finetune")
+    _check_paths(cfg, config_path, "lexalign download --config config/downloads.yaml")
     device = device or cfg["device"]
     out = cfg["output_dir"]
     checkpoints = _checkpoint_dir(out, cfg["checkpoint_dir"])
@@ -104,6 +105,18 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
     stages.prepare_sft(cfg["dataset"], cfg["dataset"]["path"], data_dir, cfg["seed"])
     stages.finetune(cfg["model"]["path"], data_dir, cfg["finetune"], out, checkpoints, device, cfg["seed"], resume,
                     verbose, cfg["model"]["trust_remote_code"], cfg["model"]["allow_pickle"])
+
+
+def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True) -> None:
+    """The config's model, tokenizer and dataset paths, before anything loads (the dry run too)."""
+    from lexalign.paths import require_data, require_model
+
+    if model:
+        require_model(cfg["model"]["path"], produced_by, tokenizer=not cfg["model"].get("base_model"),
+                      key=f"model.path in {config_path}")
+    if cfg["model"].get("base_model"):
+        require_model(cfg["model"]["base_model"], produced_by, key=f"model.base_model in {config_path}")
+    require_data(cfg["dataset"]["path"], f"dataset.path in {config_path}", f"Fix dataset.path in {config_path}")
 
 
 def _dataset_for(cfg: dict) -> dict:
@@ -127,6 +140,7 @@ def validate(config_path: str, output: str) -> None:
     from lexalign import stages
 
     cfg = load_config(config_path, "align")
+    _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     stages.validate(_dataset_for(cfg), cfg["dataset"]["path"], tokenizer, output, cfg["seed"],
                     cfg["model"]["trust_remote_code"])
@@ -146,6 +160,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
 
     cfg = load_config(config_path, "align")
     AlignConfig.from_dict(cfg["alignment"])  # semantic checks before anything loads
+    _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     device = device or cfg["device"]
     out, checkpoints = _align_paths(cfg)
     data = cfg["dataset"]["path"]
@@ -179,7 +194,11 @@ def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> Non
     from lexalign.data.preference import is_validated_dir
 
     cfg = load_config(config_path, "align")
+    _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     out, checkpoints = _align_paths(cfg)
+    from lexalign.paths import require_model
+
+    require_model(out, f"lexalign align --config {config_path}", key="alignment.output_dir")
     data = cfg["dataset"]["path"]
     validated = data if data and is_validated_dir(data) else str(Path(checkpoints) / "data")
     if not is_validated_dir(validated):

@@ -27,6 +27,10 @@ try:
     }
     for run_config in RUNS.values():
         AlignConfig.from_dict(run_config)
+    # Every local path, before any job is planned (a dry run included).
+    from lexalign.paths import check_pipeline_paths
+
+    check_pipeline_paths(config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
 validate(config, "../lexalign/schemas/config.schema.yaml")

@@ -14,6 +14,7 @@ from typing import Any
 
 from lexalign.config.stages import TrainingConfig
 from lexalign.errors import LexAlignError, TrainingInterrupted, warn
+from lexalign.paths import TOKENIZER_FILES, require_model  # noqa: F401 - require_model: callers' old home
 from lexalign.train.callbacks import CONFIG_HASH_FILE
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -32,17 +33,19 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-def require_model(path: str | Path, produced_by: str) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise LexAlignError(f'Model not found at "{path}"', hint=f"Run: {produced_by}")
-    return path
-
-
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    path = Path(path)
+    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+        require_model(path, "lexalign download --config config/downloads.yaml")  # names what is missing
+        raise LexAlignError(f'No tokenizer at "{path}"', "The folder holds a model but no tokenizer files",
+                            hint="Set model.base_model to the folder (or Hub download) with its tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LexAlignError(f'Could not load the tokenizer at "{path}"', f"{type(err).__name__}: {str(err)[:300]}",
+                            hint="Check the tokenizer files (tokenizer.json, tokenizer_config.json)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
