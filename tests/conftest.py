@@ -82,3 +82,19 @@ def demo_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert PLANTED_TOKEN not in result.stdout + result.stderr
     return workdir
+
+
+@pytest.fixture(scope="session")
+def zoo_models(tmp_path_factory):
+    """Tiny random-weight models of real families (tests/zoo.py): `zoo_models("llama3") -> Path`, each family
+    built once per session, on first use."""
+    import zoo
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = zoo.build(family, tmp_path_factory.mktemp(f"zoo-{family}"))
+        return built[family]
+
+    return get
