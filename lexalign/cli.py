@@ -92,7 +92,7 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
     from lexalign import stages
 
     cfg = load_config(config_path, "finetune")
-    _check_paths(cfg, config_path, "lexalign download --config config/downloads.yaml")
+    _check_paths(cfg, config_path, "lexalign download --config config/downloads.yaml", dry_run=dry_run)
     device = device or cfg["device"]
     out = cfg["output_dir"]
     checkpoints = _checkpoint_dir(out, cfg["checkpoint_dir"])
@@ -107,10 +107,17 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
                     verbose, cfg["model"]["trust_remote_code"], cfg["model"]["allow_pickle"])
 
 
-def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True) -> None:
-    """The config's model, tokenizer and dataset paths, before anything loads (the dry run too)."""
+def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True, dry_run: bool = False) -> None:
+    """The config's model, tokenizer and dataset paths, before anything loads. A dry run only warns:
+    its plan may name a model an earlier step has yet to make."""
     from lexalign.paths import require_data, require_model
 
+    if dry_run:
+        try:
+            _check_paths(cfg, config_path, produced_by, model)
+        except LexAlignError as err:
+            warn(err.render().removeprefix("Error: "))
+        return
     if model:
         require_model(cfg["model"]["path"], produced_by, tokenizer=not cfg["model"].get("base_model"),
                       key=f"model.path in {config_path}")
@@ -160,7 +167,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
 
     cfg = load_config(config_path, "align")
     AlignConfig.from_dict(cfg["alignment"])  # semantic checks before anything loads
-    _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
+    _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml", dry_run=dry_run)
     device = device or cfg["device"]
     out, checkpoints = _align_paths(cfg)
     data = cfg["dataset"]["path"]

@@ -119,7 +119,13 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
     else:
         kwargs["dtype"] = torch.float32
     kwargs["attn_implementation"] = attention_implementation(device)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "attention implementation" not in str(err) and "does not support" not in str(err):
+            raise
+        # An architecture without SDPA/FlashAttention (Gemma-2 in transformers 5.x): its own eager attention.
+        model = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
     if device == "cuda":
         from lexalign.train.kernels import apply_liger
 
