@@ -15,6 +15,7 @@ output: configs cannot hold one (the schema has no such key).
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from lexalign.config.stages import SourceConfig
@@ -27,9 +28,13 @@ from lexalign.lineage import stage_record, write_lineage
 SECTIONS = (("models", "model"), ("datasets", "preference_data"))
 
 
-def _copy_local(src: Path, dest: Path) -> None:
+def _copy_local(src: Path, dest: Path, data_dir: str | None = None) -> None:
     if not src.exists():
         raise LexAlignError(f'Local path not found: "{src}"', hint="Fix `path` in the config, or use source: demo")
+    if data_dir:
+        from lexalign.data.layout import resolve_data_dir
+
+        src = resolve_data_dir(src, data_dir)
     if src.is_dir():
         root = src.resolve()
         for link in (p for p in src.rglob("*") if p.is_symlink()):
@@ -41,33 +46,42 @@ def _copy_local(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest / src.name)
 
 
-def _request(source: SourceConfig, kind: str) -> dict:
+def _request(source: SourceConfig, kind: str, data_dir: str | None = None) -> dict:
+    where = {"data_dir": data_dir} if data_dir else {}
     if source.source == "local":
-        return {"source": "local", "path": str(Path(source.path).expanduser())}
-    return {"source": "demo", "kind": kind}
+        return {"source": "local", "path": str(Path(source.path).expanduser()), **where}
+    return {"source": "demo", "kind": kind, **where}
 
 
-def _finisher(source: SourceConfig, kind: str):
+def _finisher(source: SourceConfig, kind: str, data_dir: str | None = None):
     def finish(folder: Path, extra: dict) -> None:
-        record = stage_record("download", {"kind": kind, **source.to_dict()}, {}, extra)
-        write_lineage(folder, record)
+        config = {"kind": kind, **source.to_dict(), **({"data_dir": data_dir} if data_dir else {})}
+        write_lineage(folder, stage_record("download", config, {}, extra))
 
     return finish
 
 
-def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42) -> Path:
+def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42, data_dir: str | None = None) -> Path:
     """Fetch one model or dataset into `out_dir`.
 
     kind: `model`, `sft_data` or `preference_data` (the demo builds each differently;
-    for the Hub it picks the default repo_type).
+    for the Hub it picks the default repo_type). `data_dir` (datasets): only this
+    sub-folder is fetched (from the Hub, through allow patterns) or copied, and it
+    lands as `out_dir/<data_dir>`, where the data loaders look for it.
     """
     out_dir = Path(out_dir)
-    finish = _finisher(source, kind)
+    if data_dir:  # datasets only: a model download never imports the data code (nor reruns when it changes)
+        from lexalign.data.layout import clean_data_dir, data_dir_patterns
+
+        data_dir = clean_data_dir(data_dir)
+    finish = _finisher(source, kind, data_dir)
     if source.source == "hub":
         from lexalign.hub.fetch import fetch_hub
 
+        if data_dir:
+            source = replace(source, allow_patterns=data_dir_patterns(data_dir, source.allow_patterns))
         try:
-            fetch_hub(source, out_dir, source.hub_repo_type(kind), finish)
+            fetch_hub(source, out_dir, source.hub_repo_type(kind), finish, data_dir)
         except OSError as err:  # disk full, permissions: a message, not a traceback
             raise LexAlignError(f'Could not write the download of {source.repo_id} to "{out_dir}"',
                                 err.strerror or type(err).__name__,
@@ -75,6 +89,8 @@ def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42) 
         return out_dir
     extra: dict = {}
     with atomic_dir(out_dir) as tmp:
+        target = tmp / data_dir if data_dir else tmp
+        target.mkdir(parents=True, exist_ok=True)
         if source.source == "demo":
             if kind == "model":
                 from lexalign.demo.model import write_demo_model
@@ -83,12 +99,12 @@ def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42) 
             else:
                 from lexalign.demo import data as demo_data
 
-                extra["rows"] = demo_data.write(kind, tmp, seed)
+                extra["rows"] = demo_data.write(kind, target, seed)
         elif source.source == "local":
-            _copy_local(Path(source.path).expanduser(), tmp)
+            _copy_local(Path(source.path).expanduser(), target, data_dir)
         else:
             raise LexAlignError(f'Unknown source "{source.source}"', hint="Use demo, local or hub")
-        manifest.write(tmp, _request(source, kind), None, manifest.describe(tmp))
+        manifest.write(tmp, _request(source, kind, data_dir), None, manifest.describe(tmp))
         finish(tmp, extra)
     return out_dir
 

@@ -24,7 +24,7 @@ def download(source: dict, output: str | Path, kind: str, seed: int = 42) -> Pat
     from lexalign.download import fetch
 
     cfg = SourceConfig.from_dict(source)
-    out = fetch(cfg, output, kind, seed)
+    out = fetch(cfg, output, kind, seed, data_dir=source.get("data_dir"))  # a dataset section's sub-folder
     print(f"Fetched {kind} from {cfg.source} into {out}", flush=True)
     return out
 

@@ -26,7 +26,7 @@ rule download_data:
     input:
         lambda wc: local_input(wc.dataset),
         code=package_modules("download", "hub/__init__", "hub/errors", "hub/fetch", "hub/manifest", "demo/data",
-                             "demo/task", "config/stages"),
+                             "demo/task", "config/stages", "data/layout"),
     output:
         directory(f"{RESULTS}/data/raw/{{dataset}}"),
     params:

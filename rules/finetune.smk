@@ -4,7 +4,7 @@
 rule prepare_sft_data:
     input:
         raw=f"{RESULTS}/data/raw/sft_data",
-        code=package_modules("stages", "data/load", "data/sft", "data/common"),
+        code=package_modules("stages", "data/load", "data/sft", "data/common", "data/layout", "data/compressed"),
     output:
         directory(f"{RESULTS}/data/sft"),
     params:

@@ -8,7 +8,7 @@ rule validate_preferences:
         tokenizer=f"{RESULTS}/models/base",
         code=package_modules(
             "stages", "tokens", "config/stages", "data/load", "data/jsonl", "data/shapes", "data/checks", "data/lengths",
-            "data/ranking", "data/outputs", "data/preference", "data/common"
+            "data/ranking", "data/outputs", "data/preference", "data/common", "data/layout", "data/compressed"
         ),
     output:
         directory(f"{RESULTS}/data/preferences"),

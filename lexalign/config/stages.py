@@ -145,11 +145,15 @@ class DatasetConfig(_FromDict):
     groups keep the best, the worst and evenly spaced ones between; smaller groups are rejected; pairs are
     grouped by prompt into rankings (K > 2)."""
     train_split: str = "train"
-    """Split (or file stem) used for training."""
+    """Split used for training: the files named after it (`train.jsonl.gz`, every shard of
+    `data/train-0000N-of-0000M.parquet`, `data/train_prefs-….parquet`) or in a folder of that name."""
     eval_split: str | None = None
-    """An existing eval split; when absent, `eval_fraction` of prompts are held out."""
+    """An existing eval split (e.g. `test_prefs`); when absent, `eval_fraction` of prompts are held out."""
     eval_fraction: float = 0.1
     """Share of prompts held out for evaluation (split by prompt: no prompt leaks)."""
+    data_dir: str | None = None
+    """A sub-folder of the dataset (`helpful-base` of Anthropic/hh-rlhf) to read instead of all of it; on the
+    Hub only that folder is downloaded."""
     max_length: int = 512
     """Longest prompt + response, in tokens of the model's tokenizer."""
     length_policy: str = "drop"
@@ -196,15 +200,24 @@ class SftDatasetConfig(_FromDict):
     messages_field: str = "messages"
     """Column with chat messages ({role, content} lists)."""
     train_split: str = "train"
-    """Split (or file stem) used for training."""
+    """Split used for training: the files named after it, or in a folder of that name."""
+    eval_split: str | None = None
+    """An existing eval split (e.g. `test_sft`); when absent, `eval_fraction` of rows are held out."""
     eval_fraction: float = 0.05
     """Share of rows held out for evaluation during training."""
+    data_dir: str | None = None
+    """A sub-folder of the dataset to read instead of all of it; on the Hub only that folder is downloaded."""
     source: str | None = None
     """Where the data comes from (pipeline only): demo, local or hub, by default from the keys given."""
     repo_id: str | None = None
     """Hub dataset repo id (pipeline only)."""
     revision: str = "main"
     """Hub branch, tag or commit (pipeline only)."""
+
+    def __post_init__(self):
+        if self.eval_split and self.eval_split == self.train_split:
+            raise LexAlignError(f'eval_split "{self.eval_split}" is the train split',
+                                hint="Use another split, or remove eval_split to hold out eval_fraction of rows")
 
 
 @dataclass

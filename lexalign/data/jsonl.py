@@ -26,10 +26,34 @@ from typing import Iterator
 import numpy as np
 
 from lexalign.data.common import Piece, reject
+from lexalign.data.compressed import compression, open_binary
 
 CHUNK_BYTES = 8 << 20
 PIECE_LINES = 256
 _BOM = b"\xef\xbb\xbf"
+
+
+def _stream_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    """Whole-line chunks of a compressed file, decompressed a chunk at a time.
+
+    A stream cannot seek back, so the part after a chunk's last newline is carried
+    into the next one (and a line longer than a chunk grows until its newline).
+    """
+    with open_binary(path) as handle:
+        buffer = b""
+        data = handle.read(chunk_bytes).removeprefix(_BOM)
+        while data:
+            buffer = buffer + data if buffer else data
+            cut = buffer.rfind(b"\n") + 1
+            if cut == len(buffer):
+                yield buffer
+                buffer = b""
+            elif cut:
+                chunk, buffer = memoryview(buffer)[:cut], buffer[cut:]
+                yield chunk
+            data = handle.read(chunk_bytes)
+        if buffer:
+            yield buffer  # the last line, without its newline
 
 
 def _chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
@@ -38,6 +62,9 @@ def _chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
     Each read is cut after its last newline and the next read starts there, so
     nothing is copied to join pieces (unless one line is longer than a chunk).
     """
+    if compression(path):
+        yield from _stream_chunks(path, chunk_bytes)
+        return
     with path.open("rb") as handle:
         if handle.read(len(_BOM)) != _BOM:
             handle.seek(0)

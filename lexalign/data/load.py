@@ -4,6 +4,9 @@ Sources: a file or a folder in JSON (an array of records, `{"train": [...]}`
 or columns), JSON Lines, CSV/TSV (quoted commas and newlines), Parquet, Arrow
 (a `datasets` `save_to_disk` folder), or a Hub dataset snapshot as the
 download step lands it (`data/train-00000-of-00001.parquet`, `train.jsonl`, …).
+JSON, JSON Lines and CSV/TSV may be compressed (`train.jsonl.gz`, `.bz2`, `.xz`,
+`.zst`): they are decompressed as a stream (see `compressed`). Which files make
+a split, and a repo's sub-folder (`data_dir`): see `layout`.
 
 Every row keeps its number: the 1-based line (JSON Lines), record (CSV/TSV,
 header not counted) or row (others). A row that cannot be read at all comes
@@ -21,7 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
+from lexalign.data import layout
 from lexalign.data.common import Piece, reject
+from lexalign.data.compressed import COMPRESSIONS, compression, inner_suffix, open_text, read_all, read_head
 from lexalign.data.jsonl import read_jsonl
 from lexalign.errors import LexAlignError
 
@@ -42,7 +47,9 @@ def unsupported_format(fmt: str) -> LexAlignError:
     return LexAlignError(
         f'Unsupported dataset format "{fmt}"',
         f"Supported formats: {', '.join(FORMATS)}",
-        hint="Convert it, e.g. pandas.read_fwf(path).to_json('data.jsonl', orient='records', lines=True)",
+        f"JSON, JSON Lines and CSV/TSV may be compressed: {', '.join(sorted(COMPRESSIONS))}",
+        hint="Unpack the archive and point the dataset's path at its folder" if fmt in ("zip", "tar", "tgz", "7z")
+        else "Convert it, e.g. pandas.read_fwf(path).to_json('data.jsonl', orient='records', lines=True)",
     )
 
 
@@ -52,10 +59,9 @@ def _sniff_json(path: Path) -> str:
     A .jsonl file is JSON Lines unless it holds an array; a .json file is JSON
     unless its first line is a whole object.
     """
-    with path.open("rb") as handle:
-        head = handle.read(1 << 20)
+    head = read_head(path, 1 << 20)
     text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if path.suffix.lower() != ".json":
+    if inner_suffix(path) != ".json":
         return "json" if text[:1] == b"[" else "jsonl"
     if text[:1] != b"{":
         return "json"
@@ -68,17 +74,36 @@ def _sniff_json(path: Path) -> str:
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
-    """The reader for `path`: `fmt` itself, or (auto) from the extension and, for JSON, the content."""
+    """The reader for `path`: `fmt` itself, or (auto) from the extension and, for JSON, the content.
+
+    A compressed file's format is the extension under the compression's (`train.jsonl.gz`: JSON Lines).
+    """
     if fmt != "auto":
         if fmt not in FORMATS:
             raise unsupported_format(fmt)
-        return fmt
-    ext = path.suffix.lower()
-    if ext in (".json", ".jsonl", ".ndjson"):
-        return _sniff_json(path) if path.stat().st_size else _EXTENSIONS[ext]
-    if ext in _EXTENSIONS:
-        return _EXTENSIONS[ext]
-    raise unsupported_format(ext.lstrip(".") or path.name)
+        kind = fmt
+    else:
+        ext = inner_suffix(path)
+        if compression(path) and ext not in _EXTENSIONS:
+            raise LexAlignError(
+                f'Cannot tell the format of the data inside "{path}"',
+                f'"{path.name}" is {compression(path)}-compressed; the name does not say what it holds '
+                f"(expected e.g. {path.stem}.jsonl{path.suffix})",
+                hint="Set the dataset's format (e.g. format: jsonl), or rename the file",
+            )
+        if ext in (".json", ".jsonl", ".ndjson"):
+            return _sniff_json(path) if compression(path) or path.stat().st_size else _EXTENSIONS[ext]
+        if ext not in _EXTENSIONS:
+            raise unsupported_format(ext.lstrip(".") or path.name)
+        kind = _EXTENSIONS[ext]
+    if compression(path) and kind in ("parquet", "arrow"):
+        raise LexAlignError(
+            f'"{path}" is {kind} inside {compression(path)} compression: LexAlign does not read that',
+            f"{kind.capitalize()} files compress their columns themselves; compressed JSON, JSON Lines and CSV/TSV "
+            "are read as they are",
+            hint=f"Decompress it first (the {kind} file is read directly)",
+        )
+    return kind
 
 
 def _saved_dataset_files(folder: Path) -> list[Path]:
@@ -92,17 +117,13 @@ def _saved_dataset_files(folder: Path) -> list[Path]:
     return files or sorted(folder.glob("*.arrow"))
 
 
-def _matches(path: Path, root: Path, split: str) -> bool:
-    stem = path.name.split(".")[0]
-    parents = path.relative_to(root).parts[:-1]
-    return stem == split or stem.startswith(f"{split}-") or split in parents
-
-
 def data_files(path: str | Path, split: str, exact: bool = False) -> list[Path]:
-    """The data files of `split` under a folder (or the file itself).
+    """The data files of `split` under a folder (or the file itself), in order (shards by number).
 
-    A folder holding a single data file serves it for any split unless `exact`
-    (an eval split must really exist, or it would repeat the training data).
+    A file belongs to a split by its name (`train.jsonl.gz`, `train_prefs-00000-of-00001.parquet`) or a
+    folder it sits in (`train/part-0.jsonl`); every shard of a sharded split must be present. A folder
+    holding a single data file serves it for any split unless `exact` (an eval split must really exist,
+    or it would repeat the training data).
     """
     path = Path(path)
     if path.is_file():
@@ -124,15 +145,20 @@ def data_files(path: str | Path, split: str, exact: bool = False) -> list[Path]:
     )
     if not candidates:
         raise LexAlignError(f'No data files in "{path}"')
-    for_split = [p for p in candidates if _matches(p, path, split)]
+    for_split = sorted((p for p in candidates if layout.matches(p, path, split)),
+                       key=lambda p: layout.natural_key(p, path))
     if for_split:
+        layout.check_shards(for_split, path, split)
         return for_split
     if len(candidates) == 1 and not exact:
         return candidates
+    splits = layout.splits_found(candidates, path)
     raise LexAlignError(
         f'No files for split "{split}" in "{path}"',
-        "Files found: " + ", ".join(p.relative_to(path).as_posix() for p in candidates[:10]),
-        hint="Set dataset.train_split / eval_split to one of the file names (without extension)",
+        "Splits found: " + ", ".join(splits[:30]) + (f" … ({len(splits)} in all)" if len(splits) > 30 else ""),
+        "Files found: " + ", ".join(p.relative_to(path).as_posix() for p in candidates[:10])
+        + (f" … ({len(candidates)} in all)" if len(candidates) > 10 else ""),
+        hint="Set train_split / eval_split to one of the splits found",
     )
 
 
@@ -140,7 +166,7 @@ def data_files(path: str | Path, split: str, exact: bool = False) -> list[Path]:
 
 
 def _load_json(path: Path, split: str | None = None) -> list:
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    raw = read_all(path).removeprefix(b"\xef\xbb\xbf")
     try:
         data = json.loads(raw.decode("utf-8", "surrogateescape"))  # bad bytes stay visible: undecodable_bytes
     except json.JSONDecodeError as err:
@@ -185,7 +211,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[Piece]:
     import pyarrow as pa
 
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with open_text(path) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         try:
             header = next(reader, None)
@@ -287,19 +313,27 @@ def _read_arrow(path: Path, kind: str, columns: list[str] | None, batch_rows: in
 
 
 def iter_pieces(path: Path, kind: str, fields: list[str] | None = None, columns: list[str] | None = None,
-                split: str | None = None) -> Iterator[Piece]:
+                split: str | None = None, label: str | None = None) -> Iterator[Piece]:
     """Batches of one file. `fields`: string fields for the fast JSON Lines path; `columns`: what to read
-    from Parquet/Arrow (None: all)."""
+    from Parquet/Arrow (None: all); `label`: the file's name in rejects (default: its name)."""
     if kind == "jsonl":
-        yield from read_jsonl(path, fields)
+        pieces = read_jsonl(path, fields)
     elif kind == "json":
-        yield from _read_json(path, split)
+        pieces = _read_json(path, split)
     elif kind in ("csv", "tsv"):
-        yield from _read_csv(path, "\t" if kind == "tsv" else ",")
+        pieces = _read_csv(path, "\t" if kind == "tsv" else ",")
     elif kind in ("parquet", "arrow"):
-        yield from _read_arrow(path, kind, columns)
+        pieces = _read_arrow(path, kind, columns)
     else:  # pragma: no cover - detect_format only returns the kinds above
         raise unsupported_format(kind)
+    if not label or label == path.name:
+        yield from pieces
+        return
+    for piece in pieces:
+        piece.file = label
+        for item in piece.rejects:
+            item["file"] = label
+        yield piece
 
 
 def piece_records(piece: Piece) -> list[dict]:
@@ -354,13 +388,16 @@ def sample(path: Path, kind: str, split: str | None = None, n: int = 1000) -> tu
     return records, names
 
 
-def read_records(path: str | Path, fmt: str = "auto", split: str = "train") -> tuple[list[dict], list[dict]]:
+def read_records(path: str | Path, fmt: str = "auto", split: str = "train",
+                 exact: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows of one split as dicts with `_row` and `_file`, plus rows that could not be parsed
-    (`{"_row", "_file", "reason", "detail"}`)."""
+    (`{"_row", "_file", "reason", "detail"}`). `exact`: the split must have files of its own."""
     rows, bad = [], []
-    for file in data_files(path, split):
+    files = data_files(path, split, exact)
+    labels = layout.file_labels(files, Path(path))
+    for file in files:
         kind = detect_format(file, fmt)
-        for piece in iter_pieces(file, kind, split=split):
+        for piece in iter_pieces(file, kind, split=split, label=labels[file]):
             for number, record in zip(piece.rows.tolist(), piece_records(piece), strict=False):
                 rows.append({**record, "_row": number, "_file": piece.file})
             bad += [{"_row": r["row"], "_file": r["file"], "reason": r["reason"], "detail": r["detail"]}

@@ -34,6 +34,7 @@ import numpy as np
 from lexalign.config.stages import DatasetConfig
 from lexalign.data.checks import Deduper, check_pairs, normalise
 from lexalign.data.common import eval_threshold, hash_strings, reject
+from lexalign.data.layout import file_labels, resolve_data_dir
 from lexalign.data.lengths import LengthCheck
 from lexalign.data.load import data_files, detect_format, iter_pieces, sample
 from lexalign.data.outputs import MemorySink, ParquetSink
@@ -57,9 +58,11 @@ REASONS = (
 class _Validation:
     def __init__(self, cfg: DatasetConfig, tokenizer, seed: int):
         self.cfg, self.seed = cfg, seed
-        self.files = {"train": data_files(cfg.path, cfg.train_split)}
-        self.files["eval"] = data_files(cfg.path, cfg.eval_split, exact=True) if cfg.eval_split else []
+        self.root = resolve_data_dir(cfg.path, cfg.data_dir)
+        self.files = {"train": data_files(self.root, cfg.train_split)}
+        self.files["eval"] = data_files(self.root, cfg.eval_split, exact=True) if cfg.eval_split else []
         self.kinds = {f: detect_format(f, cfg.format) for split in self.files.values() for f in split}
+        self.labels = file_labels([f for split in self.files.values() for f in split], self.root)
         records, names, text_cells = [], [], False
         for file in self.files["train"]:
             records, names = sample(file, self.kinds[file], cfg.train_split)
@@ -100,7 +103,7 @@ class _Validation:
         for split, split_name in (("train", self.cfg.train_split), ("eval", self.cfg.eval_split)):
             for file in self.files[split]:
                 for piece in iter_pieces(file, self.kinds[file], self.plan.fast_fields, self.plan.columns,
-                                         split_name):
+                                         split_name, self.labels[file]):
                     self._piece(piece, split)
             self._finish(split)
         if self.lengths is not None:
@@ -203,7 +206,7 @@ class _Validation:
         cfg, counts = self.cfg, self.counts
         total = counts["input"]
         report = {
-            "source": str(cfg.path),
+            "source": str(self.root),
             "shape": self.plan.shape,
             # Texts rendered by the chat template: every later step encodes them with no special tokens added.
             CHAT_ATTR: self.plan.chat,

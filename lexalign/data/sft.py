@@ -15,6 +15,7 @@ import pandas as pd
 
 from lexalign.config.stages import SftDatasetConfig
 from lexalign.data.common import in_eval_split, reject_record
+from lexalign.data.layout import resolve_data_dir
 from lexalign.data.load import read_records
 from lexalign.errors import LexAlignError
 
@@ -46,10 +47,8 @@ def _check_messages(value: Any) -> str | None:
     return None
 
 
-def prepare_sft(cfg: SftDatasetConfig, seed: int = 42) -> dict[str, Any]:
-    rows, rejects = read_records(cfg.path, cfg.format, cfg.train_split)
-    total = len(rows) + len(rejects)
-    shape = detect_shape(rows, cfg) if rows else "text"
+def _normalise(rows: list[dict], shape: str, cfg: SftDatasetConfig, rejects: list[dict]) -> list[dict]:
+    """Rows in the shape TRL reads; the others go to `rejects` with their reason."""
     kept = []
     for row in rows:
         if shape == "messages":
@@ -68,16 +67,33 @@ def prepare_sft(cfg: SftDatasetConfig, seed: int = 42) -> dict[str, Any]:
             kept.append({"prompt": row[cfg.prompt_field], "completion": row[cfg.completion_field]})
         else:
             kept.append({"text": row[cfg.text_field]})
+    return kept
+
+
+def prepare_sft(cfg: SftDatasetConfig, seed: int = 42) -> dict[str, Any]:
+    root = resolve_data_dir(cfg.path, cfg.data_dir)
+    rows, rejects = read_records(root, cfg.format, cfg.train_split)
+    eval_rows: list[dict] = []
+    if cfg.eval_split:
+        eval_rows, eval_rejects = read_records(root, cfg.format, cfg.eval_split, exact=True)
+        rejects += eval_rejects
+    total = len(rows) + len(eval_rows) + len(rejects)
+    shape = detect_shape(rows, cfg) if rows else "text"
+    kept = _normalise(rows, shape, cfg, rejects)
 
     def key(row: dict) -> str:
         return str(row.get("prompt") or row.get("text") or row["messages"][0]["content"])
 
-    evals = [r for r in kept if in_eval_split(key(r), cfg.eval_fraction, seed)]
-    train = [r for r in kept if not in_eval_split(key(r), cfg.eval_fraction, seed)]
+    if cfg.eval_split:
+        train, evals = kept, _normalise(eval_rows, shape, cfg, rejects)
+    else:
+        evals = [r for r in kept if in_eval_split(key(r), cfg.eval_fraction, seed)]
+        train = [r for r in kept if not in_eval_split(key(r), cfg.eval_fraction, seed)]
     if not train:
-        raise LexAlignError(f"No usable SFT rows in {cfg.path}", f"{len(rejects)} of {total} rows rejected")
+        raise LexAlignError(f"No usable SFT rows in {root}", f"{len(rejects)} of {total} rows rejected")
     report = {
-        "source": str(cfg.path),
+        "source": str(root),
+        "eval_split": cfg.eval_split,
         "shape": shape,
         "input_rows": total,
         "train_rows": len(train),

@@ -84,8 +84,12 @@ def request_of(source, repo_type: str) -> dict:
     }
 
 
-def make_plan(source, repo_type: str) -> Plan:
-    """Resolve the revision and select the files. Raises the client's exceptions unchanged."""
+def make_plan(source, repo_type: str, data_dir: str | None = None) -> Plan:
+    """Resolve the revision and select the files. Raises the client's exceptions unchanged.
+
+    `data_dir`: the sub-folder of a dataset the allow patterns select; when the repo has no such
+    folder the error says so and lists the folders it has.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
@@ -103,6 +107,10 @@ def make_plan(source, repo_type: str) -> Plan:
     }
     for name in entries:  # a hostile repo must not write outside its folder
         safe_relative_path(name, f"{source.repo_id} (revision {source.revision})")
+    if data_dir and not any(name.startswith(f"{data_dir}/") for name in entries):
+        from lexalign.data.layout import folders_of, missing_data_dir
+
+        raise missing_data_dir(data_dir, f"{source.repo_id} (revision {source.revision})", folders_of(list(entries)))
     allow = _pattern_list(source.allow_patterns)
     ignore = (_pattern_list(source.ignore_patterns) or []) + list(manifest.RESERVED)
 
@@ -246,10 +254,12 @@ def _hub_unavailable(err: Exception) -> bool:
     return is_network_error(err) or (status is not None and (status >= 500 or status == 429))
 
 
-def fetch_hub(source, out_dir: Path, repo_type: str, finish: Callable[[Path, dict], None]) -> str:
+def fetch_hub(source, out_dir: Path, repo_type: str, finish: Callable[[Path, dict], None],
+              data_dir: str | None = None) -> str:
     """Bring `out_dir` to the requested files; return `fetched`, `up to date` or `kept (offline)`.
 
-    `finish(folder, extra)` writes the lineage into the folder before it is put in place.
+    `finish(folder, extra)` writes the lineage into the folder before it is put in place;
+    `data_dir`: see `make_plan`.
     """
     request = request_of(source, repo_type)
     rid, rev = source.repo_id, source.revision
@@ -264,7 +274,7 @@ def fetch_hub(source, out_dir: Path, repo_type: str, finish: Callable[[Path, dic
         print(f"  up to date: {out_dir} holds commit {rev}", flush=True)
         return "up to date"
     try:
-        plan = make_plan(source, repo_type)
+        plan = make_plan(source, repo_type, data_dir)
     except LexAlignError:
         raise
     except Exception as err:
