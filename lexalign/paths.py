@@ -71,4 +71,8 @@ def check_pipeline_paths(config: dict) -> None:
     for name in sections:
         section = config.get(name) or {}
         if section.get("source") == "local":
-            require_data(section.get("path"), f"{name}.path", f"Fix {name}.path in config/config.yaml")
+            path = require_data(section.get("path"), f"{name}.path", f"Fix {name}.path in config/config.yaml")
+            if section.get("data_dir"):
+                from lexalign.data.layout import resolve_data_dir
+
+                resolve_data_dir(path, section["data_dir"])
