@@ -14,6 +14,7 @@ output: configs cannot hold one (the schema has no such key).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -41,9 +42,18 @@ def _copy_local(src: Path, dest: Path, data_dir: str | None = None) -> None:
             if not link.resolve().is_relative_to(root):
                 raise LexAlignError(f'"{link}" links outside "{src}" (to "{link.resolve()}")',
                                     hint="Refusing to copy it: replace the link with the file itself")
-        shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=False)
+        shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=False, copy_function=_link_or_copy)
     else:
-        shutil.copy2(src, dest / src.name)
+        _link_or_copy(src, dest / src.name)
+
+
+def _link_or_copy(src, dest) -> None:
+    """A hard link where the file system allows one: a local model's weights are never copied (a 15 GB
+    checkpoint lands in results/ at no cost); a copy across file systems."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def _request(source: SourceConfig, kind: str, data_dir: str | None = None) -> dict:

@@ -75,7 +75,7 @@ def sft_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 def demo_run(tmp_path_factory) -> Path:
     """One real pipeline run on the demo (rule all: every run, evaluated, and the report) in a temporary copy
     of the workflow, shared by test_pipeline and test_reference. Tests that change it work on a copy."""
-    from test_pipeline import PLANTED_TOKEN, copy_workflow, snakemake
+    from workflow import PLANTED_TOKEN, copy_workflow, snakemake
 
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     result = snakemake(workdir, "--cores", "2")

@@ -7,53 +7,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
-
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "report", "lexalign"]
-
-
-def copy_workflow(dest: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-# A Hub token planted in the environment of every pipeline run: it must never reach an output or a log.
-PLANTED_TOKEN = "hf_PlantedTokenForLeakTests0123456789"
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
-    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """The `Job stats` table of a dry run: rule → count."""
-    stats = output.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in stats.splitlines():
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if match and match.group(1) != "total":
-            jobs[match.group(1)] = int(match.group(2))
-    return jobs
-
-
-def edit_config(workdir: Path, section: str, key: str, value) -> None:
-    path = workdir / "config" / "config.yaml"
-    config = yaml.safe_load(path.read_text())
-    config.setdefault(section, {})[key] = value
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+from workflow import PLANTED_TOKEN, SNAKEMAKE, copy_workflow, edit_config, planned_jobs, snakemake  # noqa: F401
 
 
 @pytest.mark.slow

@@ -291,7 +291,7 @@ def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
 
 
 def test_gdpo_reads_the_reference_of_its_k_groups(tmp_path):
-    from test_pipeline import copy_workflow, edit_config, planned_jobs, snakemake
+    from workflow import copy_workflow, edit_config, planned_jobs, snakemake
 
     workdir = copy_workflow(tmp_path)
     edit_config(workdir, "alignment", "method", "gdpo")
@@ -318,7 +318,7 @@ def test_align_reads_the_reference_file(demo_run):
     ("finetune", "learning_rate", 1e-3, "results/aligned", {"finetune": 1, "reference": 1, "align": 1}),
 ])
 def test_what_reruns_the_reference_step(demo_run, tmp_path, section, key, value, target, expected):
-    from test_pipeline import edit_config, planned_jobs, snakemake
+    from workflow import edit_config, planned_jobs, snakemake
 
     workdir = tmp_path / "copy"
     shutil.copytree(demo_run, workdir, symlinks=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, write_jsonl
-from test_pipeline import SNAKEMAKE, copy_workflow
+from workflow import SNAKEMAKE, copy_workflow
 
 from lexalign.demo import task
 
