@@ -392,3 +392,24 @@ def test_the_token_never_reaches_outputs_or_logs(tmp_path, hub, cli):
         assert TOKEN not in log
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_repo_id_without_source_means_the_hub_never_the_demo(tmp_path, hub, cli):
+    """What TRL's and the Hub's docs show (a repo_id, no `source:`) fetches that repo; a repo that does not
+    exist is an error, not a silent demo model."""
+    hub.add_repo("acme/tiny", MODEL_V1)
+    entry = {"models": [{"name": "tiny", "repo_id": "acme/tiny", "output": "out/tiny"}]}
+    rc, out, err = cli(entry)
+    assert rc == 0, err
+    assert "demo" not in out + err
+    assert (tmp_path / "out/tiny/config.json").read_text() == MODEL_V1["config.json"]
+    lineage = json.loads((tmp_path / "out/tiny/lineage.json").read_text())
+    assert lineage["config"]["source"] == "hub"
+    missing = {"models": [{"name": "nope", "repo_id": "acme/does-not-exist", "output": "out/nope"}]}
+    rc, out, err = cli(missing)
+    assert_clean_error(rc, err)
+    assert "acme/does-not-exist" in err and not (tmp_path / "out/nope").exists()
+    contradiction = {"models": [{"name": "x", "source": "demo", "repo_id": "acme/tiny", "output": "out/x"}]}
+    rc, out, err = cli(contradiction)
+    assert_clean_error(rc, err)
+    assert 'models[0].source is "demo" but models[0].repo_id is set' in err

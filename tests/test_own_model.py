@@ -42,6 +42,7 @@ def ultrafeedback_binarized(root: Path, n_train: int = 24, n_test: int = 8) -> P
 def own_config(model: Path, data: Path) -> dict:
     return {
         "seed": 0,
+        "device": "cuda",  # on a machine without a GPU: the design's warning, then the CPU
         "model": {"path": str(model)},
         "preference_data": {"path": str(data), "train_split": "train_prefs", "eval_split": "test_prefs",
                             "max_length": 256},
@@ -104,6 +105,16 @@ def test_method_none_aligns_the_model_itself(own_run):
     assert (report["train_rows"], report["eval_rows"], report["chat_template"]) == (24, 8, True)
     result = json.loads((workdir / "results" / "eval" / "aligned.json").read_text())
     assert result["pairs"] == 8
+
+
+@pytest.mark.slow
+def test_cuda_asked_for_without_a_gpu_warns_in_the_pipeline(own_run):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the warning is for machines without one")
+    log = (own_run["workdir"] / "logs" / "align.log").read_text()
+    assert "Warning: CUDA requested but unavailable. Using CPU." in log
 
 
 @pytest.mark.slow
