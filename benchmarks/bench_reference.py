@@ -117,7 +117,7 @@ def tokenize_worker(name: str, spec: dict, out: Path) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from lexalign import reference
-    from lexalign.train.runtime import load_tokenizer
+    from lexalign.models import load_tokenizer
 
     frame = pd.read_parquet(spec["tokenize_data"])
     tokenizer = load_tokenizer(spec["model"])

@@ -202,7 +202,7 @@ def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dic
 
 def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
              seed: int = 42, ranked_frame: pd.DataFrame | None = None) -> dict:
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer, require_model
+    from lexalign.models import load_causal_lm, load_tokenizer, require_model
 
     require_model(aligned, "lexalign align --config config/align.yaml")
     require_model(reference, "lexalign finetune --config config/finetune.yaml")

@@ -176,7 +176,7 @@ def tokenizer_hash(tokenizer_path: str | Path) -> str:
 
 
 def compute_dtype(device: str, load_in_4bit: bool = False) -> str:
-    """The dtype the reference runs in: the policy's (see runtime.load_causal_lm)."""
+    """The dtype the reference runs in: the policy's (see models.load_causal_lm)."""
     import torch
 
     if load_in_4bit:
@@ -308,15 +308,15 @@ def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trus
     """The reference model as align's policy starts: the SFT weights (an adapter alone merged into its base)."""
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-    from lexalign.train import runtime
+    from lexalign import models
 
-    path = runtime.require_model(model_path, "lexalign finetune --config config/finetune.yaml")
+    path = models.require_model(model_path, "lexalign finetune --config config/finetune.yaml")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         merged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lexalign-reference-")))
-        runtime.merged_model(path, Path(base), trust_remote_code).save_pretrained(merged, safe_serialization=True)
+        models.merged_model(path, Path(base), trust_remote_code).save_pretrained(merged, safe_serialization=True)
         path = merged
-    model = runtime.load_causal_lm(path, device, quantize_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    model = models.load_causal_lm(path, device, quantize_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     if not load_in_4bit:
         model.to(device)
     model.eval()
@@ -335,7 +335,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     import pyarrow.parquet as pq
     import torch
 
-    from lexalign.train import runtime
+    from lexalign import models
 
     model_path = Path(model_path)
     tokenizer_path = Path(tokenizer_path or model_path)
@@ -343,7 +343,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
     key = reference_key(model_path, tokenizer_path, splits, layout, max_length, truncation_mode, load_in_4bit,
                         compute_dtype(device, load_in_4bit))
-    tokenizer = runtime.load_tokenizer(tokenizer_path, trust_remote_code)
+    tokenizer = models.load_tokenizer(tokenizer_path, trust_remote_code)
     started = time.perf_counter()
     tokens, cache_hits = {}, []
     for name, groups in splits.items():

@@ -87,7 +87,7 @@ def plot_eval(evals: dict[str, dict], out_dir: Path) -> Path:
 def plot_lengths(validated: Path, tokenizer_dir: Path, out_dir: Path, limit: int = 20000) -> Path:
     import pandas as pd
 
-    from lexalign.train.runtime import load_tokenizer
+    from lexalign.models import load_tokenizer
 
     plt = _figure()
     frame = pd.read_parquet(validated / "train.parquet", columns=["prompt", "chosen", "rejected"]).head(limit)

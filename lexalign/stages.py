@@ -50,7 +50,7 @@ def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output:
     batches); then gate: too many rejects, or nothing left, stops here with the summary."""
     from lexalign.data.preference import gate, summary, validate_to_dir
     from lexalign.lineage import stage_record
-    from lexalign.train.runtime import load_tokenizer
+    from lexalign.models import load_tokenizer
 
     cfg = DatasetConfig.from_dict({**dataset, "path": str(raw)})
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
@@ -112,8 +112,8 @@ def reference(model: str | Path, data: str | Path, output: str | Path, layout: s
               device: str = "auto", trust_remote_code: bool = False, cache_dir: str | Path | None = None,
               tokenizer: str | None = None) -> dict:
     """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet)."""
+    from lexalign.models import resolve_device
     from lexalign.reference import compute_reference
-    from lexalign.train.runtime import resolve_device
 
     train, evals = _frames(data, gated=True)
     summary = compute_reference(model, train, evals, output, layout=layout, max_length=max_length,

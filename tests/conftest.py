@@ -26,7 +26,7 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_model_dir):
-    from lexalign.train.runtime import load_tokenizer
+    from lexalign.models import load_tokenizer
 
     return load_tokenizer(demo_model_dir)
 

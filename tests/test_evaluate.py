@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lexalign.evaluate import kl_estimate, preference_metrics, sequence_logps
-from lexalign.train.runtime import load_causal_lm
+from lexalign.models import load_causal_lm
 
 
 @pytest.fixture(scope="module")

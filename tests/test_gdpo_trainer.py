@@ -142,7 +142,7 @@ def dpo_reference(sft_model_dir, demo_model_dir, tmp_path_factory):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
+    from lexalign.models import load_causal_lm, load_tokenizer
 
     tmp = tmp_path_factory.mktemp("dpo")
     tokenizer = load_tokenizer(sft_model_dir)
@@ -164,7 +164,7 @@ def dpo_reference(sft_model_dir, demo_model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_k2_loss_equals_trl_dpo_sigmoid_loss(weight, dpo_reference, sft_model_dir, demo_model_dir, tmp_path):
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
+    from lexalign.models import load_causal_lm, load_tokenizer
 
     dpo_loss, dpo_metrics, dpo_batch = dpo_reference
     trainer = GDPOTrainer(
@@ -198,7 +198,7 @@ def test_k2_lora_training_follows_trl_dpo_step_for_step(sft_model_dir, tmp_path)
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
+    from lexalign.models import load_causal_lm, load_tokenizer
 
     def lora():
         return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -303,7 +303,7 @@ def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir
     """All K·B sequences go through the backbone twice per step: with grad (policy), without (reference)."""
     from peft import LoraConfig
 
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
+    from lexalign.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(sft_model_dir, "cpu")
     calls = []

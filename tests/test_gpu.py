@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lexalign import models
 from lexalign.config.loader import section_defaults
 from lexalign.config.stages import AlignConfig, FinetuneConfig
 from lexalign.demo import task
@@ -73,19 +74,19 @@ def test_the_defaults_switch_on(demo_model_dir):
     defaults = runtime.gpu_defaults("cuda")
     assert defaults["bf16"] == torch.cuda.is_bf16_supported()
     assert defaults[runtime.checkpointing_argument()] is True
-    assert runtime.attention_implementation("cuda") in ("sdpa", "flash_attention_2")
-    assert runtime.resolve_device("auto") == "cuda"
+    assert models.attention_implementation("cuda") in ("sdpa", "flash_attention_2")
+    assert models.resolve_device("auto") == "cuda"
 
     classes = (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward,
                modeling_llama.apply_rotary_pos_emb)
-    model = runtime.load_causal_lm(demo_model_dir, "cuda")
-    assert model.config._attn_implementation == runtime.attention_implementation("cuda")
+    model = models.load_causal_lm(demo_model_dir, "cuda")
+    assert model.config._attn_implementation == models.attention_implementation("cuda")
     assert model.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     # Liger's kernels on this model's layers when installed, and on nothing else in the process.
     assert ("forward" in vars(model.model.norm)) == liger_installed()
     assert classes == (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward,
                        modeling_llama.apply_rotary_pos_emb)
-    on_cpu = runtime.load_causal_lm(demo_model_dir, "cpu")
+    on_cpu = models.load_causal_lm(demo_model_dir, "cpu")
     assert "forward" not in vars(on_cpu.model.norm)
     on_cpu(torch.tensor([[1, 2, 3]]))  # a Triton kernel would refuse CPU tensors
     patched = model.cuda()(torch.tensor([[1, 2, 3]], device="cuda")).logits.float().cpu()

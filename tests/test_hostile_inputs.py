@@ -58,7 +58,7 @@ def pickle_only_model(tmp_path, demo_model_dir):
 
 
 def test_pickle_weights_are_refused_unless_allowed(pickle_only_model):
-    from lexalign.train.runtime import load_causal_lm
+    from lexalign.models import load_causal_lm
 
     with pytest.raises(LexAlignError) as err:
         load_causal_lm(pickle_only_model, "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from lexalign import models
 from lexalign.train import kernels, runtime
 
 
@@ -25,7 +26,7 @@ def patch_like_liger(model) -> None:
 def test_module_patches_are_undone_and_the_model_keeps_its_own(demo_model_dir):
     from transformers.models.llama import modeling_llama
 
-    model = runtime.load_causal_lm(demo_model_dir, "cpu")
+    model = models.load_causal_lm(demo_model_dir, "cpu")
     originals = (modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb,
                  modeling_llama.LlamaForCausalLM.forward)
     with kernels.modeling_modules_kept():
@@ -34,12 +35,12 @@ def test_module_patches_are_undone_and_the_model_keeps_its_own(demo_model_dir):
     assert (modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb,
             modeling_llama.LlamaForCausalLM.forward) == originals
     assert "forward" in vars(model.model.norm), "the patched model keeps its layer patch"
-    fresh = runtime.load_causal_lm(demo_model_dir, "cpu")
+    fresh = models.load_causal_lm(demo_model_dir, "cpu")
     assert type(fresh.model.norm) is originals[0] and "forward" not in vars(fresh.model.norm)
     assert fresh(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, fresh.config.vocab_size)
 
 
 def test_liger_is_only_applied_on_the_gpu(demo_model_dir):
-    model = runtime.load_causal_lm(demo_model_dir, "cpu")
+    model = models.load_causal_lm(demo_model_dir, "cpu")
     assert "forward" not in vars(model.model.norm)
     assert runtime.gpu_defaults("cpu") == {"bf16": False, runtime.checkpointing_argument(): False}

@@ -204,7 +204,7 @@ def test_dpo_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
+    from lexalign.models import load_causal_lm, load_tokenizer
 
     frame = pairs()
     out = compute(tmp_path, sft_model_dir, frame, "pairs")
@@ -243,8 +243,8 @@ def test_dpo_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
 @pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
+    from lexalign.models import load_causal_lm, load_tokenizer
     from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
-    from lexalign.train.runtime import load_causal_lm, load_tokenizer
 
     frame = groups(16)
     out = compute(tmp_path, sft_model_dir, frame, "k4")

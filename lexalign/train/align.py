@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lexalign import models
 from lexalign.config.stages import AlignConfig
 from lexalign.errors import LexAlignError
 from lexalign.io import atomic_dir
@@ -93,13 +94,13 @@ def sft_weights(job: AlignJob) -> Path:
     """
     import json
 
-    path = runtime.require_model(job.model_path, "lexalign finetune --config config/finetune.yaml")
+    path = models.require_model(job.model_path, "lexalign finetune --config config/finetune.yaml")
     if not (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return path
     merged = job.checkpoint_dir / "sft-merged"
     if not (merged / "config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = runtime.merged_model(path, Path(base), job.trust_remote_code)
+        model = models.merged_model(path, Path(base), job.trust_remote_code)
         with atomic_dir(merged) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
     return merged
@@ -108,8 +109,8 @@ def sft_weights(job: AlignJob) -> Path:
 def load_policy(job: AlignJob, device: str):
     """The SFT model (4-bit for QLoRA), and its tokenizer."""
     job.sft_path = sft_weights(job)
-    tokenizer = runtime.load_tokenizer(job.tokenizer_path or job.model_path, job.trust_remote_code)
-    model = runtime.load_causal_lm(job.sft_path, device, quantize_4bit=job.cfg.load_in_4bit,
+    tokenizer = models.load_tokenizer(job.tokenizer_path or job.model_path, job.trust_remote_code)
+    model = models.load_causal_lm(job.sft_path, device, quantize_4bit=job.cfg.load_in_4bit,
                                    trust_remote_code=job.trust_remote_code, train_all_weights=not job.cfg.use_lora)
     return model, tokenizer
 
@@ -192,7 +193,7 @@ def setup(job: AlignJob):
                             hint="Use method: dpo or gdpo")
     if job.cfg.method == "gdpo":
         check_gdpo_options(job.cfg)
-    device = runtime.resolve_device(job.device)
+    device = models.resolve_device(job.device)
     # The reference file is checked before any model is loaded.
     precomputed = reference_datasets(job, device) if job.reference_path else None
     model, tokenizer = load_policy(job, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lexalign import models
 from lexalign.errors import LexAlignError
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
@@ -36,10 +37,10 @@ class FinetuneJob(TrainingJob):
             raise LexAlignError("finetune.method is none: there is nothing to fine-tune",
                                 hint="Align the model as it is: lexalign align with model.path set to it "
                                      "(the pipeline plans no finetune job for method none)")
-        runtime.require_model(self.model_path, "lexalign download --config config/downloads.yaml")
-        device = runtime.resolve_device(self.device)
-        tokenizer = runtime.load_tokenizer(self.model_path, self.trust_remote_code)
-        model = runtime.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
+        models.require_model(self.model_path, "lexalign download --config config/downloads.yaml")
+        device = models.resolve_device(self.device)
+        tokenizer = models.load_tokenizer(self.model_path, self.trust_remote_code)
+        model = models.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
                                        trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
                                        train_all_weights=self.cfg.method == "full")
         has_eval = len(self.eval) > 0
