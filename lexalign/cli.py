@@ -102,9 +102,11 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
                                    f"{cfg['finetune']['method']} fine-tune {cfg['model']['path']} on {device} → {out}",
                                    f"checkpoints every {cfg['finetune']['save_steps']} steps → {checkpoints}"])
         return
-    stages.prepare_sft(cfg["dataset"], cfg["dataset"]["path"], data_dir, cfg["seed"])
-    stages.finetune(cfg["model"]["path"], data_dir, cfg["finetune"], out, checkpoints, device, cfg["seed"], resume,
-                    verbose, cfg["model"]["trust_remote_code"], cfg["model"]["allow_pickle"])
+    stages.prepare_sft(raw=cfg["dataset"]["path"], output=data_dir, data=cfg["dataset"], seed=cfg["seed"])
+    stages.finetune(model=cfg["model"]["path"], data=data_dir, output=out, finetune=cfg["finetune"],
+                    checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
+                    trust_remote_code=cfg["model"]["trust_remote_code"], allow_pickle=cfg["model"]["allow_pickle"],
+                    resume=resume, verbose=verbose)
 
 
 def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True, dry_run: bool = False) -> None:
@@ -149,8 +151,8 @@ def validate(config_path: str, output: str) -> None:
     cfg = load_config(config_path, "align")
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
-    stages.validate(_dataset_for(cfg), cfg["dataset"]["path"], tokenizer, output, cfg["seed"],
-                    cfg["model"]["trust_remote_code"])
+    stages.validate(raw=cfg["dataset"]["path"], tokenizer=tokenizer, output=output, dataset=_dataset_for(cfg),
+                    seed=cfg["seed"], trust_remote_code=cfg["model"]["trust_remote_code"])
 
 
 @main.command()
@@ -184,10 +186,12 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
         return
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     if validated != data:
-        stages.validate(_dataset_for(cfg), data, tokenizer, validated, cfg["seed"], cfg["model"]["trust_remote_code"])
-    stages.align(cfg["model"]["path"], validated, cfg["alignment"], out, checkpoints, device, cfg["seed"], resume,
-                 verbose, cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
-                 resume_command=f"lexalign align --config {config_path}")
+        stages.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
+                        trust_remote_code=cfg["model"]["trust_remote_code"])
+    stages.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
+                 checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
+                 trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
+                 resume=resume, verbose=verbose, resume_command=f"lexalign align --config {config_path}")
 
 
 @main.command()
@@ -212,8 +216,8 @@ def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> Non
         raise LexAlignError(f'No validated data at "{validated}"',
                             hint=f"Run: lexalign validate --config {config_path} --output {validated}")
     params = {"judge": judge, "num_prompts": num_prompts, "max_new_tokens": 32, "batch_size": 16}
-    result = stages.evaluate(out, cfg["model"]["path"], validated, params, cfg["alignment"]["beta"], output,
-                             cfg["seed"])
+    result = stages.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
+                             evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"])
     click.echo(json.dumps({k: v for k, v in result.items() if k != "generation"}, indent=2))
 
 

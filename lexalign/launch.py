@@ -8,8 +8,9 @@ for, the first of these that is set:
     gres: "gpu[:type]:N"    a GRES request
 
 With one process the step trains in the rule's own process, as always. With
-more, the rule's script writes the step (its inputs, output and params) to a
-JSON spec beside the log and runs
+more, `lexalign.workflow.run_rule` hands the step and its arguments (the rule's
+inputs, outputs and params, by name) to `run_in_processes`, which writes them
+to a JSON spec beside the log and runs
 
     python -m accelerate.commands.launch --num_processes N
         [--config_file <resources.accelerate_config> | --multi_gpu] ... -m lexalign.launch SPEC
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from lexalign.errors import LexAlignError
 
@@ -96,24 +96,24 @@ def launch_command(spec: Path | list[Path], processes: int, config_file: str | N
     return [*cmd, "-m", "lexalign.launch", *map(str, specs)]
 
 
-def _named(items) -> dict:
-    if items is None:
-        return {}
-    if hasattr(items, "items"):
-        return {k: v for k, v in items.items()}
-    return {}
+def processes_for(step: str, resources) -> int:
+    """How many processes a step runs in: the one place that decides (1 outside training steps, and inside
+    an already launched process)."""
+    if step not in TRAINING_STEPS or in_worker():
+        return 1
+    return num_processes(resources)
 
 
-def write_spec(step: str, smk, path: Path) -> Path:
-    """What a process needs to run the step: inputs, outputs and params, as JSON."""
-    spec = {
-        "step": step,
-        "params": _named(smk.params),
-        "input": {"named": _named(smk.input), "all": [str(f) for f in smk.input]},
-        "output": {"named": _named(smk.output), "all": [str(f) for f in smk.output]},
-    }
-    path.write_text(json.dumps(spec, indent=1, default=str), encoding="utf-8")
+def write_spec(step: str, arguments: dict, path: Path) -> Path:
+    """What a process needs to run the step: its name and its arguments by name, as JSON."""
+    path.write_text(json.dumps({"step": step, "arguments": arguments}, indent=1, default=str), encoding="utf-8")
     return path
+
+
+def load_spec(path: str | Path) -> tuple[str, dict]:
+    """A spec file back into (step, arguments)."""
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    return spec["step"], spec["arguments"]
 
 
 def _fileno(stream) -> int | None:
@@ -164,28 +164,21 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def launched(step: str, smk) -> bool:
-    """Run a training step in several processes when its resources ask for it.
+def run_in_processes(step: str, arguments: dict, processes: int, resources=None, threads: int | None = None,
+                     log_dir: Path | None = None) -> None:
+    """Run a training step in `processes` processes (accelerate launch) and wait for them.
 
-    Returns False when the step should run in this process (one process, not a
-    training step, or already inside a launched process); True once the
-    launched processes have finished successfully. Raises LexAlignError if they
-    failed (each process has printed its own error).
+    Raises LexAlignError if they failed (each process has printed its own error).
     """
-    if step not in TRAINING_STEPS or in_worker():
-        return False
-    resources = getattr(smk, "resources", None)
-    processes = num_processes(resources)
-    if processes <= 1:
-        return False
     config_file = _resource(resources, "accelerate_config") or None
     if config_file and not Path(config_file).is_file():
         raise LexAlignError(f'Accelerate config not found: "{config_file}"',
                             hint="Set the rule's accelerate_config resource to one of config/accelerate/*.yaml")
-    log_dir = Path(smk.log[0]).parent if getattr(smk, "log", None) else Path(tempfile.gettempdir())
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
     log_dir.mkdir(parents=True, exist_ok=True)
-    spec = write_spec(step, smk, Path(tempfile.mkstemp(prefix=f".{step}-launch-", suffix=".json", dir=log_dir)[1]))
-    cmd = launch_command(spec, processes, config_file, getattr(smk, "threads", None))
+    spec = write_spec(step, arguments, Path(tempfile.mkstemp(prefix=f".{step}-launch-", suffix=".json",
+                                                             dir=log_dir)[1]))
+    cmd = launch_command(spec, processes, config_file, threads)
     print(f"Training in {processes} processes: {' '.join(cmd)}", flush=True)
     try:
         status = run_launcher(cmd, stdout=_fileno(sys.stdout), stderr=_fileno(sys.stderr))
@@ -194,39 +187,11 @@ def launched(step: str, smk) -> bool:
     if status != 0:
         raise LexAlignError(f"{step} failed in one of its {processes} processes (exit status {status})",
                             hint="The processes' own messages are above")
-    return True
-
-
-def load_spec(path: str | Path) -> tuple[str, SimpleNamespace]:
-    """A spec file back into (step, an object shaped like the rule's `snakemake`)."""
-    spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    smk = SimpleNamespace(params=_Params(**spec["params"]),
-                          input=_Files(spec["input"]["all"], spec["input"]["named"]),
-                          output=_Files(spec["output"]["all"], spec["output"]["named"]),
-                          log=[], resources=None, threads=None)
-    return spec["step"], smk
-
-
-class _Params(SimpleNamespace):
-    """A rule's params; one a hand-written spec leaves out reads as None (the step's default)."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
-
-
-class _Files(list):
-    """A list of paths with named ones as attributes, like Snakemake's input/output."""
-
-    def __init__(self, paths: list[str], named: dict):
-        super().__init__(paths)
-        self.__dict__.update(named)
 
 
 def main(argv: list[str] | None = None) -> None:
     """One launched process: `python -m lexalign.launch SPEC [SPEC ...]` runs each spec in turn."""
-    from lexalign.workflow import _call
+    from lexalign import stages
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -239,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rank = int(os.environ.get("RANK", "0"))
     for path in argv:
-        step, smk = load_spec(path)
+        step, arguments = load_spec(path)
         try:
-            _call(step, smk)
+            stages.run(step, **arguments)
         except LexAlignError as err:
             message = err.render()
             print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr, flush=True)

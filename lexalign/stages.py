@@ -1,11 +1,16 @@
-"""One function per pipeline step, called by the CLI and by the Snakemake scripts.
+"""One function per pipeline step: the whole contract of each Snakemake rule, in one place.
 
-Each takes plain paths and the validated config sections, so a rule's
-`params:` (what Snakemake watches for changes) are exactly what a step reads.
+A rule's named `input:`, `output:` and `params:` are this function's keyword
+arguments, by the same names (`scripts/step.py` passes them through
+`lexalign.workflow.run_rule`, unchanged and by name); the CLI calls the same
+functions. Each takes plain paths and the validated config sections, so the
+rule's params (what Snakemake watches for changes) are exactly what the step
+reads. `run(step, **arguments)` checks the names before the step starts.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from lexalign.config.stages import (
@@ -16,11 +21,13 @@ from lexalign.config.stages import (
     SftDatasetConfig,
     SourceConfig,
 )
+from lexalign.errors import LexAlignError
 from lexalign.io import write_json
 from lexalign.tokens import CHAT_ATTR
 
 
-def download(source: dict, output: str | Path, kind: str, seed: int = 42) -> Path:
+def download(*, output: str | Path, source: dict, kind: str, seed: int = 42) -> Path:
+    """Fetch a model or dataset (`kind`) from the demo, a local path or the Hub into `output`."""
     from lexalign.download import fetch
 
     cfg = SourceConfig.from_dict(source)
@@ -29,7 +36,8 @@ def download(source: dict, output: str | Path, kind: str, seed: int = 42) -> Pat
     return out
 
 
-def prepare_sft(data: dict, raw: str | Path, output: str | Path, seed: int = 42) -> dict:
+def prepare_sft(*, raw: str | Path, output: str | Path, data: dict, seed: int = 42) -> dict:
+    """SFT data (`data`: the sft_data section) from the download in `raw` into train/eval files in `output`."""
     from lexalign.data.common import write_split_outputs
     from lexalign.data.sft import prepare_sft as _prepare
     from lexalign.lineage import stage_record
@@ -44,7 +52,7 @@ def prepare_sft(data: dict, raw: str | Path, output: str | Path, seed: int = 42)
     return report
 
 
-def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output: str | Path, seed: int = 42,
+def validate(*, raw: str | Path, tokenizer: str | Path, output: str | Path, dataset: dict, seed: int = 42,
              trust_remote_code: bool = False) -> dict:
     """Validate preference data into train/eval parquet, rejects and report (streamed, memory bounded by
     batches); then gate: too many rejects, or nothing left, stops here with the summary."""
@@ -53,9 +61,8 @@ def validate(dataset: dict, raw: str | Path, tokenizer_path: str | Path, output:
     from lexalign.models import load_tokenizer
 
     cfg = DatasetConfig.from_dict({**dataset, "path": str(raw)})
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-    lineage = stage_record("validate", cfg.to_dict(), {"data": raw, "tokenizer": tokenizer_path})
-    report = validate_to_dir(cfg, tokenizer, output, seed, lineage)
+    lineage = stage_record("validate", cfg.to_dict(), {"data": raw, "tokenizer": tokenizer})
+    report = validate_to_dir(cfg, load_tokenizer(tokenizer, trust_remote_code), output, seed, lineage)
     print(summary(report), flush=True)
     gate(report, str(output))
     return report
@@ -96,29 +103,34 @@ def _job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbo
             "lineage_inputs": {"model": Path(model), "data": Path(data)}}
 
 
-def finetune(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
-             device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
-             trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+def finetune(*, model: str | Path, data: str | Path, output: str | Path, finetune: dict, checkpoint_dir: str | Path,
+             device: str = "auto", seed: int = 42, trust_remote_code: bool = False, allow_pickle: bool = False,
+             resume: str | None = None, verbose: bool = False) -> Path:
+    """Supervised fine-tuning of `model` on the prepared SFT `data` (the finetune section) into `output`."""
     from lexalign.train.finetune import FinetuneJob
 
-    job = FinetuneJob(cfg=FinetuneConfig.from_dict(params), allow_pickle=allow_pickle,
+    job = FinetuneJob(cfg=FinetuneConfig.from_dict(finetune), allow_pickle=allow_pickle,
                       **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                     trust_remote_code))
     return job.run()
 
 
-def reference(model: str | Path, data: str | Path, output: str | Path, layout: str = "pairs",
-              max_length: int | None = 512, truncation_mode: str = "keep_start", load_in_4bit: bool = False,
+def reference(*, model: str | Path, data: str | Path, output: str | Path, setting: dict | None = None,
               device: str = "auto", trust_remote_code: bool = False, cache_dir: str | Path | None = None,
               tokenizer: str | None = None) -> dict:
-    """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet)."""
+    """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet).
+
+    `setting`: layout (pairs or k<K>), max_length, truncation_mode and load_in_4bit (from the file's name)."""
     from lexalign.models import resolve_device
     from lexalign.reference import compute_reference
 
+    setting = {"layout": "pairs", "max_length": 512, "truncation_mode": "keep_start", "load_in_4bit": False,
+               **(setting or {})}
+    layout = setting["layout"]
     train, evals = _frames(data, gated=True)
-    summary = compute_reference(model, train, evals, output, layout=layout, max_length=max_length,
-                                truncation_mode=truncation_mode, device=resolve_device(device),
-                                load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
+    summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
+                                truncation_mode=setting["truncation_mode"], device=resolve_device(device),
+                                load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,
                                 tokenizer_path=tokenizer, cache_dir=cache_dir)
     cached = f", tokens from the cache ({', '.join(summary['token_cache'])})" if summary["token_cache"] else ""
     print(f"Reference log-probs ({layout}): {summary['train_groups']} train + {summary['eval_groups']} eval groups, "
@@ -127,14 +139,16 @@ def reference(model: str | Path, data: str | Path, output: str | Path, layout: s
     return summary
 
 
-def align(model: str | Path, data: str | Path, params: dict, output: str | Path, checkpoint_dir: str | Path,
-          device: str = "auto", seed: int = 42, resume: str | None = None, verbose: bool = False,
-          trust_remote_code: bool = False, tokenizer: str | None = None, resume_command: str | None = None,
-          reference: str | Path | None = None) -> Path:
-    """Align the SFT model; with `reference` (the reference step's file) no reference pass runs in training."""
+def align(*, model: str | Path, data: str | Path, output: str | Path, alignment: dict, checkpoint_dir: str | Path,
+          reference: str | Path | None = None, device: str = "auto", seed: int = 42, trust_remote_code: bool = False,
+          tokenizer: str | None = None, resume: str | None = None, verbose: bool = False,
+          resume_command: str | None = None) -> Path:
+    """Align `model` (the SFT model, or the starting model with finetune.method none) on validated `data` (the
+    alignment section) into `output`; with `reference` (the reference step's file) no reference pass runs in
+    training."""
     from lexalign.train.align import AlignJob
 
-    job = AlignJob(cfg=AlignConfig.from_dict(params), tokenizer_path=Path(tokenizer) if tokenizer else None,
+    job = AlignJob(cfg=AlignConfig.from_dict(alignment), tokenizer_path=Path(tokenizer) if tokenizer else None,
                    reference_path=Path(reference) if reference else None,
                    **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                  trust_remote_code, gated=True))
@@ -143,23 +157,27 @@ def align(model: str | Path, data: str | Path, params: dict, output: str | Path,
     return job.run()
 
 
-def evaluate(aligned: str | Path, reference: str | Path, data: str | Path, params: dict, beta: float,
-             output: str | Path, seed: int = 42, ranked: str | Path | None = None) -> dict:
-    """Score one run on the held-out pairs (and on ranked groups of K, when given) against the SFT model."""
+def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, output: str | Path, evaluate: dict,
+             beta: float, seed: int = 42, ranked: str | Path | list | None = None) -> dict:
+    """Score one run on the held-out pairs (and on ranked groups of K, when given) against its reference model.
+
+    `ranked`: the validated groups of K (a folder, or a one-element list from the rule; empty: none)."""
+    if isinstance(ranked, (list, tuple)):
+        ranked = ranked[0] if ranked else None
     from lexalign.evaluate import evaluate as _evaluate
     from lexalign.evaluate import summary
 
     _, evals = _frames(data)
     ranked_eval = _frames(ranked)[1] if ranked else None
-    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(params), beta, seed,
+    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(evaluate), beta, seed,
                        ranked_eval)
     write_json(output, result)
     print(summary(result), flush=True)
     return result
 
 
-def report(runs: list[str], evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path,
-           page: str | Path, plots: str | Path) -> Path:
+def report(*, evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path, page: str | Path,
+           plots: str | Path, runs: list[str]) -> Path:
     """The HTML report comparing every run (lists are in the order of `runs`)."""
     from lexalign.report import build_report
 
@@ -167,3 +185,25 @@ def report(runs: list[str], evals: list[str], models: list[str], validated: str 
                        Path(validated), Path(tokenizer), Path(page), Path(plots))
     print(f"Report written to {out}", flush=True)
     return out
+
+
+STEPS = {step.__name__: step for step in (download, prepare_sft, validate, finetune, reference, align, evaluate,
+                                          report)}
+"""Every step, by the name `run` and the launcher know it."""
+
+
+def run(step: str, **arguments):
+    """Run a step with its arguments by name, after checking the names against the step's contract."""
+    if step not in STEPS:
+        raise LexAlignError(f'Unknown step "{step}"', f"Steps: {', '.join(STEPS)}")
+    parameters = inspect.signature(STEPS[step]).parameters
+    unknown = sorted(set(arguments) - set(parameters))
+    missing = sorted(name for name, p in parameters.items() if p.default is p.empty and name not in arguments)
+    if unknown or missing:
+        raise LexAlignError(f"The {step} step was given the wrong arguments",
+                            *([f"Unknown: {', '.join(unknown)}"] if unknown else []),
+                            *([f"Missing: {', '.join(missing)}"] if missing else []),
+                            f"It takes: {', '.join(parameters)}",
+                            hint="Name the rule's input, output and params as the step function's arguments "
+                                 "(lexalign/stages.py)")
+    return STEPS[step](**arguments)

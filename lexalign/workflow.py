@@ -1,9 +1,12 @@
-"""The bridge from a Snakemake rule to a stage function.
+"""From a Snakemake rule to its step: `scripts/step.py` calls `run_rule(snakemake)`.
 
-Each script in `scripts/` calls `run_rule(<step>, snakemake)` under Snakemake
-and the CLI otherwise. Under Snakemake, output goes to the rule's `log:` file,
-every step after download runs with HF_HUB_OFFLINE=1, and a LexAlignError
-becomes a message (in the log and on the terminal) and exit status 1.
+The rule's named inputs (but `code`), outputs and params are passed, by name and
+unchanged, to the step function of `lexalign.stages` that `STEP_OF_RULE` names:
+that function's signature is the rule's whole contract. Here, and only here, a
+rule's output goes to its `log:` file, every step after download runs with
+HF_HUB_OFFLINE=1, a training step whose resources ask for several processes is
+handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
+a message (in the log and on the terminal) and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,52 +18,67 @@ from pathlib import Path
 
 from lexalign.errors import LexAlignError
 
-
-def _call(step: str, smk) -> None:
-    from lexalign import stages
-
-    p, i, o = smk.params, smk.input, smk.output
-    if step == "download":
-        stages.download(p.source, o[0], p.kind, p.seed)
-    elif step == "prepare_sft_data":
-        stages.prepare_sft(p.data, i.raw, o[0], p.seed)
-    elif step == "validate":
-        stages.validate(p.dataset, i.raw, i.tokenizer, o[0], p.seed, p.trust_remote_code)
-    elif step == "finetune":
-        stages.finetune(i.model, i.data, p.finetune, o[0], p.checkpoint_dir, p.device, p.seed,
-                        trust_remote_code=p.trust_remote_code, allow_pickle=p.allow_pickle)
-    elif step == "reference":
-        stages.reference(i.model, i.data, o[0], **p.reference, device=p.device,
-                         trust_remote_code=p.trust_remote_code, cache_dir=p.cache_dir)
-    elif step == "align":
-        stages.align(i.model, i.data, p.alignment, o[0], p.checkpoint_dir, p.device, p.seed,
-                     trust_remote_code=p.trust_remote_code, reference=getattr(i, "reference", None))
-    elif step == "evaluate":
-        stages.evaluate(i.aligned, i.reference, i.data, p.evaluate, p.beta, o[0], p.seed,
-                        ranked=i.ranked[0] if i.get("ranked") else None)
-    elif step == "report":
-        stages.report(p.runs, i.evals, i.models, i.validated, i.tokenizer, o.page, o.plots)
-    else:
-        raise ValueError(f"unknown step {step!r}")
+STEP_OF_RULE = {
+    "download_model": "download",
+    "download_data": "download",
+    "prepare_sft_data": "prepare_sft",
+    "validate_preferences": "validate",
+    "validate_groups": "validate",
+    "finetune": "finetune",
+    "reference": "reference",
+    "align": "align",
+    "align_run": "align",
+    "evaluate": "evaluate",
+    "evaluate_run": "evaluate",
+    "report": "report",
+}
+"""Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""
+CODE_INPUT = "code"
+"""The named input that lists the step's source files: a trigger for Snakemake, not an argument."""
 
 
-def run_rule(step: str, smk) -> None:
+def _value(value):
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+
+
+def rule_arguments(smk) -> dict:
+    """The step's arguments: the rule's named inputs (but `code`), named outputs and params."""
+    arguments = {name: _value(value) for name, value in smk.input.items() if name != CODE_INPUT}
+    arguments.update((name, _value(value)) for name, value in smk.output.items())
+    arguments.update(smk.params.items())
+    return arguments
+
+
+def step_of(rule: str) -> str:
+    if rule not in STEP_OF_RULE:
+        raise LexAlignError(f'Rule "{rule}" runs no known step', hint="Add it to STEP_OF_RULE in lexalign/workflow.py")
+    return STEP_OF_RULE[rule]
+
+
+def run_rule(smk) -> None:
+    """Run the step of the rule `smk.rule` (Snakemake's `snakemake` object) with the rule's arguments."""
+    from lexalign import launch, stages
+
+    step = step_of(smk.rule)
     if step != "download":
         os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = Path(smk.log[0]) if smk.log else None
     terminal = sys.__stderr__
     handle = log.open("w", encoding="utf-8") if log else None
-    redirect = (contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle)) if handle else ()
     try:
         with contextlib.ExitStack() as stack:
-            for r in redirect:
-                stack.enter_context(r)
+            if handle:
+                stack.enter_context(contextlib.redirect_stdout(handle))
+                stack.enter_context(contextlib.redirect_stderr(handle))
             try:
-                from lexalign.launch import launched
-
-                if not launched(step, smk):  # several processes (resources): `accelerate launch` ran the step
-                    _call(step, smk)
+                arguments = rule_arguments(smk)
+                processes = launch.processes_for(step, getattr(smk, "resources", None))
+                if processes > 1:
+                    launch.run_in_processes(step, arguments, processes, smk.resources, getattr(smk, "threads", None),
+                                            log.parent if log else None)
+                else:
+                    stages.run(step, **arguments)
             except LexAlignError as err:
                 print(err.render(), file=sys.stderr, flush=True)
                 if handle:
@@ -69,14 +87,3 @@ def run_rule(step: str, smk) -> None:
     finally:
         if handle:
             handle.close()
-
-
-def main_script(step: str, smk=None) -> None:
-    """Entry of `scripts/<step>.py`: a Snakemake rule, or `python scripts/<step>.py --config …`."""
-    if smk is not None:
-        run_rule(step, smk)
-        return
-    from lexalign.cli import run
-
-    sys.argv = ["lexalign", step, *sys.argv[1:]]
-    run()

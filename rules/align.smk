@@ -1,4 +1,4 @@
-# Step 4: preference alignment of the SFT model; the primary run and the sweep runs.
+# Step 4: preference alignment of the SFT model; the primary run and the sweep runs. → lexalign.stages.align
 
 
 rule align:
@@ -7,12 +7,9 @@ rule align:
         data=preference_data(config["alignment"]),
         # The reference log-probs, computed once (rules/reference.smk).
         reference=reference_file(config["alignment"]),
-        code=package_modules(
-            "stages", "tokens", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
-            "reference",
-        ),
+        code=step_code("align"),
     output:
-        directory(f"{RESULTS}/aligned"),
+        output=directory(f"{RESULTS}/aligned"),
     params:
         alignment=config["alignment"],
         device=config["device"],
@@ -27,7 +24,7 @@ rule align:
     benchmark:
         f"{RESULTS}/benchmarks/align.tsv"
     script:
-        "../scripts/align.py"
+        "../scripts/step.py"
 
 
 # A sweep run: the same step with the run's alignment config. Runs share the
@@ -37,12 +34,9 @@ use rule align as align_run with:
         model=sft_model(),
         data=lambda wc: preference_data(run_alignment(wc.run)),
         reference=lambda wc: reference_file(run_alignment(wc.run)),
-        code=package_modules(
-            "stages", "tokens", "train/job", "train/runtime", "train/callbacks", "train/align", "train/gdpo", "losses/gdpo",
-            "reference",
-        ),
+        code=step_code("align_run"),
     output:
-        directory(f"{RESULTS}/runs/{{run}}/model"),
+        output=directory(f"{RESULTS}/runs/{{run}}/model"),
     params:
         alignment=lambda wc: run_alignment(wc.run),
         device=config["device"],

@@ -44,11 +44,14 @@ RESULTS = "results"
 LOGS = "logs"
 
 
-def package_modules(*modules):
-    """Source files of the lexalign modules a step runs; editing one reruns the step."""
+def step_code(rule):
+    """The source files the rule's step can run (lexalign/code_inputs.py: the import closure of its function in
+    lexalign/stages.py); editing one reruns the step, and only the steps that can run it."""
+    from lexalign.code_inputs import step_sources
+    from lexalign.workflow import step_of
+
     # Relative to the working directory, so a moved checkout is not "changed input".
-    root = Path(os.path.relpath(Path(workflow.basedir) / "lexalign"))
-    return [(root / f"{module}.py").as_posix() for module in ("__init__", "errors", "io", "lineage", *modules)]
+    return [os.path.relpath(path) for path in step_sources(step_of(rule), Path(workflow.basedir) / "lexalign")]
 
 
 def local_input(section):

@@ -1,4 +1,4 @@
-# Step 1: models and datasets from the demo, a local path or the Hub.
+# Step 1: models and datasets from the demo, a local path or the Hub. → lexalign.stages.download
 
 localrules: download_model, download_data
 
@@ -6,10 +6,9 @@ localrules: download_model, download_data
 rule download_model:
     input:
         local_input("model"),
-        code=package_modules("download", "hub/__init__", "hub/errors", "hub/fetch", "hub/manifest", "demo/model",
-                             "demo/task", "config/stages"),
+        code=step_code("download_model"),
     output:
-        directory(f"{RESULTS}/models/base"),
+        output=directory(f"{RESULTS}/models/base"),
     params:
         source=source_params("model"),
         kind="model",
@@ -19,16 +18,15 @@ rule download_model:
     log:
         f"{LOGS}/download_model.log",
     script:
-        "../scripts/download.py"
+        "../scripts/step.py"
 
 
 rule download_data:
     input:
         lambda wc: local_input(wc.dataset),
-        code=package_modules("download", "hub/__init__", "hub/errors", "hub/fetch", "hub/manifest", "demo/data",
-                             "demo/task", "config/stages", "data/layout"),
+        code=step_code("download_data"),
     output:
-        directory(f"{RESULTS}/data/raw/{{dataset}}"),
+        output=directory(f"{RESULTS}/data/raw/{{dataset}}"),
     params:
         source=lambda wc: source_params(wc.dataset),
         kind=lambda wc: wc.dataset,
@@ -40,4 +38,4 @@ rule download_data:
     log:
         f"{LOGS}/download_{{dataset}}.log",
     script:
-        "../scripts/download.py"
+        "../scripts/step.py"

@@ -1,4 +1,4 @@
-# Step 5: did alignment work? Each run against its SFT reference, on the same held-out data.
+# Step 5: did alignment work? Each run against its SFT reference, on the same held-out data. → lexalign.stages.evaluate
 
 
 rule evaluate:
@@ -8,9 +8,9 @@ rule evaluate:
         # Every run is scored on the same held-out pairs, so runs compare.
         data=f"{RESULTS}/data/preferences",
         ranked=ranking_data(),
-        code=package_modules("stages", "tokens", "evaluate", "demo/task", "losses/gdpo"),
+        code=step_code("evaluate"),
     output:
-        f"{RESULTS}/eval/aligned.json",
+        output=f"{RESULTS}/eval/aligned.json",
     params:
         evaluate=config["evaluate"],
         beta=config["alignment"]["beta"],
@@ -22,7 +22,7 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate.tsv"
     script:
-        "../scripts/evaluate.py"
+        "../scripts/step.py"
 
 
 use rule evaluate as evaluate_run with:
@@ -31,9 +31,9 @@ use rule evaluate as evaluate_run with:
         reference=sft_model(),
         data=f"{RESULTS}/data/preferences",
         ranked=ranking_data(),
-        code=package_modules("stages", "tokens", "evaluate", "demo/task", "losses/gdpo"),
+        code=step_code("evaluate_run"),
     output:
-        f"{RESULTS}/runs/{{run}}/eval.json",
+        output=f"{RESULTS}/runs/{{run}}/eval.json",
     params:
         evaluate=config["evaluate"],
         beta=lambda wc: run_alignment(wc.run)["beta"],

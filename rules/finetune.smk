@@ -1,12 +1,12 @@
-# Step 2: supervised fine-tuning of the base model.
+# Step 2: supervised fine-tuning of the base model. → lexalign.stages.prepare_sft, lexalign.stages.finetune
 
 
 rule prepare_sft_data:
     input:
         raw=f"{RESULTS}/data/raw/sft_data",
-        code=package_modules("stages", "data/load", "data/sft", "data/common", "data/layout", "data/compressed"),
+        code=step_code("prepare_sft_data"),
     output:
-        directory(f"{RESULTS}/data/sft"),
+        output=directory(f"{RESULTS}/data/sft"),
     params:
         data=config["sft_data"],
         seed=config["seed"],
@@ -15,16 +15,16 @@ rule prepare_sft_data:
     log:
         f"{LOGS}/prepare_sft_data.log",
     script:
-        "../scripts/prepare_sft_data.py"
+        "../scripts/step.py"
 
 
 rule finetune:
     input:
         model=f"{RESULTS}/models/base",
         data=f"{RESULTS}/data/sft",
-        code=package_modules("stages", "train/job", "train/runtime", "train/callbacks", "train/finetune"),
+        code=step_code("finetune"),
     output:
-        directory(f"{RESULTS}/models/sft"),
+        output=directory(f"{RESULTS}/models/sft"),
     params:
         finetune=config["finetune"],
         device=config["device"],
@@ -40,4 +40,4 @@ rule finetune:
     benchmark:
         f"{RESULTS}/benchmarks/finetune.tsv"
     script:
-        "../scripts/finetune.py"
+        "../scripts/step.py"

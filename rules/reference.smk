@@ -1,4 +1,5 @@
 # Step 3b: the reference (SFT) model's log-probabilities of every validated response, computed once.
+# → lexalign.stages.reference
 # Align reads them: no reference pass in any epoch, no second model for full fine-tuning. The file is
 # keyed by the data, the layout (DPO pairs or GDPO's K), max_length and 4-bit loading, so a change of
 # beta or loss_type, or a sweep run on the same SFT model, reuses it.
@@ -8,11 +9,11 @@ rule reference:
     input:
         model=sft_model(),
         data=f"{RESULTS}/data/{{dataset}}",
-        code=package_modules("stages", "tokens", "reference", "train/runtime", "train/gdpo", "losses/gdpo"),
+        code=step_code("reference"),
     output:
-        f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
+        output=f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
     params:
-        reference=lambda wc: reference_params(wc.setting),
+        setting=lambda wc: reference_params(wc.setting),
         device=config["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
         # Tokens cached by content (tokenizer + texts): a new SFT model on the same data reuses them.
@@ -27,4 +28,4 @@ rule reference:
     benchmark:
         f"{RESULTS}/benchmarks/reference/{{dataset}}/{{setting}}.tsv"
     script:
-        "../scripts/reference.py"
+        "../scripts/step.py"

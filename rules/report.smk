@@ -1,4 +1,5 @@
 # Step 6: one report comparing every run (results/report.html), plots marked for `snakemake --report`.
+# → lexalign.stages.report
 
 
 report: "../report/workflow.rst"
@@ -10,7 +11,7 @@ rule report:
         models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS],
         validated=f"{RESULTS}/data/preferences",
         tokenizer=f"{RESULTS}/models/base",
-        code=package_modules("stages", "report"),
+        code=step_code("report"),
     output:
         page=f"{RESULTS}/report.html",
         plots=report(
@@ -26,4 +27,4 @@ rule report:
     log:
         f"{LOGS}/report.log",
     script:
-        "../scripts/report.py"
+        "../scripts/step.py"

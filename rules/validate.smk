@@ -1,4 +1,4 @@
-# Step 3: validate the preference data (the gate before alignment).
+# Step 3: validate the preference data (the gate before alignment). → lexalign.stages.validate
 
 
 rule validate_preferences:
@@ -6,12 +6,9 @@ rule validate_preferences:
         raw=f"{RESULTS}/data/raw/preference_data",
         # The base model's tokenizer measures lengths; finetune does not change it.
         tokenizer=f"{RESULTS}/models/base",
-        code=package_modules(
-            "stages", "tokens", "config/stages", "data/load", "data/jsonl", "data/shapes", "data/checks", "data/lengths",
-            "data/ranking", "data/outputs", "data/preference", "data/common", "data/layout", "data/compressed"
-        ),
+        code=step_code("validate_preferences"),
     output:
-        directory(f"{RESULTS}/data/preferences"),
+        output=directory(f"{RESULTS}/data/preferences"),
     params:
         dataset=config["preference_data"],
         seed=config["seed"],
@@ -21,13 +18,13 @@ rule validate_preferences:
     log:
         f"{LOGS}/validate_preferences.log",
     script:
-        "../scripts/validate.py"
+        "../scripts/step.py"
 
 
 # GDPO with K > 2: the same data as ranked groups of K responses per prompt.
 use rule validate_preferences as validate_groups with:
     output:
-        directory(f"{RESULTS}/data/preferences-k{{k}}"),
+        output=directory(f"{RESULTS}/data/preferences-k{{k}}"),
     params:
         dataset=lambda wc: {**config["preference_data"], "group_size": int(wc.k)},
         seed=config["seed"],

@@ -61,14 +61,6 @@ def test_dry_run_shows_config_and_plan_without_loading(tmp_path):
     assert "reference model:" in result.stdout
 
 
-def test_scripts_accept_config_like_the_cli(tmp_path):
-    config = write_config(tmp_path / "align.yaml", align_config(tmp_path, tmp_path / "m", tmp_path / "d.jsonl"))
-    result = subprocess.run([sys.executable, str(REPO / "scripts/align.py"), "--config", str(config), "--dry-run"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "# Plan" in result.stdout
-
-
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -455,14 +455,14 @@ def test_local_download_copies_only_the_data_dir(tmp_path):
     section = section_defaults("dataset", {"source": "local", "path": str(root), "data_dir": "helpful-base",
                                            "eval_split": "test"})
     out = tmp_path / "raw"
-    stages.download(section, out, "preference_data")
+    stages.download(output=out, source=section, kind="preference_data")
     landed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert landed == {"helpful-base/train.jsonl.gz", "helpful-base/test.jsonl.gz", "lineage.json",
                       ".lexalign-download.json"}
     assert json.loads((out / "lineage.json").read_text())["config"]["data_dir"] == "helpful-base"
     check_helpful_base(run(out, **{k: section[k] for k in ("data_dir", "eval_split")}))
     with pytest.raises(LexAlignError, match='data_dir "red-team" is not a folder of'):
-        stages.download({**section, "data_dir": "red-team"}, tmp_path / "raw2", "preference_data")
+        stages.download(output=tmp_path / "raw2", source={**section, "data_dir": "red-team"}, kind="preference_data")
     assert not (tmp_path / "raw2").exists()
 
 

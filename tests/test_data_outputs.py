@@ -88,5 +88,6 @@ def test_failed_validation_leaves_no_output(tmp_path, demo_tokenizer):
 def test_stage_validate_end_to_end(tmp_path, messy, demo_model_dir):
     from lexalign import stages
 
-    report = stages.validate({"path": "ignored", "eval_fraction": 0.2}, messy, demo_model_dir, tmp_path / "out")
+    report = stages.validate(raw=messy, tokenizer=demo_model_dir, output=tmp_path / "out",
+                             dataset={"path": "ignored", "eval_fraction": 0.2})
     _check_folder(tmp_path / "out", report)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_jsonl
 
-from lexalign.launch import launch_command, load_spec, num_processes, run_launcher
+from lexalign.launch import launch_command, load_spec, num_processes, run_launcher, write_spec
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -76,11 +76,9 @@ def test_shipped_accelerate_configs_load(name):
 
 
 
-def _spec(path: Path, step: str, params: dict, inputs: dict, output: Path) -> Path:
-    spec = {"step": step, "params": params, "input": {"named": inputs, "all": list(inputs.values())},
-            "output": {"named": {}, "all": [str(output)]}}
-    path.write_text(json.dumps(spec, indent=1))
-    return path
+def _spec(path: Path, step: str, arguments: dict) -> Path:
+    """A launch spec as lexalign.launch writes it: the step and its arguments by name."""
+    return write_spec(step, arguments, path)
 
 
 def _cases(root: Path, model: Path) -> dict[str, dict]:
@@ -90,9 +88,10 @@ def _cases(root: Path, model: Path) -> dict[str, dict]:
     from lexalign.demo import task
 
     write_jsonl(root / "raw/sft/train.jsonl", task.sft_rows(0, 64))
-    stages.prepare_sft({"eval_fraction": 0.0001}, root / "raw/sft", root / "data/sft", 0)
+    stages.prepare_sft(raw=root / "raw/sft", output=root / "data/sft", data={"eval_fraction": 0.0001}, seed=0)
     write_jsonl(root / "raw/pairs/train.jsonl", task.preference_rows(0, 64))
-    stages.validate({"eval_fraction": 0.1, "max_length": 64}, root / "raw/pairs", model, root / "data/pairs")
+    stages.validate(raw=root / "raw/pairs", tokenizer=model, output=root / "data/pairs",
+                    dataset={"eval_fraction": 0.1, "max_length": 64})
     common = {"max_steps": STEPS, "logging_steps": 1, "save_steps": 1000, "max_length": 64, "lora_dropout": 0.0,
               "warmup_steps": 0, "gradient_accumulation_steps": 1}
     cases = {
@@ -102,8 +101,8 @@ def _cases(root: Path, model: Path) -> dict[str, dict]:
                 root / "data/pairs"),
     }
     write_jsonl(root / "raw/ranked/train.jsonl", task.ranked_rows(0, 64, 3))
-    stages.validate({"eval_fraction": 0.1, "max_length": 64, "group_size": 3}, root / "raw/ranked", model,
-                    root / "data/ranked")
+    stages.validate(raw=root / "raw/ranked", tokenizer=model, output=root / "data/ranked",
+                    dataset={"eval_fraction": 0.1, "max_length": 64, "group_size": 3})
     gdpo = section_defaults("alignment", {**common, "learning_rate": 1e-3, "beta": 0.1, "method": "gdpo",
                                           "group_delay_size": 3})
     cases["gdpo"] = ("align", "alignment", gdpo, root / "data/ranked")
@@ -118,9 +117,10 @@ def _specs(root: Path, cases: dict, processes: int) -> dict[str, Path]:
     for name, case in cases.items():
         run = root / f"{name}-{processes}"
         run.mkdir()
-        params = {case["section"]: {**case["params"], "batch_size": GLOBAL_BATCH // processes}, "device": "cpu",
-                  "seed": 11, "trust_remote_code": False, "checkpoint_dir": str(run / "checkpoints")}
-        specs[name] = _spec(run / "spec.json", case["step"], params, case["inputs"], run / "model")
+        arguments = {case["section"]: {**case["params"], "batch_size": GLOBAL_BATCH // processes}, "device": "cpu",
+                     "seed": 11, "trust_remote_code": False, "checkpoint_dir": str(run / "checkpoints"),
+                     "output": str(run / "model"), **case["inputs"]}
+        specs[name] = _spec(run / "spec.json", case["step"], arguments)
     return specs
 
 
@@ -132,13 +132,14 @@ def _losses(model_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_model_dir):
     """Every case trained once in one process (in here) and once in two (one `accelerate launch` for all)."""
-    from lexalign.workflow import _call
+    from lexalign import stages
 
     root = tmp_path_factory.mktemp("multiprocess")
     cases = _cases(root, demo_model_dir)
     one, two = _specs(root, cases, 1), _specs(root, cases, PROCESSES)
     for spec in one.values():
-        _call(*load_spec(spec))
+        step, arguments = load_spec(spec)
+        stages.run(step, **arguments)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = root / "launch.log"

@@ -75,16 +75,16 @@ def run_family(family: str, model: Path, root: Path) -> dict:
         dataset = section_defaults("dataset", {"path": str(raw), "max_length": 256, "eval_fraction": 0.25,
                                                "group_size": group})
         data[name] = root / "data" / name
-        stages.validate(dataset, raw, model, data[name])
+        stages.validate(raw=raw, tokenizer=model, output=data[name], dataset=dataset)
     out = {"rows": rows, "model": model, "data": data}
     for method, layout, k in (("dpo", "pairs", 2), ("gdpo", "k4", 4)):
         ref = root / "reference" / f"{layout}.parquet"
-        stages.reference(model, data[layout], ref, layout=layout, max_length=256)
+        stages.reference(model=model, data=data[layout], output=ref, setting={"layout": layout, "max_length": 256})
         params = section_defaults("alignment", {**ALIGN, "method": method, "group_delay_size": k})
-        aligned = stages.align(model, data[layout], params, root / method, root / "checkpoints" / method, "cpu",
-                               reference=ref)
-        result = stages.evaluate(aligned, model, data["pairs"], {"judge": "none", "num_prompts": 4,
-                                                                  "max_new_tokens": 6}, 0.1, root / f"{method}.json")
+        aligned = stages.align(model=model, data=data[layout], output=root / method, alignment=params,
+                               checkpoint_dir=root / "checkpoints" / method, reference=ref, device="cpu")
+        result = stages.evaluate(aligned=aligned, reference=model, data=data["pairs"], output=root / f"{method}.json",
+                                 evaluate={"judge": "none", "num_prompts": 4, "max_new_tokens": 6}, beta=0.1)
         out[method] = {"reference": ref, "aligned": aligned, "eval": result}
     return out
 
