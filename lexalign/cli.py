@@ -130,10 +130,10 @@ def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = Tr
 
 def _dataset_for(cfg: dict) -> dict:
     """The dataset section as validation needs it: GDPO with K > 2 wants groups of K responses."""
-    alignment = cfg["alignment"]
-    if alignment["method"] == "gdpo" and alignment["group_delay_size"] > 2:
-        return {**cfg["dataset"], "group_size": alignment["group_delay_size"]}
-    return cfg["dataset"]
+    from lexalign.config.stages import response_group_size
+
+    k = response_group_size(cfg["alignment"])
+    return {**cfg["dataset"], "group_size": k} if k else cfg["dataset"]
 
 
 def _align_paths(cfg: dict) -> tuple[str, str]:

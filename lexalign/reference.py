@@ -68,6 +68,27 @@ def layout_for(method: str, group_size: int) -> str:
     return "pairs" if method == "dpo" else f"k{group_size}"
 
 
+SETTING_PATTERN = r"(pairs|k\d+)-(max\d+|full)(-nf4)?"
+"""A reference file's name (without .parquet): layout, max_length and 4-bit loading."""
+
+
+def setting_name(alignment: dict) -> str:
+    """The reference file an alignment reads, named by what the log-probs depend on: the layout (DPO pairs or
+    GDPO's K), max_length and 4-bit loading; never beta or the loss, so runs differing only there share it."""
+    length = f"max{alignment['max_length']}" if alignment["max_length"] else "full"
+    quant = "-nf4" if alignment["load_in_4bit"] else ""
+    return f"{layout_for(alignment['method'], alignment['group_delay_size'])}-{length}{quant}"
+
+
+def parse_setting(name: str) -> dict:
+    """The reference step's `setting` from a file name made by `setting_name`."""
+    import re
+
+    layout, length, quant = re.fullmatch(SETTING_PATTERN, name).groups()
+    return {"layout": layout, "max_length": int(length[3:]) if length != "full" else None,
+            "truncation_mode": TRUNCATION_MODE, "load_in_4bit": quant is not None}
+
+
 def group_size(layout: str) -> int:
     if layout == "pairs":
         return 2
@@ -105,7 +126,7 @@ def split_groups(frame: pd.DataFrame, layout: str, chat: bool | None = None) -> 
         chosen, rejected = frame["chosen"].astype(str), frame["rejected"].astype(str)
         responses = [list(pair) for pair in zip(chosen, rejected, strict=True)]
         return Groups(list(range(n)), prompts, responses, [[1.0, 0.0]] * n, chat=bool(chat))
-    from lexalign.train.gdpo import iter_ranked_groups
+    from lexalign.groups import iter_ranked_groups
 
     out, dropped = Groups([], [], [], [], chat=bool(chat)), 0
     for position, group in iter_ranked_groups(frame, group_size(layout)) if len(frame) else ():

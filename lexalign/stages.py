@@ -27,11 +27,15 @@ from lexalign.tokens import CHAT_ATTR
 
 
 def download(*, output: str | Path, source: dict, kind: str, seed: int = 42) -> Path:
-    """Fetch a model or dataset (`kind`) from the demo, a local path or the Hub into `output`."""
+    """Fetch a model or dataset (`kind`) from the demo, a local path or the Hub into `output`.
+
+    `source`: the source keys of the model or dataset section, and a dataset's `data_dir` (its sub-folder)."""
     from lexalign.download import fetch
 
+    source = dict(source)
+    data_dir = source.pop("data_dir", None)
     cfg = SourceConfig.from_dict(source)
-    out = fetch(cfg, output, kind, seed, data_dir=source.get("data_dir"))  # a dataset section's sub-folder
+    out = fetch(cfg, output, kind, seed, data_dir=data_dir)
     print(f"Fetched {kind} from {cfg.source} into {out}", flush=True)
     return out
 

@@ -10,6 +10,7 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 from lexalign.config.loader import validate_config  # noqa: E402
 from lexalign.errors import LexAlignError  # noqa: E402
+from lexalign.reference import SETTING_PATTERN, parse_setting  # noqa: E402
 
 # The same schema as the CLI: fills defaults, turns `1e-5` strings into numbers,
 # and names the key, the value found and what is expected on an error.
@@ -61,8 +62,12 @@ def local_input(section):
 
 
 def source_params(section):
-    """The source config of a download, without keys that do not change what is fetched."""
-    return {k: v for k, v in config[section].items() if k not in ("name", "output")}
+    """Where a download comes from: the section's source keys (and a dataset's data_dir), nothing that does
+    not change what is fetched (field names, splits and lengths are validation's)."""
+    from lexalign.config.loader import section_keys
+
+    keys = set(section_keys("source")) - {"name", "output"} | {"data_dir"}
+    return {k: v for k, v in config[section].items() if k in keys}
 
 
 def sft_model():
@@ -81,11 +86,11 @@ def run_alignment(run):
 
 
 def preference_data(alignment):
-    """Validated data for an alignment: pairs, or groups of K for GDPO with K > 2."""
-    k = alignment["group_delay_size"]
-    if alignment["method"] == "gdpo" and k > 2:
-        return f"{RESULTS}/data/preferences-k{k}"
-    return f"{RESULTS}/data/preferences"
+    """Validated data for an alignment: pairs, or ranked groups of K (lexalign.config.stages.response_group_size)."""
+    from lexalign.config.stages import response_group_size
+
+    k = response_group_size(alignment)
+    return f"{RESULTS}/data/preferences-k{k}" if k else f"{RESULTS}/data/preferences"
 
 
 def ranking_data():
@@ -100,25 +105,7 @@ def run_evaluations():
 
 
 def reference_file(alignment):
-    """The reference log-probs an alignment reads: keyed by the data (pairs, or K for GDPO), max_length and
-    4-bit loading, never by beta or the loss, so runs that differ only in those share one file."""
-    from lexalign.reference import layout_for
+    """The reference log-probs an alignment reads (named by lexalign.reference.setting_name)."""
+    from lexalign.reference import setting_name
 
-    data = Path(preference_data(alignment)).name
-    layout = layout_for(alignment["method"], alignment["group_delay_size"])
-    length = f"max{alignment['max_length']}" if alignment["max_length"] else "full"
-    quant = "-nf4" if alignment["load_in_4bit"] else ""
-    return f"{RESULTS}/reference/{data}/{layout}-{length}{quant}.parquet"
-
-
-def reference_params(setting):
-    """The reference step's settings from its file name (see reference_file)."""
-    import re
-
-    layout, length, quant = re.fullmatch(r"(pairs|k\d+)-(max\d+|full)(-nf4)?", setting).groups()
-    return {
-        "layout": layout,
-        "max_length": int(length[3:]) if length != "full" else None,
-        "truncation_mode": "keep_start",
-        "load_in_4bit": quant is not None,
-    }
+    return f"{RESULTS}/reference/{Path(preference_data(alignment)).name}/{setting_name(alignment)}.parquet"

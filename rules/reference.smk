@@ -13,14 +13,14 @@ rule reference:
     output:
         output=f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
     params:
-        setting=lambda wc: reference_params(wc.setting),
+        setting=lambda wc: parse_setting(wc.setting),
         device=config["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
         # Tokens cached by content (tokenizer + texts): a new SFT model on the same data reuses them.
         cache_dir=f"{RESULTS}/cache/tokens",
     wildcard_constraints:
         dataset=r"preferences(-k\d+)?",
-        setting=r"(pairs|k\d+)-(max\d+|full)(-nf4)?",
+        setting=SETTING_PATTERN,
     conda:
         "../envs/lexalign.yaml"
     log:

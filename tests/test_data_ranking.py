@@ -8,8 +8,8 @@ from fixtures.data.helpers import pairs, run, write_jsonl
 
 from lexalign.config.stages import DatasetConfig
 from lexalign.data.ranking import rank
-from lexalign.data.shapes import select_indices
 from lexalign.errors import LexAlignError
+from lexalign.groups import select_indices
 
 
 def _all(result) -> list[dict]:
@@ -86,4 +86,4 @@ def test_ranked_groups_smaller_than_k_are_rejected(tmp_path):
 
 def test_invalid_group_size():
     with pytest.raises(LexAlignError, match="group_size must be >= 2"):
-        DatasetConfig(path="x", group_size=1)
+        DatasetConfig.from_dict({"path": "x", "group_size": 1})

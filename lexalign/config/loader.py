@@ -245,6 +245,13 @@ def _raise_first_error(errors, root: dict, source: str, prefix: str = "") -> Non
             f"Allowed keys{' under ' + where if where else ''}: {', '.join(allowed)}",
             hint=f'Did you mean "{close[0]}"?' if close else "Remove it or fix its spelling",
         )
+    if err.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        # The design's form: `group_delay_size must be >= 2 (got: 1)`, then where, then the schema's hint.
+        sign = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[err.validator]
+        leaf = str(err.absolute_path[-1]) if err.absolute_path else where
+        hint = _resolve(err.schema, root).get("x-hint") if isinstance(err.schema, dict) else None
+        raise LexAlignError(f"{leaf} must be {sign} {err.validator_value} (got: {err.instance})",
+                            f'Key: "{where}" in {source}', hint=hint)
     if err.validator == "required":
         missing = err.message.split("'")[1]
         key = f"{where}.{missing}" if where else missing
@@ -270,3 +277,8 @@ def section_defaults(section: str, values: dict | None = None) -> dict:
     data = _normalise(dict(values or {}), schema, root)
     _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, "config", prefix=section)
     return data
+
+
+def section_keys(section: str) -> list[str]:
+    """The keys a `$defs` section of the schema allows."""
+    return list(_root_schema()["$defs"][section].get("properties", {}))

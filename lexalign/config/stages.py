@@ -8,7 +8,7 @@ and hold the checks a JSON schema cannot express.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from lexalign.errors import LexAlignError
 
@@ -20,10 +20,23 @@ DPO_LOSS_TYPES = (
 
 
 class _FromDict:
+    SECTION: ClassVar[str | None] = None
+    """The schema section (`$defs` of lexalign/schemas/config.schema.yaml) this class is built from."""
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """The config from a mapping, checked against the schema section: its defaults filled in, its bounds
+        held, and an unknown key an error that names it (never dropped without a word)."""
+        from lexalign.config.loader import section_defaults
+
+        if cls.SECTION:
+            data = section_defaults(cls.SECTION, data)
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LexAlignError(f'Unknown key "{unknown[0]}" in the {cls.SECTION or cls.__name__} config',
+                                f"Allowed keys: {', '.join(sorted(names))}")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +83,8 @@ class SourceConfig(_FromDict):
     Used by `lexalign download` (the `models:` and `datasets:` lists of
     config/downloads.yaml) and by the pipeline's download rules.
     """
+
+    SECTION: ClassVar[str | None] = "source"
 
     source: str | None = None
     """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo); by default
@@ -123,6 +138,8 @@ class DatasetConfig(_FromDict):
     with scores (raw UltraFeedback `completions`). See `lexalign.data.shapes`.
     """
 
+    SECTION: ClassVar[str | None] = "dataset"
+
     path: str | None
     """File or folder with the data: JSON, JSON Lines, CSV/TSV, Parquet, a `datasets` save_to_disk folder,
     or a Hub dataset as the download step lands it."""
@@ -175,9 +192,6 @@ class DatasetConfig(_FromDict):
             raise unsupported_format(self.format)
         if self.length_policy not in ("drop", "truncate", "fail"):
             raise LexAlignError(f'Unknown length_policy "{self.length_policy}"', "Supported: drop, truncate, fail")
-        if self.group_size is not None and self.group_size < 2:
-            raise LexAlignError(f"group_size must be >= 2 (got: {self.group_size})",
-                                hint="Need at least chosen + rejected responses")
         if self.eval_split and self.eval_split == self.train_split:
             raise LexAlignError(f'eval_split "{self.eval_split}" is the train split',
                                 hint="Use another split, or remove eval_split to hold out eval_fraction of prompts")
@@ -186,6 +200,8 @@ class DatasetConfig(_FromDict):
 @dataclass
 class SftDatasetConfig(_FromDict):
     """Supervised fine-tuning data: plain text, prompt/completion, or chat messages."""
+
+    SECTION: ClassVar[str | None] = "sft_dataset"
 
     path: str | None
     """File or folder with the data."""
@@ -262,6 +278,8 @@ class TrainingConfig(_FromDict):
 class FinetuneConfig(TrainingConfig):
     """Supervised fine-tuning: LoRA, QLoRA (4-bit) or full."""
 
+    SECTION: ClassVar[str | None] = "finetune"
+
     method: str = "lora"
     """lora, qlora (4-bit NF4 base through bitsandbytes) or full."""
     merge: bool = True
@@ -277,6 +295,8 @@ class FinetuneConfig(TrainingConfig):
 @dataclass
 class AlignConfig(TrainingConfig):
     """Preference alignment: DPO (TRL's DPOTrainer) or GDPO (listwise)."""
+
+    SECTION: ClassVar[str | None] = "alignment"
 
     method: str = "dpo"
     """dpo or gdpo."""
@@ -317,21 +337,13 @@ class AlignConfig(TrainingConfig):
             )
         if self.load_in_4bit and not self.use_lora:
             raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
-        if self.group_delay_size < 2:
-            raise LexAlignError(
-                f"group_delay_size must be >= 2 (got: {self.group_delay_size})",
-                hint="Need at least chosen + rejected responses",
-            )
-        if not 0.0 <= self.group_delay_weight <= 1.0:
-            raise LexAlignError(
-                f"group_delay_weight must be in [0, 1] (got: {self.group_delay_weight})",
-                hint="0 is the pairwise loss alone, 1 the group ranking loss alone",
-            )
 
 
 @dataclass
 class EvaluateConfig(_FromDict):
     """Evaluation of an aligned model against its SFT reference."""
+
+    SECTION: ClassVar[str | None] = "evaluate"
 
     judge: str = "none"
     """Rule-based judge for generations: `demo` (polite greeting) or `none`."""
@@ -341,3 +353,11 @@ class EvaluateConfig(_FromDict):
     """Tokens generated per prompt."""
     batch_size: int = 16
     """Prompts per forward pass."""
+
+
+def response_group_size(alignment: dict) -> int | None:
+    """The K responses per prompt an alignment reads from validation: GDPO with K > 2 reads ranked groups of
+    K; DPO, and GDPO at K = 2, read pairs (None). The one home of this rule: the pipeline's data paths, the
+    CLI's validation and the reference file all ask here."""
+    k = alignment.get("group_delay_size", 2)
+    return k if alignment.get("method") == "gdpo" and k > 2 else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from lexalign.data.common import reject
-from lexalign.data.shapes import select_indices
+from lexalign.groups import select_indices
 
 
 def _components(nodes: int, edges: set[tuple[int, int]]) -> list[int]:

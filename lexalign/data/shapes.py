@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lexalign.errors import LexAlignError
+from lexalign.groups import order_best_first, select_indices
 
 TEXT_KEYS = ("response", "text", "content", "completion", "output", "answer")
 SCORE_KEYS = ("score", "overall_score", "fine-grained_score", "rating", "reward")
@@ -310,13 +311,6 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def select_indices(n: int, k: int) -> list[int]:
-    """K of n ranked positions: the best (0), the worst (n-1) and evenly spaced ones between."""
-    if k <= 1:
-        return [0][:k]
-    return [int(math.floor(i * (n - 1) / (k - 1) + 0.5)) for i in range(k)]
-
-
 def ranked_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: bool = False
                ) -> tuple[str, list[str], list[float], int]:
     """(prompt, responses best first, scores, responses in the input) from a ranked row."""
@@ -351,7 +345,7 @@ def ranked_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: boo
         raise Rejected("bad_score", "some responses have a score and some do not")
     else:
         scores = None
-    order = sorted(range(len(texts)), key=lambda i: -scores[i]) if scores else list(range(len(texts)))
+    order = order_best_first(scores) if scores else list(range(len(texts)))
     seen, ranked = set(), []
     for i in order:
         if texts[i] not in seen:

@@ -20,7 +20,6 @@ The loss and the ranking metrics are in `lexalign.losses.gdpo`.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,58 +35,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
 from lexalign.errors import LexAlignError, warn
+from lexalign.groups import ranked_groups
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.tokens import tokenize_groups
 
 # --- data --------------------------------------------------------------------------------------
-
-
-def select_indices(n: int, k: int) -> list[int]:
-    """K of n ranked positions: the best (0), the worst (n-1) and evenly spaced ones between."""
-    if n < k:
-        raise ValueError(f"cannot pick {k} of {n}")
-    if k == 1:
-        return [0]
-    return [int(math.floor(i * (n - 1) / (k - 1) + 0.5)) for i in range(k)]
-
-
-def _as_list(value) -> list:
-    return list(value) if value is not None and not isinstance(value, str) else []
-
-
-def iter_ranked_groups(frame: pd.DataFrame, k: int):
-    """(position in `frame`, group) for each row: the group of exactly K responses best first, or None.
-
-    Reads `responses`/`scores` when present (scores default to the given order,
-    strictly), else `chosen`/`rejected` as a group of two. Responses are sorted
-    by score, best first, stably: tied responses keep their given order. A
-    group with more than K responses keeps the best, the worst and evenly
-    spaced ones between; one with fewer is None (dropped).
-    """
-    ranked = "responses" in frame.columns
-    for position, record in enumerate(frame.to_dict("records")):
-        if ranked:
-            responses = [str(r) for r in _as_list(record["responses"])]
-            scores = _as_list(record.get("scores"))
-            if len(scores) != len(responses):
-                scores = [float(len(responses) - 1 - i) for i in range(len(responses))]
-        else:
-            responses, scores = [record["chosen"], record["rejected"]], [1.0, 0.0]
-        if len(responses) < k:
-            yield position, None
-            continue
-        order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))  # stable
-        order = [order[i] for i in select_indices(len(order), k)]
-        yield position, {"prompt": record["prompt"], "responses": [responses[i] for i in order],
-                         "scores": [float(scores[i]) for i in order]}
-
-
-def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
-    """Rows of `frame` as groups of exactly K responses best first (see `iter_ranked_groups`),
-    and how many groups were dropped for having fewer than K responses."""
-    groups = [group for _, group in iter_ranked_groups(frame, k)]
-    rows = [group for group in groups if group is not None]
-    return rows, len(groups) - len(rows)
 
 
 def check_groups(kept: int, dropped: int, total: int, k: int, split: str) -> None:
