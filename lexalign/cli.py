@@ -40,6 +40,13 @@ def _dry_run(kind: str, cfg: dict, plan: list[str]) -> None:
         warn("allow_pickle is on: pickle-based weights can run code on this machine when loaded.")
 
 
+def _default(section: str, key: str):
+    """A key's default, from the schema (the one source of every default)."""
+    from lexalign.config.loader import section_defaults
+
+    return section_defaults(section)[key]
+
+
 def _checkpoint_dir(output_dir: str, configured: str | None) -> str:
     return configured or str(Path("results/checkpoints") / Path(output_dir).name)
 
@@ -197,8 +204,8 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
 @main.command()
 @CONFIG
 @click.option("--output", default="results/eval/aligned.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--judge", type=click.Choice(["none", "demo"]), default="none", show_default=True)
-@click.option("--num-prompts", default=200, show_default=True)
+@click.option("--judge", type=click.Choice(["none", "demo"]), default=_default("evaluate", "judge"), show_default=True)
+@click.option("--num-prompts", default=_default("evaluate", "num_prompts"), show_default=True)
 def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> None:
     """Compare the aligned model (alignment.output_dir) with its SFT reference (model.path)."""
     from lexalign import stages
@@ -215,7 +222,7 @@ def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> Non
     if not is_validated_dir(validated):
         raise LexAlignError(f'No validated data at "{validated}"',
                             hint=f"Run: lexalign validate --config {config_path} --output {validated}")
-    params = {"judge": judge, "num_prompts": num_prompts, "max_new_tokens": 32, "batch_size": 16}
+    params = {"judge": judge, "num_prompts": num_prompts}  # the rest: the schema's defaults
     result = stages.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
                              evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"])
     click.echo(json.dumps({k: v for k, v in result.items() if k != "generation"}, indent=2))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from hub_server import HubServer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,3 +103,40 @@ def zoo_models(tmp_path_factory):
         return built[family]
 
     return get
+
+
+# --- the loopback Hub (tests/hub_server.py) and `lexalign download` against it -----------------------
+
+
+@pytest.fixture
+def hub():
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cli(tmp_path, hub):
+    """Run `lexalign download` in tmp_path against the server; returns (rc, stdout, stderr)."""
+    home = tmp_path / "hf-home"
+    counter = itertools.count()
+
+    def run(config: dict, *args: str, env: dict | None = None, endpoint: str | None = None):
+        cfg = tmp_path / f"downloads-{next(counter)}.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        full_env.update({
+            "HF_ENDPOINT": endpoint or hub.url,
+            "HF_HOME": str(home),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        })
+        done = subprocess.run([sys.executable, "-m", "lexalign.cli", "download", "--config", str(cfg), *args],
+                              cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
+        run.logs.append(done.stdout + done.stderr)
+        return done.returncode, done.stdout, done.stderr
+
+    run.logs = []
+    run.home = home
+    return run

@@ -31,6 +31,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".parquet", ".gguf")
@@ -350,3 +351,42 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         self._send(200, data, headers, length=total)
+
+
+# --- what the download tests share ---------------------------------------------------------------
+
+
+def blob(seed: str, size: int) -> bytes:
+    """Deterministic, incompressible bytes."""
+    out, counter = bytearray(), 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+MODEL_V1 = {
+    "config.json": '{"model_type": "llama", "version": 1}',
+    "tokenizer.json": '{"version": "1.0"}',
+    "README.md": "# tiny\n",
+    "model.safetensors": blob("st", 30_000),
+    "pytorch_model.bin": blob("bin", 30_000),
+    "tf_model.h5": blob("h5", 20_000),
+    "flax_model.msgpack": blob("flax", 20_000),
+    "sub/extra.txt": "nested\n",
+    "lineage.json": '{"not": "ours"}',
+}
+
+
+def model_entry(**extra) -> dict:
+    return {"models": [{"name": "tiny", "source": "hub", "repo_id": "acme/tiny", "output": "out/tiny", **extra}]}
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_clean_error(rc: int, err: str) -> None:
+    assert rc == 1, err
+    assert "Error:" in err
+    assert "Traceback" not in err

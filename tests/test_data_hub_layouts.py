@@ -466,12 +466,6 @@ def test_local_download_copies_only_the_data_dir(tmp_path):
     assert not (tmp_path / "raw2").exists()
 
 
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
-
-
 def hub_download(tmp_path: Path, hub: HubServer, section: dict, out: Path) -> subprocess.CompletedProcess:
     """The pipeline's download step (`stages.download` with the dataset section), in a process of its own:
     huggingface_hub reads HF_ENDPOINT when it is imported."""

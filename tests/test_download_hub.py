@@ -8,91 +8,15 @@ import time), exactly as a user would run it.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import os
 import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-import yaml
-from hub_server import HubServer
+from hub_server import MODEL_V1, assert_clean_error, blob, files_under, model_entry  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = ".lexalign-download.json"
-
-
-def blob(seed: str, size: int) -> bytes:
-    """Deterministic, incompressible bytes."""
-    out, counter = bytearray(), 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
-MODEL_V1 = {
-    "config.json": '{"model_type": "llama", "version": 1}',
-    "tokenizer.json": '{"version": "1.0"}',
-    "README.md": "# tiny\n",
-    "model.safetensors": blob("st", 30_000),
-    "pytorch_model.bin": blob("bin", 30_000),
-    "tf_model.h5": blob("h5", 20_000),
-    "flax_model.msgpack": blob("flax", 20_000),
-    "sub/extra.txt": "nested\n",
-    "lineage.json": '{"not": "ours"}',
-}
-
-
-@pytest.fixture
-def hub():
-    with HubServer() as server:
-        yield server
-
-
-@pytest.fixture
-def cli(tmp_path, hub):
-    """Run `lexalign download` in tmp_path against the server; returns (rc, stdout, stderr)."""
-    home = tmp_path / "hf-home"
-    counter = itertools.count()
-
-    def run(config: dict, *args: str, env: dict | None = None, endpoint: str | None = None):
-        cfg = tmp_path / f"downloads-{next(counter)}.yaml"
-        cfg.write_text(yaml.safe_dump(config))
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-        full_env.update({
-            "HF_ENDPOINT": endpoint or hub.url,
-            "HF_HOME": str(home),
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "PYTHONPATH": str(REPO),
-            **(env or {}),
-        })
-        done = subprocess.run([sys.executable, "-m", "lexalign.cli", "download", "--config", str(cfg), *args],
-                              cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
-        run.logs.append(done.stdout + done.stderr)
-        return done.returncode, done.stdout, done.stderr
-
-    run.logs = []
-    run.home = home
-    return run
-
-
-def model_entry(**extra) -> dict:
-    return {"models": [{"name": "tiny", "source": "hub", "repo_id": "acme/tiny", "output": "out/tiny", **extra}]}
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
-def assert_clean_error(rc: int, err: str) -> None:
-    assert rc == 1, err
-    assert "Error:" in err
-    assert "Traceback" not in err
 
 
 # --- what lands, and from which commit ----------------------------------------------------------------

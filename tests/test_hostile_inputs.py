@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_download_hub import assert_clean_error, cli, hub, model_entry  # noqa: F401  (fixtures)
+from hub_server import assert_clean_error, model_entry
 
 from lexalign.errors import LexAlignError
 from lexalign.io import safe_relative_path

@@ -215,8 +215,6 @@ SOURCE_SECTIONS = {"pipeline": ("model", "sft_data", "preference_data"), "align"
 
 def _resolve_sources(data: dict, kind: str, source: str) -> None:
     """Fill in each `source` from the keys given (a repo_id means the Hub, a path local, neither the demo)."""
-    from lexalign.config.stages import resolve_source
-
     entries = [(name, data[name]) for name in SOURCE_SECTIONS.get(kind, ()) if isinstance(data.get(name), dict)]
     if kind == "download":
         entries = [(f"{section}[{i}]", entry) for section in ("models", "datasets")
@@ -282,3 +280,33 @@ def section_defaults(section: str, values: dict | None = None) -> dict:
 def section_keys(section: str) -> list[str]:
     """The keys a `$defs` section of the schema allows."""
     return list(_root_schema()["$defs"][section].get("properties", {}))
+
+
+SOURCE_KEYS = {"hub": "repo_id", "local": "path"}
+"""The key that says where each kind of source is."""
+
+
+def resolve_source(values: dict[str, Any], where: str = "model") -> str:
+    """Which source a model or dataset entry means: the one its keys name.
+
+    A `repo_id` means the Hub and a `path` a local file or folder; the demo only
+    when asked for (`source: demo`) or when nothing at all is given. An explicit
+    `source` that contradicts the keys is an error, never a silent demo.
+    """
+    given = values.get("source")
+    named = [kind for kind, key in SOURCE_KEYS.items() if values.get(key)]
+    if given is None:
+        if len(named) > 1:
+            raise LexAlignError(f"{where} has both repo_id and path: one source only",
+                                f'repo_id: {values.get("repo_id")!r}, path: {values.get("path")!r}',
+                                hint="Keep repo_id for the Hub, or path for a local copy")
+        return named[0] if named else "demo"
+    others = [kind for kind in named if kind != given]
+    if others:
+        key = SOURCE_KEYS[others[0]]
+        raise LexAlignError(
+            f'{where}.source is "{given}" but {where}.{key} is set',
+            f"{where}.{key}: {values.get(key)!r} means source {others[0]}",
+            hint=f"Remove source: {given} (a {key} alone is enough), or remove {key}",
+        )
+    return given

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+from lexalign.config.loader import resolve_source, section_defaults
 from lexalign.errors import LexAlignError
 
 # Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
@@ -27,8 +28,6 @@ class _FromDict:
     def from_dict(cls, data: dict[str, Any]):
         """The config from a mapping, checked against the schema section: its defaults filled in, its bounds
         held, and an unknown key an error that names it (never dropped without a word)."""
-        from lexalign.config.loader import section_defaults
-
         if cls.SECTION:
             data = section_defaults(cls.SECTION, data)
         names = {f.name for f in fields(cls)}
@@ -44,36 +43,6 @@ class _FromDict:
 
 def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
-
-
-SOURCE_KEYS = {"hub": "repo_id", "local": "path"}
-"""The key that says where each kind of source is."""
-
-
-def resolve_source(values: dict[str, Any], where: str = "model") -> str:
-    """Which source a model or dataset entry means: the one its keys name.
-
-    A `repo_id` means the Hub and a `path` a local file or folder; the demo only
-    when asked for (`source: demo`) or when nothing at all is given. An explicit
-    `source` that contradicts the keys is an error, never a silent demo.
-    """
-    given = values.get("source")
-    named = [kind for kind, key in SOURCE_KEYS.items() if values.get(key)]
-    if given is None:
-        if len(named) > 1:
-            raise LexAlignError(f"{where} has both repo_id and path: one source only",
-                                f'repo_id: {values.get("repo_id")!r}, path: {values.get("path")!r}',
-                                hint="Keep repo_id for the Hub, or path for a local copy")
-        return named[0] if named else "demo"
-    others = [kind for kind in named if kind != given]
-    if others:
-        key = SOURCE_KEYS[others[0]]
-        raise LexAlignError(
-            f'{where}.source is "{given}" but {where}.{key} is set',
-            f"{where}.{key}: {values.get(key)!r} means source {others[0]}",
-            hint=f"Remove source: {given} (a {key} alone is enough), or remove {key}",
-        )
-    return given
 
 
 @dataclass

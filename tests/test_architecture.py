@@ -1,0 +1,213 @@
+"""The shape of the code: one hop from a rule to its step, derived code inputs, one source of truth for
+configuration, no import cycles, tests that share builders instead of importing each other."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from workflow import snakemake
+
+from lexalign import code_inputs, stages
+from lexalign.config import stages as config_stages
+from lexalign.config.loader import SCHEMA_PATH, _resolve
+from lexalign.errors import LexAlignError
+from lexalign.workflow import STEP_OF_RULE
+
+PACKAGE = REPO / "lexalign"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The lexalign modules a file imports, anywhere in it (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        found |= set(code_inputs._imported(node, PACKAGE).values())
+    return found
+
+
+def test_no_import_cycles():
+    graph = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+    cycles = []
+
+    def visit(module, stack):
+        if module in stack:
+            cycles.append(stack[stack.index(module):] + [module])
+            return
+        if module in done:
+            return
+        for other in graph.get(module, ()):
+            visit(other, stack + [module])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def test_no_test_module_imports_another():
+    offenders = []
+    for path in (REPO / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
+
+
+# --- one hop from a rule to its step --------------------------------------------------------------
+
+
+def _rule_fields() -> dict[str, set[str]]:
+    """Each rule's named input, output and params keys, read from rules/*.smk (with `use rule … with:`)."""
+    fields: dict[str, dict[str, set[str]]] = {}
+    for path in (REPO / "rules").glob("*.smk"):
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):\n((?:    .*\n|\n)+)", text, re.M):
+            name = match.group(1) or match.group(3)
+            body = match.group(4)
+            sections = dict(fields.get(match.group(2), {})) if match.group(2) else {}
+            for section in ("input", "output", "params"):
+                block = re.search(rf"^    {section}:\n((?:        .*\n|\n)+)", body, re.M)
+                if block:
+                    sections[section] = set(re.findall(r"^        (\w+)=", block.group(1), re.M))
+            fields[name] = sections
+    return {rule: s.get("input", set()) | s.get("output", set()) | s.get("params", set()) for rule, s in fields.items()
+            if rule in STEP_OF_RULE}
+
+
+def test_every_rule_passes_its_step_exactly_its_arguments():
+    rules = _rule_fields()
+    assert set(rules) == set(STEP_OF_RULE), "a rule without a step, or a step without a rule"
+    for rule, names in rules.items():
+        step = stages.STEPS[STEP_OF_RULE[rule]]
+        parameters = inspect.signature(step).parameters
+        assert all(p.kind is p.KEYWORD_ONLY for p in parameters.values()), f"{step.__name__}: keyword-only"
+        given = names - {"code"}
+        required = {n for n, p in parameters.items() if p.default is p.empty}
+        assert given <= set(parameters), f"{rule} passes {given - set(parameters)} that {step.__name__} lacks"
+        assert required <= given, f"{rule} misses {required - given} that {step.__name__} needs"
+
+
+def test_a_step_called_with_a_wrong_name_is_refused():
+    with pytest.raises(LexAlignError, match="wrong arguments") as err:
+        stages.run("evaluate", aligned="a", reference="r", data="d", output="o", evaluate={}, beta=0.1, bta=1)
+    assert "Unknown: bta" in err.value.render()
+
+
+# --- code inputs derived from the import closure --------------------------------------------------
+
+
+def _planned(output: str) -> dict[str, str]:
+    """rule → its reason, from a dry run's job blocks."""
+    jobs = {}
+    for block in re.split(r"\n(?=rule \w+:)", output):
+        match = re.match(r"rule (\w+):", block)
+        reason = re.search(r"reason: (.*)", block)
+        if match and reason:
+            jobs[match.group(1)] = jobs.get(match.group(1), "") + reason.group(1)
+    return jobs
+
+
+@pytest.mark.slow
+def test_touching_a_module_reruns_exactly_the_steps_that_can_run_it(demo_run):
+    """Touch each module (one per distinct set of steps that can run it), dry-run, and compare: every rule
+    whose step's closure holds the module reruns for it, and any other rule only because its input is remade."""
+    closures = {rule: {str(p.relative_to(REPO)) for p in code_inputs.step_sources(step, PACKAGE)}
+                for rule, step in STEP_OF_RULE.items()}
+    modules = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py"))
+    groups: dict[frozenset, str] = {}
+    for module in modules:
+        groups.setdefault(frozenset(r for r, files in closures.items() if module in files), module)
+    assert frozenset() in groups, "some module should be in no step (e.g. the CLI)"
+    assert len(groups) >= 6
+    for rules, module in groups.items():
+        path = demo_run / module
+        stat = path.stat()
+        os.utime(path, (stat.st_atime, stat.st_mtime + 1000))
+        try:
+            result = snakemake(demo_run, "-n")
+        finally:
+            os.utime(path, (stat.st_atime, stat.st_mtime))
+        assert result.returncode == 0, result.stderr[-2000:]
+        planned = _planned(result.stdout)
+        direct = {rule for rule, reason in planned.items() if module in reason}
+        in_dag = rules & {"download_model", "download_data", "prepare_sft_data", "finetune", "validate_preferences",
+                          "validate_groups", "reference", "align", "align_run", "evaluate", "evaluate_run", "report"}
+        assert direct == in_dag, f"{module}: reran for it {sorted(direct)}, its closure has {sorted(in_dag)}"
+        for rule, reason in planned.items():
+            if rule not in direct and rule != "all":
+                assert reason.strip().startswith("Input files updated by another job"), (module, rule, reason)
+    assert "Nothing to be done" in snakemake(demo_run, "-n").stdout
+
+
+def test_the_closure_follows_imports_inside_functions():
+    align = {str(p.relative_to(PACKAGE)) for p in code_inputs.step_sources("align", PACKAGE)}
+    evaluate = {str(p.relative_to(PACKAGE)) for p in code_inputs.step_sources("evaluate", PACKAGE)}
+    # Imported inside functions only: the trainer (stages.align), the model loader (evaluate → models).
+    assert {"train/align.py", "train/gdpo.py", "losses/gdpo.py", "models.py", "tokens.py", "workflow.py"} <= align
+    assert {"evaluate.py", "models.py", "tokens.py", "demo/task.py"} <= evaluate
+    assert "train/align.py" not in evaluate and "report.py" not in align and "cli.py" not in align
+
+
+# --- one source of truth for configuration --------------------------------------------------------
+
+
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+CLASSES = [config_stages.SourceConfig, config_stages.DatasetConfig, config_stages.SftDatasetConfig,
+           config_stages.FinetuneConfig, config_stages.AlignConfig, config_stages.EvaluateConfig]
+
+
+def test_every_schema_key_has_a_description():
+    undescribed = [f"{name}.{key}" for name, section in SCHEMA["$defs"].items()
+                   for key, value in (section.get("properties") or {}).items()
+                   if "description" not in value and "$ref" not in value]
+    assert not undescribed, undescribed
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_dataclass_defaults_are_the_schemas(cls):
+    properties = SCHEMA["$defs"][cls.SECTION]["properties"]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(fields) == set(properties), f"{cls.__name__} vs schema {cls.SECTION}"
+    for name, field in fields.items():
+        schema_default = _resolve(properties[name], SCHEMA).get("default")
+        if field.default is not dataclasses.MISSING:
+            assert field.default == schema_default, f"{cls.SECTION}.{name}"
+        elif field.default_factory is not dataclasses.MISSING:  # pragma: no cover - none today
+            assert field.default_factory() == schema_default, f"{cls.SECTION}.{name}"
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_from_dict_refuses_unknown_keys(cls):
+    with pytest.raises(LexAlignError, match="Unknown key"):
+        cls.from_dict({"path": "x", "no_such_key": 1})
+
+
+def test_from_dict_fills_defaults_and_holds_bounds_from_the_schema():
+    cfg = config_stages.AlignConfig.from_dict({"beta": "0.2"})
+    schema = SCHEMA["$defs"]["alignment"]["properties"]
+    assert cfg.beta == 0.2 and cfg.learning_rate == schema["learning_rate"]["default"]
+    with pytest.raises(LexAlignError, match=r"group_delay_size must be >= 2 \(got: 1\)"):
+        config_stages.AlignConfig.from_dict({"group_delay_size": 1})
+
+
+def test_the_cli_evaluate_defaults_are_the_schemas():
+    from lexalign.cli import evaluate
+
+    defaults = {p.name: p.default for p in evaluate.params}
+    schema = SCHEMA["$defs"]["evaluate"]["properties"]
+    assert defaults["num_prompts"] == schema["num_prompts"]["default"]
+    assert defaults["judge"] == schema["judge"]["default"]
