@@ -62,12 +62,10 @@ def local_input(section):
 
 
 def source_params(section):
-    """Where a download comes from: the section's source keys (and a dataset's data_dir), nothing that does
-    not change what is fetched (field names, splits and lengths are validation's)."""
-    from lexalign.config.loader import section_keys
+    """Where a download comes from (lexalign.config.loader.download_source): only what changes what is fetched."""
+    from lexalign.config.loader import download_source
 
-    keys = set(section_keys("source")) - {"name", "output"} | {"data_dir"}
-    return {k: v for k, v in config[section].items() if k in keys}
+    return download_source(config[section])
 
 
 def sft_model():

@@ -27,7 +27,7 @@ import pytest
 from fixtures.data.helpers import pairs, run
 from hub_server import HubServer
 
-from lexalign.config.loader import section_defaults
+from lexalign.config.loader import download_source, section_defaults
 from lexalign.config.stages import DatasetConfig, SftDatasetConfig
 from lexalign.data.jsonl import read_jsonl
 from lexalign.data.load import data_files, detect_format
@@ -455,14 +455,15 @@ def test_local_download_copies_only_the_data_dir(tmp_path):
     section = section_defaults("dataset", {"source": "local", "path": str(root), "data_dir": "helpful-base",
                                            "eval_split": "test"})
     out = tmp_path / "raw"
-    stages.download(output=out, source=section, kind="preference_data")
+    stages.download(output=out, source=download_source(section), kind="preference_data")
     landed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert landed == {"helpful-base/train.jsonl.gz", "helpful-base/test.jsonl.gz", "lineage.json",
                       ".lexalign-download.json"}
     assert json.loads((out / "lineage.json").read_text())["config"]["data_dir"] == "helpful-base"
     check_helpful_base(run(out, **{k: section[k] for k in ("data_dir", "eval_split")}))
     with pytest.raises(LexAlignError, match='data_dir "red-team" is not a folder of'):
-        stages.download(output=tmp_path / "raw2", source={**section, "data_dir": "red-team"}, kind="preference_data")
+        stages.download(output=tmp_path / "raw2", source=download_source({**section, "data_dir": "red-team"}),
+                        kind="preference_data")
     assert not (tmp_path / "raw2").exists()
 
 
@@ -476,8 +477,10 @@ def hub_download(tmp_path: Path, hub: HubServer, section: dict, out: Path) -> su
     code = ("import json, sys\n"
             "from lexalign import stages\n"
             "from lexalign.errors import exit_on_error\n"
-            "exit_on_error(stages.download)(json.loads(sys.argv[1]), sys.argv[2], 'preference_data')\n")
-    return subprocess.run([sys.executable, "-c", code, json.dumps(section), str(out)], cwd=tmp_path, env=env,
+            "exit_on_error(stages.download)(source=json.loads(sys.argv[1]), output=sys.argv[2], "
+            "kind='preference_data')\n")
+    return subprocess.run([sys.executable, "-c", code, json.dumps(download_source(section)), str(out)], cwd=tmp_path,
+                          env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,7 +77,7 @@ def test_one_config_shape_for_hub_local_and_demo(tmp_path):
     cfg = load_config(tmp_path / "d.yaml", "download")
     entries = cfg["models"] + cfg["datasets"]
     assert len({tuple(sorted(e)) for e in entries}) == 1  # the schema fills every key, whatever the source
-    assert set(entries[0]) | {"name"} == set(SourceConfig.__dataclass_fields__)  # name has no default
+    assert set(entries[0]) | {"name"} == {f.name for f in dataclasses.fields(SourceConfig)}  # name has no default
     sources = [SourceConfig.from_dict(e) for e in entries]
     assert sources[0].hub_repo_type("model") == "model" and sources[3].hub_repo_type("preference_data") == "dataset"
     with pytest.raises(LexAlignError, match='needs a "repo_id"'):

@@ -310,3 +310,10 @@ def resolve_source(values: dict[str, Any], where: str = "model") -> str:
             hint=f"Remove source: {given} (a {key} alone is enough), or remove {key}",
         )
     return given
+
+
+def download_source(section: dict) -> dict:
+    """What the download step of a model or dataset section needs: its source keys (and a dataset's data_dir);
+    never field names, splits or lengths, which are validation's (so changing them re-downloads nothing)."""
+    keys = set(section_keys("source")) - {"name", "output"} | {"data_dir"}
+    return {key: value for key, value in section.items() if key in keys}
