@@ -24,7 +24,8 @@ from lexalign.demo import task
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")
 KILLS_PER_STAGE = 10  # 20 random kill points over finetune and align
 SAVE_STEPS = 2
-MAX_STEPS = 60  # more than ten kills, each at most four steps past a checkpoint, can reach
+MAX_STEPS = 120  # more than ten kills can reach: each lands 1-4 steps past a checkpoint, plus the steps a fast
+# machine runs in the 0-0.3 s before the kill (on a quiet machine the demo model runs dozens of steps a second)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
