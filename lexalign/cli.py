@@ -187,7 +187,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
             f"validate {data} → {validated}" if validated != data else f"use validated data {data}",
             f"{a['method']} ({', '.join(a['loss_type'] if isinstance(a['loss_type'], list) else [a['loss_type']])}, "
             f"beta {a['beta']}, {'LoRA' if a['use_lora'] else 'full'}) on {cfg['model']['path']} [{device}] → {out}",
-            f"reference model: {cfg['model']['path']} (the SFT model)",
+            f"reference model: {cfg['model']['path']}; its log-probs computed once → {checkpoints}/reference/",
             f"checkpoints every {a['save_steps']} steps → {checkpoints}",
         ])
         return
@@ -195,10 +195,32 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
     if validated != data:
         stages.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
                         trust_remote_code=cfg["model"]["trust_remote_code"])
+    reference = _reference_once(cfg, validated, checkpoints, device)
     stages.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
-                 checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
+                 checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
                  trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
                  resume=resume, verbose=verbose, resume_command=f"lexalign align --config {config_path}")
+
+
+def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) -> str:
+    """The reference model's log-probs, computed once by the pipeline's reference step (its code and its token
+    cache) into the checkpoint folder, and reused while model, tokenizer, data and settings are unchanged: no
+    reference forward pass runs in any training step, and full fine-tuning holds one model."""
+    from lexalign import reference, stages
+    from lexalign.models import resolve_device
+
+    alignment = cfg["alignment"]
+    setting = reference.parse_setting(reference.setting_name(alignment))
+    path = Path(checkpoints) / "reference" / f"{reference.setting_name(alignment)}.parquet"
+    model, tokenizer = cfg["model"]["path"], cfg["model"]["base_model"] or cfg["model"]["path"]
+    train, evals = stages._frames(validated)
+    if reference.is_current(path, model, tokenizer, train, evals, setting, resolve_device(device)):
+        click.echo(f"Reference log-probs up to date: {path}")
+    else:
+        stages.reference(model=model, data=validated, output=path, setting=setting, device=device,
+                         trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=tokenizer,
+                         cache_dir=str(Path(checkpoints) / "cache"))
+    return str(path)
 
 
 @main.command()

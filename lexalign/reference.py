@@ -419,6 +419,23 @@ def read_key(path: str | Path) -> dict:
     return json.loads(metadata[METADATA_KEY])
 
 
+def is_current(path: str | Path, model_path: str | Path, tokenizer_path: str | Path, train: pd.DataFrame,
+               evals: pd.DataFrame, setting: dict, device: str) -> bool:
+    """Whether the reference file at `path` was computed for exactly these inputs (so it can be reused)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    layout = setting["layout"]
+    splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
+    expected = reference_key(model_path, tokenizer_path, splits, layout, setting["max_length"],
+                             setting["truncation_mode"], setting["load_in_4bit"],
+                             compute_dtype(device, setting["load_in_4bit"]))
+    try:
+        return read_key(path).get("key") == expected["key"]
+    except LexAlignError:
+        return False
+
+
 def check_key(path: str | Path, found: dict, expected: dict) -> None:
     """Refuse reference log-probs computed for another model, tokenizer, data or setting."""
     if found.get("key") == expected["key"]:

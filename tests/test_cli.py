@@ -142,6 +142,13 @@ def test_finetune_then_align_then_evaluate_from_the_cli(tmp_path, demo_model_dir
     assert "Epoch 1/1: [" in result.stderr and "| Loss: " in result.stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
     assert not (tmp_path / "ckpt" / "checkpoint-1").exists()
+    # The reference log-probs were computed once, by the reference step, and training read them.
+    assert "Reference log-probs (pairs):" in result.stdout + result.stderr
+    assert list((tmp_path / "ckpt" / "reference").glob("pairs-max64.parquet"))
+    again = lexalign("align", "--config", str(write_config(tmp_path / "align.yaml", align_config(
+        tmp_path, tmp_path / "sft", prefs, beta=0.2))), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Reference log-probs up to date" in again.stdout  # beta changes nothing the reference depends on
 
     result = lexalign("evaluate", "--config", str(config), "--output", str(tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr[-2000:]
