@@ -281,13 +281,53 @@ def cached_tokens(tokenizer, tokenizer_key: str, groups: Groups, cache_dir: str 
 
 
 def group_logps(model, pad_token_id: int, tokens, max_length: int | None, truncation_mode: str = TRUNCATION_MODE,
-                batch_sequences: int = 32, device: str = "cpu", autocast_dtype=None) -> list[list[float]]:
+                batch_sequences: int = 32, device: str = "cpu", autocast_dtype=None,
+                token_budget: int | None = None) -> list[list[float]]:
     """Summed log-prob of each response under `model` (with TRL's fused log-prob head), [groups][K].
 
-    `tokens`: a `token_table`. Batches are built by the trainers' collator
-    (response-major, truncated to `max_length`, right padded), longest groups
-    first so padding stays small.
+    `tokens`: a `token_table`. Each prompt + response is truncated as the trainers' collator truncates it
+    (keep_start to `max_length`) and scored on its response tokens. Sequences are packed padding-free into
+    batches of at most `token_budget` tokens (`lexalign.packing`); a model that cannot take packed input is
+    scored in padded batches of `batch_sequences` built by the trainers' collator, longest groups first.
     """
+    import numpy as np
+    import torch
+
+    from lexalign import packing
+
+    n = tokens.num_rows
+    if not n:
+        return []
+    prompts = tokens.column("prompt_ids").to_pylist()
+    completions = tokens.column("completion_ids").to_pylist()
+    k = len(completions[0])
+    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None \
+        else contextlib.nullcontext()
+    if not packing.supports_packing(model):
+        return _padded_group_logps(model, pad_token_id, tokens, max_length, truncation_mode, batch_sequences,
+                                   device, autocast)
+    sequences, starts = [], []
+    for prompt, group in zip(prompts, completions, strict=True):
+        for completion in group:
+            full, start = prompt + completion, len(prompt)
+            if max_length and len(full) > max_length:  # as the collator truncates
+                drop = len(full) - max_length
+                full, start = (full[:max_length], start) if truncation_mode == "keep_start" else \
+                    (full[drop:], max(start - drop, 0))
+            sequences.append(full)
+            starts.append(start)
+    budget = token_budget or (packing.DEFAULT_TOKEN_BUDGET * (8 if device == "cuda" else 1))
+    flat = np.zeros(len(sequences), dtype=np.float64)
+    with torch.inference_mode(), autocast:
+        for batch in packing.budget_batches([len(s) for s in sequences], budget):
+            packed = packing.pack([sequences[i] for i in batch], [starts[i] for i in batch])
+            flat[batch] = packing.packed_logps(model, packed, device).cpu().numpy()
+    return flat.reshape(n, k).tolist()
+
+
+def _padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation_mode, batch_sequences, device,
+                        autocast) -> list[list[float]]:
+    """`group_logps` in padded batches built by the trainers' collator (response-major, right padded)."""
     import numpy as np
     import pyarrow.compute as pc
     import torch
@@ -295,8 +335,6 @@ def group_logps(model, pad_token_id: int, tokens, max_length: int | None, trunca
     from lexalign.train.gdpo import DataCollatorForRankedPreference
 
     n = tokens.num_rows
-    if not n:
-        return []
     completions = tokens.column("completion_ids")
     k = len(completions[0])
     prompt_lengths = pc.list_value_length(tokens.column("prompt_ids")).to_numpy()
@@ -306,8 +344,6 @@ def group_logps(model, pad_token_id: int, tokens, max_length: int | None, trunca
                                               truncation_mode=truncation_mode)
     per_batch = max(1, batch_sequences // k)
     out: list = [None] * n
-    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None \
-        else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for start in range(0, n, per_batch):
             index = order[start:start + per_batch]
