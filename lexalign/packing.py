@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_TOKEN_BUDGET = 4096
-"""Tokens per packed batch on the CPU (a GPU batch can be far larger)."""
+DEFAULT_TOKEN_BUDGET = 1024
+"""Tokens per packed batch on the CPU. Without variable-length kernels the attention of a pack is one masked
+[T x T] product, so a long pack costs quadratically: 512-1024 tokens measured fastest here (bench_packing.py).
+On CUDA the reference step uses 8x this."""
 
 
 @dataclass
