@@ -1,10 +1,11 @@
 """Experiment tracking for real: two alignment runs of one pipeline and an evaluation, reported to MLflow (a SQLite
 tracking store, read back through MLflow's client), Weights & Biases (offline: its run files, nothing sent) and
-Trackio (its local store)."""
+Trackio (its local store, in the TRACKIO_DIR conftest sets)."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -17,7 +18,7 @@ from lexalign.config.loader import validate_config
 from lexalign.config.stages import AlignConfig, FinetuneConfig
 from lexalign.errors import LexAlignError
 
-EXPERIMENT = "exp-polite"
+EXPERIMENT = f"exp-polite-{os.getpid()}"
 RUNS = {"aligned": 0.1, "beta-0.3": 0.3}
 TRACKERS = ["mlflow", "wandb", "trackio"]
 
@@ -62,8 +63,7 @@ def tracked(tmp_path_factory, demo_model_dir):
         for key, value in {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "WANDB_MODE": "offline",
                            "WANDB_DIR": str(root), "WANDB_BASE_URL": listener.url, "WANDB_SILENT": "true",
                            "WANDB_DATA_DIR": str(root / "wandb-data"), "WANDB_CACHE_DIR": str(root / "wandb-cache"),
-                           "WANDB_CONFIG_DIR": str(root / "wandb-config"), "WANDB_API_KEY": "",
-                           "TRACKIO_DIR": str(root / "trackio")}.items():
+                           "WANDB_CONFIG_DIR": str(root / "wandb-config"), "WANDB_API_KEY": ""}.items():
             env.setenv(key, value)
         env.delenv("WANDB_API_KEY")
         raw = root / "prefs" / "train.jsonl"
@@ -175,13 +175,16 @@ def test_wandb_writes_both_runs_offline_grouped_by_the_experiment_and_sends_noth
 def test_trackio_holds_both_runs_in_the_experiment_with_the_evaluation(tracked):
     from trackio.sqlite_storage import SQLiteStorage
 
-    assert Path(SQLiteStorage.get_project_db_path(EXPERIMENT)).is_relative_to(tracked["root"])
+    # Where TRACKIO_DIR says (conftest sets it before TRL imports Trackio, which reads it once).
+    assert Path(SQLiteStorage.get_project_db_path(EXPERIMENT)).is_relative_to(os.environ["TRACKIO_DIR"])
     assert set(SQLiteStorage.get_runs(EXPERIMENT)) >= set(RUNS)
     logs = SQLiteStorage.get_logs(EXPERIMENT, "aligned")
     assert [row["step"] for row in logs if "loss" in row] == [1, 2]
     evaluated = [row for row in logs if "eval/preference_accuracy" in row]
     assert evaluated and evaluated[0]["eval/preference_accuracy"] == pytest.approx(
         tracked["result"]["preference_accuracy"])
+    logged = SQLiteStorage.get_run_artifacts(EXPERIMENT, "aligned", None)["output"]
+    assert {"evaluation-aligned-eval", "evaluation-aligned-lineage"} <= {a.get("name") for a in logged}, logged
 
 
 def test_a_resumed_training_run_reports_to_the_same_runs(tracked, tmp_path, monkeypatch):
