@@ -1,4 +1,4 @@
-# LexAlign: download → finetune (SFT) → validate preferences → align → evaluate → report.
+# LexAlign: download → finetune (SFT) → validate preferences → align → evaluate → report (→ publish).
 # Run: snakemake --cores 1            (everything, on config/config.yaml: the demo)
 #      snakemake --cores 1 results/aligned
 
@@ -14,6 +14,7 @@ include: "rules/reference.smk"
 include: "rules/align.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/publish.smk"
 
 
 rule all:
@@ -21,4 +22,5 @@ rule all:
         f"{RESULTS}/aligned",
         run_evaluations(),
         f"{RESULTS}/report.html",
+        publish_targets(),
     default_target: True

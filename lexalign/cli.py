@@ -250,6 +250,35 @@ def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> Non
     click.echo(json.dumps({k: v for k, v in result.items() if k != "generation"}, indent=2))
 
 
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="The model folder to publish, e.g. results/aligned.")
+@click.option("--repo-id", required=True, help="The Hub model repo, owner/name (created when missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused).")
+@click.option("--revision", default=_default("publish", "revision"), show_default=True,
+              help="The branch to commit to (created from main when missing).")
+@click.option("--eval", "evaluation", default=None, type=click.Path(dir_okay=False),
+              help="The model's eval.json for the card (default: where the pipeline writes it, when present).")
+@click.option("--message", default=None, help="The commit's title.")
+def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation: str | None,
+         message: str | None) -> None:
+    """Publish a model folder to the Hugging Face Hub as one commit.
+
+    Uploads the safetensors weights, the tokenizer, generation_config.json, lineage.json and a model card
+    (YAML metadata, the eval table, the training configuration, the lineage); an adapter-only folder goes up as
+    a PEFT adapter. The token comes from `hf auth login` or HF_TOKEN and is never printed.
+    """
+    from lexalign import stages
+    from lexalign.hub.push import evaluation_for
+
+    found = evaluation or evaluation_for(Path(model_dir))
+    if found is None:
+        warn(f"No evaluation found for {model_dir}: the card will have no eval table",
+             "Pass --eval results/eval/aligned.json (lexalign evaluate writes it).")
+    stages.publish(model=model_dir, evaluation=str(found) if found else None,
+                   publish={"repo_id": repo_id, "private": private, "revision": revision, "commit_message": message})
+
+
 def run() -> None:
     """Console entry point: errors become messages, never tracebacks."""
     try:

@@ -24,7 +24,7 @@ from lexalign.errors import LexAlignError
 from lexalign.hub import manifest
 from lexalign.hub.fetch import DUPLICATE_WEIGHT_PATTERNS, files_count, human_size  # noqa: F401  (re-exported)
 from lexalign.io import atomic_dir
-from lexalign.lineage import stage_record, write_lineage
+from lexalign.lineage import readme_metadata, stage_record, write_lineage
 
 SECTIONS = (("models", "model"), ("datasets", "preference_data"))
 
@@ -66,6 +66,9 @@ def _request(source: SourceConfig, kind: str, data_dir: str | None = None) -> di
 def _finisher(source: SourceConfig, kind: str, data_dir: str | None = None):
     def finish(folder: Path, extra: dict) -> None:
         config = {"kind": kind, **source.to_dict(), **({"data_dir": data_dir} if data_dir else {})}
+        license_ = readme_metadata(folder).get("license") if kind == "model" else None
+        if license_:  # carried into the model cards of every model made from it
+            extra = {**extra, "license": license_}
         write_lineage(folder, stage_record("download", config, {}, extra))
 
     return finish

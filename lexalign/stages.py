@@ -18,6 +18,7 @@ from lexalign.config.stages import (
     DatasetConfig,
     EvaluateConfig,
     FinetuneConfig,
+    PublishConfig,
     SftDatasetConfig,
     SourceConfig,
 )
@@ -109,11 +110,13 @@ def _job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbo
 
 def finetune(*, model: str | Path, data: str | Path, output: str | Path, finetune: dict, checkpoint_dir: str | Path,
              device: str = "auto", seed: int = 42, trust_remote_code: bool = False, allow_pickle: bool = False,
-             resume: str | None = None, verbose: bool = False) -> Path:
-    """Supervised fine-tuning of `model` on the prepared SFT `data` (the finetune section) into `output`."""
+             resume: str | None = None, verbose: bool = False, tracking: dict | None = None) -> Path:
+    """Supervised fine-tuning of `model` on the prepared SFT `data` (the finetune section) into `output`.
+
+    `tracking`: the experiment and run name the trackers of finetune.report_to log to (lexalign.tracking)."""
     from lexalign.train.finetune import FinetuneJob
 
-    job = FinetuneJob(cfg=FinetuneConfig.from_dict(finetune), allow_pickle=allow_pickle,
+    job = FinetuneJob(cfg=FinetuneConfig.from_dict(finetune), allow_pickle=allow_pickle, tracking=tracking,
                       **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                     trust_remote_code))
     return job.run()
@@ -146,14 +149,14 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
 def align(*, model: str | Path, data: str | Path, output: str | Path, alignment: dict, checkpoint_dir: str | Path,
           reference: str | Path | None = None, device: str = "auto", seed: int = 42, trust_remote_code: bool = False,
           tokenizer: str | None = None, resume: str | None = None, verbose: bool = False,
-          resume_command: str | None = None) -> Path:
+          resume_command: str | None = None, tracking: dict | None = None) -> Path:
     """Align `model` (the SFT model, or the starting model with finetune.method none) on validated `data` (the
     alignment section) into `output`; with `reference` (the reference step's file) no reference pass runs in
-    training."""
+    training. `tracking`: the experiment and run name the trackers of alignment.report_to log to."""
     from lexalign.train.align import AlignJob
 
     job = AlignJob(cfg=AlignConfig.from_dict(alignment), tokenizer_path=Path(tokenizer) if tokenizer else None,
-                   reference_path=Path(reference) if reference else None,
+                   reference_path=Path(reference) if reference else None, tracking=tracking,
                    **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                  trust_remote_code, gated=True))
     if resume_command:
@@ -177,6 +180,9 @@ def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, ou
                        ranked_eval)
     write_json(output, result)
     print(summary(result), flush=True)
+    from lexalign.tracking import log_evaluation
+
+    log_evaluation(aligned, result, output)  # into the run's trackers, when its training reported to any
     return result
 
 
@@ -191,8 +197,30 @@ def report(*, evals: list[str], models: list[str], validated: str | Path, tokeni
     return out
 
 
+def publish(*, model: str | Path, publish: dict, evaluation: str | Path | list | None = None,
+            output: str | Path | None = None) -> dict:
+    """Upload a model folder to the Hugging Face Hub (`publish`: the publish section) as one commit, with a model
+    card holding its evaluation (`evaluation`: its eval.json, or a one-element list from the rule); `output`
+    records the commit (never the token)."""
+    if isinstance(evaluation, (list, tuple)):
+        evaluation = evaluation[0] if evaluation else None
+    from lexalign.hub.push import push
+
+    cfg = PublishConfig.from_dict(publish)
+    if not cfg.repo_id:
+        raise LexAlignError("publish.repo_id is not set: there is nowhere to publish to",
+                            hint="Set publish.repo_id: owner/name in the config (or run lexalign push --repo-id)")
+    result = push(Path(model), cfg.repo_id, private=cfg.private, revision=cfg.revision,
+                  evaluation=Path(evaluation) if evaluation else None, commit_message=cfg.commit_message)
+    if output:
+        write_json(output, result)
+    print(f"Published {model} to {result['repo_id']} (revision {result['revision']}): {result['commit_url']}",
+          flush=True)
+    return result
+
+
 STEPS = {step.__name__: step for step in (download, prepare_sft, validate, finetune, reference, align, evaluate,
-                                          report)}
+                                          report, publish)}
 """Every step, by the name `run` and the launcher know it."""
 
 

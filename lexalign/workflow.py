@@ -3,8 +3,8 @@
 The rule's named inputs (but `code`), outputs and params are passed, by name and
 unchanged, to the step function of `lexalign.stages` that `STEP_OF_RULE` names:
 that function's signature is the rule's whole contract. Here, and only here, a
-rule's output goes to its `log:` file, every step after download runs with
-HF_HUB_OFFLINE=1, a training step whose resources ask for several processes is
+rule's output goes to its `log:` file, every step but download and publish runs
+with HF_HUB_OFFLINE=1, a training step whose resources ask for several processes is
 handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
 a message (in the log and on the terminal) and exit status 1.
 """
@@ -31,8 +31,11 @@ STEP_OF_RULE = {
     "evaluate": "evaluate",
     "evaluate_run": "evaluate",
     "report": "report",
+    "publish": "publish",
 }
 """Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""
+ONLINE_STEPS = ("download", "publish")
+"""The steps that talk to the Hub; every other step runs with HF_HUB_OFFLINE=1."""
 CODE_INPUT = "code"
 """The named input that lists the step's source files: a trigger for Snakemake, not an argument."""
 
@@ -60,7 +63,7 @@ def run_rule(smk) -> None:
     from lexalign import launch, stages
 
     step = step_of(smk.rule)
-    if step != "download":
+    if step not in ONLINE_STEPS:
         os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = Path(smk.log[0]) if smk.log else None

@@ -78,6 +78,14 @@ def training_seed():
     return config["seed"]
 
 
+def tracking_params(section, run):
+    """Where a training run reports in its experiment trackers (lexalign.tracking.pipeline_tracking): the experiment
+    every run of this pipeline shares and the run's name; None without a tracker but TensorBoard."""
+    from lexalign.tracking import pipeline_tracking
+
+    return pipeline_tracking(config, section, run)
+
+
 def run_alignment(run):
     """The alignment config of a sweep run (the primary run is `aligned`)."""
     return config["alignment"] if run == "aligned" else RUNS[run]
@@ -107,3 +115,19 @@ def reference_file(alignment):
     from lexalign.reference import setting_name
 
     return f"{RESULTS}/reference/{Path(preference_data(alignment)).name}/{setting_name(alignment)}.parquet"
+
+
+def published(kind):
+    """The model folder (kind model) or eval file (kind eval) of the run publish.run names."""
+    run = config["publish"]["run"] if config["publish"]["repo_id"] else "aligned"
+    if run != "aligned" and run not in RUNS:
+        raise WorkflowError(f'Error: publish.run is "{run}", which is no run of this pipeline\n'
+                            f"Runs: {', '.join(['aligned', *RUNS])}")
+    if kind == "model":
+        return f"{RESULTS}/aligned" if run == "aligned" else f"{RESULTS}/runs/{run}/model"
+    return f"{RESULTS}/eval/aligned.json" if run == "aligned" else f"{RESULTS}/runs/{run}/eval.json"
+
+
+def publish_targets():
+    """The default target's publish output: the commit record, when there is a repo to publish to."""
+    return [f"{RESULTS}/published.json"] if config["publish"]["repo_id"] else []

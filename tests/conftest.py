@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from hub_server import HubServer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Trackio fixes its folder when first imported (importing TRL imports it): the tests' runs stay out of $HOME.
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="lexalign-tests-trackio-"))
 
 REPO = Path(__file__).resolve().parent.parent
 

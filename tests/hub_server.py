@@ -17,14 +17,32 @@ unknown repo 404 `RepoNotFound`; private repo without a valid token 401 `RepoNot
 gated repo 401/403 `GatedRepo`; unknown token 401 "Invalid credentials in Authorization header";
 unknown revision 404 `RevisionNotFound`; unknown file 404 `EntryNotFound`.
 
+Uploads, as `HfApi.create_repo`, `create_branch` and `create_commit` make them (with HF_HUB_DISABLE_XET=1: the
+client's LFS path; the Hub's Xet storage protocol is not served here):
+
+- `POST /api/repos/create`: a new repo with one commit (`.gitattributes`), 409 when it exists;
+- `POST /api/{models,datasets}/{repo}/branch/{branch}`: a branch from main, 409 when it exists;
+- `POST /api/validate-yaml`: the model card's front matter must parse as a YAML mapping (else 400);
+- `POST /api/{models,datasets}/{repo}/preupload/{rev}`: each file's upload mode (lfs or regular) and the oid of
+  the file already there;
+- `POST /{repo}.git/info/lfs/objects/batch`: an upload action per object not stored yet, whose `href` is a `PUT`
+  on the "CDN" (sent without the Authorization header, as to S3), and a verify action back on the Hub;
+- `POST /api/{models,datasets}/{repo}/commit/{rev}`: the NDJSON commit (header, `file` with base64 content,
+  `lfsFile` naming an uploaded object, `deletedFile`), applied whole or refused whole: a commit naming an LFS
+  object never uploaded is refused (422) and the branch does not move.
+
 Knobs: `fail_with[repo_id] = status` answers that status for everything about a repo;
 `drop_once.add(path)` cuts the connection halfway through the next full GET of that file;
-`fail_file[path] = n` answers 500 to the next n GETs of that file's content.
+`fail_file[path] = n` answers 500 to the next n GETs of that file's content;
+`fail_upload[sha256] = status` answers that status to the PUT of that object's bytes (a failure mid-upload);
+`fail_commit[repo_id] = status` answers that status to commits to that repo; `read_only` holds tokens that
+may read but not write (403).
 Every request is recorded in `requests` (method, path, Range and Authorization headers).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -56,6 +74,8 @@ class Repo:
     gated: bool = False
     granted: set[str] = field(default_factory=set)
     """Tokens that accepted a gated repo's terms."""
+    messages: dict[str, str] = field(default_factory=dict)
+    """Commit sha → its title (commits made through the commit endpoint)."""
 
     def resolve(self, rev: str) -> str | None:
         if rev in self.refs:
@@ -85,6 +105,9 @@ class HubServer:
         self.fail_with: dict[str, int] = {}
         self.drop_once: set[str] = set()
         self.fail_file: dict[str, int] = {}
+        self.fail_upload: dict[str, int] = {}
+        self.fail_commit: dict[str, int] = {}
+        self.read_only: set[str] = set()
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
         self._counter = 0
@@ -204,6 +227,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._record()
         self._route()
 
+    def do_POST(self) -> None:
+        self._record()
+        self._write_route(self._body())
+
+    def do_PUT(self) -> None:
+        self._record()
+        self._write_route(self._body())
+
+    def _body(self) -> bytes:
+        """The request body, sent with a Content-Length or chunked."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(data)
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     # --- routes ------------------------------------------------------------------------------
 
     def _route(self) -> None:
@@ -221,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if marker in rest:
                     repo_id, tail = rest.split(marker, 1)
                     return handler(repo_type, repo_id, tail, query)
+            if rest.count("/") == 1:  # repo_info without a revision: main
+                return self._revision(repo_type, rest, "main", query)
             return self._error(404)
         repo_type = "model"
         if path.startswith("/datasets/"):
@@ -351,6 +398,194 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         self._send(200, data, headers, length=total)
+
+
+    # --- uploads ----------------------------------------------------------------------------------
+
+    def _write_route(self, body: bytes) -> None:
+        parts = urlsplit(self.path)
+        path = parts.path
+        if self.server.role == "cdn":
+            if self.command == "PUT" and path.startswith("/upload/"):
+                return self._store(path[len("/upload/"):], body)
+            return self._error(404)
+        if path == "/api/repos/create":
+            return self._create_repo(json.loads(body or b"{}"))
+        if path == "/api/validate-yaml":
+            return self._validate_yaml(json.loads(body or b"{}"))
+        if path.startswith("/api/models/") or path.startswith("/api/datasets/"):
+            repo_type = "model" if path.startswith("/api/models/") else "dataset"
+            rest = path.split("/", 3)[3]
+            for marker, handler in (("/preupload/", self._preupload), ("/commit/", self._commit),
+                                    ("/branch/", self._branch)):
+                if marker in rest:
+                    repo_id, tail = rest.split(marker, 1)
+                    return handler(repo_type, repo_id, unquote(tail), body)
+            return self._error(404)
+        if ".git/info/lfs/objects/" in path:
+            repo_type = "dataset" if path.startswith("/datasets/") else "model"
+            prefix = path[len("/datasets"):] if repo_type == "dataset" else path
+            repo_id, action = prefix[1:].split(".git/info/lfs/objects/", 1)
+            return self._lfs(repo_type, repo_id, action, json.loads(body or b"{}"))
+        return self._error(404)
+
+    def _writer(self, repo_type: str, repo_id: str, rev: str | None = None) -> tuple[Repo, str] | None:
+        """The repo and the commit of `rev` for a write, or None after answering as the Hub would."""
+        hub = self.server.hub
+        token = self._token()
+        if token is None:
+            self._error(401, "RepoNotFound", "Writing needs a token")
+            return None
+        found = self._access(repo_type, repo_id, rev)
+        if found is None:
+            return None
+        if token in hub.read_only:
+            self._error(403, None, "You don't have the rights to write to this repository")
+            return None
+        return found
+
+    def _create_repo(self, payload: dict) -> None:
+        hub = self.server.hub
+        token = self._token()
+        if token is None or token not in hub.tokens:
+            return self._error(401, None, "Invalid credentials in Authorization header")
+        if token in hub.read_only:
+            return self._error(403, None, "You don't have the rights to create a repository here")
+        repo_type = payload.get("type") or "model"
+        repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        url = f"{hub.url}/{prefix}{repo_id}"
+        if (repo_type, repo_id) in hub.repos:
+            return self._send(409, json.dumps({"error": "You already created this repo", "url": url}).encode(),
+                              {"Content-Type": "application/json"})
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        hub.add_repo(repo_id, {".gitattributes": "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                     repo_type=repo_type, private=private)
+        self._json({"url": url, "name": repo_id})
+
+    def _validate_yaml(self, payload: dict) -> None:
+        import yaml
+
+        content = payload.get("content", "")
+        if content.startswith("---"):
+            head = content[3:].split("\n---", 1)[0]
+            try:
+                data = yaml.safe_load(head)
+            except yaml.YAMLError as err:
+                return self._send(400, json.dumps({"errors": [{"message": str(err)}]}).encode(),
+                                  {"Content-Type": "application/json"})
+            if not isinstance(data, dict):
+                return self._send(400, json.dumps({"errors": [{"message": "metadata must be a mapping"}]}).encode(),
+                                  {"Content-Type": "application/json"})
+        self._json({"errors": [], "warnings": []})
+
+    def _branch(self, repo_type: str, repo_id: str, branch: str, body: bytes) -> None:
+        found = self._writer(repo_type, repo_id)
+        if found is None:
+            return
+        repo, main = found
+        if branch in repo.refs:
+            return self._error(409, None, f"Branch {branch} already exists")
+        repo.refs[branch] = main
+        self._json({})
+
+    def _preupload(self, repo_type: str, repo_id: str, rev: str, body: bytes) -> None:
+        found = self._writer(repo_type, repo_id, rev)
+        if found is None:
+            return
+        repo, sha = found
+        files = repo.commits[sha]
+        answer = []
+        for entry in json.loads(body)["files"]:
+            path, size = entry["path"], entry["size"]
+            lfs = path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+            there = files.get(path)
+            oid = None
+            if there is not None:
+                oid = hashlib.sha256(there).hexdigest() if is_lfs(path, there) else git_blob_id(there)
+            answer.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                           "oid": oid})
+        self._json({"files": answer, "commitOid": sha})
+
+    def _lfs(self, repo_type: str, repo_id: str, action: str, payload: dict) -> None:
+        found = self._writer(repo_type, repo_id)
+        if found is None:
+            return
+        hub = self.server.hub
+        if action == "verify":
+            if payload.get("oid") in hub.blobs:
+                return self._json({})
+            return self._error(404, None, "Object not found")
+        if action != "batch" or payload.get("operation") != "upload":
+            return self._error(400, None, "Only uploads")
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in hub.blobs:
+                prefix = "datasets/" if repo_type == "dataset" else ""
+                entry["actions"] = {
+                    "upload": {"href": f"{hub.cdn_url}/upload/{obj['oid']}?X-Amz-Signature=signed-url-secret"},
+                    "verify": {"href": f"{hub.url}/{prefix}{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(entry)
+        body = json.dumps({"transfer": "basic", "objects": objects}).encode()
+        self._send(200, body, {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _store(self, oid: str, body: bytes) -> None:
+        """The "CDN" (S3) end of an LFS upload: the bytes must hash to the object id."""
+        hub = self.server.hub
+        if oid in hub.fail_upload:
+            return self._error(hub.fail_upload[oid], None, "AccessDenied: upload failed")
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, None, "BadDigest: the content does not match the object id")
+        hub.blobs[oid] = body
+        self._send(200, b"", {"ETag": f'"{oid}"'})
+
+    def _commit(self, repo_type: str, repo_id: str, rev: str, body: bytes) -> None:
+        hub = self.server.hub
+        found = self._writer(repo_type, repo_id, rev)
+        if found is None:
+            return
+        repo, parent = found
+        if repo_id in hub.fail_commit:
+            return self._error(hub.fail_commit[repo_id], None, "forced commit failure")
+        if rev not in repo.refs or rev in repo.commits:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev} is not a branch")
+        files = dict(repo.commits[parent])
+        title = ""
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                title = value.get("summary", "")
+                if value.get("parentCommit") and not parent.startswith(value["parentCommit"]):
+                    return self._error(412, None, "A commit has happened since. Please refresh and try again.")
+            elif key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                data = hub.blobs.get(value["oid"])
+                if data is None:  # refused whole: the branch does not move
+                    return self._error(422, None, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                files[value["path"]] = data
+            elif key in ("deletedFile", "deletedFolder"):
+                path = value["path"].rstrip("/")
+                files = {p: d for p, d in files.items() if p != path and not p.startswith(path + "/")}
+            else:
+                return self._error(400, None, f"Unknown commit item {key}")
+        with hub._lock:
+            hub._counter += 1
+            digest = hashlib.sha1(f"{repo_type}/{repo_id}#{hub._counter}#{parent}".encode())
+        for path in sorted(files):
+            digest.update(path.encode() + b"\0" + files[path])
+        sha = digest.hexdigest()
+        repo.commits[sha] = files
+        repo.refs[rev] = sha
+        repo.messages[sha] = title
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        self._json({"commitUrl": f"{hub.url}/{prefix}{repo_id}/commit/{sha}", "commitOid": sha,
+                    "pullRequestUrl": None})
 
 
 # --- what the download tests share ---------------------------------------------------------------

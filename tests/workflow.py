@@ -34,8 +34,10 @@ def copy_workflow(dest: Path) -> Path:
 PLANTED_TOKEN = "hf_PlantedTokenForLeakTests0123456789"
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN}
+def snakemake(workdir: Path, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake *args` in `workdir`; `env`: more variables (a None value removes one)."""
+    env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN, **(env or {})}
+    env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -7,7 +7,7 @@ and hold the checks a JSON schema cannot express.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from lexalign.config.loader import resolve_source, section_defaults
@@ -240,7 +240,10 @@ class TrainingConfig(_FromDict):
     target_modules: list[str] | str = "auto"
     """Modules that get LoRA adapters: `auto` (per architecture), `all-linear`, or a list of names."""
     tensorboard: bool = False
-    """Also log every metric to TensorBoard, under the run's checkpoint folder."""
+    """Also log every metric to TensorBoard, under the run's checkpoint folder (a synonym of listing it in
+    report_to)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers the run reports to: tensorboard, mlflow, wandb, trackio (lexalign.tracking)."""
 
 
 @dataclass
@@ -322,6 +325,35 @@ class EvaluateConfig(_FromDict):
     """Tokens generated per prompt."""
     batch_size: int = 16
     """Prompts per forward pass."""
+
+
+@dataclass
+class TrackingConfig(_FromDict):
+    """How training runs are grouped in the experiment trackers (the pipeline's `tracking:` section)."""
+
+    SECTION: ClassVar[str | None] = "tracking"
+
+    experiment: str | None = None
+    """The MLflow experiment, Trackio project and W&B group every run of the pipeline reports to; by default
+    one name per pipeline (lexalign.tracking.default_experiment)."""
+
+
+@dataclass
+class PublishConfig(_FromDict):
+    """Publishing a model folder to the Hugging Face Hub (the publish rule, `lexalign push`)."""
+
+    SECTION: ClassVar[str | None] = "publish"
+
+    repo_id: str | None = None
+    """The Hub model repo, owner/name; unset, the pipeline publishes nothing."""
+    private: bool = False
+    """Create the repo private; an existing public repo is refused rather than published to."""
+    revision: str = "main"
+    """The branch the commit goes to (created from main when missing)."""
+    run: str = "aligned"
+    """Which run the pipeline publishes: aligned (the primary run) or a sweep run's name."""
+    commit_message: str | None = None
+    """The commit's title (default: Upload <the model card's title> with LexAlign)."""
 
 
 def response_group_size(alignment: dict) -> int | None:

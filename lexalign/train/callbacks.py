@@ -137,3 +137,20 @@ class InterruptCallback(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class TrackingCallback(TrainerCallback):
+    """Reports the run to MLflow, W&B and Trackio (a `lexalign.tracking.Session`): the runs start as training
+    begins (or reopen when it resumes from a checkpoint), every logged metric goes to them at its step; the
+    training job closes them once the model is saved. With several processes, the main one reports."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.session.begin(resumed=state.global_step > 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            self.session.log(logs, state.global_step)

@@ -13,11 +13,12 @@ from typing import Any
 
 import pandas as pd
 
+from lexalign import tracking
 from lexalign.config.stages import TrainingConfig
-from lexalign.io import atomic_dir, hash_object
+from lexalign.io import atomic_dir, hash_object, hash_path, write_json
 from lexalign.lineage import stage_record, write_lineage, write_model_card
 from lexalign.train import runtime
-from lexalign.train.callbacks import ConfigHashCallback, InterruptCallback, ProgressCallback
+from lexalign.train.callbacks import ConfigHashCallback, InterruptCallback, ProgressCallback, TrackingCallback
 
 
 @dataclass
@@ -50,6 +51,11 @@ class TrainingJob:
     """Printed after an interrupt, with --resume appended."""
     extra_callbacks: list = field(default_factory=list)
     """More TrainerCallbacks (for the Python API: custom logging, early stopping, fault injection)."""
+    tracking: dict | None = None
+    """Where the run reports in the experiment trackers of `cfg.report_to`: {experiment, run} (the pipeline's,
+    lexalign.tracking.pipeline_tracking); None: experiment `lexalign`, the output folder's name as the run."""
+    session: Any = field(default=None, init=False, repr=False)
+    """The tracker runs (lexalign.tracking.Session), once the callbacks are built."""
 
     stage = "train"
 
@@ -60,12 +66,27 @@ class TrainingJob:
                             "data": data, "seed": self.seed})
 
     def callbacks(self, interrupt: InterruptCallback) -> list:
+        self.session = self.tracking_session()
         return [
             ProgressCallback(self.checkpoint_dir / "metrics.jsonl", verbose=self.verbose),
             ConfigHashCallback(self.config_hash()),
             interrupt,
+            *([TrackingCallback(self.session)] if self.session else []),
             *self.extra_callbacks,
         ]
+
+    def tracking_session(self) -> tracking.Session | None:
+        """The run's MLflow / W&B / Trackio runs to be, when `report_to` lists any."""
+        names = tracking.external(self.cfg)
+        if not names:
+            return None
+        where = self.tracking or {}
+        data = (self.lineage_inputs or {}).get("data")
+        data_hash = hash_path(data) if data is not None and Path(data).exists() else None
+        spec = tracking.RunSpec(where.get("experiment") or tracking.DEFAULT_EXPERIMENT,
+                                where.get("run") or self.output_dir.name, self.stage,
+                                tracking.run_params(self.stage, self.cfg.to_dict(), data_hash, self.config_hash()))
+        return tracking.Session(names, spec, self.checkpoint_dir / tracking.TRACKING_FILE)
 
     def setup(self):
         """Return (trainer, tokenizer, interrupt callback). Implemented per stage."""
@@ -111,15 +132,25 @@ class TrainingJob:
                                        base_path=self.merge_base(), trust_remote_code=self.trust_remote_code,
                                        state_dict=state_dict)
             record = stage_record(self.stage, self.cfg.to_dict(), self.lineage_inputs or {"model": self.model_path},
-                                  {"metrics": metrics, "config_hash": self.config_hash(), **self.record_extra()})
+                                  {"metrics": metrics, "config_hash": self.config_hash(), "title": self.title(),
+                                   **self.record_extra()})
             write_lineage(tmp, record)
             write_model_card(tmp, record, self.title(), metrics)
             runtime.keep_metrics(self.checkpoint_dir, tmp)
+            if self.session and self.session.records:  # where the evaluate step finds this run's tracker runs
+                write_json(tmp / tracking.TRACKING_FILE, self.session.record())
 
     def run(self) -> Path:
+        tracking.require(tracking.selected(self.cfg))  # a missing tracker stops the run before any model loads
         trainer, tokenizer, interrupt = self.setup()
-        self.train_model(trainer, interrupt)
-        out = self.save(trainer, tokenizer)
+        done = False
+        try:
+            self.train_model(trainer, interrupt)
+            out = self.save(trainer, tokenizer)
+            done = True
+        finally:
+            if self.session:
+                self.session.close(ok=done)
         if trainer.accelerator.is_main_process:
             runtime.clear_checkpoints(self.checkpoint_dir)
             print(f"{self.title()} written to {out}", flush=True)

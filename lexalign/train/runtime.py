@@ -105,10 +105,15 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
 
 
 def tensorboard_reporting(cfg: TrainingConfig, checkpoint_dir: Path) -> list[str]:
-    if not cfg.tensorboard:
+    """transformers' report_to: TensorBoard only (report_to: [tensorboard], or tensorboard: true). MLflow, W&B
+    and Trackio are reported to by LexAlign itself (lexalign.tracking, TrackingCallback)."""
+    from lexalign.tracking import selected
+
+    if "tensorboard" not in selected(cfg):
         return []
     if not _installed("tensorboard"):
-        raise LexAlignError("tensorboard: true, but TensorBoard is not installed", hint="pip install tensorboard")
+        raise LexAlignError("TensorBoard logging is on (report_to: [tensorboard] or tensorboard: true), "
+                            "but TensorBoard is not installed", hint="pip install tensorboard")
     import os
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(checkpoint_dir / "tensorboard")
@@ -145,6 +150,7 @@ def clear_checkpoints(checkpoint_dir: Path) -> None:
     for checkpoint in _checkpoints(checkpoint_dir) if checkpoint_dir.is_dir() else []:
         shutil.rmtree(checkpoint, ignore_errors=True)
     (checkpoint_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (checkpoint_dir / "tracking.json").unlink(missing_ok=True)  # the tracker runs a resumed job would reopen
 
 
 def keep_metrics(checkpoint_dir: Path, out_dir: Path) -> None:
