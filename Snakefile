@@ -20,5 +20,6 @@ rule all:
     input:
         f"{RESULTS}/aligned",
         run_evaluations(),
+        run_benchmarks(),
         f"{RESULTS}/report.html",
     default_target: True

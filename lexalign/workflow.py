@@ -3,10 +3,11 @@
 The rule's named inputs (but `code`), outputs and params are passed, by name and
 unchanged, to the step function of `lexalign.stages` that `STEP_OF_RULE` names:
 that function's signature is the rule's whole contract. Here, and only here, a
-rule's output goes to its `log:` file, every step after download runs with
-HF_HUB_OFFLINE=1, a training step whose resources ask for several processes is
-handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
-a message (in the log and on the terminal) and exit status 1.
+rule's output goes to its `log:` file, every step after download (but lm-eval,
+whose tasks fetch their datasets) runs with HF_HUB_OFFLINE=1, a training step
+whose resources ask for several processes is handed to `accelerate launch`
+(`lexalign.launch`), and a LexAlignError becomes a message (in the log and on
+the terminal) and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ STEP_OF_RULE = {
     "align_run": "align",
     "evaluate": "evaluate",
     "evaluate_run": "evaluate",
+    "download_reward_model": "download",
+    "lm_eval_sft": "lm_eval",
+    "lm_eval": "lm_eval",
+    "lm_eval_run": "lm_eval",
     "report": "report",
 }
 """Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""
+ONLINE_STEPS = ("download", "lm_eval")
+"""Steps that may reach the Hub: the downloads, and lm-eval (its tasks' datasets; cached after the first run,
+HF_HUB_OFFLINE=1 in the environment keeps it offline)."""
 CODE_INPUT = "code"
 """The named input that lists the step's source files: a trigger for Snakemake, not an argument."""
 
@@ -60,7 +68,7 @@ def run_rule(smk) -> None:
     from lexalign import launch, stages
 
     step = step_of(smk.rule)
-    if step != "download":
+    if step not in ONLINE_STEPS:
         os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = Path(smk.log[0]) if smk.log else None
