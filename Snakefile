@@ -21,6 +21,7 @@ rule all:
     input:
         f"{RESULTS}/aligned",
         run_evaluations(),
+        run_benchmarks(),
         f"{RESULTS}/report.html",
         publish_targets(),
     default_target: True

@@ -223,14 +223,26 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
     return str(path)
 
 
+def _judges() -> list[str]:
+    from lexalign.config.stages import JUDGES
+
+    return list(JUDGES)
+
+
 @main.command()
 @CONFIG
 @click.option("--output", default="results/eval/aligned.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--judge", type=click.Choice(["none", "demo"]), default=_default("evaluate", "judge"), show_default=True)
+@click.option("--judge", type=click.Choice(_judges()), default=_default("evaluate", "judge"), show_default=True,
+              help="Overrides the config's evaluate.judge (reward_model and llm read evaluate.reward_model and "
+                   "evaluate.llm_judge from the config).")
 @click.option("--num-prompts", default=_default("evaluate", "num_prompts"), show_default=True)
-def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> None:
+@DEVICE
+@click.pass_context
+def evaluate(ctx: click.Context, config_path: str, output: str, judge: str, num_prompts: int,
+             device: str | None) -> None:
     """Compare the aligned model (alignment.output_dir) with its SFT reference (model.path)."""
     from lexalign import stages
+    from lexalign.config.stages import EvaluateConfig
     from lexalign.data.preference import is_validated_dir
 
     cfg = load_config(config_path, "align")
@@ -244,10 +256,24 @@ def evaluate(config_path: str, output: str, judge: str, num_prompts: int) -> Non
     if not is_validated_dir(validated):
         raise LexAlignError(f'No validated data at "{validated}"',
                             hint=f"Run: lexalign validate --config {config_path} --output {validated}")
-    params = {"judge": judge, "num_prompts": num_prompts}  # the rest: the schema's defaults
+    # The config's evaluate section (schema defaults where absent), the options given on the command line on top.
+    params = dict(cfg["evaluate"])
+    for name, value in (("judge", judge), ("num_prompts", num_prompts)):
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            params[name] = value
+    params.pop("lm_eval", None)
+    settings = EvaluateConfig.from_dict(params)
+    reward_model = None
+    if settings.judge == "reward_model":
+        from lexalign.config.loader import download_source
+
+        source = settings.reward_model
+        reward_model = source.get("path") if not source.get("repo_id") else stages.download(
+            output=Path("results/models/reward"), source=download_source(source), kind="model", seed=cfg["seed"])
     result = stages.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
-                             evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"])
-    click.echo(json.dumps({k: v for k, v in result.items() if k != "generation"}, indent=2))
+                             evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"],
+                             reward_model=reward_model, device=device or cfg["device"])
+    click.echo(json.dumps({k: v for k, v in result.items() if k not in ("generation", "samples")}, indent=2))
 
 
 @main.command()

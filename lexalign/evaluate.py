@@ -1,10 +1,14 @@
 """The evaluate step: did alignment work?
 
-Two figures, each for the SFT model and the aligned model:
+For the SFT model and the aligned model, on held-out data:
 - preference accuracy on held-out pairs: the implicit DPO reward
-  r = β·(log π(y|x) − log π_SFT(y|x)) ranks chosen above rejected;
-- the judged rate of the wanted behaviour in greedy generations on held-out
-  prompts (when a judge is configured; the demo has a rule-based one).
+  r = β·(log π(y|x) − log π_SFT(y|x)) ranks chosen above rejected (and GDPO's
+  ranking metrics on groups of K);
+- a Monte Carlo estimate of KL(aligned ‖ SFT);
+- greedy answers of both models to the same held-out prompts: `samples` (side
+  by side) and `length` (mean tokens, their ratio, the share cut at the cap);
+- a judge's win rate of the aligned answers against the SFT answers, with a
+  bootstrap 95% interval (`lexalign.judges`: demo, reward_model or llm).
 """
 
 from __future__ import annotations
@@ -122,10 +126,11 @@ def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: flo
     }
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, chat: bool = False
-             ) -> list[str]:
-    """Greedy completions (deterministic, so the judged rate is reproducible), stopping at any of the
-    model's end ids (generation_config's list: Llama-3's, Phi-3's and Gemma's several)."""
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                     chat: bool = False) -> list[dict]:
+    """Greedy answers (deterministic, so judged figures are reproducible), stopping at any of the model's end
+    ids (generation_config's list: Llama-3's, Phi-3's and Gemma's several). Each: `text`, `tokens` (the
+    answer's tokens, its end id not counted) and `capped` (cut at max_new_tokens before an end id)."""
     import torch
 
     device = next(model.parameters()).device
@@ -136,7 +141,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        eos_token_id=stops, pad_token_id=pad_id(tokenizer))
-        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for row in generated[:, batch["input_ids"].shape[1]:].tolist():
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            ids = row if end is None else row[:end]
+            out.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids),
+                        "capped": end is None and len(row) >= max_new_tokens})
     return out
 
 
@@ -183,32 +192,55 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
     return total / max(count, 1)
 
 
-def judged_rates(models: dict, tokenizer, cfg: EvaluateConfig, seed: int) -> dict | None:
-    if cfg.judge == "none":
-        return None
-    from lexalign.demo import task
+LENGTH_GROWTH_FLAG = 1.2
+"""A run whose answers are on average more than 20% longer than the SFT model's is flagged (DPO's best-known
+failure: answers that get longer rather than better)."""
 
-    prompts = task.eval_prompts(seed, cfg.num_prompts)
-    result = {"judge": "demo-polite-greeting", "decoding": "greedy", "prompts": len(prompts)}
-    for name, model in models.items():
-        completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-        result[f"{name}_rate"] = sum(task.judge(c) for c in completions) / len(completions)
-        result[f"{name}_examples"] = [{"prompt": p, "completion": c}
-                                      for p, c in list(zip(prompts, completions, strict=True))[:5]]
-    if "sft_rate" in result and "aligned_rate" in result:
-        result["rise_points"] = 100 * (result["aligned_rate"] - result["sft_rate"])
-    return result
+
+def generation_prompts(eval_frame: pd.DataFrame, cfg: EvaluateConfig, seed: int) -> tuple[list[str], bool]:
+    """The held-out prompts both models answer, and whether they are chat-rendered: the demo judge's prompts
+    (never trained on) with judge demo, else the distinct prompts of the held-out pairs in a seeded order;
+    `num_samples` of them, or `num_prompts` when a judge scores them."""
+    import random
+
+    count = max(cfg.num_samples, cfg.num_prompts if cfg.judge != "none" else 0)
+    if cfg.judge == "demo":
+        from lexalign.demo import task
+
+        return task.eval_prompts(seed, count), False
+    prompts = sorted(set(eval_frame["prompt"])) if len(eval_frame) else []
+    random.Random(seed).shuffle(prompts)
+    return prompts[:count], tokens.chat_rendered(eval_frame)
+
+
+def length_summary(answers: dict[str, list[dict]]) -> dict | None:
+    """Mean answer length in tokens of each model, their ratio (aligned / SFT) and the share cut at the cap."""
+    n = len(answers["sft"])
+    if not n:
+        return None
+    mean = {name: sum(a["tokens"] for a in rows) / n for name, rows in answers.items()}
+    return {
+        "n": n,
+        "sft_mean_tokens": mean["sft"],
+        "aligned_mean_tokens": mean["aligned"],
+        "ratio": mean["aligned"] / mean["sft"] if mean["sft"] else None,
+        "sft_capped_share": sum(a["capped"] for a in answers["sft"]) / n,
+        "aligned_capped_share": sum(a["capped"] for a in answers["aligned"]) / n,
+    }
 
 
 def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
-             seed: int = 42, ranked_frame: pd.DataFrame | None = None) -> dict:
+             seed: int = 42, ranked_frame: pd.DataFrame | None = None, reward_model: Path | None = None,
+             device: str = "cpu") -> dict:
+    from lexalign import judges
     from lexalign.models import load_causal_lm, load_tokenizer, require_model
 
     require_model(aligned, "lexalign align --config config/align.yaml")
     require_model(reference, "lexalign finetune --config config/finetune.yaml")
+    judges.check(cfg, reward_model)  # a wrong judge fails now, not after the generations
     tokenizer = load_tokenizer(aligned)
-    policy = load_causal_lm(aligned, "cpu").eval()
-    ref = load_causal_lm(reference, "cpu").eval()
+    policy = load_causal_lm(aligned, device).to(device).eval()
+    ref = load_causal_lm(reference, device).to(device).eval()
     result = {
         "aligned": str(aligned),
         "reference": str(reference),
@@ -220,10 +252,36 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
     eval_prompts = sorted(set(eval_frame["prompt"]))[: cfg.num_prompts]
     result["kl_estimate"] = kl_estimate(policy, ref, tokenizer, eval_prompts, cfg.max_new_tokens, seed,
                                         cfg.batch_size, tokens.chat_rendered(eval_frame)) if eval_prompts else None
-    judged = judged_rates({"sft": ref, "aligned": policy}, tokenizer, cfg, seed)
-    if judged:
-        result["generation"] = judged
+    prompts, chat = generation_prompts(eval_frame, cfg, seed)
+    answers = {name: generate_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, chat)
+               for name, model in (("sft", ref), ("aligned", policy))}
+    texts = {name: [a["text"] for a in rows] for name, rows in answers.items()}
+    result["decoding"] = {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
+                          "chat_template": chat}
+    result["samples"] = [{"prompt": p, "sft": s, "aligned": a}
+                         for p, s, a in list(zip(prompts, texts["sft"], texts["aligned"], strict=True))
+                         [: cfg.num_samples]]
+    result["length"] = length_summary(answers)
+    del policy, ref  # the reward model (judge reward_model) gets their memory
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    judged = judges.judge(cfg, prompts, texts["sft"], texts["aligned"], chat, seed, reward_model, device)
+    if judged is not None:
+        result["judge"] = judged
+    if cfg.judge == "demo" and judged and judged["n"]:
+        # The demo's judged rates, as before: the share of polite greetings of each model.
+        result["generation"] = {"judge": judged["name"], "decoding": "greedy", "prompts": judged["n"],
+                                "sft_rate": judged["mean_reward_sft"], "aligned_rate": judged["mean_reward_aligned"],
+                                "rise_points": 100 * (judged["mean_reward_aligned"] - judged["mean_reward_sft"])}
     return result
+
+
+def _interval(judge: dict) -> str:
+    if judge.get("ci_low") is None:
+        return ""
+    return f" (95% CI {100 * judge['ci_low']:.1f}–{100 * judge['ci_high']:.1f}%)"
 
 
 def summary(result: dict) -> str:
@@ -233,6 +291,22 @@ def summary(result: dict) -> str:
     ]
     if result.get("kl_estimate") is not None:
         lines.append(f"KL(aligned ‖ SFT) estimate per prompt: {result['kl_estimate']:.3f} nats")
+    length = result.get("length")
+    if length:
+        ratio = length["ratio"]
+        grew = ratio is not None and ratio > LENGTH_GROWTH_FLAG
+        lines.append(f"Answer length (greedy, {length['n']} prompts): SFT {length['sft_mean_tokens']:.1f} → aligned "
+                     f"{length['aligned_mean_tokens']:.1f} tokens"
+                     + (f" (×{ratio:.2f})" if ratio is not None else "")
+                     + (" — grew by more than 20%: check the samples for answers longer rather than better"
+                        if grew else ""))
+    judge = result.get("judge")
+    if judge and judge.get("win_rate") is not None:
+        lines.append(f"Win rate against the SFT model ({judge['name']}, {judge['n']} prompts): "
+                     f"{100 * judge['win_rate']:.1f}%{_interval(judge)}; {judge['wins']} wins, {judge['ties']} ties, "
+                     f"{judge['losses']} losses"
+                     + (f"; {judge['unparseable']} unparseable verdicts counted as ties" if judge.get("unparseable")
+                        else ""))
     gen = result.get("generation")
     if gen:
         lines.append(

@@ -146,3 +146,46 @@ def merged_model(adapter_dir: Path, base_path: Path, trust_remote_code: bool = F
 
     base = load_causal_lm(base_path, "cpu", trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def check_reward_model(path: str | Path, key: str = "evaluate.reward_model", trust_remote_code: bool = False):
+    """The config of a sequence-classification reward model (one score per text), or a clear error naming `key`:
+    a model saved as anything else (a causal LM: its score head would be random) is refused."""
+    from transformers import AutoConfig
+
+    path = require_model(path, f"Fix {key} in config/config.yaml", key=key)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LexAlignError(f'Could not read the reward model\'s config at "{path}" ({key})',
+                            f"{type(err).__name__}: {str(err)[:300]}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise LexAlignError(f'{key} is not a sequence-classification reward model: "{path}"',
+                            f"Its architecture: {', '.join(architectures) or '(none saved)'}",
+                            "A reward model scores a text with one number (…ForSequenceClassification, num_labels 1); "
+                            "a causal LM has no trained score head",
+                            hint=f"Point {key} at a reward model (e.g. Skywork/Skywork-Reward-V2-Llama-3.1-8B, "
+                                 "OpenAssistant/reward-model-deberta-v3-large-v2), or use evaluate.judge: llm")
+    if getattr(config, "num_labels", 1) != 1:
+        raise LexAlignError(f'{key} gives {config.num_labels} scores per text, not one: "{path}"',
+                            f"Its architecture: {', '.join(architectures)} with num_labels {config.num_labels}",
+                            hint=f"Point {key} at a reward model with num_labels 1")
+    return config
+
+
+def load_reward_model(path: str | Path, device: str, key: str = "evaluate.reward_model",
+                      trust_remote_code: bool = False, allow_pickle: bool = False):
+    """A sequence-classification reward model and its tokenizer, on `device`, for scoring (`check_reward_model`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    check_reward_model(path, key, trust_remote_code)
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code,
+        use_safetensors=check_weights_format(Path(path), allow_pickle)).to(device).eval()
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -67,6 +67,11 @@ def check_pipeline_paths(config: dict) -> None:
     model = config["model"]
     if model.get("source") == "local":
         require_model(Path(model["path"]).expanduser(), produced, key="model.path")
+    evaluate = config.get("evaluate") or {}
+    reward = evaluate.get("reward_model") or {}
+    if evaluate.get("judge") == "reward_model" and reward.get("path") and not reward.get("repo_id"):
+        require_model(Path(reward["path"]).expanduser(), "Fix evaluate.reward_model.path in config/config.yaml",
+                      key="evaluate.reward_model.path")
     sections = ["preference_data"] + (["sft_data"] if config["finetune"]["method"] != "none" else [])
     for name in sections:
         section = config.get(name) or {}

@@ -164,20 +164,48 @@ def align(*, model: str | Path, data: str | Path, output: str | Path, alignment:
     return job.run()
 
 
-def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, output: str | Path, evaluate: dict,
-             beta: float, seed: int = 42, ranked: str | Path | list | None = None) -> dict:
-    """Score one run on the held-out pairs (and on ranked groups of K, when given) against its reference model.
+def _one(value: str | Path | list | None) -> str | Path | None:
+    """An optional input given by the rule as a list of zero or one path (or by the CLI as a path)."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value or None
 
-    `ranked`: the validated groups of K (a folder, or a one-element list from the rule; empty: none)."""
-    if isinstance(ranked, (list, tuple)):
-        ranked = ranked[0] if ranked else None
+
+def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, output: str | Path, evaluate: dict,
+             beta: float, seed: int = 42, ranked: str | Path | list | None = None,
+             reward_model: str | Path | list | None = None, device: str = "cpu") -> dict:
+    """Score one run on the held-out pairs (and on ranked groups of K, when given) against its reference model;
+    generate both models' answers to held-out prompts and judge them (the evaluate section's judge).
+
+    `ranked`: the validated groups of K (a folder, or a one-element list from the rule; empty: none).
+    `reward_model`: the downloaded reward model (judge reward_model), likewise. The json is written only once
+    everything succeeded (atomically): a failed judge leaves no half-written result."""
     from lexalign.evaluate import evaluate as _evaluate
     from lexalign.evaluate import summary
+    from lexalign.models import resolve_device
 
+    ranked, reward_model = _one(ranked), _one(reward_model)
     _, evals = _frames(data)
     ranked_eval = _frames(ranked)[1] if ranked else None
     result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(evaluate), beta, seed,
-                       ranked_eval)
+                       ranked_eval, Path(reward_model) if reward_model else None, resolve_device(device))
+    write_json(output, result)
+    print(summary(result), flush=True)
+    return result
+
+
+def lm_eval(*, model: str | Path, output: str | Path, lm_eval: dict, sft: str | Path | list | None = None,
+            device: str = "auto", seed: int = 42) -> dict:
+    """EleutherAI's lm-evaluation-harness on `model` (the lm_eval block of the evaluate section); with `sft` (the
+    SFT model's own results file) the result also holds `lm_eval: {task: {metric: {sft, aligned}}}`."""
+    from lexalign.harness import compare, run_harness, summary
+    from lexalign.io import read_json
+    from lexalign.models import resolve_device
+
+    sft = _one(sft)
+    result = run_harness(Path(model), lm_eval, resolve_device(device), seed)
+    if sft:
+        result["lm_eval"] = compare(read_json(sft)["results"], result["results"])
     write_json(output, result)
     print(summary(result), flush=True)
     from lexalign.tracking import log_evaluation
@@ -187,12 +215,14 @@ def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, ou
 
 
 def report(*, evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path, page: str | Path,
-           plots: str | Path, runs: list[str]) -> Path:
-    """The HTML report comparing every run (lists are in the order of `runs`)."""
+           plots: str | Path, runs: list[str], lm_evals: list[str] | None = None) -> Path:
+    """The HTML report comparing every run (lists are in the order of `runs`; `lm_evals` empty when no lm-eval
+    tasks are configured)."""
     from lexalign.report import build_report
 
+    benchmarks = dict(zip(runs, map(Path, lm_evals), strict=True)) if lm_evals else {}
     out = build_report(dict(zip(runs, map(Path, evals), strict=True)), dict(zip(runs, map(Path, models), strict=True)),
-                       Path(validated), Path(tokenizer), Path(page), Path(plots))
+                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks)
     print(f"Report written to {out}", flush=True)
     return out
 
@@ -220,7 +250,7 @@ def publish(*, model: str | Path, publish: dict, evaluation: str | Path | list |
 
 
 STEPS = {step.__name__: step for step in (download, prepare_sft, validate, finetune, reference, align, evaluate,
-                                          report, publish)}
+                                          lm_eval, report, publish)}
 """Every step, by the name `run` and the launcher know it."""
 
 

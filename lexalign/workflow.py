@@ -3,9 +3,9 @@
 The rule's named inputs (but `code`), outputs and params are passed, by name and
 unchanged, to the step function of `lexalign.stages` that `STEP_OF_RULE` names:
 that function's signature is the rule's whole contract. Here, and only here, a
-rule's output goes to its `log:` file, every step but download and publish runs
-with HF_HUB_OFFLINE=1, a training step whose resources ask for several processes is
-handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
+rule's output goes to its `log:` file, every step but download, publish and lm-eval (whose
+tasks fetch their datasets) runs with HF_HUB_OFFLINE=1, a training step whose resources ask for
+several processes is handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
 a message (in the log and on the terminal) and exit status 1.
 """
 
@@ -30,12 +30,17 @@ STEP_OF_RULE = {
     "align_run": "align",
     "evaluate": "evaluate",
     "evaluate_run": "evaluate",
+    "download_reward_model": "download",
+    "lm_eval_sft": "lm_eval",
+    "lm_eval": "lm_eval",
+    "lm_eval_run": "lm_eval",
     "report": "report",
     "publish": "publish",
 }
 """Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""
-ONLINE_STEPS = ("download", "publish")
-"""The steps that talk to the Hub; every other step runs with HF_HUB_OFFLINE=1."""
+ONLINE_STEPS = ("download", "publish", "lm_eval")
+"""Steps that may reach the Hub: the downloads, publishing, and lm-eval (its tasks' datasets; cached after
+the first run, HF_HUB_OFFLINE=1 in the environment keeps it offline)."""
 CODE_INPUT = "code"
 """The named input that lists the step's source files: a trigger for Snakemake, not an argument."""
 

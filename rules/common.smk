@@ -28,6 +28,9 @@ try:
     }
     for run_config in RUNS.values():
         AlignConfig.from_dict(run_config)
+    from lexalign.config.stages import EvaluateConfig
+
+    EvaluateConfig.from_dict(config["evaluate"])
     # Every local path, before any job is planned (a dry run included).
     from lexalign.paths import check_pipeline_paths
 
@@ -131,3 +134,41 @@ def published(kind):
 def publish_targets():
     """The default target's publish output: the commit record, when there is a repo to publish to."""
     return [f"{RESULTS}/published.json"] if config["publish"]["repo_id"] else []
+
+
+def evaluate_params():
+    """The evaluate section as the evaluate rules read it: all but lm_eval, which its own rules read."""
+    return {key: value for key, value in config["evaluate"].items() if key != "lm_eval"}
+
+
+def reward_model_input():
+    """The judge's reward model (evaluate.judge: reward_model), fetched by download_reward_model; else nothing."""
+    return [f"{RESULTS}/models/reward"] if config["evaluate"]["judge"] == "reward_model" else []
+
+
+def reward_model_source():
+    """Where the reward model comes from (its source keys only, as for the model)."""
+    from lexalign.config.loader import download_source
+
+    return download_source(config["evaluate"]["reward_model"])
+
+
+def reward_model_local_input():
+    """A local reward model's folder, so replacing it refetches it."""
+    source = config["evaluate"]["reward_model"]
+    return [source["path"]] if source.get("path") and not source.get("repo_id") else []
+
+
+def run_benchmarks():
+    """The lm-eval results of every run (evaluate.lm_eval.tasks set), in the order of run_evaluations; else none."""
+    if not config["evaluate"]["lm_eval"]["tasks"]:
+        return []
+    return [f"{RESULTS}/eval/aligned.lm_eval.json"] + [f"{RESULTS}/runs/{run}/lm_eval.json" for run in RUNS]
+
+
+def lm_eval_task_files():
+    """LexAlign's local lm-eval tasks (YAML and data): editing one reruns the benchmarks."""
+    from lexalign.demo.benchmark import TASKS_DIR
+
+    return sorted(os.path.relpath(path) for path in TASKS_DIR.rglob("*") if path.is_file()
+                  and "__pycache__" not in path.parts)

@@ -8,6 +8,7 @@ report: "../report/workflow.rst"
 rule report:
     input:
         evals=run_evaluations(),
+        lm_evals=run_benchmarks(),
         models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS],
         validated=f"{RESULTS}/data/preferences",
         tokenizer=f"{RESULTS}/models/base",

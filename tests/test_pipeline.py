@@ -139,7 +139,8 @@ def test_adding_a_sweep_run_schedules_only_that_run(demo_run, tmp_path):
     edit_config(workdir, "runs", "beta-0.5", {"beta": 0.5, "loss_type": "ipo"})
     result = snakemake(workdir, "-n", "--cores", "1", "sweep")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "sweep": 1}
+    # The demo benchmarks every run (evaluate.lm_eval): the new run gets its lm_eval_run too.
+    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "lm_eval_run": 1, "sweep": 1}
     assert "results/runs/beta-0.5/model" in result.stdout
 
 

@@ -85,6 +85,7 @@ def schema_for(kind: str) -> dict:
                 "model": model_ref,
                 "dataset": {"$ref": "#/$defs/dataset"},
                 "alignment": {"$ref": "#/$defs/alignment"},
+                "evaluate": {"$ref": "#/$defs/evaluate"},
                 "device": device,
                 "seed": {"type": "integer", "default": 42},
             },

@@ -311,6 +311,17 @@ class AlignConfig(TrainingConfig):
             raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
 
 
+def _llm_judge_defaults() -> dict:
+    return {"base_url": None, "model": None, "api_key_env": None, "timeout": 60}
+
+
+def _lm_eval_defaults() -> dict:
+    return {"tasks": [], "limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": False}
+
+
+JUDGES = ("none", "demo", "reward_model", "llm")
+
+
 @dataclass
 class EvaluateConfig(_FromDict):
     """Evaluation of an aligned model against its SFT reference."""
@@ -318,13 +329,34 @@ class EvaluateConfig(_FromDict):
     SECTION: ClassVar[str | None] = "evaluate"
 
     judge: str = "none"
-    """Rule-based judge for generations: `demo` (polite greeting) or `none`."""
+    """Who compares the SFT and the aligned answers: `none`, `demo` (the polite-greeting rule), `reward_model`
+    (`reward_model` scores both) or `llm` (a pairwise judge at `llm_judge`); each gives a win rate."""
     num_prompts: int = 200
-    """Held-out prompts generated from (greedy decoding)."""
-    max_new_tokens: int = 32
+    """Held-out prompts for the KL estimate and the judge (greedy decoding)."""
+    num_samples: int = 16
+    """Held-out prompts whose SFT and aligned answers are kept side by side (and their lengths compared)."""
+    max_new_tokens: int = 256
     """Tokens generated per prompt."""
     batch_size: int = 16
     """Prompts per forward pass."""
+    reward_model: dict = field(default_factory=dict)
+    """judge reward_model: a sequence-classification model, as a source (repo_id or path)."""
+    llm_judge: dict = field(default_factory=_llm_judge_defaults)
+    """judge llm: an OpenAI-compatible endpoint (base_url, model, api_key_env: the variable with the key, timeout)."""
+    lm_eval: dict = field(default_factory=_lm_eval_defaults)
+    """lm-evaluation-harness benchmarks (tasks, limit, num_fewshot, batch_size, apply_chat_template)."""
+
+    def __post_init__(self):
+        if self.judge == "reward_model" and not (self.reward_model.get("repo_id") or self.reward_model.get("path")):
+            raise LexAlignError('evaluate.judge is "reward_model" but evaluate.reward_model names no model',
+                                hint="Set evaluate.reward_model.repo_id (a Hub repo) or evaluate.reward_model.path "
+                                     "(a local folder) to a sequence-classification reward model")
+        if self.judge == "llm":
+            for key in ("base_url", "model"):
+                if not self.llm_judge.get(key):
+                    raise LexAlignError(f'evaluate.judge is "llm" but evaluate.llm_judge.{key} is not set',
+                                        hint="Set evaluate.llm_judge.base_url (an OpenAI-compatible endpoint, "
+                                             "e.g. http://localhost:8000/v1) and evaluate.llm_judge.model")
 
 
 @dataclass

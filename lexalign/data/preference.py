@@ -55,6 +55,47 @@ REASONS = (
 )
 
 
+class LengthBias:
+    """Is the longer answer the preferred one? Over every kept pair (chosen vs rejected; ranked groups: best vs
+    worst), with d = len(chosen) − len(rejected) in characters:
+
+    - `chosen_longer_share`: the share of pairs with d > 0 (`equal_length_share`: d = 0);
+    - `correlation`: the correlation between the length difference and the preference. Each pair read in both
+      orders, (d, preferred) and (−d, not preferred), the point-biserial correlation of the two is
+      mean(d) / sqrt(mean(d²)): 0 when length says nothing, 1 when the longer answer always wins by the same
+      margin. DPO learns whatever separates chosen from rejected: a high value warns that it can learn
+      "longer" (the evaluation's length ratio then shows whether it did).
+    """
+
+    def __init__(self):
+        self.pairs = self.longer = self.equal = 0
+        self.sum_d = self.sum_d2 = 0.0
+
+    def add(self, table) -> None:
+        import pyarrow.compute as pc
+
+        if table.num_rows == 0:
+            return
+        d = np.asarray(pc.subtract(pc.utf8_length(table.column("chosen")), pc.utf8_length(table.column("rejected")))
+                       .to_numpy(zero_copy_only=False), dtype=np.float64)
+        self.pairs += len(d)
+        self.longer += int((d > 0).sum())
+        self.equal += int((d == 0).sum())
+        self.sum_d += float(d.sum())
+        self.sum_d2 += float((d * d).sum())
+
+    def report(self) -> dict:
+        n = self.pairs
+        return {
+            "pairs": n,
+            "unit": "characters",
+            "chosen_longer_share": self.longer / n if n else None,
+            "equal_length_share": self.equal / n if n else None,
+            "mean_length_difference": self.sum_d / n if n else None,
+            "correlation": float((self.sum_d / n) / np.sqrt(self.sum_d2 / n)) if n and self.sum_d2 else None,
+        }
+
+
 class _Validation:
     def __init__(self, cfg: DatasetConfig, tokenizer, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -86,6 +127,7 @@ class _Validation:
         self.output_sizes: Counter = Counter()
         self.counts = Counter()
         self.rankings: Counter = Counter()
+        self.length_bias = LengthBias()
         self.sink = None
 
     @property
@@ -180,6 +222,7 @@ class _Validation:
             parts = {"train": table.filter(pa.array(~to_eval)), "eval": table.filter(pa.array(to_eval))}
         for name, part in parts.items():
             self.sink.write(name, part)
+            self.length_bias.add(part)
             self.counts[f"{name}_rows"] += part.num_rows
             if "source_rows" in part.column_names:
                 self.counts["kept"] += sum(map(len, part.column("source_rows").to_pylist()))
@@ -226,6 +269,7 @@ class _Validation:
             "split": {"eval_split": cfg.eval_split, "eval_fraction": None if cfg.eval_split else cfg.eval_fraction,
                       "by": "prompt", "seed": self.seed},
             "lengths": self.lengths.report(total) if self.lengths is not None else {"checked": False},
+            "length_bias": self.length_bias.report(),
         }
         if self.plan.counts:
             report["notes"] = dict(self.plan.counts)
@@ -302,6 +346,11 @@ def summary(report: dict) -> str:
         lines.append(f"  rankings: {rankings.get('prompts', 0)} prompts from {rankings.get('pairs', 0)} pairs; "
                      f"{rankings.get('total_order', 0)} total order, {rankings.get('with_ties', 0)} with ties, "
                      f"{rankings.get('with_cycles', 0)} with cycles (tied)")
+    bias = report.get("length_bias") or {}
+    if bias.get("chosen_longer_share") is not None:
+        correlation = bias.get("correlation")
+        lines.append(f"  chosen is the longer answer in {100 * bias['chosen_longer_share']:.1f}% of pairs "
+                     f"(length–preference correlation {correlation if correlation is not None else 0:+.2f})")
     lengths = report.get("lengths", {})
     tokens = lengths.get("tokens")
     if tokens:
