@@ -191,6 +191,9 @@ def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, ou
                        ranked_eval, Path(reward_model) if reward_model else None, resolve_device(device))
     write_json(output, result)
     print(summary(result), flush=True)
+    from lexalign.tracking import log_evaluation
+
+    log_evaluation(aligned, result, output)  # into the run's trackers, when its training reported to any
     return result
 
 
@@ -208,9 +211,6 @@ def lm_eval(*, model: str | Path, output: str | Path, lm_eval: dict, sft: str | 
         result["lm_eval"] = compare(read_json(sft)["results"], result["results"])
     write_json(output, result)
     print(summary(result), flush=True)
-    from lexalign.tracking import log_evaluation
-
-    log_evaluation(aligned, result, output)  # into the run's trackers, when its training reported to any
     return result
 
 
