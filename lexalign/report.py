@@ -90,10 +90,10 @@ def plot_lengths(validated: Path, tokenizer_dir: Path, out_dir: Path, limit: int
     from lexalign.models import load_tokenizer
 
     plt = _figure()
-    frame = pd.read_parquet(validated / "train.parquet", columns=["prompt", "chosen", "rejected"]).head(limit)
+    frame = pd.read_parquet(validated / "train.parquet").head(limit)
     tokenizer = load_tokenizer(tokenizer_dir)
-    texts = [p + c for p, c in zip(frame["prompt"], frame["chosen"], strict=False)] + \
-            [p + r for p, r in zip(frame["prompt"], frame["rejected"], strict=False)]
+    answers = ["completion"] if "completion" in frame.columns else ["chosen", "rejected"]  # unpaired rows: one
+    texts = [p + a for column in answers for p, a in zip(frame["prompt"], frame[column], strict=False)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(lengths, bins=30, color="tab:purple")
@@ -115,20 +115,22 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def eval_table(evals: dict[str, dict]) -> str:
+def eval_table(evals: dict[str, dict], methods: dict[str, str] | None = None) -> str:
+    methods = methods or {}
     columns = [("preference_accuracy", "pref. accuracy"), ("mean_margin", "mean margin"),
                ("kl_estimate", "KL(aligned ‖ SFT)"), ("kendall_tau", "Kendall τ"),
                ("top1_accuracy", "top-1 accuracy")]
-    head = "".join(f"<th>{label}</th>" for _, label in columns) + "<th>judged rate</th>"
+    head = "<th>method</th>" + "".join(f"<th>{label}</th>" for _, label in columns) + "<th>judged rate</th>"
     rows = []
     first_gen = next((e["generation"] for e in evals.values() if e.get("generation")), None)
     if first_gen:
-        rows.append("<tr><td>SFT (baseline)</td>" + "<td>—</td>" * len(columns)
+        rows.append("<tr><td>SFT (baseline)</td>" + "<td>—</td>" * (len(columns) + 1)
                     + f"<td>{_fmt(first_gen['sft_rate'])}</td></tr>")
     for name, result in evals.items():
         cells = "".join(f"<td>{_fmt(result.get(key))}</td>" for key, _ in columns)
         rate = result.get("generation", {}).get("aligned_rate")
-        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}<td>{_fmt(rate)}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(methods.get(name))}</td>{cells}"
+                    f"<td>{_fmt(rate)}</td></tr>")
     return f"<table><tr><th>run</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -167,7 +169,10 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
                  page: Path, plots: Path) -> Path:
     """Write the plots into `plots` and the page to `page` (images linked relatively)."""
     plots.mkdir(parents=True, exist_ok=True)
+    from lexalign.lineage import read_lineage
+
     results = {name: read_json(path) for name, path in evals.items()}
+    methods = {name: ((read_lineage(path) or {}).get("config") or {}).get("method") for name, path in models.items()}
     curves = plot_curves(models, plots)
     comparison = plot_eval(results, plots)
     lengths = plot_lengths(validated, tokenizer_dir, plots)
@@ -175,8 +180,8 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
     validation = (f"{report['input_rows']} rows read: {report['train_rows']} train, {report['eval_rows']} eval, "
                   f"{report['rejected_rows']} rejected.")
     atomic_write_text(page, PAGE.format(
-        summary=f"{len(results)} run(s) aligned from one SFT model and compared on the same held-out pairs.",
-        table=eval_table(results), eval_images=_images([comparison], page), curve_images=_images(curves, page),
+        summary=f"{len(results)} run(s) aligned from one SFT model and compared on the same held-out data.",
+        table=eval_table(results, methods), eval_images=_images([comparison], page), curve_images=_images(curves, page),
         validation=html.escape(validation), length_images=_images([lengths], page),
     ))
     return page
