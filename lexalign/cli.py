@@ -14,6 +14,7 @@ import click
 
 from lexalign import __version__
 from lexalign.config.loader import load_config
+from lexalign.config.stages import REFERENCE_FREE, needs_reference
 from lexalign.errors import LexAlignError, warn
 
 CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -143,6 +144,34 @@ def _dataset_for(cfg: dict) -> dict:
     return {**cfg["dataset"], "group_size": k} if k else cfg["dataset"]
 
 
+def _method_keys(a: dict) -> str:
+    """The keys of the alignment's method, for the dry run's plan."""
+    from lexalign.config.stages import METHOD_KEYS
+
+    own = [f"{key} {a[key]}" for key, owner in METHOD_KEYS.items() if owner == a["method"]]
+    if a["method"] == "dpo":
+        loss = a["loss_type"] if isinstance(a["loss_type"], list) else [a["loss_type"]]
+        own = [", ".join(loss)]
+    return ", ".join(own + ([] if a["method"] == "orpo" else [f"beta {a['beta']}"]))
+
+
+def _kto_balance(cfg: dict, validated: str) -> None:
+    """KTO: warn when the validated rows' desirable / undesirable balance is far from the weights."""
+    if cfg["alignment"]["method"] != "kto":
+        return
+    from lexalign.data.preference import label_balance
+    from lexalign.io import read_json
+
+    report = read_json(Path(validated) / "report.json")
+    a = cfg["alignment"]
+    labels = report.get("labels", {}).get("train") or {"desirable": report["train_rows"],
+                                                        "undesirable": report["train_rows"]}  # pairs: one of each
+    balance = label_balance(labels["desirable"], labels["undesirable"], a["desirable_weight"],
+                            a["undesirable_weight"])
+    if balance["warning"]:
+        warn(balance["warning"])
+
+
 def _align_paths(cfg: dict) -> tuple[str, str]:
     out = cfg["alignment"]["output_dir"] or "results/aligned"
     return out, _checkpoint_dir(out, cfg["alignment"]["checkpoint_dir"])
@@ -160,6 +189,7 @@ def validate(config_path: str, output: str) -> None:
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     stages.validate(raw=cfg["dataset"]["path"], tokenizer=tokenizer, output=output, dataset=_dataset_for(cfg),
                     seed=cfg["seed"], trust_remote_code=cfg["model"]["trust_remote_code"])
+    _kto_balance(cfg, output)
 
 
 @main.command()
@@ -169,7 +199,7 @@ def validate(config_path: str, output: str) -> None:
 @DRY_RUN
 @VERBOSE
 def align(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
-    """Align a fine-tuned model on preference data (DPO through TRL)."""
+    """Align a fine-tuned model on preference data: DPO, GDPO, KTO, ORPO, SimPO or CPO."""
     from lexalign import stages
     from lexalign.config.stages import AlignConfig
     from lexalign.data.preference import is_validated_dir
@@ -185,9 +215,10 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
         a = cfg["alignment"]
         _dry_run("align", cfg, [
             f"validate {data} → {validated}" if validated != data else f"use validated data {data}",
-            f"{a['method']} ({', '.join(a['loss_type'] if isinstance(a['loss_type'], list) else [a['loss_type']])}, "
-            f"beta {a['beta']}, {'LoRA' if a['use_lora'] else 'full'}) on {cfg['model']['path']} [{device}] → {out}",
-            f"reference model: {cfg['model']['path']}; its log-probs computed once → {checkpoints}/reference/",
+            f"{a['method']} ({_method_keys(a)}, {'LoRA' if a['use_lora'] else 'full'}) on {cfg['model']['path']} "
+            f"[{device}] → {out}",
+            f"no reference model ({a['method']} is reference-free)" if a["method"] in REFERENCE_FREE
+            else f"reference model: {cfg['model']['path']}; its log-probs computed once → {checkpoints}/reference/",
             f"checkpoints every {a['save_steps']} steps → {checkpoints}",
         ])
         return
@@ -195,7 +226,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
     if validated != data:
         stages.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
                         trust_remote_code=cfg["model"]["trust_remote_code"])
-    reference = _reference_once(cfg, validated, checkpoints, device)
+    reference = _reference_once(cfg, validated, checkpoints, device) if needs_reference(cfg["alignment"]) else None
     stages.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
                  checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
                  trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],

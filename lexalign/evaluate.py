@@ -97,6 +97,28 @@ def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: 
     }
 
 
+def unpaired_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
+    """Held-out unpaired rows (KTO's data): the implicit reward of each completion should be positive for the
+    desirable ones and negative for the others. `preference_accuracy` is the share of rows it sorts so, and
+    `mean_margin` the mean desirable reward minus the mean undesirable one."""
+    prompts, completions = frame["prompt"].tolist(), frame["completion"].tolist()
+    labels = [bool(v) for v in frame["label"]]
+    chat = tokens.chat_rendered(frame)
+    policy_logps = sequence_logps(policy, tokenizer, prompts, completions, chat, batch_size)
+    reference_logps = sequence_logps(reference, tokenizer, prompts, completions, chat, batch_size)
+    rewards = [beta * (p - r) for p, r in zip(policy_logps, reference_logps, strict=True)]
+    good = [r for r, label in zip(rewards, labels, strict=True) if label]
+    bad = [r for r, label in zip(rewards, labels, strict=True) if not label]
+    n = max(len(rewards), 1)
+    return {
+        "held_out": "unpaired",
+        "pairs": 0,
+        "rows": len(rewards),
+        "preference_accuracy": sum((r > 0) == label for r, label in zip(rewards, labels, strict=True)) / n,
+        "mean_margin": (sum(good) / max(len(good), 1)) - (sum(bad) / max(len(bad), 1)),
+    }
+
+
 def ranking_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
     """Over groups of K ranked responses: Kendall's tau between the implicit rewards and the given ranking,
     strict top-1 accuracy and pair accuracy (GDPO's metrics), averaged over prompts."""
@@ -245,7 +267,8 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
         "aligned": str(aligned),
         "reference": str(reference),
         "beta": beta,
-        **preference_metrics(policy, ref, tokenizer, eval_frame, beta, cfg.batch_size),
+        **(unpaired_metrics if "label" in eval_frame.columns else preference_metrics)(
+            policy, ref, tokenizer, eval_frame, beta, cfg.batch_size),
     }
     if ranked_frame is not None and len(ranked_frame):
         result.update(ranking_metrics(policy, ref, tokenizer, ranked_frame, beta, cfg.batch_size))
@@ -285,8 +308,10 @@ def _interval(judge: dict) -> str:
 
 
 def summary(result: dict) -> str:
+    held_out = f"{result['rows']} held-out unpaired rows" if result.get("held_out") == "unpaired" \
+        else f"{result['pairs']} held-out pairs"
     lines = [
-        f"Preference accuracy on {result['pairs']} held-out pairs: {result['preference_accuracy']:.3f} "
+        f"Preference accuracy on {held_out}: {result['preference_accuracy']:.3f} "
         f"(mean reward margin {result['mean_margin']:.3f})"
     ]
     if result.get("kl_estimate") is not None:

@@ -19,7 +19,10 @@ group the trainer sees:
   computed on the sequences the collator builds (truncated to `max_length`,
   right padded) with TRL's fused log-prob head, as the trainers compute it.
 
-A layout is `pairs` (DPO: chosen, rejected, K = 2) or `k<K>` (GDPO's ranked groups).
+A layout is `pairs` (DPO: chosen, rejected, K = 2), `k<K>` (GDPO's ranked groups) or
+`unpaired` (KTO: one completion per row with its label, and the KL term's mismatched
+completion, so K = 2: the row's completion, then the KL completion; `scores` holds the
+label, 1.0 desirable and 0.0 undesirable). ORPO, SimPO and CPO read no reference file.
 The file's metadata holds its key: hashes of the reference model's weights, the
 tokenizer and the groups, with the layout, `max_length`, the truncation, 4-bit
 loading and the dtype; align refuses a file whose key differs from its own.
@@ -64,11 +67,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def layout_for(method: str, group_size: int) -> str:
-    """`pairs` for DPO, `k<K>` for GDPO's ranked groups of K."""
-    return "pairs" if method == "dpo" else f"k{group_size}"
+    """`k<K>` for GDPO's ranked groups of K, `unpaired` for KTO's rows, `pairs` for the others (DPO; ORPO,
+    SimPO and CPO read pairs too, with no reference)."""
+    if method == "gdpo":
+        return f"k{group_size}"
+    return "unpaired" if method == "kto" else "pairs"
 
 
-SETTING_PATTERN = r"(pairs|k\d+)-(max\d+|full)(-nf4)?"
+SETTING_PATTERN = r"(pairs|unpaired|k\d+)-(max\d+|full)(-nf4)?"
 """A reference file's name (without .parquet): layout, max_length and 4-bit loading."""
 
 
@@ -90,7 +96,7 @@ def parse_setting(name: str) -> dict:
 
 
 def group_size(layout: str) -> int:
-    if layout == "pairs":
+    if layout in ("pairs", "unpaired"):
         return 2
     if layout.startswith("k") and layout[1:].isdigit() and int(layout[1:]) >= 2:
         return int(layout[1:])
@@ -115,9 +121,55 @@ class Groups:
         return len(self.rows)
 
 
+KL_LOOKBACK = 64
+"""How far back the KL term's mismatched completion is looked for (a row with another prompt)."""
+
+
+def unpaired_rows(frame: pd.DataFrame) -> tuple[list[int], list[str], list[str], list[bool]]:
+    """KTO's rows of a validated frame: (row, prompt, completion, label) of each. Unpaired data (completion and
+    label columns) as they are; pairs split into one desirable row (chosen) and one undesirable row (rejected),
+    side by side, so every batch holds both."""
+    if not len(frame):
+        return [], [], [], []
+    if {"completion", "label"} <= set(frame.columns):
+        return (list(range(len(frame))), frame["prompt"].astype(str).tolist(),
+                frame["completion"].astype(str).tolist(), [bool(v) for v in frame["label"]])
+    rows, prompts, completions, labels = [], [], [], []
+    for i, (prompt, chosen, rejected) in enumerate(zip(frame["prompt"].astype(str), frame["chosen"].astype(str),
+                                                       frame["rejected"].astype(str), strict=True)):
+        rows += [i, i]
+        prompts += [prompt, prompt]
+        completions += [chosen, rejected]
+        labels += [True, False]
+    return rows, prompts, completions, labels
+
+
+def kl_partners(prompts: list[str]) -> list[int]:
+    """For each row, the row whose completion is its KL term's mismatched completion: the nearest earlier row
+    (cyclically) with another prompt, else the row before. Fixed by the data alone, never by the batch size, so
+    the reference step scores it once; with sequential batches almost every KL completion is one of the
+    batch's own completions, paired with another prompt (as TRL's rotation within a batch)."""
+    n = len(prompts)
+    out = []
+    for i in range(n):
+        partner = (i - 1) % n
+        for back in range(1, min(n, KL_LOOKBACK + 1)):
+            if prompts[(i - back) % n] != prompts[i]:
+                partner = (i - back) % n
+                break
+        out.append(partner)
+    return out
+
+
 def split_groups(frame: pd.DataFrame, layout: str, chat: bool | None = None) -> Groups:
-    """The groups of `frame`: DPO's (prompt, chosen, rejected) pairs, or GDPO's ranked groups of K."""
+    """The groups of `frame`: DPO's (prompt, chosen, rejected) pairs, GDPO's ranked groups of K, or KTO's rows
+    (completion and KL completion, the label as the score)."""
     chat = tokens.chat_rendered(frame) if chat is None else chat
+    if layout == "unpaired":
+        rows, prompts, completions, labels = unpaired_rows(frame)
+        partners = kl_partners(prompts)
+        return Groups(rows, prompts, [[c, completions[j]] for c, j in zip(completions, partners, strict=True)],
+                      [[float(label)] * 2 for label in labels], chat=bool(chat))
     if layout == "pairs":
         n = len(frame)
         if not n:
@@ -477,7 +529,7 @@ def check_key(path: str | Path, found: dict, expected: dict) -> None:
     if found.get("key") == expected["key"]:
         return
     names = {"model": "the SFT model's weights", "tokenizer": "the tokenizer", "data": "the preference data",
-             "layout": "the method (DPO pairs or GDPO's K)", "max_length": "max_length",
+             "layout": "the method (DPO pairs, GDPO's K or KTO's rows)", "max_length": "max_length",
              "truncation_mode": "the truncation", "load_in_4bit": "load_in_4bit", "dtype": "the dtype (device)",
              "format": "the file format (an older LexAlign)"}
     differ = [names[k] for k in names if found.get(k) != expected.get(k)] or ["its key"]
@@ -502,6 +554,7 @@ def trainer_dataset(table, layout: str):
 
     DPO: prompt_ids, chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps.
     GDPO: prompt_ids, completion_ids, scores, ref_logps.
+    KTO: prompt_ids, completion_ids, KL_completion_ids, label, ref_logps, ref_KL_logps.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -521,6 +574,17 @@ def trainer_dataset(table, layout: str):
         if scored:
             logps = table.column("ref_logps")
             columns.update(ref_chosen_logps=pc.list_element(logps, 0), ref_rejected_logps=pc.list_element(logps, 1))
+    elif layout == "unpaired":
+        completions = table.column("completion_ids")
+        columns = {
+            "prompt_ids": table.column("prompt_ids"),
+            "completion_ids": pc.list_element(completions, 0),
+            "KL_completion_ids": pc.list_element(completions, 1),
+            "label": pc.greater(pc.list_element(table.column("scores"), 0), 0.5),
+        }
+        if scored:
+            logps = table.column("ref_logps")
+            columns.update(ref_logps=pc.list_element(logps, 0), ref_KL_logps=pc.list_element(logps, 1))
     else:
         names = ("prompt_ids", "completion_ids", "scores", "ref_logps") if scored else \
             ("prompt_ids", "completion_ids", "scores")
@@ -536,7 +600,7 @@ def tokenized_dataset(tokenizer, frame: pd.DataFrame, layout: str, split: str, w
     import pyarrow as pa
 
     groups = split_groups(frame, layout)
-    if layout != "pairs":
+    if layout not in ("pairs", "unpaired"):
         from lexalign.train.gdpo import check_groups
 
         check_groups(len(groups), groups.dropped, len(frame), group_size(layout), split)

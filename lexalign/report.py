@@ -172,10 +172,10 @@ def plot_lengths(validated: Path, tokenizer_dir: Path, out_dir: Path, limit: int
     from lexalign.models import load_tokenizer
 
     plt = _figure()
-    frame = pd.read_parquet(validated / "train.parquet", columns=["prompt", "chosen", "rejected"]).head(limit)
+    frame = pd.read_parquet(validated / "train.parquet").head(limit)
     tokenizer = load_tokenizer(tokenizer_dir)
-    texts = [p + c for p, c in zip(frame["prompt"], frame["chosen"], strict=False)] + \
-            [p + r for p, r in zip(frame["prompt"], frame["rejected"], strict=False)]
+    answers = ["completion"] if "completion" in frame.columns else ["chosen", "rejected"]  # unpaired rows: one
+    texts = [p + a for column in answers for p, a in zip(frame["prompt"], frame[column], strict=False)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(lengths, bins=30, color="tab:purple")
@@ -209,15 +209,17 @@ def _table(head: list[str], rows: list[list[str]], css: str = "") -> str:
     return f'<table class="{css}"><tr>{header}</tr>{body}</table>' if css else f"<table><tr>{header}</tr>{body}</table>"
 
 
-def eval_table(evals: dict[str, dict]) -> str:
+def eval_table(evals: dict[str, dict], methods: dict[str, str] | None = None) -> str:
+    methods = methods or {}
     columns = [("preference_accuracy", "pref. accuracy"), ("mean_margin", "mean margin"),
                ("kl_estimate", "KL(aligned ‖ SFT)"), ("kendall_tau", "Kendall τ"),
                ("top1_accuracy", "top-1 accuracy")]
     judged = _judged(evals)
-    head = ["run"] + [label for _, label in columns] + (["win rate vs SFT"] if judged else [])
+    head = ["run", "method"] + [label for _, label in columns] + (["win rate vs SFT"] if judged else [])
     rows = []
     for name, result in evals.items():
-        row = [html.escape(name)] + [_fmt(result.get(key)) for key, _ in columns]
+        row = [html.escape(name), html.escape(str(methods.get(name) or "—"))]
+        row += [_fmt(result.get(key)) for key, _ in columns]
         if judged:
             row.append(_pct(judged[name]["win_rate"]) if name in judged else "—")
         rows.append(row)
@@ -389,8 +391,11 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
     """Write the plots into `plots` and the page to `page` (images linked relatively). `benchmarks`: each run's
     lm-eval result (none when no lm-eval task is configured)."""
     plots.mkdir(parents=True, exist_ok=True)
+    from lexalign.lineage import read_lineage
+
     results = {name: read_json(path) for name, path in evals.items()}
     lm = {name: read_json(path) for name, path in (benchmarks or {}).items()}
+    methods = {name: ((read_lineage(path) or {}).get("config") or {}).get("method") for name, path in models.items()}
     curves = plot_curves(models, plots)
     comparison = plot_eval(results, plots)
     lengths = plot_lengths(validated, tokenizer_dir, plots)
@@ -398,7 +403,7 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
     bench = lm_eval_table(lm)
     atomic_write_text(page, PAGE.format(
         summary=f"{len(results)} run(s) aligned from one SFT model and compared on the same held-out data.",
-        glance=at_a_glance(results, lm), table=eval_table(results), eval_images=_images([comparison], page),
+        glance=at_a_glance(results, lm), table=eval_table(results, methods), eval_images=_images([comparison], page),
         judge=judge_table(results), length=length_table(results),
         benchmarks=f"<h2>Benchmarks (lm-evaluation-harness)</h2>\n{bench}" if bench else "",
         samples=samples_section(results), curve_images=_images(curves, page),

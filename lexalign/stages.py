@@ -151,10 +151,13 @@ def align(*, model: str | Path, data: str | Path, output: str | Path, alignment:
           tokenizer: str | None = None, resume: str | None = None, verbose: bool = False,
           resume_command: str | None = None, tracking: dict | None = None) -> Path:
     """Align `model` (the SFT model, or the starting model with finetune.method none) on validated `data` (the
-    alignment section) into `output`; with `reference` (the reference step's file) no reference pass runs in
-    training. `tracking`: the experiment and run name the trackers of alignment.report_to log to."""
+    alignment section) into `output`; with `reference` (the reference step's file; from the rule a one-element
+    list, empty for the reference-free ORPO, SimPO and CPO) no reference pass runs in training. `tracking`: the
+    experiment and run name the trackers of alignment.report_to log to."""
     from lexalign.train.align import AlignJob
 
+    if isinstance(reference, (list, tuple)):
+        reference = reference[0] if reference else None
     job = AlignJob(cfg=AlignConfig.from_dict(alignment), tokenizer_path=Path(tokenizer) if tokenizer else None,
                    reference_path=Path(reference) if reference else None, tracking=tracking,
                    **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,

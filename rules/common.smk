@@ -21,13 +21,18 @@ try:
 
     FinetuneConfig.from_dict(config["finetune"])
     AlignConfig.from_dict(config["alignment"])
-    # Each sweep run: the alignment section with the run's overrides, checked in full.
-    RUNS = {
-        name: section_defaults("alignment", {**config["alignment"], **overrides})
-        for name, overrides in config["runs"].items()
-    }
-    for run_config in RUNS.values():
-        AlignConfig.from_dict(run_config)
+    # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
+    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full.
+    from lexalign.config.stages import run_alignment
+
+    RUNS = {}
+    for name, overrides in config["runs"].items():
+        try:
+            RUNS[name] = run_alignment(config["alignment"], overrides)
+            AlignConfig.from_dict(RUNS[name])
+        except LexAlignError as err:
+            err.details = [*err.details, f"In the sweep run runs.{name}"]
+            raise
     from lexalign.config.stages import EvaluateConfig
 
     EvaluateConfig.from_dict(config["evaluate"])
@@ -114,10 +119,14 @@ def run_evaluations():
 
 
 def reference_file(alignment):
-    """The reference log-probs an alignment reads (named by lexalign.reference.setting_name)."""
+    """The reference log-probs an alignment reads (named by lexalign.reference.setting_name); none for the
+    reference-free ORPO, SimPO and CPO (lexalign.config.stages.needs_reference), so no reference job is planned."""
+    from lexalign.config.stages import needs_reference
     from lexalign.reference import setting_name
 
-    return f"{RESULTS}/reference/{Path(preference_data(alignment)).name}/{setting_name(alignment)}.parquet"
+    if not needs_reference(alignment):
+        return []
+    return [f"{RESULTS}/reference/{Path(preference_data(alignment)).name}/{setting_name(alignment)}.parquet"]
 
 
 def published(kind):

@@ -20,6 +20,20 @@ DPO_LOSS_TYPES = (
 )
 
 
+METHODS = ("dpo", "gdpo", "kto", "orpo", "simpo", "cpo")
+METHOD_NAMES = {"dpo": "DPO", "gdpo": "GDPO", "kto": "KTO", "orpo": "ORPO", "simpo": "SimPO", "cpo": "CPO"}
+REFERENCE_FREE = ("orpo", "simpo", "cpo")
+"""Methods with no reference model: no reference step, one model in memory."""
+METHOD_KEYS = {
+    "loss_type": "dpo", "loss_weights": "dpo", "label_smoothing": "dpo",
+    "group_delay_size": "gdpo", "group_delay_weight": "gdpo",
+    "desirable_weight": "kto", "undesirable_weight": "kto",
+    "gamma": "simpo", "orpo_lambda": "orpo", "cpo_alpha": "cpo",
+}
+"""The alignment keys that belong to one method; given to another method (set to anything but their default)
+they are an error naming the method they belong to. (DPO ignores GDPO's keys, as it always has.)"""
+
+
 class _FromDict:
     SECTION: ClassVar[str | None] = None
     """The schema section (`$defs` of lexalign/schemas/config.schema.yaml) this class is built from."""
@@ -126,6 +140,10 @@ class DatasetConfig(_FromDict):
     scores_field: str = "scores"
     """Ranked data: column with one score per response (higher is better); when absent, scores come from
     the response objects, or the list order is the ranking."""
+    completion_field: str = "completion"
+    """Unpaired data (KTO): column with the response (a string, or chat messages), judged by `label_field`."""
+    label_field: str = "label"
+    """Unpaired data (KTO): column saying whether the completion is desirable (true) or not (false)."""
     group_size: int | None = None
     """Responses per prompt: None for pairs (DPO); K >= 2 for GDPO (from alignment.group_delay_size). Ranked
     groups keep the best, the worst and evenly spaced ones between; smaller groups are rejected; pairs are
@@ -266,12 +284,13 @@ class FinetuneConfig(TrainingConfig):
 
 @dataclass
 class AlignConfig(TrainingConfig):
-    """Preference alignment: DPO (TRL's DPOTrainer) or GDPO (listwise)."""
+    """Preference alignment: DPO (TRL's DPOTrainer), GDPO (listwise), KTO (TRL's KTOTrainer), or the
+    reference-free ORPO, SimPO and CPO (`lexalign.train.reference_free`)."""
 
     SECTION: ClassVar[str | None] = "alignment"
 
     method: str = "dpo"
-    """dpo or gdpo."""
+    """dpo, gdpo, kto, orpo, simpo or cpo."""
     beta: float = 0.1
     """Strength of the pull towards the reference (SFT) model; higher stays closer."""
     loss_type: list[str] | str = "sigmoid"
@@ -286,6 +305,16 @@ class AlignConfig(TrainingConfig):
     """GDPO: K, the number of ranked responses per prompt."""
     group_delay_weight: float = 0.5
     """GDPO: w, the weight of the Plackett-Luce group term (1 - w weighs the pairwise term)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable rows' loss."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable rows' loss."""
+    gamma: float = 0.5
+    """SimPO: the target reward margin γ (SimPO's β is `beta`)."""
+    orpo_lambda: float = 0.1
+    """ORPO: λ, the weight of the odds-ratio term beside the chosen answers' NLL."""
+    cpo_alpha: float = 1.0
+    """CPO: the weight of the NLL term on the chosen answers."""
     use_lora: bool = True
     """Train a LoRA adapter (merged into the output) instead of every weight."""
     load_in_4bit: bool = False
@@ -309,6 +338,32 @@ class AlignConfig(TrainingConfig):
             )
         if self.load_in_4bit and not self.use_lora:
             raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
+        self._check_method_keys()
+        if self.method == "kto" and self.batch_size < 2:
+            raise LexAlignError("method kto needs batch_size >= 2 (got: 1)",
+                                "KTO's KL term compares each row with another row's completion in the same batch",
+                                hint="Set batch_size: 2 or more")
+
+    def _check_method_keys(self) -> None:
+        """A key of another method, set to anything but its default, is an error naming the method it belongs to."""
+        from lexalign.config.loader import section_defaults
+
+        defaults = section_defaults("alignment")
+        for key, owner in METHOD_KEYS.items():
+            if owner == self.method or (self.method == "dpo" and owner == "gdpo"):
+                continue
+            value, default = getattr(self, key), defaults[key]
+            if key == "loss_type":
+                value, default = list(value), _as_list(default)
+            if value != default:
+                raise LexAlignError(f'{key} is a {METHOD_NAMES[owner]} key; alignment.method is "{self.method}"',
+                                    f"{key}: {value!r}",
+                                    hint=f"Remove {key}, or set method: {owner}")
+
+    @property
+    def reference_free(self) -> bool:
+        """ORPO, SimPO and CPO: no reference model, no reference step."""
+        return self.method in REFERENCE_FREE
 
 
 def _llm_judge_defaults() -> dict:
@@ -394,3 +449,26 @@ def response_group_size(alignment: dict) -> int | None:
     CLI's validation and the reference file all ask here."""
     k = alignment.get("group_delay_size", 2)
     return k if alignment.get("method") == "gdpo" and k > 2 else None
+
+
+def needs_reference(alignment: dict) -> bool:
+    """Whether an alignment reads reference log-probs (DPO, GDPO, KTO) or has no reference (ORPO, SimPO, CPO).
+    The one home of this rule: the pipeline plans a reference job only where it is true."""
+    return alignment.get("method", "dpo") not in REFERENCE_FREE
+
+
+def run_alignment(base: dict, overrides: dict) -> dict:
+    """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
+    filled. A run that changes the method leaves the base method's own keys behind (back to their defaults),
+    so a KTO base with desirable_weight can sweep an ORPO run; keys the run gives itself are checked as usual."""
+    from lexalign.config.loader import section_defaults
+
+    merged = dict(base)
+    method = overrides.get("method", base.get("method", "dpo"))
+    if method != base.get("method", "dpo"):
+        defaults = section_defaults("alignment")
+        for key, owner in METHOD_KEYS.items():
+            if owner != method and key in merged:
+                merged[key] = defaults[key]
+    merged.update(overrides)
+    return section_defaults("alignment", merged)

@@ -14,7 +14,7 @@ import numpy as np
 
 from lexalign.data.common import Piece, hash_strings, reject
 from lexalign.data.load import piece_records
-from lexalign.data.shapes import ChatRenderer, Plan, Rejected, pair_row, ranked_row
+from lexalign.data.shapes import ChatRenderer, Plan, Rejected, pair_row, ranked_row, unpaired_row
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -53,6 +53,8 @@ def normalise(piece: Piece, plan: Plan, renderer: ChatRenderer, input_sizes: dic
         if all(c is not None for c in columns):
             return _with_rows(pa.table(dict(zip(PAIR_COLUMNS, columns, strict=False))), piece.rows), []
     records = piece_records(piece)
+    if plan.shape == "unpaired":
+        return _normalise_unpaired(piece, records, plan, renderer, input_sizes)
     rejects, kept, rows = [], [], []
     ranked = plan.shape == "ranked"
     for number, record in zip(piece.rows.tolist(), records, strict=False):
@@ -72,6 +74,25 @@ def normalise(piece: Piece, plan: Plan, renderer: ChatRenderer, input_sizes: dic
         data["responses"] = pa.array(columns[3], type=pa.list_(pa.string()))
         data["scores"] = pa.array(columns[4], type=pa.list_(pa.float64()))
     return _with_rows(pa.table(data), np.asarray(rows, dtype=np.int64)), rejects
+
+
+def _normalise_unpaired(piece: Piece, records: list[dict], plan: Plan, renderer: ChatRenderer,
+                        input_sizes: dict) -> tuple[object, list[dict]]:
+    """Unpaired rows as a canonical table: prompt, completion (strings), label (bool), _row."""
+    pa, _ = _pa()
+    rejects, kept, rows = [], [], []
+    for number, record in zip(piece.rows.tolist(), records, strict=False):
+        try:
+            kept.append(unpaired_row(record, plan, renderer, piece.text_cells))
+            rows.append(number)
+        except Rejected as err:
+            rejects.append(reject(number, piece.file, err.reason, err.detail, record))
+    input_sizes[1] = input_sizes.get(1, 0) + len(kept)
+    prompts, completions, labels = (list(c) for c in zip(*kept, strict=True)) if kept else ([], [], [])
+    table = pa.table({"prompt": pa.array(prompts, type=pa.string()),
+                      "completion": pa.array(completions, type=pa.string()),
+                      "label": pa.array(labels, type=pa.bool_())})
+    return _with_rows(table, np.asarray(rows, dtype=np.int64)), rejects
 
 
 def _invalid_utf8(column) -> np.ndarray | None:
@@ -102,8 +123,8 @@ def check_pairs(table, file: str, plan: Plan) -> tuple[object, list[dict]]:
     """Null, undecodable, empty or whitespace-only fields, and chosen identical to rejected."""
     pa, pc = _pa()
     n = table.num_rows
-    if n == 0 or "responses" in table.column_names:
-        return table, []
+    if n == 0 or "responses" in table.column_names or "label" in table.column_names:
+        return table, []  # ranked and unpaired rows were checked row by row as they were normalised
     names = dict(zip(PAIR_COLUMNS, (plan.prompt, plan.chosen, plan.rejected), strict=True))
     code = np.zeros(n, dtype=np.int16)  # 0: kept; k: the k-th (reason, detail) marked
     found: list[tuple[str, str]] = []
@@ -173,7 +194,11 @@ class Deduper:
         if file not in self.files:
             self.files.append(file)
         code = self.files.index(file) << 40
-        if "responses" in table.column_names:
+        if "label" in table.column_names:  # unpaired: the same completion may carry either label once
+            keys = [json.dumps([c, bool(v)], ensure_ascii=False) for c, v in
+                    zip(table.column("completion").to_pylist(), table.column("label").to_pylist(), strict=True)]
+            response_hash = hash_strings(keys)
+        elif "responses" in table.column_names:
             responses = table.column("responses").to_pylist()
             scores = table.column("scores").to_pylist()
             keys = [json.dumps([r, s], ensure_ascii=False) for r, s in zip(responses, scores, strict=False)]
@@ -196,7 +221,11 @@ class Deduper:
             origin = int(first[i])
             where = self.files[origin >> 40]
             detail = f"same as row {origin & ((1 << 40) - 1)}" + (f" of {where}" if where != file else "")
-            data = {plan.prompt: value["prompt"], **({plan.responses: value["responses"], plan.scores: value["scores"]}
-                    if "responses" in value else {plan.chosen: value["chosen"], plan.rejected: value["rejected"]})}
+            if "label" in value:
+                data = {plan.prompt: value["prompt"], plan.completion: value["completion"], plan.label: value["label"]}
+            else:
+                data = {plan.prompt: value["prompt"],
+                        **({plan.responses: value["responses"], plan.scores: value["scores"]} if "responses" in value
+                           else {plan.chosen: value["chosen"], plan.rejected: value["rejected"]})}
             rejects.append(reject(int(rows[i]), file, "duplicate_row", detail, data))
         return ~duplicate, rejects

@@ -70,9 +70,12 @@ class LengthCheck:
         if n == 0:
             return table, []
         ranked = "responses" in table.column_names
+        unpaired = "label" in table.column_names
         prompts = table.column("prompt").to_pylist()
         if ranked:
             groups = table.column("responses").to_pylist()
+        elif unpaired:  # one completion per row
+            groups = [[c] for c in table.column("completion").to_pylist()]
         else:
             groups = list(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist(), strict=False))
         sizes = np.fromiter(map(len, groups), dtype=np.int64, count=n)
@@ -98,6 +101,8 @@ class LengthCheck:
         def data(i: int) -> dict:
             if ranked:
                 return {names[0]: prompts[i], "responses": list(groups[i])}
+            if unpaired:
+                return {names[0]: prompts[i], "completion": groups[i][0]}
             return {names[0]: prompts[i], names[1]: groups[i][0], names[2]: groups[i][1]}
 
         if self.policy == "drop":
@@ -121,6 +126,9 @@ class LengthCheck:
                 continue
             keep[i] = True
             self.truncated += 1
+            if unpaired:
+                columns["completion"][i] = cut[0]
+                continue
             columns["chosen"][i], columns["rejected"][i] = cut[0], cut[-1]
             if ranked:
                 columns["responses"][i] = cut

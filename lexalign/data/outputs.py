@@ -4,7 +4,8 @@ Every output row has `prompt`, `chosen`, `rejected` (strings), `responses`
 (list of strings, best first), `scores` (list of floats, non-increasing; equal
 means tied) and `source_row` (int). Pairs get `[chosen, rejected]` and
 `[1.0, 0.0]`, so DPO and GDPO read one schema. Rankings built from pairs add
-`source_rows`, every input row of the group.
+`source_rows`, every input row of the group. Unpaired rows (KTO) have their own
+schema: `prompt`, `completion`, `label` (bool: desirable) and `source_row`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import numpy as np
 from lexalign.data.common import dumps_reject
 
 
-def output_schema(grouped: bool = False):
+def output_schema(grouped: bool = False, unpaired: bool = False):
     import pyarrow as pa
 
+    if unpaired:
+        return pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("label", pa.bool_()),
+                          ("source_row", pa.int64())])
     fields = [("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
               ("responses", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())), ("source_row", pa.int64())]
     if grouped:
@@ -55,6 +59,9 @@ def to_output(table, grouped: bool = False):
     """A canonical table in the output schema."""
     import pyarrow as pa
 
+    if "label" in table.column_names:
+        columns = [table.column(name) for name in ("prompt", "completion", "label", "_row")]
+        return pa.Table.from_arrays(columns, schema=output_schema(unpaired=True))
     chosen = table.column("chosen").combine_chunks()
     rejected = table.column("rejected").combine_chunks()
     if "responses" in table.column_names:
@@ -70,8 +77,9 @@ def to_output(table, grouped: bool = False):
 class MemorySink:
     """Collects everything; `frames()` gives the train and eval DataFrames."""
 
-    def __init__(self, grouped: bool = False):
+    def __init__(self, grouped: bool = False, unpaired: bool = False):
         self.grouped = grouped
+        self.unpaired = unpaired
         self.tables: dict[str, list] = {"train": [], "eval": []}
         self.rejects: list[dict] = []
 
@@ -86,7 +94,7 @@ class MemorySink:
         import pyarrow as pa
 
         tables = self.tables[split]
-        return pa.concat_tables(tables) if tables else output_schema(self.grouped).empty_table()
+        return pa.concat_tables(tables) if tables else output_schema(self.grouped, self.unpaired).empty_table()
 
     def frames(self) -> dict:
         return {split: self.table(split).to_pandas() for split in ("train", "eval")}
@@ -99,11 +107,12 @@ class ParquetSink:
     at most a few batches behind, so memory stays bounded.
     """
 
-    def __init__(self, folder: str | Path, grouped: bool = False):
+    def __init__(self, folder: str | Path, grouped: bool = False, unpaired: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
         self.folder = Path(folder)
         self.grouped = grouped
+        self.unpaired = unpaired
         self.writers: dict = {}
         self.rejects = (self.folder / "rejects.jsonl").open("w", encoding="utf-8")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lexalign-parquet")
@@ -113,7 +122,8 @@ class ParquetSink:
         import pyarrow.parquet as pq
 
         if split not in self.writers:
-            self.writers[split] = pq.ParquetWriter(self.folder / f"{split}.parquet", output_schema(self.grouped),
+            self.writers[split] = pq.ParquetWriter(self.folder / f"{split}.parquet",
+                                                   output_schema(self.grouped, self.unpaired),
                                                    compression="snappy", use_dictionary=False,
                                                    write_statistics=["source_row"])
         return self.writers[split]

@@ -16,6 +16,7 @@ Reason codes in `report["reject_reasons"]` and `rejects.jsonl`:
   and rejected do not share the prompt), `chat_template_error`,
   `chat_template_mismatch` (the template does not round-trip);
 - groups: `too_few_responses` (fewer than group_size), `all_tied`;
+- unpaired rows (KTO): `bad_label` (not true/false);
 - length: `too_long`, `prompt_too_long`, `identical_after_truncation`;
 - split: `prompt_in_train_and_eval` (an eval row whose prompt is in train).
 
@@ -50,7 +51,7 @@ REASONS = (
     "missing_field", "null_field", "non_string_field", "empty_field", "bad_message", "bad_score",
     "chosen_equals_rejected", "duplicate_row", "roles_not_alternating", "not_ending_with_assistant",
     "prompt_mismatch", "no_shared_prompt", "chat_template_error", "chat_template_mismatch",
-    "too_few_responses", "all_tied", "too_long", "prompt_too_long", "identical_after_truncation",
+    "too_few_responses", "all_tied", "bad_label", "too_long", "prompt_too_long", "identical_after_truncation",
     "prompt_in_train_and_eval",
 )
 
@@ -114,6 +115,7 @@ class _Validation:
         self.plan = detect_plan(records, names or list(self.plan_fields), cfg, text_cells)
         k = self.plan.group_size
         self.grouped = bool(k and k > 2 and self.plan.shape != "ranked")
+        self.unpaired = self.plan.shape == "unpaired"
         self.renderer = ChatRenderer(tokenizer)
         self.lengths = (LengthCheck(tokenizer, cfg.max_length, cfg.length_policy, self.plan.chat)
                         if tokenizer is not None else None)
@@ -159,7 +161,7 @@ class _Validation:
         self._reject(bad)
         table, bad = check_pairs(table, piece.file, self.plan)
         self._reject(bad)
-        if "responses" not in table.column_names:
+        if "responses" not in table.column_names and not self.unpaired:
             self.input_sizes[2] = self.input_sizes.get(2, 0) + table.num_rows
         prompt_hash = hash_strings(table.column("prompt"), self.seed)
         keep, bad = self.dedupe(table, piece.file, prompt_hash, self.plan)
@@ -227,6 +229,10 @@ class _Validation:
             if "source_rows" in part.column_names:
                 self.counts["kept"] += sum(map(len, part.column("source_rows").to_pylist()))
                 self.output_sizes.update(len(r) for r in part.column("responses").to_pylist())
+            elif "label" in part.column_names:
+                self.counts["kept"] += part.num_rows
+                self.output_sizes[1] += part.num_rows
+                self.counts[f"{name}_desirable"] += sum(part.column("label").to_pylist())
             else:
                 self.counts["kept"] += part.num_rows
                 sizes = part.column("responses").to_pylist() if "responses" in part.column_names else None
@@ -239,8 +245,12 @@ class _Validation:
         records = []
         for row in table.to_pylist():
             origins = self.origins.get(row["prompt"], []) if "source_rows" in row else [(row["_row"], file)]
-            data = {self.plan.prompt: row["prompt"], self.plan.chosen: row["chosen"],
-                    self.plan.rejected: row["rejected"]}
+            if "label" in row:
+                data = {self.plan.prompt: row["prompt"], self.plan.completion: row["completion"],
+                        self.plan.label: row["label"]}
+            else:
+                data = {self.plan.prompt: row["prompt"], self.plan.chosen: row["chosen"],
+                        self.plan.rejected: row["rejected"]}
             records += [reject(n, f, "prompt_in_train_and_eval", "the prompt is also in the train split", data)
                         for n, f in origins]
         self._reject(records)
@@ -271,6 +281,11 @@ class _Validation:
             "lengths": self.lengths.report(total) if self.lengths is not None else {"checked": False},
             "length_bias": self.length_bias.report(),
         }
+        if self.unpaired:
+            # KTO's balance: desirable / undesirable rows (align warns when far from its weights).
+            report["labels"] = {split: {"desirable": counts[f"{split}_desirable"],
+                                        "undesirable": counts[f"{split}_rows"] - counts[f"{split}_desirable"]}
+                                for split in ("train", "eval")}
         if self.plan.counts:
             report["notes"] = dict(self.plan.counts)
         if self.grouped:
@@ -287,7 +302,7 @@ def validate_preferences(cfg: DatasetConfig, tokenizer, seed: int = 42) -> dict[
     `tokenizer` measures lengths (None skips the length check) and renders conversations.
     """
     validation = _Validation(cfg, tokenizer, seed)
-    sink = MemorySink(validation.grouped)
+    sink = MemorySink(validation.grouped, validation.unpaired)
     report = validation.run(sink)
     frames = sink.frames()
     for name in ("train", "eval"):
@@ -305,7 +320,7 @@ def validate_to_dir(cfg: DatasetConfig, tokenizer, out_dir: str | Path, seed: in
     """
     validation = _Validation(cfg, tokenizer, seed)
     with atomic_dir(out_dir) as tmp:
-        sink = ParquetSink(tmp, validation.grouped)
+        sink = ParquetSink(tmp, validation.grouped, validation.unpaired)
         try:
             report = validation.run(sink)
         finally:
@@ -341,6 +356,10 @@ def summary(report: dict) -> str:
     sizes = report.get("responses_per_prompt")
     if sizes:
         lines.append("  responses per prompt: " + ", ".join(f"{k} × {v}" for k, v in sizes.items()))
+    labels = report.get("labels")
+    if labels:
+        train = labels["train"]
+        lines.append(f"  labels (train): {train['desirable']} desirable, {train['undesirable']} undesirable")
     rankings = report.get("rankings")
     if rankings:
         lines.append(f"  rankings: {rankings.get('prompts', 0)} prompts from {rankings.get('pairs', 0)} pairs; "
@@ -360,6 +379,37 @@ def summary(report: dict) -> str:
             f"max_length {lengths.get('max_length')} ({lengths.get('length_policy')})"
         )
     return "\n".join(lines)
+
+
+KTO_RATIO = (1.0, 4 / 3)
+"""KTO's recommended (desirable_weight × desirable rows) / (undesirable_weight × undesirable rows) (the KTO
+paper's Eq. 8, TRL's KTO docs)."""
+
+
+def label_balance(desirable: int, undesirable: int, desirable_weight: float = 1.0,
+                  undesirable_weight: float = 1.0) -> dict:
+    """KTO's desirable / undesirable balance under its weights, and a warning when the weighted ratio is
+    outside [1, 4/3] (with the weights that would bring it inside)."""
+    desirable, undesirable = int(desirable), int(undesirable)
+    out = {"desirable": desirable, "undesirable": undesirable, "desirable_weight": desirable_weight,
+           "undesirable_weight": undesirable_weight, "weighted_ratio": float("nan"), "warning": None}
+    if not desirable or not undesirable:
+        missing = "undesirable (label false)" if desirable else "desirable (label true)"
+        out["warning"] = (f"KTO: the training rows have no {missing} completions ({desirable} desirable, "
+                          f"{undesirable} undesirable): it needs both")
+        return out
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    out["weighted_ratio"] = ratio
+    low, high = KTO_RATIO
+    if not low - 1e-9 <= ratio <= high + 1e-9:
+        d_low, d_high = (undesirable_weight * undesirable / desirable * x for x in KTO_RATIO)
+        u_low, u_high = (desirable_weight * desirable / undesirable / x for x in (high, low))
+        out["warning"] = (
+            f"KTO: {desirable} desirable and {undesirable} undesirable rows under desirable_weight "
+            f"{desirable_weight:g} and undesirable_weight {undesirable_weight:g} give a weighted ratio of "
+            f"{ratio:.2f}, outside the recommended [1, 1.33]; set desirable_weight in [{d_low:.2f}, {d_high:.2f}] "
+            f"or undesirable_weight in [{u_low:.2f}, {u_high:.2f}]")
+    return out
 
 
 def gate(report: dict, where: str) -> None:

@@ -10,6 +10,10 @@
   Messages are rendered to strings with the tokenizer's chat template, as TRL
   does: prompt = template(prompt, add_generation_prompt), response = the rest
   of template(prompt + response).
+- `unpaired`: a prompt, one completion and a label saying whether it is
+  desirable (TRL's unpaired format, what KTO learns from): strings, or chat
+  messages rendered like the conversational shape. Labels are booleans; 1/0 and
+  "true"/"false" (CSV) are read too.
 - `ranked`: a prompt with a list of responses, best first, or with scores: a
   `scores` list, or score keys inside each item (raw UltraFeedback
   `completions` with `overall_score`). Responses are sorted by score, best
@@ -60,6 +64,8 @@ class Plan:
     scores: str
     group_size: int | None = None
     counts: dict = field(default_factory=dict)
+    completion: str = "completion"
+    label: str = "label"
     chat: bool = False
     """Rows are conversations, rendered with the model's chat template (every row of the dataset)."""
 
@@ -67,6 +73,8 @@ class Plan:
     def columns(self) -> list[str]:
         if self.shape == "ranked":
             return [self.prompt, self.responses, self.scores]
+        if self.shape == "unpaired":
+            return [self.prompt, self.completion, self.label]
         return [self.prompt, self.chosen, self.rejected]
 
     @property
@@ -93,7 +101,8 @@ def detect_plan(records: list[dict], names: list[str], cfg, text_cells: bool = F
     """The shape of a dataset from a sample of its rows and its field names (`text_cells`: CSV/TSV)."""
     plan = Plan("pairs", cfg.prompt_field, cfg.chosen_field, cfg.rejected_field,
                 getattr(cfg, "responses_field", "responses"), getattr(cfg, "scores_field", "scores"),
-                getattr(cfg, "group_size", None))
+                getattr(cfg, "group_size", None), completion=getattr(cfg, "completion_field", "completion"),
+                label=getattr(cfg, "label_field", "label"))
     present = set(names)
     ranked_hint = (f"{{{plan.prompt}: str, {plan.responses}: [str], {plan.scores}: [float]}}"
                    if plan.group_size else None)
@@ -109,12 +118,28 @@ def detect_plan(records: list[dict], names: list[str], cfg, text_cells: bool = F
                 raise missing_field_error(plan.prompt, names, fields, ranked_hint)
             plan.shape = "implicit_prompt"
         return plan
+    if plan.completion in present and plan.label in present and plan.responses not in present:
+        if plan.prompt not in present:
+            raise missing_field_error(plan.prompt, names, fields, f"{{{plan.prompt}: str, {plan.completion}: str, "
+                                                                  f"{plan.label}: bool}}")
+        if plan.group_size and plan.group_size > 2:
+            raise LexAlignError(f"GDPO needs {plan.group_size} ranked responses per prompt, and the data are "
+                                f"unpaired rows ({plan.prompt}, {plan.completion}, {plan.label})",
+                                hint="Use method: kto for unpaired rows, or give ranked responses")
+        plan.shape = "unpaired"
+        plan.chat = any(isinstance(_decode_cell(_first(records, name), text_cells), list)
+                        for name in (plan.prompt, plan.completion))
+        return plan
     if plan.responses in present:
         if plan.prompt not in present:
             raise missing_field_error(plan.prompt, names, fields, ranked_hint)
         plan.shape = "ranked"
         plan.chat = isinstance(_decode_cell(_first(records, plan.prompt), text_cells), list)
         return plan
+    if plan.completion in present:  # an unpaired row without its label (or prompt)
+        missing = plan.prompt if plan.prompt not in present else plan.label
+        raise missing_field_error(missing, names, fields, f"{{{plan.prompt}: str, {plan.completion}: str, "
+                                                          f"{plan.label}: bool}} (unpaired, for KTO)")
     missing = next(f for f in (plan.prompt, plan.chosen, plan.rejected) if f not in present)
     raise missing_field_error(missing, names, fields, ranked_hint)
 
@@ -303,6 +328,40 @@ def pair_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: bool 
     check_roles(prompt_messages + r_turns, plan.rejected)
     rendered, (c, r) = renderer.split(prompt_messages, [c_turns, r_turns])
     return rendered, c, r
+
+
+_LABELS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def label(value: Any, where: str) -> bool:
+    """A desirability label: a boolean, 1/0, or "true"/"false" (any case) as CSV cells hold them."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise Rejected("bad_label", f"{where} is {value!r}; expected true or false")
+
+
+def unpaired_row(record: dict, plan: Plan, renderer: ChatRenderer, text_cells: bool = False
+                 ) -> tuple[str, str, bool]:
+    """(prompt, completion, label) from an unpaired row (TRL's unpaired format: strings or messages)."""
+    prompt = _get(record, plan.prompt, text_cells)
+    completion = _get(record, plan.completion, text_cells)
+    desirable = label(_get(record, plan.label, text_cells), plan.label)
+    if not plan.chat:
+        for value, name in ((prompt, plan.prompt), (completion, plan.completion)):
+            if isinstance(value, list):
+                raise Rejected("non_string_field", f"{name} is a list, in a dataset of plain-text rows")
+        return text(prompt, plan.prompt), text(completion, plan.completion), desirable
+    prompt_messages = [{"role": "user", "content": text(prompt, plan.prompt)}] if isinstance(prompt, str) \
+        else _messages(prompt, plan.prompt)
+    turns = [{"role": "assistant", "content": text(completion, plan.completion)}] if isinstance(completion, str) \
+        else _messages(completion, plan.completion)
+    check_roles(prompt_messages + turns, plan.completion)
+    rendered, (answer,) = renderer.split(prompt_messages, [turns])
+    return rendered, answer, desirable
 
 
 def _number(value: Any, where: str) -> float:

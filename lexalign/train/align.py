@@ -1,4 +1,5 @@
-"""The align step: DPO through TRL's DPOTrainer (GDPO through ours), starting from the SFT model.
+"""The align step: DPO through TRL's DPOTrainer (GDPO through ours), KTO through TRL's KTOTrainer, and the
+reference-free ORPO, SimPO and CPO through `lexalign.train.reference_free`, starting from the SFT model.
 
 The reference model is always the SFT model: with `use_lora` a fresh adapter is
 trained on top of the (merged) SFT weights and TRL computes the reference with
@@ -12,7 +13,9 @@ pipeline's reference step) the data arrive tokenized and with the reference
 log-probabilities of every response, computed once: no reference pass runs in
 any epoch, and with full fine-tuning no second model is loaded at all (TRL's
 `precompute_ref_log_probs`, reading the precomputed columns). Without one, the
-reference is computed online, as above.
+reference is computed online, as above. KTO reads the same kind of file
+(layout `unpaired`: each row's completion and its KL completion); ORPO, SimPO
+and CPO have no reference at all: one model, one forward pass per step.
 """
 
 from __future__ import annotations
@@ -44,12 +47,17 @@ class AlignJob(TrainingJob):
     stage = "align"
 
     def title(self) -> str:
+        if self.cfg.method == "orpo":  # ORPO has no beta: its λ weighs the odds-ratio term
+            return f"Aligned model (orpo, orpo_lambda={self.cfg.orpo_lambda})"
         return f"Aligned model ({self.cfg.method}, beta={self.cfg.beta})"
 
     def adapter(self) -> tuple[bool, bool]:
         return self.cfg.use_lora, True
 
     def record_extra(self) -> dict:
+        if self.cfg.reference_free:
+            return {"reference_model": {"path": None, "note": f"{self.cfg.method} is reference-free: no reference "
+                                                              "model"}}
         return {"reference_model": reference_model(self.model_path)}
 
     def setup(self):
@@ -150,7 +158,7 @@ def reference_datasets(job: AlignJob, device: str):
     cfg = job.cfg
     layout = reference.layout_for(cfg.method, cfg.group_delay_size)
     splits = {"train": reference.split_groups(job.train, layout), "eval": reference.split_groups(job.eval, layout)}
-    if layout != "pairs":
+    if layout not in ("pairs", "unpaired"):
         from lexalign.train.gdpo import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
@@ -183,16 +191,30 @@ def _reference_file(path: Path) -> Path:
     return Path(path)
 
 
+def check_data(job: AlignJob) -> None:
+    """Unpaired rows (prompt, completion, label) carry no preference between two answers: only KTO reads them."""
+    unpaired = "label" in job.train.columns and "chosen" not in job.train.columns
+    if unpaired and job.cfg.method != "kto":
+        raise LexAlignError(f'alignment.method "{job.cfg.method}" needs pairs (or ranked responses), and the '
+                            "validated data are unpaired rows (prompt, completion, label)",
+                            hint="Use method: kto, which learns from unpaired rows, or give pairs")
+
+
 def setup(job: AlignJob):
     from trl import DPOConfig
 
+    from lexalign.config.stages import METHODS
     from lexalign.train.gdpo import skip_reference_hash
 
-    if job.cfg.method not in ("dpo", "gdpo"):
+    if job.cfg.method not in METHODS:
         raise LexAlignError(f'alignment.method "{job.cfg.method}" is not available in this version',
-                            hint="Use method: dpo or gdpo")
+                            hint=f"Use method: {', '.join(METHODS)}")
     if job.cfg.method == "gdpo":
         check_gdpo_options(job.cfg)
+    check_data(job)
+    if job.cfg.reference_free and job.reference_path:
+        raise LexAlignError(f"method {job.cfg.method} is reference-free: it reads no reference log-probs",
+                            f"Given: {job.reference_path}", hint="Align without a reference file")
     device = models.resolve_device(job.device)
     # The reference file is checked before any model is loaded.
     precomputed = reference_datasets(job, device) if job.reference_path else None
@@ -200,6 +222,10 @@ def setup(job: AlignJob):
     interrupt = InterruptCallback()
     if job.cfg.method == "gdpo":
         return setup_gdpo(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
+    if job.cfg.method == "kto":
+        return setup_kto(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
+    if job.cfg.reference_free:
+        return setup_reference_free(job, device, model, tokenizer, interrupt), tokenizer, interrupt
     # Tokenized here, by LexAlign's rule (lexalign.tokens), never by TRL from rendered chat text.
     train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
     args = dpo_arguments(job, device, evaluation is not None)
@@ -237,6 +263,60 @@ def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precompu
     return GDPOTrainer(
         model=model,
         args=GDPOConfig(**args),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
+        callbacks=job.callbacks(interrupt),
+    )
+
+
+def training_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
+    """What every preference trainer's config shares: TrainingArguments, beta, max_length."""
+    return {**runtime.trainer_arguments(job.cfg, device, job.checkpoint_dir, has_eval, job.seed),
+            "beta": job.cfg.beta, "max_length": job.cfg.max_length, "trust_remote_code": job.trust_remote_code}
+
+
+def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt):
+    """ORPO, SimPO or CPO: DPO's machinery with one model, no reference (`lexalign.train.reference_free`)."""
+    from lexalign.train.reference_free import ReferenceFreeConfig, ReferenceFreeTrainer
+
+    cfg = job.cfg
+    train, evaluation = tokenized_datasets(job, tokenizer)
+    args = {**training_arguments(job, device, evaluation is not None), "truncation_mode": TRUNCATION_MODE,
+            "method": cfg.method, "gamma": cfg.gamma, "orpo_lambda": cfg.orpo_lambda, "cpo_alpha": cfg.cpo_alpha}
+    return ReferenceFreeTrainer(
+        model=model,
+        args=ReferenceFreeConfig(**args),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
+        callbacks=job.callbacks(interrupt),
+    )
+
+
+def setup_kto(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
+    """KTO through TRL's KTOTrainer on rows LexAlign tokenized (`lexalign.train.kto`), the reference log-probs
+    of every completion and KL completion read from the reference file when there is one."""
+    from lexalign.data.preference import label_balance
+    from lexalign.errors import warn
+    from lexalign.train.kto import KTOConfig, LexAlignKTOTrainer
+
+    cfg = job.cfg
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
+    labels = train["label"]
+    balance = label_balance(sum(labels), len(labels) - sum(labels), cfg.desirable_weight, cfg.undesirable_weight)
+    print(f"KTO rows: {balance['desirable']} desirable, {balance['undesirable']} undesirable "
+          f"(weighted ratio {balance['weighted_ratio']:.2f})", flush=True)
+    if balance["warning"]:
+        warn(balance["warning"])
+    args = {**training_arguments(job, device, evaluation is not None),
+            "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight,
+            "precompute_ref_log_probs": precomputed is not None}
+    return LexAlignKTOTrainer(
+        model=model,
+        args=KTOConfig(**args),
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,

@@ -1,0 +1,401 @@
+"""KTO, ORPO, SimPO and CPO beside DPO and GDPO: each method's keys, each loss at step 0 against a value worked
+out by hand from known log-probabilities, KTO's unpaired data and its reference step, resume and interrupt, the
+`lexalign align` command, and one sweep through the pipeline mixing every method."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import write_jsonl
+from transformers import TrainerCallback
+
+from lexalign.config.loader import section_defaults
+from lexalign.config.stages import AlignConfig, run_alignment
+from lexalign.demo import task
+from lexalign.errors import LexAlignError, TrainingInterrupted
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def pairs(n: int = 16) -> pd.DataFrame:
+    frame = pd.DataFrame(task.preference_rows(0, n))
+    frame["source_row"] = range(1, n + 1)
+    return frame
+
+
+def align_job(tmp_path: Path, model: Path, frame: pd.DataFrame, reference=None, name: str = "run", **params):
+    from lexalign.train.align import AlignJob
+
+    params = {"learning_rate": 1e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 2,
+              "warmup_steps": 0, "max_length": 64, "save_steps": 1000, "logging_steps": 1, "lora_dropout": 0.0,
+              **params}
+    return AlignJob(model_path=model, train=frame, eval=frame.iloc[:0], output_dir=tmp_path / name,
+                    cfg=AlignConfig.from_dict(section_defaults("alignment", params)),
+                    checkpoint_dir=tmp_path / f"{name}-checkpoints", device="cpu", seed=3,
+                    reference_path=Path(reference) if reference else None)
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+# --- each method's keys ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, key, value, owner", [
+    ("dpo", "cpo_alpha", 0.5, "CPO"),
+    ("orpo", "desirable_weight", 2.0, "KTO"),
+    ("kto", "gamma", 1.0, "SimPO"),
+    ("cpo", "orpo_lambda", 0.2, "ORPO"),
+    ("simpo", "loss_type", "ipo", "DPO"),
+    ("gdpo", "undesirable_weight", 0.5, "KTO"),
+    ("orpo", "group_delay_weight", 0.2, "GDPO"),
+])
+def test_a_key_of_another_method_is_an_error_naming_its_method(method, key, value, owner):
+    with pytest.raises(LexAlignError) as err:
+        AlignConfig.from_dict(section_defaults("alignment", {"method": method, key: value}))
+    assert err.value.message == f'{key} is a {owner} key; alignment.method is "{method}"'
+    assert err.value.hint == f"Remove {key}, or set method: {owner.lower()}"
+
+
+def test_each_method_takes_its_own_keys():
+    for method, keys in {"kto": {"desirable_weight": 1.33, "undesirable_weight": 0.8},
+                         "simpo": {"beta": 2.0, "gamma": 1.0}, "orpo": {"orpo_lambda": 0.2},
+                         "cpo": {"cpo_alpha": 0.5}}.items():
+        cfg = AlignConfig.from_dict(section_defaults("alignment", {"method": method, **keys}))
+        assert all(getattr(cfg, k) == v for k, v in keys.items())
+        assert cfg.reference_free == (method != "kto")
+    with pytest.raises(LexAlignError, match=r"method kto needs batch_size >= 2"):
+        AlignConfig.from_dict(section_defaults("alignment", {"method": "kto", "batch_size": 1}))
+
+
+def test_a_run_that_changes_the_method_leaves_the_base_methods_keys_behind():
+    base = section_defaults("alignment", {"method": "kto", "desirable_weight": 1.2, "beta": 0.3})
+    orpo = run_alignment(base, {"method": "orpo", "orpo_lambda": 0.3})
+    assert orpo["desirable_weight"] == 1.0 and orpo["orpo_lambda"] == 0.3 and orpo["beta"] == 0.3
+    AlignConfig.from_dict(orpo)
+    assert run_alignment(base, {"beta": 0.2})["desirable_weight"] == 1.2  # same method: inherited
+    with pytest.raises(LexAlignError, match='gamma is a SimPO key; alignment.method is "dpo"'):
+        AlignConfig.from_dict(run_alignment(base, {"method": "dpo", "gamma": 1.0}))
+
+
+def test_the_pipeline_names_the_sweep_run_with_a_key_of_another_method(tmp_path):
+    from workflow import copy_workflow, edit_config, snakemake
+
+    workdir = copy_workflow(tmp_path)
+    edit_config(workdir, "runs", "bad", {"method": "dpo", "cpo_alpha": 0.5})
+    result = snakemake(workdir, "-n", "--cores", "1")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert 'cpo_alpha is a CPO key; alignment.method is "dpo"' in out and "In the sweep run runs.bad" in out
+
+
+# --- the losses, by hand -----------------------------------------------------------------------------
+
+
+def test_simpo_orpo_and_cpo_losses_by_hand():
+    from lexalign.losses.reference_free import chosen_nll, cpo_loss, orpo_loss, simpo_loss
+
+    # SimPO: -log σ(β·(mean_w - mean_l) - γ) with β = 2, γ = 1: margins 1 and -1 give log(1 + e^-1), log(1 + e^3).
+    simpo = simpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), beta=2.0, gamma=1.0)
+    assert simpo.loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(3))) / 2, abs=1e-6)
+    assert simpo.chosen_rewards.tolist() == [-2.0, -6.0] and simpo.nll.item() == 0.0
+    # NLL per chosen token: summed log-probs -6 over 3 tokens and -2 over 1 token: 8 / 4.
+    nll = chosen_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 1]))
+    assert nll.item() == pytest.approx(2.0)
+    # ORPO: p_w = 0.5 (odds 1), p_l = 0.2 (odds 1/4): the log odds ratio is log 4, -log σ(log 4) = log 1.25.
+    orpo = orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), nll, lam=0.1)
+    assert orpo.loss.item() == pytest.approx(2.0 + 0.1 * math.log(1.25), abs=1e-6)
+    # CPO: -log σ(β·(-10 - (-20))) at β = 0.1 is log(1 + e^-1), plus α·NLL.
+    cpo = cpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), nll, beta=0.1, alpha=0.5)
+    assert cpo.loss.item() == pytest.approx(math.log1p(math.exp(-1)) + 0.5 * 2.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def policy_logps(sft_model_dir):
+    """Summed log-probs and token counts of the first 8 demo pairs under the SFT model (the policy at step 0),
+    computed apart from any trainer (lexalign.evaluate.sequence_logps)."""
+    from lexalign import tokens
+    from lexalign.evaluate import sequence_logps
+    from lexalign.models import load_causal_lm, load_tokenizer
+
+    frame = pairs(8)
+    model, tokenizer = load_causal_lm(sft_model_dir, "cpu").eval(), load_tokenizer(sft_model_dir)
+    prompts = frame["prompt"].tolist()
+    responses = [[c, r] for c, r in zip(frame["chosen"], frame["rejected"], strict=True)]
+    _, completion_ids = tokens.tokenize_groups(tokenizer, prompts, responses, False)
+    out = {side: sequence_logps(model, tokenizer, prompts, frame[side].tolist()) for side in ("chosen", "rejected")}
+    return {**out, "chosen_len": [len(c[0]) for c in completion_ids],
+            "rejected_len": [len(c[1]) for c in completion_ids]}
+
+
+def expected_loss(method: str, p: dict, beta: float, gamma: float, lam: float, alpha: float) -> float:
+    """Each method's loss over the 8 pairs, from the log-probs alone, in plain Python."""
+    rows = list(zip(p["chosen"], p["rejected"], p["chosen_len"], p["rejected_len"], strict=True))
+    nll = -sum(c for c, _, _, _ in rows) / sum(lc for _, _, lc, _ in rows)
+    if method == "simpo":
+        terms = [-log_sigmoid(beta * (c / lc - r / lr) - gamma) for c, r, lc, lr in rows]
+        return sum(terms) / len(terms)
+    if method == "orpo":
+        def log_odds(x):
+            return x - math.log1p(-math.exp(x))
+
+        terms = [-lam * log_sigmoid(log_odds(c / lc) - log_odds(r / lr)) for c, r, lc, lr in rows]
+        return nll + sum(terms) / len(terms)
+    terms = [-log_sigmoid(beta * (c - r)) for c, r, _, _ in rows]
+    return sum(terms) / len(terms) + alpha * nll
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, use_lora", [("orpo", True), ("simpo", False), ("cpo", True)])
+def test_reference_free_loss_at_step_0_is_the_hand_worked_value(tmp_path, sft_model_dir, policy_logps, method,
+                                                                use_lora):
+    keys = {"beta": 2.0, "gamma": 0.7} if method == "simpo" else {"orpo_lambda": 0.3} if method == "orpo" \
+        else {"beta": 0.05, "cpo_alpha": 0.6}
+    job = align_job(tmp_path, sft_model_dir, pairs(8), method=method, use_lora=use_lora, **keys)
+    trainer, _, _ = job.setup()
+    assert trainer.ref_model is None  # one model: no reference, even for full fine-tuning
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+    trainer.model.train()  # dropout is off (disable_dropout); metrics go to "train"
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    cfg = job.cfg
+    assert loss == pytest.approx(expected_loss(method, policy_logps, cfg.beta, cfg.gamma, cfg.orpo_lambda,
+                                               cfg.cpo_alpha), abs=1e-4)
+
+
+# --- KTO: unpaired rows, its reference (KL term included), its loss by hand --------------------------
+
+
+def test_pairs_are_split_into_a_desirable_and_an_undesirable_row_with_mismatched_kl_completions():
+    from lexalign.reference import kl_partners, split_groups, unpaired_rows
+
+    frame = pairs(6)
+    rows, prompts, completions, labels = unpaired_rows(frame)
+    assert rows == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and labels == [True, False] * 6
+    assert completions[:2] == [frame["chosen"][0], frame["rejected"][0]]
+    partners = kl_partners(prompts)
+    assert all(prompts[j] != prompts[i] for i, j in enumerate(partners))  # the KL pairs are mismatched
+    groups = split_groups(frame, "unpaired")
+    assert groups.responses[3] == [completions[3], completions[partners[3]]] and groups.scores[3] == [0.0, 0.0]
+
+
+def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balance(tmp_path, demo_model_dir):
+    from lexalign import stages
+    from lexalign.data.preference import label_balance
+
+    rows = [{"question": r["prompt"], "answer": r["chosen"] if i % 3 else r["rejected"], "thumbs_up": i % 3 != 0}
+            for i, r in enumerate(task.preference_rows(0, 60))]
+    rows += [{"question": "User: Hi\nAssistant:", "answer": " Hello", "thumbs_up": "maybe"},
+             {"question": "User: Hi\nAssistant:", "answer": " Hello", "thumbs_up": "TRUE"}]
+    write_jsonl(tmp_path / "raw" / "train.jsonl", rows)
+    report = stages.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=tmp_path / "data",
+                             dataset={"prompt_field": "question", "completion_field": "answer",
+                                      "label_field": "thumbs_up", "max_length": 64, "eval_fraction": 0.2})
+    assert report["shape"] == "unpaired" and report["reject_reasons"].get("bad_label") == 1
+    train = pd.read_parquet(tmp_path / "data" / "train.parquet")
+    assert list(train.columns) == ["prompt", "completion", "label", "source_row"]
+    labels = report["labels"]["train"]
+    assert labels == {"desirable": int(train["label"].sum()), "undesirable": int((~train["label"]).sum())}
+    assert labels["desirable"] > labels["undesirable"]  # two thumbs up for each thumbs down
+    # The weighted ratio (w_d·n_d)/(w_u·n_u) should lie in [1, 4/3]: 2:1 at equal weights is too high.
+    warning = label_balance(labels["desirable"], labels["undesirable"])["warning"]
+    assert "outside the recommended [1, 1.33]" in warning
+    assert label_balance(40, 20, 1.0, 1.6)["warning"] is None
+    assert label_balance(40, 20, 1.0, 1.2)["weighted_ratio"] == pytest.approx(40 / 24)
+
+
+@pytest.mark.slow
+def test_kto_reference_scores_every_row_and_its_kl_completion_as_trl_does(tmp_path, sft_model_dir):
+    from lexalign import reference
+    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.train.kto import KTOConfig, LexAlignKTOTrainer
+
+    frame = pairs(8)
+    out = tmp_path / "unpaired-max64.parquet"
+    reference.compute_reference(sft_model_dir, frame, frame.iloc[:0], out, layout="unpaired", max_length=64)
+    table = reference.load_reference(out)["train"]
+    assert table.num_rows == 16  # every pair, split in two
+    tokenizer = load_tokenizer(sft_model_dir)
+    dataset = reference.tokenized_dataset(tokenizer, frame, "unpaired", "train")
+    trainer = LexAlignKTOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=tokenizer,
+                                 args=KTOConfig(output_dir=str(tmp_path / "kto"), max_length=64, use_cpu=True,
+                                                bf16=False, report_to=[], per_device_train_batch_size=8),
+                                 train_dataset=dataset)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])
+    ours = torch.tensor(table.column("ref_logps").to_pylist())
+    theirs = trainer.compute_ref_log_probs(trainer.ref_model, batch)  # TRL's own reference pass
+    assert torch.allclose(ours[:, 0], theirs[0], atol=1e-4) and torch.allclose(ours[:, 1], theirs[1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_kto_loss_at_step_0_is_the_hand_worked_value(tmp_path, sft_model_dir):
+    """Reference log-probs offset from the policy's by known amounts: r = β·δ, z = mean(ε), and the loss of
+    the first batch follows by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lexalign import reference
+
+    frame = pairs(8)
+    path = tmp_path / "unpaired-max64.parquet"
+    reference.compute_reference(sft_model_dir, frame, frame.iloc[:0], path, layout="unpaired", max_length=64)
+    table = pq.read_table(path)
+    delta = [0.8, -0.4, 2.0, 1.0, -1.5, -3.0, 0.2, 0.6] * 2  # policy minus reference, per completion
+    epsilon = [0.3, 0.1, -0.2, 0.5, 0.4, 0.0, 0.2, 0.1] * 2  # the same for the KL completions
+    shifted = [[p - d, k - e] for (p, k), d, e in zip(table.column("ref_logps").to_pylist(), delta, epsilon,
+                                                      strict=True)]
+    table = table.set_column(table.column_names.index("ref_logps"), "ref_logps",
+                             pa.array(shifted, type=pa.list_(pa.float64())))
+    pq.write_table(table, path)  # the schema's metadata (the file's key) is kept
+    beta, w_d, w_u = 0.5, 1.3, 0.9
+    out = align_job(tmp_path, sft_model_dir, frame, path, method="kto", beta=beta, desirable_weight=w_d,
+                    undesirable_weight=w_u, max_steps=1).run()
+    # Batches are sequential: the first holds rows 0..7, pairs 0..3 each as (desirable, undesirable).
+    z = max(0.0, sum(epsilon[:8]) / 8)
+    losses = [w_d * (1 - sigmoid(beta * (d - z))) if i % 2 == 0 else w_u * (1 - sigmoid(beta * (z - d)))
+              for i, d in enumerate(delta[:8])]
+    first = logged(out)[0]
+    assert first["loss"] == pytest.approx(sum(losses) / 8, abs=1e-4)
+    assert first["kl"] == pytest.approx(z, abs=1e-4)
+
+
+def test_unpaired_rows_need_kto(tmp_path):
+    from lexalign.train.align import check_data
+
+    unpaired = pd.DataFrame({"prompt": ["p"], "completion": ["c"], "label": [True], "source_row": [1]})
+    job = align_job(tmp_path, tmp_path, unpaired, method="orpo")
+    with pytest.raises(LexAlignError, match="needs pairs"):
+        check_data(job)
+
+
+# --- resume, interrupt and progress ------------------------------------------------------------------
+
+
+class SignalAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_simpo_is_interrupted_and_resumed_like_dpo(tmp_path, sft_model_dir, capsys):
+    frame = pairs(48)
+    straight = logged(align_job(tmp_path, sft_model_dir, frame, name="straight", method="simpo", beta=2.0,
+                                max_steps=4).run())
+    job = align_job(tmp_path, sft_model_dir, frame, name="stopped", method="simpo", beta=2.0, max_steps=4)
+    job.extra_callbacks = [SignalAt(2)]
+    with pytest.raises(TrainingInterrupted) as stop:
+        job.run()
+    assert stop.value.checkpoint == job.checkpoint_dir / "checkpoint-2"
+    job.extra_callbacks = []
+    resumed = logged(job.run())
+    captured = capsys.readouterr()
+    assert "Resuming from" in captured.out
+    assert "Epoch 1/1: [" in captured.err and "| Reward: " in captured.err  # the progress line
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+# --- lexalign align ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lexalign_align_runs_kto_on_unpaired_rows(tmp_path, sft_model_dir):
+    import yaml
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from lexalign.cli import main
+
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in task.preference_rows(0, 32) for side in ("chosen", "rejected")]
+    write_jsonl(tmp_path / "kto.jsonl", rows)
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(sft_model_dir)}, "device": "cpu",
+        "dataset": {"path": str(tmp_path / "kto.jsonl"), "max_length": 64, "eval_fraction": 0.2},
+        "alignment": {"method": "kto", "output_dir": str(tmp_path / "aligned"), "learning_rate": "1e-3",
+                      "checkpoint_dir": str(tmp_path / "ckpt"), "batch_size": 8, "gradient_accumulation_steps": 1,
+                      "max_steps": 3, "warmup_steps": 0, "max_length": 64, "logging_steps": 1,
+                      "desirable_weight": 1.0, "undesirable_weight": 1.0}}))
+    dry = CliRunner().invoke(main, ["align", "--config", str(config), "--dry-run"])
+    assert dry.exit_code == 0 and "kto (desirable_weight 1.0, undesirable_weight 1.0, beta 0.1" in dry.output
+    result = CliRunner().invoke(main, ["align", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "KTO rows: " in result.output and "Epoch 1/1: [" in result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
+    assert model.config.model_type == "llama"
+    lineage = json.loads((tmp_path / "aligned" / "lineage.json").read_text())
+    assert lineage["config"]["method"] == "kto" and lineage["reference_model"]["sft"]
+    assert [r["step"] for r in logged(tmp_path / "aligned")] == [1, 2, 3]
+
+
+# --- the pipeline: a sweep of every method from one SFT model and one validated dataset -----------------
+
+
+NEW_RUNS = {
+    "orpo": {"method": "orpo", "orpo_lambda": 0.2},
+    "kto": {"method": "kto", "beta": 0.2, "desirable_weight": 1.2},
+    "simpo": {"method": "simpo", "beta": 2.0, "gamma": 1.0},
+    "cpo": {"method": "cpo", "cpo_alpha": 0.5},
+}
+
+
+@pytest.mark.slow
+def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(demo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from workflow import edit_config, planned_jobs, snakemake
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    # A reference-free run: its align and evaluate only (no reference, no validation, no SFT).
+    edit_config(workdir, "runs", "orpo", {**NEW_RUNS["orpo"], "max_steps": 3, "logging_steps": 1})
+    result = snakemake(workdir, "-n", "--cores", "1", "sweep")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "sweep": 1}
+    # KTO's rows are scored once by the reference step; SimPO and CPO need none either.
+    for name, run in NEW_RUNS.items():
+        edit_config(workdir, "runs", name, {**run, "max_steps": 3, "logging_steps": 1})
+    result = snakemake(workdir, "-n", "--cores", "1", "sweep", "results/report.html")
+    assert planned_jobs(result.stdout) == {"reference": 1, "align_run": 4, "evaluate_run": 4, "sweep": 1,
+                                           "report": 1}
+    assert "results/reference/preferences/unpaired-max64.parquet" in result.stdout
+
+    result = snakemake(workdir, "--cores", "2", "sweep", "results/report.html")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name, run in NEW_RUNS.items():
+        model_dir = workdir / "results/runs" / name / "model"
+        assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "llama"
+        lineage = json.loads((model_dir / "lineage.json").read_text())
+        assert lineage["config"]["method"] == run["method"]
+        assert [r["step"] for r in logged(model_dir)] == [1, 2, 3]  # a few steps each
+        log = (workdir / "logs/align" / f"{name}.log").read_text()
+        assert "Epoch 1/1: [" in log
+        evaluation = json.loads((workdir / "results/runs" / name / "eval.json").read_text())
+        assert evaluation["pairs"] == json.loads((workdir / "results/eval/aligned.json").read_text())["pairs"]
+    assert "Reference log-probs: results/reference/preferences/unpaired-max64.parquet" in \
+        (workdir / "logs/align/kto.log").read_text()
+    assert sorted(p.name for p in (workdir / "results/reference/preferences").glob("*.parquet")) == \
+        ["pairs-max64.parquet", "unpaired-max64.parquet"]
+    page = (workdir / "results/report.html").read_text()
+    for name, run in {**NEW_RUNS, "gdpo-k4": {"method": "gdpo"}, "aligned": {"method": "dpo"}}.items():
+        assert f"<tr><td>{name}</td><td>{run['method']}</td>" in page
