@@ -316,7 +316,7 @@ def at_a_glance(evals: dict[str, dict], benchmarks: dict[str, dict]) -> str:
         parts = [f"preference accuracy {result['preference_accuracy']:.2f} on {result['pairs']} held-out pairs"]
         judge = result.get("judge") or {}
         if judge.get("win_rate") is not None:
-            parts.append(f"wins {_pct(judge['win_rate'])} against SFT (95% CI {_pct(judge['ci_low'])} – "
+            parts.append(f"win rate {_pct(judge['win_rate'])} against SFT (95% CI {_pct(judge['ci_low'])} – "
                          f"{_pct(judge['ci_high'])}, {html.escape(str(judge['name']))})")
         length = result.get("length") or {}
         if length.get("ratio") is not None:
