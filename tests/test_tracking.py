@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 import threading
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 from lexalign import tracking
 from lexalign.config.loader import validate_config
@@ -85,6 +87,7 @@ def tracked(tmp_path_factory, demo_model_dir):
     listener.stop = True
 
 
+@pytest.mark.slow
 def test_the_saved_model_says_where_its_runs_are(tracked):
     record = tracked["records"]["aligned"]
     assert (record["experiment"], record["run"], record["stage"], record["step"]) == (EXPERIMENT, "aligned", "align", 2)
@@ -92,6 +95,7 @@ def test_the_saved_model_says_where_its_runs_are(tracked):
     assert "tracking.json" not in {p.name for p in (tracked["root"] / "checkpoints" / "aligned").iterdir()}
 
 
+@pytest.mark.slow
 def test_mlflow_holds_both_runs_side_by_side_with_params_metrics_and_the_evaluation(tracked):
     from mlflow import MlflowClient
 
@@ -147,6 +151,7 @@ def wandb_records(path: Path) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_wandb_writes_both_runs_offline_grouped_by_the_experiment_and_sends_nothing(tracked):
     root = tracked["root"]
     for name, beta in RUNS.items():
@@ -172,6 +177,7 @@ def test_wandb_writes_both_runs_offline_grouped_by_the_experiment_and_sends_noth
     assert tracked["listener"].connections == 0, "W&B offline must send nothing"
 
 
+@pytest.mark.slow
 def test_trackio_holds_both_runs_in_the_experiment_with_the_evaluation(tracked):
     from trackio.sqlite_storage import SQLiteStorage
 
@@ -187,22 +193,51 @@ def test_trackio_holds_both_runs_in_the_experiment_with_the_evaluation(tracked):
     assert {"evaluation-aligned-eval", "evaluation-aligned-lineage"} <= {a.get("name") for a in logged}, logged
 
 
-def test_a_resumed_training_run_reports_to_the_same_runs(tracked, tmp_path, monkeypatch):
-    """After an interrupt, the job that resumes from the checkpoint reopens the tracker runs it had started."""
+class SignalAt(TrainerCallback):
+    """SIGTERM this process as a given optimizer step begins (training saves a checkpoint and stops)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sft_run_resumes_into_the_same_tracker_run(tracked, tmp_path, monkeypatch, demo_model_dir):
+    """finetune.report_to: the SFT run, stopped by SIGTERM (as SLURM does) and resumed from its checkpoint, is one
+    MLflow run with every step."""
+    import pandas as pd
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked['root']}/mlflow.db")
-    record = tracked["records"]["beta-0.3"]
-    state = tmp_path / tracking.TRACKING_FILE
-    state.write_text(json.dumps({**record, "trackers": {"mlflow": record["trackers"]["mlflow"]}}))
-    session = tracking.Session(["mlflow"], tracking.RunSpec(EXPERIMENT, "beta-0.3", "align"), state)
-    session.begin(resumed=True)
-    session.log({"loss": 0.5, "epoch": 1.0, "note": "not a number"}, 3)
-    session.close(ok=True)
-    run_id = record["trackers"]["mlflow"]["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tracked['root']}/mlflow.db")
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
-    assert client.get_run(run_id).info.status == "FINISHED"
+    from lexalign.demo import task
+    from lexalign.errors import TrainingInterrupted
+    from lexalign.train.finetune import FinetuneJob
+
+    uri = f"sqlite:///{tracked['root']}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    job = FinetuneJob(model_path=demo_model_dir, train=pd.DataFrame(task.sft_rows(0, 32)),
+                      eval=pd.DataFrame(columns=["prompt", "completion"]), output_dir=tmp_path / "sft",
+                      checkpoint_dir=tmp_path / "checkpoints", device="cpu",
+                      tracking={"experiment": EXPERIMENT, "run": "sft"},
+                      cfg=FinetuneConfig.from_dict({"max_steps": 4, "logging_steps": 1, "batch_size": 8,
+                                                    "max_length": 64, "report_to": ["mlflow"]}))
+    job.extra_callbacks = [SignalAt(3)]
+    with pytest.raises(TrainingInterrupted):
+        job.run()
+    started = json.loads((job.checkpoint_dir / tracking.TRACKING_FILE).read_text())
+    run_id = started["trackers"]["mlflow"]["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    job.extra_callbacks = []
+    job.run()  # resumes from checkpoint-3
+    assert json.loads((job.output_dir / tracking.TRACKING_FILE).read_text())["trackers"]["mlflow"]["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "sft" and run.data.params["stage"] == "finetune"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == [1, 2, 3, 4]
+    assert [r.info.run_name for r in client.search_runs([run.info.experiment_id])].count("sft") == 1
+    assert not (job.checkpoint_dir / tracking.TRACKING_FILE).exists()
 
 
 # --- configuration: report_to, the tensorboard synonym, the extra, the experiment -------------------
@@ -217,7 +252,7 @@ def test_report_to_lists_trackers_and_tensorboard_true_is_a_synonym():
     assert 'alignment.report_to.0' in err.value.render() and "mlflow, wandb, trackio" in err.value.render()
 
 
-def test_asking_for_a_tracker_without_the_extra_names_the_extra(monkeypatch, tmp_path, demo_model_dir):
+def test_asking_for_a_tracker_without_the_extra_names_the_extra(monkeypatch, tmp_path):
     import pandas as pd
 
     from lexalign.train.align import AlignJob
