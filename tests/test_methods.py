@@ -373,6 +373,12 @@ def test_lexalign_align_runs_kto_on_unpaired_rows(tmp_path, sft_model_dir):
     lineage = json.loads((tmp_path / "aligned" / "lineage.json").read_text())
     assert lineage["config"]["method"] == "kto" and lineage["reference_model"]["sft"]
     assert [r["step"] for r in logged(tmp_path / "aligned")] == [1, 2, 3]
+    # Held-out unpaired rows: each implicit reward against its label.
+    scored = CliRunner().invoke(main, ["evaluate", "--config", str(config), "--output", str(tmp_path / "eval.json"),
+                                       "--num-prompts", "4"])
+    assert scored.exit_code == 0, scored.output
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["held_out"] == "unpaired" and result["rows"] > 0 and 0 <= result["preference_accuracy"] <= 1
 
 
 def test_lexalign_validate_warns_when_kto_weights_miss_the_balance_and_the_dry_run_names_no_reference(
