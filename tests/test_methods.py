@@ -219,6 +219,32 @@ def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balan
     assert label_balance(40, 20, 1.0, 1.2)["weighted_ratio"] == pytest.approx(40 / 24)
 
 
+def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path, zoo_models):
+    """Conversational unpaired rows (TRL's format: prompt and completion as messages) are rendered by the model's
+    template, and KTO's ids are exactly apply_chat_template's: one BOS, the end-of-turn token, nothing added."""
+    from lexalign import reference, stages
+    from lexalign.models import load_tokenizer
+    from lexalign.tokens import CHAT_ATTR
+
+    model = zoo_models("llama3")
+    rows = [{"prompt": [{"role": "user", "content": f"Greet {name}."}],
+             "completion": [{"role": "assistant", "content": f"Hello {name}!" if good else f"Go away {name}."}],
+             "label": good} for name in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo") for good in (True, False)]
+    write_jsonl(tmp_path / "raw" / "train.jsonl", rows)
+    report = stages.validate(raw=tmp_path / "raw", tokenizer=model, output=tmp_path / "data",
+                             dataset={"max_length": 256, "eval_fraction": 0.0})
+    assert report["shape"] == "unpaired" and report["chat_template"] and report["train_rows"] == 12
+    train = pd.read_parquet(tmp_path / "data" / "train.parquet")
+    train.attrs[CHAT_ATTR] = stages.data_is_chat(tmp_path / "data")  # as the align step reads it
+    tokenizer = load_tokenizer(model)
+    dataset = reference.tokenized_dataset(tokenizer, train, "unpaired", "train")
+    for row, example in zip(rows, dataset, strict=True):
+        want = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+        want = list(want["input_ids"] if isinstance(want, dict) else want)
+        assert example["prompt_ids"] + example["completion_ids"] == want
+        assert want.count(tokenizer.bos_token_id) == 1 and example["label"] == row["label"]
+
+
 @pytest.mark.slow
 def test_kto_reference_scores_every_row_and_its_kl_completion_as_trl_does(tmp_path, sft_model_dir):
     from lexalign import reference
@@ -347,6 +373,39 @@ def test_lexalign_align_runs_kto_on_unpaired_rows(tmp_path, sft_model_dir):
     lineage = json.loads((tmp_path / "aligned" / "lineage.json").read_text())
     assert lineage["config"]["method"] == "kto" and lineage["reference_model"]["sft"]
     assert [r["step"] for r in logged(tmp_path / "aligned")] == [1, 2, 3]
+    # Held-out unpaired rows: each implicit reward against its label.
+    scored = CliRunner().invoke(main, ["evaluate", "--config", str(config), "--output", str(tmp_path / "eval.json"),
+                                       "--num-prompts", "4"])
+    assert scored.exit_code == 0, scored.output
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["held_out"] == "unpaired" and result["rows"] > 0 and 0 <= result["preference_accuracy"] <= 1
+
+
+def test_lexalign_validate_warns_when_kto_weights_miss_the_balance_and_the_dry_run_names_no_reference(
+        tmp_path, demo_model_dir):
+    import yaml
+    from click.testing import CliRunner
+
+    from lexalign.cli import main
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": i % 3 != 0}
+            for i, r in enumerate(task.preference_rows(0, 45))]
+    write_jsonl(tmp_path / "kto.jsonl", rows)
+
+    def config(**alignment) -> str:
+        path = tmp_path / f"{alignment['method']}.yaml"
+        path.write_text(yaml.safe_dump({"model": {"path": str(demo_model_dir)}, "device": "cpu",
+                                        "dataset": {"path": str(tmp_path / "kto.jsonl"), "max_length": 64},
+                                        "alignment": alignment}))
+        return str(path)
+
+    result = CliRunner().invoke(main, ["validate", "--config", config(method="kto"), "--output", str(tmp_path / "v")])
+    assert result.exit_code == 0, result.output
+    assert "labels (train): " in result.output and "Warning: KTO: " in result.output
+    assert "set desirable_weight in [" in result.output
+    dry = CliRunner().invoke(main, ["align", "--config", config(method="orpo", orpo_lambda=0.2), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "orpo (orpo_lambda 0.2, LoRA)" in dry.output and "no reference model (orpo is reference-free)" in dry.output
 
 
 # --- the pipeline: a sweep of every method from one SFT model and one validated dataset -----------------
