@@ -110,7 +110,7 @@ def test_redact_removes_the_token_and_token_shaped_strings(monkeypatch):
 def test_every_step_after_download_runs_offline(monkeypatch):
     """Rules run with HF_HUB_OFFLINE=1 for every step but download (lexalign/workflow.py)."""
     from lexalign import stages
-    from lexalign.workflow import STEP_OF_RULE, run_rule
+    from lexalign.workflow import ONLINE_STEPS, STEP_OF_RULE, run_rule
 
     seen = {}
 
@@ -124,7 +124,8 @@ def test_every_step_after_download_runs_offline(monkeypatch):
         seen.pop(step, None)
         run_rule(SimpleNamespace(rule=rule, input=nothing, output=nothing, params=nothing, log=[], resources=None,
                                  threads=1))
-        assert seen[step] == (None if step == "download" else "1"), rule
+        assert seen[step] == (None if step in ONLINE_STEPS else "1"), rule
+    assert set(ONLINE_STEPS) == {"download", "publish", "lm_eval"}  # downloads, the Hub upload, lm-eval's datasets
 
 
 def test_example_downloads_config_is_valid():

@@ -426,6 +426,8 @@ def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(de
 
     workdir = tmp_path / "copy"
     shutil.copytree(demo_run, workdir, symlinks=True)
+    # Benchmarks off for the new runs (they have tests of their own; evaluate never reads this key).
+    edit_config(workdir, "evaluate", "lm_eval", {"tasks": []})
     # A reference-free run: its align and evaluate only (no reference, no validation, no SFT).
     edit_config(workdir, "runs", "orpo", {**NEW_RUNS["orpo"], "max_steps": 3, "logging_steps": 1})
     result = snakemake(workdir, "-n", "--cores", "1", "sweep")

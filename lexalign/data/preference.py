@@ -75,7 +75,7 @@ class LengthBias:
     def add(self, table) -> None:
         import pyarrow.compute as pc
 
-        if table.num_rows == 0:
+        if table.num_rows == 0 or "chosen" not in table.column_names:  # unpaired (KTO) rows have no pairs
             return
         d = np.asarray(pc.subtract(pc.utf8_length(table.column("chosen")), pc.utf8_length(table.column("rejected")))
                        .to_numpy(zero_copy_only=False), dtype=np.float64)
