@@ -31,30 +31,19 @@ def pad_id(tokenizer) -> int:
 
 def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str], chat: bool = False,
                    batch_size: int = 16, max_length: int | None = None) -> list[float]:
-    """Sum of log π(completion tokens | prompt) for each pair, on the trainers' tokens (lexalign.tokens)."""
-    import torch
+    """Sum of log π(completion tokens | prompt) for each pair, on the trainers' tokens (lexalign.tokens).
+
+    Scored as the reference step scores: packed padding-free, log-probs of the completion tokens only
+    (`lexalign.packing.sequence_logps`); `batch_size` is the padded batch where a model cannot be packed."""
+    from lexalign import packing
 
     device = next(model.parameters()).device
     prompt_ids, completion_ids = tokens.tokenize_groups(tokenizer, prompts, [[c] for c in completions], chat)
-    encoded = [(p + c[0], len(p)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    out: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
-        if max_length:
-            batch = [(ids[:max_length], s) for ids, s in batch]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id(tokenizer), dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for row, (ids, s) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            mask[row, s: len(ids)] = True
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
-        out += (logps * mask[:, 1:].to(device)).sum(-1).tolist()
-    return out
+    sequences = [p + c[0] for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    if max_length:  # keep_start, as the trainers' collator truncates
+        sequences = [s[:max_length] for s in sequences]
+    return packing.sequence_logps(model, sequences, [len(p) for p in prompt_ids], str(device),
+                                  batch_size=batch_size, pad_token_id=pad_id(tokenizer))
 
 
 def _prompt_batch(tokenizer, prompts: list[str], chat: bool, device):
@@ -175,10 +164,15 @@ def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
     """Sum of log-probs of the sampled tokens (positions >= start where `keep`)."""
     import torch
 
+    from lexalign.logprobs import ensure_lean_head
+
+    ensure_lean_head(model)  # the sampled tokens' log-probs only, never the [tokens x vocab] logits
+    labels = torch.full_like(tokens, -100)
+    labels[:, start:] = tokens[:, start:].masked_fill(keep == 0, -100)
     with torch.no_grad():
-        logits = model(input_ids=tokens, attention_mask=attention).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    return (logps[:, start - 1:] * keep).sum(-1).tolist()
+        outputs = model(input_ids=tokens, attention_mask=attention, labels=labels, use_cache=False,
+                        fused_lm_head=True)
+    return outputs.log_probs.float().sum(-1).tolist()
 
 
 def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,

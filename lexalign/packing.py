@@ -8,14 +8,22 @@ them (`masking_utils.find_packed_sequence_indices`; SDPA and eager on the CPU,
 FlashAttention's variable-length kernels on CUDA). Batches are formed by a
 token budget rather than a fixed padded shape.
 
-The per-token log-probabilities come from TRL's fused LM head
-(`add_fused_lm_head`): the LM head and the log-softmax run in tiles over the
+The per-token log-probabilities come from the lean LM head
+(`lexalign.logprobs`): the LM head and the log-softmax run in tiles over the
 completion positions only, so the [tokens x vocabulary] logits are never held
 (the memory peak with 128k-256k vocabularies).
 
-Used by the reference step (`lexalign.reference.group_logps`). An architecture
-that cannot take packed input (`PACKED_UNSUPPORTED`) falls back to length-grouped
-padded batches.
+Two shapes. The reference step and evaluation (`lexalign.reference.group_logps`)
+score sequences in one row per token budget (`pack`, `budget_batches`).
+Training keeps the batch the user configured (B pairs, or B groups of K) and
+repacks its padded rows (`pack_rows`): first-fit decreasing into rows as wide
+as the batch's longest sequence, so no row is wider than the padded batch
+was, the attention ([W x W] per row) never costs more than the padded
+batch's, and the rows hold the real tokens with a little padding at their
+ends. `lexalign.train.packed` runs a trainer's loss on such rows.
+
+An architecture that cannot take packed input (`PACKED_UNSUPPORTED`) keeps
+padded batches (the reference step's are length-grouped).
 """
 
 from __future__ import annotations
@@ -77,13 +85,121 @@ def budget_batches(lengths: list[int], budget: int = DEFAULT_TOKEN_BUDGET) -> li
 
 
 def packed_logps(model, packed: Packed, device: str = "cpu") -> torch.Tensor:
-    """Summed log-probability of each packed sequence's scored tokens (`model` has TRL's fused LM head)."""
+    """Summed log-probability of each packed sequence's scored tokens (`model` has a fused or lean LM head)."""
     outputs = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
                     labels=packed.labels.to(device), use_cache=False, fused_lm_head=True)
     per_token = outputs.log_probs[0].float()  # [T - 1]: position t scores token t + 1 (0 where not scored)
     owner = packed.sequence[1:].to(per_token.device)
     sums = torch.zeros(packed.count, dtype=torch.float32, device=per_token.device)
     return sums.index_add_(0, owner, per_token)
+
+
+def sequence_logps(model, sequences: list[list[int]], completion_starts: list[int], device: str = "cpu",
+                   token_budget: int | None = None, batch_size: int = 16, pad_token_id: int = 0) -> list[float]:
+    """Summed log-prob of each sequence's tokens from `completion_starts[i]` on, scored without gradients.
+
+    Packed by a token budget (DEFAULT_TOKEN_BUDGET, 8x on CUDA) where the architecture allows it, else in
+    right-padded batches of `batch_size`; log-probs from the lean head (`lexalign.logprobs`)."""
+    import numpy as np
+
+    from lexalign.logprobs import ensure_lean_head
+
+    ensure_lean_head(model)
+    out = np.zeros(len(sequences), dtype=np.float64)
+    with torch.inference_mode():
+        if supports_packing(model):
+            budget = token_budget or DEFAULT_TOKEN_BUDGET * (8 if str(device).startswith("cuda") else 1)
+            for batch in budget_batches([len(s) for s in sequences], budget):
+                packed = pack([sequences[i] for i in batch], [completion_starts[i] for i in batch])
+                out[batch] = packed_logps(model, packed, device).cpu().numpy()
+            return out.tolist()
+        for first in range(0, len(sequences), batch_size):
+            batch = list(range(first, min(first + batch_size, len(sequences))))
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for row, i in enumerate(batch):
+                seq, start = sequences[i], max(completion_starts[i], 1)
+                ids[row, :len(seq)] = torch.tensor(seq)
+                attention[row, :len(seq)] = 1
+                labels[row, start:len(seq)] = torch.tensor(seq[start:], dtype=torch.long)
+            outputs = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device),
+                            use_cache=False, fused_lm_head=True)
+            out[batch] = outputs.log_probs.float().sum(-1).cpu().numpy()
+    return out.tolist()
+
+
+@dataclass
+class PackedRows:
+    """A padded batch's sequences repacked into fewer rows, and the way back to the padded batch's shape."""
+
+    input_ids: torch.Tensor
+    """[R, W]: the sequences one after the other, then the row's padding."""
+    position_ids: torch.Tensor
+    """[R, W]: 0, 1, … within each sequence; the padding at a row's end counts from 0 again (a block of its own)."""
+    labels: torch.Tensor
+    """[R, W]: the padded batch's completion tokens where they are scored, -100 elsewhere."""
+    index: torch.Tensor
+    """[N, L - 1]: for padded row i and shifted position j (scoring token j + 1), the position in the flattened
+    [R, W - 1] per-token outputs that holds it."""
+    valid: torch.Tensor
+    """[N, L - 1]: where `index` points at a real position of sequence i (j < its length - 1)."""
+
+    def to(self, device) -> PackedRows:
+        return PackedRows(*(getattr(self, name).to(device) for name in
+                            ("input_ids", "position_ids", "labels", "index", "valid")))
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[R, W - 1] per-token values → [N, L - 1], as the padded batch would have them (0 / False elsewhere)."""
+        values = per_token.reshape(-1)[self.index]
+        return values & self.valid if values.dtype == torch.bool else values * self.valid
+
+
+def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices into rows of at most `width` tokens, first fit, longest first; every index exactly once."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+              pad_token_id: int = 0) -> PackedRows:
+    """Repack a right-padded batch ([N, L] ids, attention and completion masks, as TRL's collators build them)."""
+    ids, attention, completion = input_ids.cpu(), attention_mask.cpu(), completion_mask.cpu()
+    lengths = attention.sum(dim=1).tolist()
+    width = max(max(lengths), 1)
+    rows = first_fit_rows(lengths, width)
+    n_rows, seq_len = len(rows), ids.shape[1]
+    packed_ids = torch.full((n_rows, width), pad_token_id, dtype=ids.dtype)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)
+    index = torch.zeros((ids.shape[0], max(seq_len - 1, 0)), dtype=torch.long)
+    valid = torch.zeros_like(index, dtype=torch.bool)
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            n = lengths[i]
+            if n == 0:
+                continue
+            packed_ids[r, offset:offset + n] = ids[i, :n]
+            positions[r, offset:offset + n] = torch.arange(n)
+            scored = completion[i, :n].bool()
+            scored[0] = False  # nothing before a sequence's first token in its own sequence
+            labels[r, offset:offset + n] = ids[i, :n].masked_fill(~scored, -100)
+            index[i, :n - 1] = r * (width - 1) + offset + torch.arange(n - 1)
+            valid[i, :n - 1] = True
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset)
+    return PackedRows(packed_ids, positions, labels, index, valid).to(input_ids.device)
 
 
 PACKED_UNSUPPORTED: frozenset[str] = frozenset()

@@ -335,7 +335,7 @@ def cached_tokens(tokenizer, tokenizer_key: str, groups: Groups, cache_dir: str 
 def group_logps(model, pad_token_id: int, tokens, max_length: int | None, truncation_mode: str = TRUNCATION_MODE,
                 batch_sequences: int = 32, device: str = "cpu", autocast_dtype=None,
                 token_budget: int | None = None) -> list[list[float]]:
-    """Summed log-prob of each response under `model` (with TRL's fused log-prob head), [groups][K].
+    """Summed log-prob of each response under `model` (with the lean head, `lexalign.logprobs`), [groups][K].
 
     `tokens`: a `token_table`. Each prompt + response is truncated as the trainers' collator truncates it
     (keep_start to `max_length`) and scored on its response tokens. Sequences are packed padding-free into
@@ -368,13 +368,9 @@ def group_logps(model, pad_token_id: int, tokens, max_length: int | None, trunca
                     (full[drop:], max(start - drop, 0))
             sequences.append(full)
             starts.append(start)
-    budget = token_budget or (packing.DEFAULT_TOKEN_BUDGET * (8 if device == "cuda" else 1))
-    flat = np.zeros(len(sequences), dtype=np.float64)
-    with torch.inference_mode(), autocast:
-        for batch in packing.budget_batches([len(s) for s in sequences], budget):
-            packed = packing.pack([sequences[i] for i in batch], [starts[i] for i in batch])
-            flat[batch] = packing.packed_logps(model, packed, device).cpu().numpy()
-    return flat.reshape(n, k).tolist()
+    with autocast:
+        flat = packing.sequence_logps(model, sequences, starts, device, token_budget)
+    return np.asarray(flat).reshape(n, k).tolist()
 
 
 def _padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation_mode, batch_sequences, device,
@@ -415,9 +411,10 @@ def _padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation
 def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trust_remote_code: bool,
                          stack: contextlib.ExitStack):
     """The reference model as align's policy starts: the SFT weights (an adapter alone merged into its base)."""
-    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+    from trl.trainer.utils import disable_dropout_in_model
 
     from lexalign import models
+    from lexalign.logprobs import add_lean_lm_head
 
     path = models.require_model(model_path, "lexalign finetune --config config/finetune.yaml")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -430,7 +427,7 @@ def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trus
         model.to(device)
     model.eval()
     disable_dropout_in_model(model)
-    add_fused_lm_head(model)
+    add_lean_lm_head(model)
     return model
 
 

@@ -301,6 +301,8 @@ class AlignConfig(TrainingConfig):
     """Probability a preference label is flipped (robust, exo_pair)."""
     max_length: int | None = 512
     """Prompt + response tokens kept; longer sequences are truncated at the end."""
+    padding_free: bool = True
+    """Train on packed batches (no padding computed); false keeps TRL's padded batches."""
     group_delay_size: int = 4
     """GDPO: K, the number of ranked responses per prompt."""
     group_delay_weight: float = 0.5

@@ -126,6 +126,9 @@ def load_policy(job: AlignJob, device: str):
 def _dpo_trainer_class():
     from trl import DPOTrainer
 
+    from lexalign.logprobs import install_on_trainer
+    from lexalign.train.packed import padding_free_model
+
     class PrecomputedDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer on data LexAlign tokenized (`lexalign.tokens`), possibly scored.
 
@@ -133,7 +136,17 @@ def _dpo_trainer_class():
         reference step, ref_chosen_logps/ref_rejected_logps; with
         `precompute_ref_log_probs` the trainer reads those columns, so it neither
         runs the reference nor, for full fine-tuning, loads a reference model.
+        The policy's passes run on padding-free rows (`lexalign.train.packed`) and
+        every log-prob comes from the lean LM head (`lexalign.logprobs`).
         """
+
+        def __init__(self, *args, padding_free_batches: bool = True, **kwargs):
+            self.padding_free_batches = padding_free_batches
+            super().__init__(*args, **kwargs)
+            install_on_trainer(self)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            return super()._compute_loss(padding_free_model(self, model, inputs), inputs, return_outputs)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" not in dataset.column_names:
@@ -240,6 +253,7 @@ def setup(job: AlignJob):
             processing_class=tokenizer,
             peft_config=runtime.lora_config(job.cfg, model.config.model_type) if job.cfg.use_lora else None,
             callbacks=job.callbacks(interrupt),
+            padding_free_batches=job.cfg.padding_free,
         )
     return trainer, tokenizer, interrupt
 
@@ -268,6 +282,7 @@ def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precompu
         processing_class=tokenizer,
         peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
         callbacks=job.callbacks(interrupt),
+        padding_free_batches=cfg.padding_free,
     )
 
 
@@ -293,6 +308,7 @@ def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt
         processing_class=tokenizer,
         peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
         callbacks=job.callbacks(interrupt),
+        padding_free_batches=cfg.padding_free,
     )
 
 

@@ -36,8 +36,10 @@ from trl.trainer.utils import pad, use_adapter
 
 from lexalign.errors import LexAlignError, warn
 from lexalign.groups import ranked_groups
+from lexalign.logprobs import install_on_trainer
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.tokens import tokenize_groups
+from lexalign.train.packed import padding_free_model
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -164,7 +166,7 @@ class GDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args: GDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None,
-                 optimizers=(None, None), peft_config=None):
+                 optimizers=(None, None), peft_config=None, padding_free_batches: bool = True):
         if args is None or not isinstance(args, GDPOConfig):
             raise TypeError("GDPOTrainer needs a GDPOConfig")
         if args.group_delay_size < 2:
@@ -203,6 +205,8 @@ class GDPOTrainer(DPOTrainer):
                 train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                 callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
             )
+        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
+        install_on_trainer(self)  # log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
 
     # Data ----------------------------------------------------------------------------------------
 
@@ -309,8 +313,8 @@ class GDPOTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        # One policy pass over all K·B sequences, one reference pass.
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # One policy pass over all K·B sequences (packed: lexalign.train.packed), one reference pass.
+        outputs = padding_free_model(self, model, inputs)(**model_kwargs, labels=labels, fused_lm_head=True)
         per_token_logps = outputs.log_probs[:, -seq_len:]
         logps = per_token_logps.sum(dim=1)
         if "ref_logps" in inputs:  # precomputed, [B, K] → response-major like `logps`

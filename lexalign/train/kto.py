@@ -29,6 +29,8 @@ import contextlib
 
 from trl import KTOConfig, KTOTrainer  # noqa: F401 - KTOConfig: what setup builds the args with
 
+from lexalign.logprobs import install_on_trainer
+
 REFERENCE_COLUMNS = ("ref_logps", "ref_KL_logps")
 
 
@@ -58,6 +60,7 @@ class LexAlignKTOTrainer(KTOTrainer):
             set(REFERENCE_COLUMNS) <= set(dataset.column_names)
         with skip_reference_hash(precomputed):
             super().__init__(*args, **kwargs)
+        install_on_trainer(self, ("log_probs", "entropy", "mean_logits"))  # lexalign/logprobs.py
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names or "KL_completion_ids" not in dataset.column_names:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from lexalign.logprobs import install_on_trainer
 from lexalign.losses.reference_free import chosen_nll, cpo_loss, log_odds, mean_logps, orpo_loss, simpo_loss
 from lexalign.train.gdpo import skip_reference_hash
+from lexalign.train.packed import padding_free_model
 
 METHODS = ("orpo", "simpo", "cpo")
 
@@ -44,7 +46,8 @@ class ReferenceFreeTrainer(DPOTrainer):
     _paper = {}
 
     def __init__(self, model, args: ReferenceFreeConfig, train_dataset=None, eval_dataset=None,
-                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
+                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None,
+                 padding_free_batches: bool = True):
         if not isinstance(args, ReferenceFreeConfig):
             raise TypeError("ReferenceFreeTrainer needs a ReferenceFreeConfig")
         if args.method not in METHODS:
@@ -67,6 +70,8 @@ class ReferenceFreeTrainer(DPOTrainer):
             super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                              optimizers=optimizers, peft_config=peft_config)
+        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
+        install_on_trainer(self)  # log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names:
@@ -107,7 +112,7 @@ class ReferenceFreeTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         # One forward pass of the policy over the 2·B sequences (chosen rows, then rejected rows).
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        outputs = padding_free_model(self, model, inputs)(**model_kwargs, labels=labels, fused_lm_head=True)
         logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
         lengths = shift_mask.sum(dim=1)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)

@@ -1,0 +1,136 @@
+"""Log-probabilities of the tokens that are there, without the [tokens x vocabulary] logits.
+
+DPO, GDPO, KTO and the reference step need log π(token) of the completion
+tokens only. Computing the full logits and a log-softmax over them in fp32 is
+the memory peak with modern vocabularies (Qwen's 151k, Llama-3's 128k,
+Gemma's 256k). `add_lean_lm_head` gives a model a forward that returns
+per-token log-probabilities straight from the final hidden states:
+
+- only the scored positions (label != -100) go through the LM head: prompt,
+  padding and sequence starts cost nothing there. TRL's own fused head
+  (`trl.trainer.utils.add_fused_lm_head`) does this only where Triton runs
+  (CUDA/XPU); elsewhere it projects every position, padding included;
+- the projection and the logsumexp run a tile at a time ([TOKEN_TILE x
+  VOCAB_TILE]) and each tile is recomputed in the backward pass instead of
+  stored (TRL's `ChunkedLogProbFunction`, the kernel both heads share). TRL's
+  tiles are [4096 x 32768]: on the CPU, where the tile is folded with torch
+  ops that each allocate a tile-sized temporary, that is several 512 MB
+  buffers at once; here a tile is 32 MB.
+
+The call is the one TRL's trainers make, `model(..., labels=labels,
+fused_lm_head=True)` returning a `FusedCausalLMOutput`, so DPOTrainer,
+KTOTrainer and ours use it unchanged once it is installed.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+TOKEN_TILE = 1024
+"""Scored positions per call of the chunked kernel."""
+VOCAB_TILE = 8192
+"""Vocabulary columns per tile: a [TOKEN_TILE x VOCAB_TILE] fp32 tile is 32 MB."""
+
+DEFAULT_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+"""What DPOTrainer's metrics read (entropy, logits/*, mean_token_accuracy) beside the log-probs."""
+
+
+def logit_transform(config) -> tuple[float | None, float]:
+    """(final_logit_softcapping, logit_scale) of an architecture, read as TRL's fused head reads them: Gemma-2
+    caps its logits, Cohere scales them, Granite divides them."""
+    text = config.get_text_config()
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, name, None) is not None:
+            scale = getattr(text, name)
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",),
+                        softcap: float | None = None, logit_scale: float = 1.0) -> tuple:
+    """log softmax(hidden @ weight.T + bias)[target] for [N, H] hidden states, TOKEN_TILE rows at a time.
+
+    Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] or None when not in
+    `outputs`; differentiable in `hidden`, `weight` and `bias` (each tile recomputed in the backward pass).
+    """
+    from trl.kernels import ChunkedLogProbFunction
+
+    pieces = [ChunkedLogProbFunction.apply(hidden[start:start + TOKEN_TILE], weight, bias,
+                                           targets[start:start + TOKEN_TILE], 1.0, VOCAB_TILE, softcap,
+                                           logit_scale, outputs)
+              for start in range(0, hidden.shape[0], TOKEN_TILE)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces, strict=True))
+
+
+def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """Give `model` the lean head: `model(..., labels=labels, fused_lm_head=True)` scores the labelled positions
+    only, in tiles. Calls without `fused_lm_head` (generation, plain forwards) go to the forward it had.
+
+    Install it on the model itself (the PEFT model's `get_base_model()`), after TRL's trainer has installed its
+    own fused head, which it replaces. A mixture-of-experts model keeps TRL's head (its auxiliary loss).
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text = model.config.get_text_config()
+    if getattr(text, "output_router_logits", False):
+        return
+    previous = model.forward
+    softcap, logit_scale = logit_transform(model.config)
+
+    def lean_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                     **kwargs):
+        if not fused_lm_head:
+            extra = {name: value for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                                     ("num_items_in_batch", num_items_in_batch))
+                     if value is not None}
+            return previous(*args, **kwargs, **extra)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:  # position t scores token t + 1
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        head = self.get_output_embeddings()
+        hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
+        mask = targets != -100
+        per_token = chunked_token_logps(hidden[mask], head.weight, head.bias, targets[mask], outputs, softcap,
+                                        logit_scale)
+        # masked_scatter keeps an all-masked batch connected to the graph (a differentiable zero).
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                                   log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1,
+                                   label_mask=mask)
+
+    lean_forward.lean_outputs = outputs
+    model.forward = types.MethodType(lean_forward, model)
+
+
+def has_lean_head(model) -> bool:
+    return getattr(getattr(model.forward, "__func__", None), "lean_outputs", None) is not None
+
+
+def ensure_lean_head(model) -> None:
+    """The lean head on a model used for scoring only (evaluation), once."""
+    if not has_lean_head(model):
+        add_lean_lm_head(model)
+
+
+def install_on_trainer(trainer, outputs: tuple[str, ...] = DEFAULT_OUTPUTS) -> None:
+    """The lean head on a TRL trainer's policy (under PEFT, its base model) and its reference model, if any.
+    Called after the trainer's __init__, which installed TRL's head."""
+    if getattr(trainer, "use_weighting", False):  # WPO's weights read log(sum p^2)
+        outputs = (*outputs, "log_sum_sq_probs")
+    model = trainer.model
+    add_lean_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
+    if getattr(trainer, "ref_model", None) is not None:
+        add_lean_lm_head(trainer.ref_model)

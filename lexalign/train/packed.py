@@ -1,0 +1,59 @@
+"""Padding-free training batches for TRL-style preference trainers.
+
+DPOTrainer (and our GDPO and reference-free trainers, built on it) compute the
+loss from a right-padded batch: `model(**padded, labels=labels,
+fused_lm_head=True)`, then per-token log-probabilities of shape [N, L - 1]
+summed per sequence. `padding_free_model` hands the loss a stand-in for the
+model that runs the batch's sequences repacked into fewer rows
+(`lexalign.packing.pack_rows`: position_ids restart per sequence, so attention
+stays within each) and returns the per-token outputs in the padded batch's
+shape. The trainer's loss, metrics and gradients are unchanged (equal to the
+padded computation, tests/test_packing.py); the model computes only the real
+tokens and the row-end padding.
+
+Only the policy's passes are packed; a reference computed online (no
+reference file) keeps its padded pass.
+"""
+
+from __future__ import annotations
+
+from lexalign import packing
+
+PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+class PackedModel:
+    """Stands in for `model` in a loss: a call with `fused_lm_head=True` runs the packed rows."""
+
+    def __init__(self, model, rows: packing.PackedRows):
+        self.model, self.rows = model, rows
+
+    def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
+        if not fused_lm_head:  # e.g. return_outputs' plain forward: the padded batch as it is
+            return self.model(*args, **kwargs)
+        extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
+        rows = self.rows
+        outputs = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, labels=rows.labels,
+                             use_cache=False, fused_lm_head=True, **extra)
+        for name in PER_TOKEN_FIELDS:
+            value = getattr(outputs, name, None)
+            if value is not None:
+                setattr(outputs, name, rows.unpack(value))
+        return outputs
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def padding_free_model(trainer, model, inputs: dict):
+    """`model` for this batch's loss: packed when the trainer packs and the architecture takes packed input."""
+    if not getattr(trainer, "padding_free_batches", False):
+        return model
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    if not packing.supports_packing(base):
+        return model
+    pad = trainer.processing_class.pad_token_id
+    rows = packing.pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+                             0 if pad is None else pad)
+    return PackedModel(model, rows)
