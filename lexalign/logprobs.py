@@ -51,14 +51,136 @@ def logit_transform(config) -> tuple[float | None, float]:
     return getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale
 
 
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A [n, c] tile of logits in fp32 (a fresh tensor the caller may overwrite), and tanh of the capped
+    logits where the architecture soft-caps them (what the backward pass needs)."""
+    z = hidden @ weight.float().t()
+    if bias is not None:
+        z += bias.float()
+    if scale != 1.0:
+        z *= scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return torch.mul(t, softcap, out=z), t
+
+
+class TiledLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] a [TOKEN_TILE x VOCAB_TILE] tile at a time, in fp32, on the
+    CPU: the tile is folded with in-place ops (about four passes over it, where TRL's torch fallback makes
+    a dozen, most of them allocating a tile-sized temporary) and recomputed in the backward pass.
+
+    Also returns, without gradient (metrics: DPO's entropy, logits/*, mean_token_accuracy), each position's
+    entropy, mean logit and whether the target is the most likely token (a tie counts)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, scale, stats: bool):
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        h = hidden.float()
+        lse = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
+        entropy, mean_logit, top = (torch.empty_like(lse) for _ in range(3)) if stats else (None, None, None)
+        for a in range(0, n_tokens, TOKEN_TILE):
+            rows = h[a:a + TOKEN_TILE]
+            peak = torch.full((rows.shape[0],), float("-inf"), device=h.device)
+            sum_exp, sum_exp_z, sum_z = (torch.zeros_like(peak) for _ in range(3))
+            for v in range(0, vocab, VOCAB_TILE):
+                z, _ = _logits(rows, weight[v:v + VOCAB_TILE], None if bias is None else bias[v:v + VOCAB_TILE],
+                               softcap, scale)
+                if stats:
+                    sum_z += z.sum(-1)
+                new_peak = torch.maximum(peak, z.amax(-1))
+                rescale = torch.exp(peak - new_peak)
+                z -= new_peak[:, None]  # z' = z - peak, so exp never overflows
+                e = torch.exp(z)
+                tile_sum = e.sum(-1)
+                if stats:  # Σ e^(z - peak)·z = e·z' + peak·Σ e
+                    sum_exp_z = sum_exp_z * rescale + torch.bmm(e[:, None], z[:, :, None]).view(-1) \
+                        + new_peak * tile_sum
+                sum_exp = sum_exp * rescale + tile_sum
+                peak = new_peak
+            lse[a:a + TOKEN_TILE] = peak + torch.log(sum_exp)
+            if stats:
+                entropy[a:a + TOKEN_TILE] = lse[a:a + TOKEN_TILE] - sum_exp_z / sum_exp
+                mean_logit[a:a + TOKEN_TILE] = sum_z / vocab
+                top[a:a + TOKEN_TILE] = peak
+        target_z, _ = _target_logits(h, weight, bias, targets, softcap, scale)
+        logp = target_z - lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap, ctx.scale = softcap, scale
+        if not stats:
+            return logp, None, None, None
+        # The target's logit is computed apart from the tile's (a dot product, not the matmul): allow for rounding.
+        is_top1 = target_z >= top - 1e-5 * top.abs().clamp(min=1.0)
+        ctx.mark_non_differentiable(entropy, mean_logit, is_top1)
+        return logp, entropy, mean_logit, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        softcap, scale = ctx.softcap, ctx.scale
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        h, g = hidden.float(), grad_logp.float()
+        grad_h = torch.zeros_like(h) if need_hidden else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for a in range(0, h.shape[0], TOKEN_TILE):
+            rows, g_rows, lse_rows = h[a:a + TOKEN_TILE], g[a:a + TOKEN_TILE, None], lse[a:a + TOKEN_TILE, None]
+            for v in range(0, weight.shape[0], VOCAB_TILE):
+                w = weight[v:v + VOCAB_TILE].float()
+                z, t = _logits(rows, w, None if bias is None else bias[v:v + VOCAB_TILE], softcap, scale)
+                p = z.sub_(lse_rows).exp_()  # softmax of the tile's columns
+                # d log p_target / d raw logit_j = (1[j = target] - p_j) · dz_j/draw_j; the p part here:
+                p *= g_rows * scale
+                if t is not None:
+                    p *= 1 - t * t
+                if grad_h is not None:
+                    grad_h[a:a + TOKEN_TILE].addmm_(p, w, alpha=-1)
+                if grad_w is not None:
+                    grad_w[v:v + VOCAB_TILE].addmm_(p.t(), rows, alpha=-1)
+                if grad_b is not None:
+                    grad_b[v:v + VOCAB_TILE] -= p.sum(0)
+        # ... and the target's part, once per position.
+        _, t_target = _target_logits(h, weight, bias, targets, softcap, scale)
+        factor = g * scale if t_target is None else g * scale * (1 - t_target * t_target)
+        if grad_h is not None:
+            grad_h += factor[:, None] * weight[targets].float()
+        if grad_w is not None:
+            grad_w.index_add_(0, targets, factor[:, None] * h)
+        if grad_b is not None:
+            grad_b.index_add_(0, targets, factor)
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _target_logits(h, weight, bias, targets, softcap, scale):
+    """Each position's logit of its own target, [N], computed from its row of the head alone."""
+    z = (h * weight[targets].float()).sum(-1)
+    if bias is not None:
+        z = z + bias[targets].float()
+    z = z * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return softcap * t, t
+
+
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, outputs: tuple[str, ...] = ("log_probs",),
                         softcap: float | None = None, logit_scale: float = 1.0) -> tuple:
-    """log softmax(hidden @ weight.T + bias)[target] for [N, H] hidden states, TOKEN_TILE rows at a time.
+    """log softmax(hidden @ weight.T + bias)[target] for [N, H] hidden states, a tile at a time.
 
     Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] or None when not in
-    `outputs`; differentiable in `hidden`, `weight` and `bias` (each tile recomputed in the backward pass).
+    `outputs`; log_probs is differentiable in `hidden`, `weight` and `bias`. On the CPU `TiledLogProbs`;
+    where Triton runs, TRL's `ChunkedLogProbFunction` (its kernels), TOKEN_TILE rows at a time.
     """
+    if hidden.device.type == "cpu" and "log_sum_sq_probs" not in outputs:
+        stats = any(name in outputs for name in ("entropy", "mean_logits", "is_top1"))
+        logp, entropy, mean_logit, is_top1 = TiledLogProbs.apply(hidden, weight, bias, targets, softcap,
+                                                                 logit_scale, stats)
+        keep = lambda name, value: value if name in outputs else None  # noqa: E731
+        return logp, keep("entropy", entropy), None, keep("mean_logits", mean_logit), keep("is_top1", is_top1)
     from trl.kernels import ChunkedLogProbFunction
 
     pieces = [ChunkedLogProbFunction.apply(hidden[start:start + TOKEN_TILE], weight, bias,

@@ -61,7 +61,11 @@ def test_the_lean_head_equals_the_full_log_softmax(zoo_models, family, monkeypat
     monkeypatch.setattr(logprobs, "VOCAB_TILE", 96)
     model = load_causal_lm(zoo_models(family), "cpu", train_all_weights=True)
     torch.manual_seed(0)
-    ids = torch.randint(5, min(model.config.vocab_size, 600), (3, 21))
+    prefix = torch.randint(5, min(model.config.vocab_size, 600), (3, 6))
+    with torch.no_grad():  # greedy continuations: their tokens are the top tokens (is_top1 true) ...
+        ids = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=15, min_new_tokens=15,
+                             do_sample=False, pad_token_id=0)
+    ids[:, 12::3] = torch.randint(5, min(model.config.vocab_size, 600), ids[:, 12::3].shape)  # ... but a few
     labels = ids.clone()
     labels[:, :6] = -100
     logits = model(input_ids=ids).logits.float()
@@ -72,6 +76,16 @@ def test_the_lean_head_equals_the_full_log_softmax(zoo_models, family, monkeypat
     logprobs.add_lean_lm_head(model, logprobs.DEFAULT_OUTPUTS)
     lean = model(input_ids=ids, labels=labels, fused_lm_head=True)
     assert torch.allclose(lean.log_probs, full, atol=1e-5)
+    # The metrics DPOTrainer logs from the head: entropy, mean logit, whether the target is the top token.
+    with torch.no_grad():
+        scored = labels[:, 1:] != -100
+        log_p = torch.log_softmax(logits[:, :-1].detach(), -1)
+        entropy = -(log_p.exp() * log_p).sum(-1) * scored
+        mean_logit = logits[:, :-1].detach().mean(-1) * scored
+        top1 = (logits[:, :-1].detach().argmax(-1) == ids[:, 1:]) & scored
+    assert torch.allclose(lean.entropy, entropy, atol=1e-5)
+    assert torch.allclose(lean.mean_logits, mean_logit, atol=1e-5)
+    assert torch.equal(lean.is_top1, top1) and 0 < top1.sum() < scored.sum()
     lean.log_probs.sum().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], atol=1e-5), (family, name)

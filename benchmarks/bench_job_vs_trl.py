@@ -1,0 +1,213 @@
+"""Benchmark (not a test): the whole DPO job, raw JSONL to trained adapter, `lexalign align` against a plain
+TRL `DPOTrainer` script, side by side on a realistic long-tailed length mix and two vocabularies.
+
+    python benchmarks/bench_job_vs_trl.py                       # 32k and 150k vocabularies, 2 rounds
+    python benchmarks/bench_job_vs_trl.py --pairs 16 --rounds 1 --vocab 32000   # a quick run
+    python benchmarks/bench_job_vs_trl.py --device cuda --hidden 1024 --layers 12 --pairs 256
+
+Both jobs start from the same JSONL file (prompt / chosen / rejected plain text), the same SFT model (a
+Llama of `--hidden` and `--layers` with a `--vocab` vocabulary; the tokenizer is the zoo's Llama-3-style
+byte-level BPE, tests/zoo.py) and the same hyperparameters: LoRA r 16 on q/v, batch 4 pairs, one epoch,
+learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
+
+* `trl`: `load_dataset("json")`, `DPOTrainer(model, DPOConfig(...), peft_config=LoraConfig(...))`,
+  `train()`, `save_model()`: TRL's defaults for everything else (the reference computed online every
+  step, padded batches, its fused LM head), except two switched off so that both sides compute in fp32
+  without recomputation: bf16 autocast and activation checkpointing (TRL's defaults turn both on, on a CPU
+  too, which makes TRL slower here still).
+* `lexalign`: `lexalign align --config ...`: validation of the raw file, the reference log-probs once
+  (packed), DPO on padding-free batches with the lean LM head (`lexalign.packing`, `lexalign.train.packed`,
+  `lexalign.logprobs`), the adapter saved and merged.
+
+Each job runs in a process of its own (its start-up and imports included in its time); rounds alternate
+which side goes first. Tokens/s: the real tokens of the data (prompt + chosen and prompt + rejected, in the
+model's tokenizer, padding excluded) over the job's wall time; peak memory: the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LEARNING_RATE, BATCH, BETA, MAX_LENGTH, LORA_R, LORA_ALPHA = 5e-6, 4, 0.1, 1024, 16, 32
+
+
+def _length(rng: random.Random, median: float, sigma: float, cap: int) -> int:
+    return max(2, min(cap, int(math.exp(rng.gauss(math.log(median), sigma)))))
+
+
+def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, seed: int = 0) -> dict:
+    """The SFT model folder and the raw JSONL (log-normal lengths: prompts median 50, responses 100)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import zoo
+
+    model_dir = root / f"model-{vocab}"
+    if not (model_dir / "config.json").is_file():
+        zoo.build("llama3", model_dir)  # the tokenizer (and generation config); the model is replaced
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                             num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
+                             num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=2048,
+                             bos_token_id=None, eos_token_id=None)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Words that are one token each after a space, so a text of n words is n tokens.
+    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha())
+    words = [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    data = root / "preferences.jsonl"
+    rows = [{"prompt": text(_length(rng, 50, 0.6, 380)), "chosen": text(_length(rng, 100, 0.7, 580)),
+             "rejected": text(_length(rng, 100, 0.7, 580))} for _ in range(pairs)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    count = lambda s: len(tokenizer(s)["input_ids"]) + 1  # noqa: E731  (BOS where it adds one, + EOS)
+    real = sum(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) - 2 for r in rows)
+    lengths = sorted(count(r["prompt"]) + max(count(r["chosen"]), count(r["rejected"])) for r in rows)
+    # What padded batches of BATCH pairs in file order compute (TRL shuffles: about the same share).
+    sides = [(count(r["prompt"]) + count(r["chosen"]) - 1, count(r["prompt"]) + count(r["rejected"]) - 1)
+             for r in rows]
+    padded = sum(2 * len(b) * min(MAX_LENGTH, max(max(s) for s in b))
+                 for b in (sides[i:i + BATCH] for i in range(0, len(sides), BATCH)))
+    return {"model": str(model_dir), "data": str(data), "tokens": real, "longest": lengths[-1],
+            "median": lengths[len(lengths) // 2], "padding": 1 - real / padded}
+
+
+def run_trl(model: str, data: str, out: str, device: str) -> None:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model)
+    dataset = load_dataset("json", data_files=data, split="train")
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LEARNING_RATE, beta=BETA,
+                     num_train_epochs=1, max_length=MAX_LENGTH, seed=0, report_to=[], save_strategy="no",
+                     use_cpu=device == "cpu", bf16=False, activation_checkpointing=False, disable_tqdm=True)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
+                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model(out)
+
+
+def run_lexalign(model: str, data: str, out: str, device: str) -> None:
+    import yaml
+
+    from lexalign.cli import main
+
+    config = {
+        "model": {"path": model},
+        "dataset": {"path": data, "eval_fraction": 0.0, "max_length": MAX_LENGTH},
+        "alignment": {"method": "dpo", "beta": BETA, "learning_rate": LEARNING_RATE, "batch_size": BATCH,
+                      "gradient_accumulation_steps": 1, "num_epochs": 1, "max_length": MAX_LENGTH,
+                      "use_lora": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.05,
+                      "target_modules": ["q_proj", "v_proj"], "warmup_steps": 0, "weight_decay": 0.0,
+                      "save_steps": 100000, "seed": 0, "output_dir": out, "checkpoint_dir": out + "-checkpoints"},
+        "device": device,
+        "seed": 0,
+    }
+    path = Path(out + ".yaml")
+    path.write_text(yaml.safe_dump(config))
+    main(["align", "--config", str(path)], standalone_mode=False)
+
+
+def child(side: str, model: str, data: str, out: str, device: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    (run_trl if side == "trl" else run_lexalign)(model, data, out, device)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    print("RESULT " + json.dumps({"seconds_in_process": time.perf_counter() - start, "peak_mb": peak_mb}))
+
+
+def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads: int) -> dict:
+    out = str(root / f"{side}-{tag}")
+    for stale in (out, out + "-checkpoints"):  # a job that finds its outputs (or reference file) does less
+        shutil.rmtree(stale, ignore_errors=True)
+    command = [sys.executable, __file__, "--child", side, "--model", inputs["model"], "--data", inputs["data"],
+               "--out", out, "--device", device, "--threads", str(threads)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    seconds = time.perf_counter() - start
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{side} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    return {"seconds": seconds, "tokens_per_s": inputs["tokens"] / seconds, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=["trl", "lexalign"])
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 150000])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--workdir", default=None)
+    a = parser.parse_args()
+    if a.child:
+        child(a.child, a.model, a.data, a.out, a.device, a.threads)
+        return
+    import tempfile
+
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="bench-job-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"{a.pairs} pairs, batch {BATCH}, 1 epoch, Llama hidden {a.hidden} x {a.layers} layers, "
+          f"{a.threads} threads, device {a.device}; work in {root}", flush=True)
+    results: dict = {}
+    inputs = {v: write_inputs(root, v, a.pairs, a.hidden, a.layers) for v in a.vocab}
+    for v, i in inputs.items():
+        print(f"vocab {v}: {i['tokens']} real tokens, pair lengths median {i['median']}, longest {i['longest']}; "
+              f"padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
+    for r in range(a.rounds):
+        for v in a.vocab:
+            order = ("trl", "lexalign") if (r + a.vocab.index(v)) % 2 == 0 else ("lexalign", "trl")
+            for side in order:
+                got = measure(side, inputs[v], root, f"{v}-{r}", a.device, a.threads)
+                results.setdefault((v, side), []).append(got)
+                print(f"round {r + 1} vocab {v} {side:9s} {got['seconds']:7.1f} s  {got['tokens_per_s']:8.1f} tok/s"
+                      f"  peak {got['peak_mb']:7.0f} MB", flush=True)
+    print("\nvocab   trl tok/s  lexalign tok/s  speed-up   trl MB  lexalign MB  memory")
+    for v in a.vocab:
+        trl, lex = results[(v, "trl")], results[(v, "lexalign")]
+        ratios = sorted(t["seconds"] / x["seconds"] for t, x in zip(trl, lex, strict=True))
+        mid = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        print(f"{v:6d} {mid([t['tokens_per_s'] for t in trl]):10.1f} {mid([x['tokens_per_s'] for x in lex]):15.1f}"
+              f"   {mid(ratios):5.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
+              f" {mid([t['peak_mb'] for t in trl]):8.0f} {mid([x['peak_mb'] for x in lex]):12.0f}"
+              f"   {mid([x['peak_mb'] for x in lex]) / mid([t['peak_mb'] for t in trl]):4.2f}x")
+
+
+if __name__ == "__main__":
+    main()
