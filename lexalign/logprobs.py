@@ -24,6 +24,7 @@ KTOTrainer and ours use it unchanged once it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -54,8 +55,9 @@ def logit_transform(config) -> tuple[float | None, float]:
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A [n, c] tile of logits in fp32 (a fresh tensor the caller may overwrite), and tanh of the capped
-    logits where the architecture soft-caps them (what the backward pass needs)."""
-    z = hidden @ weight.float().t()
+    logits where the architecture soft-caps them (what the backward pass needs). Under autocast the product
+    runs in the autocast dtype, as TRL's kernel projects, and is folded in fp32."""
+    z = (hidden @ weight.float().t()).float()
     if bias is not None:
         z += bias.float()
     if scale != 1.0:
@@ -72,13 +74,15 @@ class TiledLogProbs(torch.autograd.Function):
     a dozen, most of them allocating a tile-sized temporary) and recomputed in the backward pass.
 
     Also returns, without gradient (metrics: DPO's entropy, logits/*, mean_token_accuracy), each position's
-    entropy, mean logit and whether the target is the most likely token (a tie counts)."""
+    entropy, mean logit and whether the target is the most likely token (a tie counts). Under autocast the
+    projection runs in the autocast dtype (as TRL's kernel runs it) and everything after it in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, scale, stats: bool):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         h = hidden.float()
         lse = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
+        target_z = torch.zeros_like(lse)
         entropy, mean_logit, top = (torch.empty_like(lse) for _ in range(3)) if stats else (None, None, None)
         for a in range(0, n_tokens, TOKEN_TILE):
             rows = h[a:a + TOKEN_TILE]
@@ -87,6 +91,10 @@ class TiledLogProbs(torch.autograd.Function):
             for v in range(0, vocab, VOCAB_TILE):
                 z, _ = _logits(rows, weight[v:v + VOCAB_TILE], None if bias is None else bias[v:v + VOCAB_TILE],
                                softcap, scale)
+                local = targets[a:a + TOKEN_TILE] - v  # the target's logit, from the tile it falls in
+                here = (local >= 0) & (local < z.shape[1])
+                picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).view(-1)
+                target_z[a:a + TOKEN_TILE] = torch.where(here, picked, target_z[a:a + TOKEN_TILE])
                 if stats:
                     sum_z += z.sum(-1)
                 new_peak = torch.maximum(peak, z.amax(-1))
@@ -104,20 +112,18 @@ class TiledLogProbs(torch.autograd.Function):
                 entropy[a:a + TOKEN_TILE] = lse[a:a + TOKEN_TILE] - sum_exp_z / sum_exp
                 mean_logit[a:a + TOKEN_TILE] = sum_z / vocab
                 top[a:a + TOKEN_TILE] = peak
-        target_z, _ = _target_logits(h, weight, bias, targets, softcap, scale)
         logp = target_z - lse
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, target_z)
         ctx.softcap, ctx.scale = softcap, scale
         if not stats:
             return logp, None, None, None
-        # The target's logit is computed apart from the tile's (a dot product, not the matmul): allow for rounding.
-        is_top1 = target_z >= top - 1e-5 * top.abs().clamp(min=1.0)
+        is_top1 = target_z >= top
         ctx.mark_non_differentiable(entropy, mean_logit, is_top1)
         return logp, entropy, mean_logit, is_top1
 
     @staticmethod
     def backward(ctx, grad_logp, *_):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, target_z = ctx.saved_tensors
         softcap, scale = ctx.softcap, ctx.scale
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         h, g = hidden.float(), grad_logp.float()
@@ -141,8 +147,7 @@ class TiledLogProbs(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b[v:v + VOCAB_TILE] -= p.sum(0)
         # ... and the target's part, once per position.
-        _, t_target = _target_logits(h, weight, bias, targets, softcap, scale)
-        factor = g * scale if t_target is None else g * scale * (1 - t_target * t_target)
+        factor = g * scale if softcap is None else g * scale * (1 - (target_z / softcap) ** 2)
         if grad_h is not None:
             grad_h += factor[:, None] * weight[targets].float()
         if grad_w is not None:
@@ -152,18 +157,6 @@ class TiledLogProbs(torch.autograd.Function):
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
-
-
-def _target_logits(h, weight, bias, targets, softcap, scale):
-    """Each position's logit of its own target, [N], computed from its row of the head alone."""
-    z = (h * weight[targets].float()).sum(-1)
-    if bias is not None:
-        z = z + bias[targets].float()
-    z = z * scale
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return softcap * t, t
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -247,12 +240,27 @@ def ensure_lean_head(model) -> None:
         add_lean_lm_head(model)
 
 
-def install_on_trainer(trainer, outputs: tuple[str, ...] = DEFAULT_OUTPUTS) -> None:
-    """The lean head on a TRL trainer's policy (under PEFT, its base model) and its reference model, if any.
-    Called after the trainer's __init__, which installed TRL's head."""
-    if getattr(trainer, "use_weighting", False):  # WPO's weights read log(sum p^2)
-        outputs = (*outputs, "log_sum_sq_probs")
-    model = trainer.model
-    add_lean_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
-    if getattr(trainer, "ref_model", None) is not None:
-        add_lean_lm_head(trainer.ref_model)
+@contextlib.contextmanager
+def lean_heads(trainer_module):
+    """While a TRL trainer is built, the fused LM head its module installs is the lean head.
+
+    TRL's DPOTrainer and KTOTrainer call `add_fused_lm_head` in their __init__ on
+    the policy (under PEFT, its base model) and on a reference model, before
+    accelerate wraps the reference for mixed precision; the lean head is put in
+    at that very point, so those wrappers (bf16 autocast) stay around it.
+    `trainer_module` is the module whose `add_fused_lm_head` the trainer calls
+    (`trl.trainer.dpo_trainer`, `trl.trainer.kto_trainer`).
+    """
+    original = trainer_module.add_fused_lm_head
+
+    def install(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if temperature != 1.0 or cast_lm_head_to_fp32:  # settings the lean head does not have: TRL's head
+            return original(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                            outputs=outputs)
+        return add_lean_lm_head(model, outputs)
+
+    trainer_module.add_fused_lm_head = install
+    try:
+        yield
+    finally:
+        trainer_module.add_fused_lm_head = original

@@ -26,6 +26,10 @@ def base_args(tmp_path, **overrides) -> dict:
         "save_strategy": "no",
         "report_to": [],
         "use_cpu": True,
+        # fp32, as LexAlign trains on the CPU (runtime.gpu_defaults). TRL's default, bf16 autocast even on the
+        # CPU, rounds the LM head's products to bf16: TRL's kernel recomputes them in bf16 in the backward
+        # pass and LexAlign's CPU head in fp32, and the two part at 1e-3 within two updates at lr 1e-2.
+        "bf16": False,
         "disable_tqdm": True,
         "max_length": 64,
         "seed": 0,

@@ -125,8 +125,9 @@ def load_policy(job: AlignJob, device: str):
 
 def _dpo_trainer_class():
     from trl import DPOTrainer
+    from trl.trainer import dpo_trainer
 
-    from lexalign.logprobs import install_on_trainer
+    from lexalign.logprobs import lean_heads
     from lexalign.train.packed import padding_free_model
 
     class PrecomputedDPOTrainer(DPOTrainer):
@@ -142,8 +143,8 @@ def _dpo_trainer_class():
 
         def __init__(self, *args, padding_free_batches: bool = True, **kwargs):
             self.padding_free_batches = padding_free_batches
-            super().__init__(*args, **kwargs)
-            install_on_trainer(self)
+            with lean_heads(dpo_trainer):
+                super().__init__(*args, **kwargs)
 
         def _compute_loss(self, model, inputs, return_outputs):
             return super()._compute_loss(padding_free_model(self, model, inputs), inputs, return_outputs)

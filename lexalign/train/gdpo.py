@@ -32,11 +32,12 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import dpo_trainer
 from trl.trainer.utils import pad, use_adapter
 
 from lexalign.errors import LexAlignError, warn
 from lexalign.groups import ranked_groups
-from lexalign.logprobs import install_on_trainer
+from lexalign.logprobs import lean_heads
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.tokens import tokenize_groups
 from lexalign.train.packed import padding_free_model
@@ -199,14 +200,14 @@ class GDPOTrainer(DPOTrainer):
         self.group_weight = args.group_delay_weight
         precomputed = args.precompute_ref_log_probs and all(
             d is None or _has_columns(d, ["ref_logps"]) for d in (train_dataset, eval_dataset))
-        with skip_reference_hash(precomputed):
+        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
+        # lean_heads: log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
+        with skip_reference_hash(precomputed), lean_heads(dpo_trainer):
             super().__init__(
                 model=model, ref_model=ref_model, args=args, data_collator=data_collator,
                 train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                 callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
             )
-        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
-        install_on_trainer(self)  # log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
 
     # Data ----------------------------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import contextlib
 
 from trl import KTOConfig, KTOTrainer  # noqa: F401 - KTOConfig: what setup builds the args with
+from trl.trainer import kto_trainer
 
-from lexalign.logprobs import install_on_trainer
+from lexalign.logprobs import lean_heads
 
 REFERENCE_COLUMNS = ("ref_logps", "ref_KL_logps")
 
@@ -58,9 +59,8 @@ class LexAlignKTOTrainer(KTOTrainer):
         dataset = kwargs.get("train_dataset")
         precomputed = kwargs["args"].precompute_ref_log_probs and dataset is not None and \
             set(REFERENCE_COLUMNS) <= set(dataset.column_names)
-        with skip_reference_hash(precomputed):
+        with skip_reference_hash(precomputed), lean_heads(kto_trainer):  # lean_heads: lexalign/logprobs.py
             super().__init__(*args, **kwargs)
-        install_on_trainer(self, ("log_probs", "entropy", "mean_logits"))  # lexalign/logprobs.py
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names or "KL_completion_ids" not in dataset.column_names:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 from trl import DPOConfig, DPOTrainer
+from trl.trainer import dpo_trainer
 
-from lexalign.logprobs import install_on_trainer
+from lexalign.logprobs import lean_heads
 from lexalign.losses.reference_free import chosen_nll, cpo_loss, log_odds, mean_logps, orpo_loss, simpo_loss
 from lexalign.train.gdpo import skip_reference_hash
 from lexalign.train.packed import padding_free_model
@@ -66,12 +67,12 @@ class ReferenceFreeTrainer(DPOTrainer):
         # Nothing to precompute, and no reference model: DPOTrainer loads none when log-probs are precomputed.
         args.precompute_ref_log_probs = True
         self.method = args.method
-        with skip_reference_hash(True):
+        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
+        # lean_heads: log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
+        with skip_reference_hash(True), lean_heads(dpo_trainer):
             super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                              optimizers=optimizers, peft_config=peft_config)
-        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
-        install_on_trainer(self)  # log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names:
