@@ -22,13 +22,14 @@ try:
     FinetuneConfig.from_dict(config["finetune"])
     AlignConfig.from_dict(config["alignment"])
     # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
-    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full.
+    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full; a key the run
+    # gives itself that belongs to another method is an error, as under alignment (validate_config).
     from lexalign.config.stages import run_alignment
 
     RUNS = {}
     for name, overrides in config["runs"].items():
         try:
-            RUNS[name] = run_alignment(config["alignment"], overrides)
+            RUNS[name] = run_alignment(config["alignment"], overrides, name)
             AlignConfig.from_dict(RUNS[name])
         except LexAlignError as err:
             err.details = [*err.details, f"In the sweep run runs.{name}"]

@@ -17,8 +17,8 @@ import torch
 from conftest import write_jsonl
 from transformers import TrainerCallback
 
-from lexalign.config.loader import section_defaults
-from lexalign.config.stages import AlignConfig, run_alignment
+from lexalign.config.loader import _root_schema, section_defaults, validate_config
+from lexalign.config.stages import METHOD_KEYS, METHODS, AlignConfig, run_alignment
 from lexalign.demo import task
 from lexalign.errors import LexAlignError, TrainingInterrupted
 
@@ -57,19 +57,55 @@ def logged(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method, key, value, owner", [
-    ("dpo", "cpo_alpha", 0.5, "CPO"),
-    ("orpo", "desirable_weight", 2.0, "KTO"),
-    ("kto", "gamma", 1.0, "SimPO"),
-    ("cpo", "orpo_lambda", 0.2, "ORPO"),
-    ("simpo", "loss_type", "ipo", "DPO"),
-    ("gdpo", "undesirable_weight", 0.5, "KTO"),
-    ("orpo", "group_delay_weight", 0.2, "GDPO"),
+    ("dpo", "cpo_alpha", 0.5, "cpo"),
+    ("orpo", "desirable_weight", 2.0, "kto"),
+    ("kto", "gamma", 1.0, "simpo"),
+    ("cpo", "orpo_lambda", 0.2, "orpo"),
+    ("simpo", "loss_type", "ipo", "dpo"),
+    ("gdpo", "undesirable_weight", 0.5, "kto"),
+    ("orpo", "group_delay_weight", 0.2, "gdpo"),
 ])
 def test_a_key_of_another_method_is_an_error_naming_its_method(method, key, value, owner):
+    # Built in code, defaults filled in: the last guard sees the value set away from its default.
     with pytest.raises(LexAlignError) as err:
         AlignConfig.from_dict(section_defaults("alignment", {"method": method, key: value}))
-    assert err.value.message == f'{key} is a {owner} key; alignment.method is "{method}"'
-    assert err.value.hint == f"Remove {key}, or set method: {owner.lower()}"
+    assert err.value.message == f'alignment.{key} belongs to method {owner}; alignment.method is "{method}"'
+    assert err.value.hint == f"Remove {key}, or set method: {owner}"
+
+
+def written(alignment: dict) -> dict:
+    return validate_config({"model": {"path": "m"}, "dataset": {"path": "d"}, "alignment": alignment}, "align",
+                           source="align.yaml")
+
+
+@pytest.mark.parametrize("key", sorted(METHOD_KEYS))
+def test_a_key_of_another_method_is_an_error_even_at_its_default(key):
+    """Every method key, written at its default value under every method it does not belong to: an error naming
+    the key, the method it belongs to and the method configured (DPO alone takes GDPO's keys, and ignores them)."""
+    owner = METHOD_KEYS[key]
+    default = section_defaults("alignment")[key]
+    for method in METHODS:
+        alignment = {"method": method, key: default, **({"batch_size": 2} if method == "kto" else {})}
+        if method == owner or (method, owner) == ("dpo", "gdpo"):
+            assert written(alignment)["alignment"][key] == default
+            continue
+        with pytest.raises(LexAlignError) as err:
+            written(alignment)
+        assert err.value.message == f'alignment.{key} belongs to method {owner}; alignment.method is "{method}"'
+        assert err.value.hint == f"Remove {key}, or set method: {owner}"
+        assert f"alignment.{key}: {default!r}" in err.value.render() and "in align.yaml" in err.value.render()
+    # No method given: DPO, the default method.
+    if owner not in ("dpo", "gdpo"):
+        with pytest.raises(LexAlignError, match=f'belongs to method {owner}; alignment.method is "dpo"'):
+            written({key: default})
+
+
+def test_the_method_keys_are_the_schemas_marks():
+    """One list: METHOD_KEYS is the schema's x-method marks, and every method has keys of its own."""
+    properties = _root_schema()["$defs"]["alignment"]["properties"]
+    assert METHOD_KEYS == {k: p["x-method"] for k, p in properties.items() if "x-method" in p}
+    assert set(METHOD_KEYS.values()) == set(METHODS)
+    assert {k for k, o in METHOD_KEYS.items() if o == "kto"} == {"desirable_weight", "undesirable_weight"}
 
 
 def test_each_method_takes_its_own_keys():
@@ -89,19 +125,71 @@ def test_a_run_that_changes_the_method_leaves_the_base_methods_keys_behind():
     assert orpo["desirable_weight"] == 1.0 and orpo["orpo_lambda"] == 0.3 and orpo["beta"] == 0.3
     AlignConfig.from_dict(orpo)
     assert run_alignment(base, {"beta": 0.2})["desirable_weight"] == 1.2  # same method: inherited
-    with pytest.raises(LexAlignError, match='gamma is a SimPO key; alignment.method is "dpo"'):
-        AlignConfig.from_dict(run_alignment(base, {"method": "dpo", "gamma": 1.0}))
+    with pytest.raises(LexAlignError, match='run.gamma belongs to method simpo; run.method is "dpo"'):
+        run_alignment(base, {"method": "dpo", "gamma": 1.0})
+    # A key the run writes is checked as written: at its default value too, and named by the run.
+    dpo = section_defaults("alignment", {"method": "dpo"})
+    assert run_alignment(dpo, {"method": "kto", "desirable_weight": 1.0}, "kto")["method"] == "kto"
+    with pytest.raises(LexAlignError) as err:
+        run_alignment(dpo, {"desirable_weight": 1.0}, "bad")
+    assert err.value.message == 'runs.bad.desirable_weight belongs to method kto; alignment.method is "dpo"'
+    with pytest.raises(LexAlignError, match='runs.bad.desirable_weight belongs to method kto; runs.bad.method is "dpo"'):
+        run_alignment(base, {"method": "dpo", "desirable_weight": 1.0}, "bad")
 
 
-def test_the_pipeline_names_the_sweep_run_with_a_key_of_another_method(tmp_path):
+def test_lexalign_align_refuses_a_key_of_another_method_at_its_default(tmp_path, demo_model_dir):
+    """Through the command: a clean error (no traceback) before anything loads, the default value included."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(demo_model_dir)}, "dataset": {"path": str(tmp_path / "none.jsonl")},
+        "alignment": {"method": "dpo", "cpo_alpha": 1.0, "output_dir": str(tmp_path / "out")}}))
+    for command in ("align", "validate"):
+        extra = ["--output", str(tmp_path / "v")] if command == "validate" else []
+        result = subprocess.run([str(Path(sys.executable).parent / "lexalign"), command, "--config", str(config),
+                                 *extra], capture_output=True, text=True, timeout=120)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1 and "Traceback" not in out, out
+        assert 'Error: alignment.cpo_alpha belongs to method cpo; alignment.method is "dpo"' in out
+        assert f"alignment.cpo_alpha: 1.0 (a number) in {config}" in out
+        assert "→ Remove cpo_alpha, or set method: cpo" in out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "v").exists()
+
+
+def test_the_pipeline_refuses_a_key_of_another_method_when_it_plans_the_dag(tmp_path):
+    """Snakemake, at DAG time: under alignment, and in a sweep run (a KTO run takes desirable_weight; a DPO run
+    given it, at its default value, is refused by name). A clean error, no traceback."""
+    import yaml
     from workflow import copy_workflow, edit_config, snakemake
 
     workdir = copy_workflow(tmp_path)
+    config_file = workdir / "config" / "config.yaml"
+    good = yaml.safe_load(config_file.read_text())
+
+    def plan(alignment: dict | None = None, runs: dict | None = None):
+        config_file.write_text(yaml.safe_dump({**good, "alignment": {**good["alignment"], **(alignment or {})},
+                                               "runs": runs or {}}, sort_keys=False))
+        result = snakemake(workdir, "-n", "--cores", "1")
+        return result, result.stdout + result.stderr
+
+    result, out = plan({"cpo_alpha": 1.0})
+    assert result.returncode != 0 and "Traceback" not in out
+    assert 'Error: alignment.cpo_alpha belongs to method cpo; alignment.method is "dpo"' in out
+    assert "→ Remove cpo_alpha, or set method: cpo" in out
+    result, out = plan(runs={"kto": {"method": "kto", "desirable_weight": 1.0}})
+    assert result.returncode == 0, out[-2000:]
+    result, out = plan(runs={"kto": {"method": "kto", "desirable_weight": 1.0}, "bad": {"desirable_weight": 1.0}})
+    assert result.returncode != 0 and "Traceback" not in out
+    assert 'Error: runs.bad.desirable_weight belongs to method kto; alignment.method is "dpo"' in out
+    assert "In the sweep run runs.bad" in out
     edit_config(workdir, "runs", "bad", {"method": "dpo", "cpo_alpha": 0.5})
     result = snakemake(workdir, "-n", "--cores", "1")
     assert result.returncode != 0
-    out = result.stdout + result.stderr
-    assert 'cpo_alpha is a CPO key; alignment.method is "dpo"' in out and "In the sweep run runs.bad" in out
+    assert 'runs.bad.cpo_alpha belongs to method cpo; runs.bad.method is "dpo"' in result.stdout + result.stderr
 
 
 # --- the losses, by hand -----------------------------------------------------------------------------
