@@ -138,6 +138,7 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
     """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet).
 
     `setting`: layout (pairs or k<K>), max_length, truncation_mode and load_in_4bit (from the file's name)."""
+    from lexalign.data.preference import is_unpaired, needs_pairs_error
     from lexalign.models import resolve_device
     from lexalign.reference import compute_reference
 
@@ -145,9 +146,7 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
                **(setting or {})}
     layout = setting["layout"]
     train, evals = _frames(data, gated=True)
-    from lexalign.data.preference import is_unpaired, needs_pairs_error
-
-    if layout != "unpaired" and is_unpaired(train):
+    if layout != "unpaired" and is_unpaired(train):  # before any model loads
         raise needs_pairs_error(f'The reference step\'s layout "{layout}" (alignment.method dpo or gdpo)', str(data))
     summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
                                 truncation_mode=setting["truncation_mode"], device=resolve_device(device),

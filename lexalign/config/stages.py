@@ -21,7 +21,6 @@ DPO_LOSS_TYPES = (
 
 
 METHODS = ("dpo", "gdpo", "kto", "orpo", "simpo", "cpo")
-METHOD_NAMES = {"dpo": "DPO", "gdpo": "GDPO", "kto": "KTO", "orpo": "ORPO", "simpo": "SimPO", "cpo": "CPO"}
 REFERENCE_FREE = ("orpo", "simpo", "cpo")
 """Methods with no reference model: no reference step, one model in memory."""
 METHOD_KEYS = method_keys()
