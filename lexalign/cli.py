@@ -155,21 +155,12 @@ def _method_keys(a: dict) -> str:
     return ", ".join(own + ([] if a["method"] == "orpo" else [f"beta {a['beta']}"]))
 
 
-def _kto_balance(cfg: dict, validated: str) -> None:
-    """KTO: warn when the validated rows' desirable / undesirable balance is far from the weights."""
-    if cfg["alignment"]["method"] != "kto":
-        return
-    from lexalign.data.preference import label_balance
-    from lexalign.io import read_json
-
-    report = read_json(Path(validated) / "report.json")
+def _kto_weights(cfg: dict) -> dict | None:
+    """KTO's weights, for validation to report its balance under them (lexalign.data.preference.kto_balance)."""
     a = cfg["alignment"]
-    labels = report.get("labels", {}).get("train") or {"desirable": report["train_rows"],
-                                                        "undesirable": report["train_rows"]}  # pairs: one of each
-    balance = label_balance(labels["desirable"], labels["undesirable"], a["desirable_weight"],
-                            a["undesirable_weight"])
-    if balance["warning"]:
-        warn(balance["warning"])
+    if a["method"] != "kto":
+        return None
+    return {"alignment": {key: a[key] for key in ("desirable_weight", "undesirable_weight")}}
 
 
 def _align_paths(cfg: dict) -> tuple[str, str]:
@@ -188,8 +179,8 @@ def validate(config_path: str, output: str) -> None:
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     stages.validate(raw=cfg["dataset"]["path"], tokenizer=tokenizer, output=output, dataset=_dataset_for(cfg),
-                    seed=cfg["seed"], trust_remote_code=cfg["model"]["trust_remote_code"])
-    _kto_balance(cfg, output)
+                    seed=cfg["seed"], trust_remote_code=cfg["model"]["trust_remote_code"],
+                    kto_weights=_kto_weights(cfg))
 
 
 @main.command()

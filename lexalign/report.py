@@ -340,6 +340,15 @@ def validation_text(report: dict) -> str:
                  f"(correlation of length difference and preference "
                  f"{'—' if correlation is None else f'{correlation:+.2f}'}): a strong link lets DPO learn "
                  f"“longer” instead of “better”.")
+    labels = (report.get("labels") or {}).get("train")
+    if labels:
+        text += f" Unpaired rows (KTO) in train: {labels['desirable']} desirable, {labels['undesirable']} undesirable."
+    for run, balance in (report.get("balance") or {}).items():
+        ratio = balance["weighted_ratio"]
+        text += (f" KTO balance of run {run}: (desirable_weight × desirable) / (undesirable_weight × undesirable) = "
+                 f"{'undefined' if ratio is None else f'{ratio:.2f}'} under desirable_weight "
+                 f"{balance['desirable_weight']:g} and undesirable_weight {balance['undesirable_weight']:g}, "
+                 f"{'outside' if balance['warning'] else 'inside'} the recommended [1, 1.33].")
     return html.escape(text)
 
 

@@ -58,17 +58,27 @@ def prepare_sft(*, raw: str | Path, output: str | Path, data: dict, seed: int = 
 
 
 def validate(*, raw: str | Path, tokenizer: str | Path, output: str | Path, dataset: dict, seed: int = 42,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, kto_weights: dict | None = None, pairs_only: bool = False) -> dict:
     """Validate preference data into train/eval parquet, rejects and report (streamed, memory bounded by
-    batches); then gate: too many rejects, or nothing left, stops here with the summary."""
+    batches); then gate: too many rejects, or nothing left, stops here with the summary.
+
+    `kto_weights` (run → its desirable_weight and undesirable_weight): the KTO runs that read these data; the
+    balance of their training rows under each run's weights goes into the report and the summary, with a
+    warning where it is outside KTO's recommended range. `pairs_only`: a method that needs pairs reads these
+    data, so unpaired rows stop here (before any reference step)."""
     from lexalign.data.preference import gate, summary, validate_to_dir
+    from lexalign.errors import warn
     from lexalign.lineage import stage_record
     from lexalign.models import load_tokenizer
 
     cfg = DatasetConfig.from_dict({**dataset, "path": str(raw)})
     lineage = stage_record("validate", cfg.to_dict(), {"data": raw, "tokenizer": tokenizer})
-    report = validate_to_dir(cfg, load_tokenizer(tokenizer, trust_remote_code), output, seed, lineage)
+    report = validate_to_dir(cfg, load_tokenizer(tokenizer, trust_remote_code), output, seed, lineage,
+                             kto_weights=kto_weights, pairs_only=pairs_only)
     print(summary(report), flush=True)
+    for run, balance in (report.get("balance") or {}).items():
+        if balance["warning"]:
+            warn(balance["warning"], f"KTO run: {run}")
     gate(report, str(output))
     return report
 
@@ -128,6 +138,7 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
     """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet).
 
     `setting`: layout (pairs or k<K>), max_length, truncation_mode and load_in_4bit (from the file's name)."""
+    from lexalign.data.preference import is_unpaired, needs_pairs_error
     from lexalign.models import resolve_device
     from lexalign.reference import compute_reference
 
@@ -135,6 +146,8 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
                **(setting or {})}
     layout = setting["layout"]
     train, evals = _frames(data, gated=True)
+    if layout != "unpaired" and is_unpaired(train):  # before any model loads
+        raise needs_pairs_error(f'The reference step\'s layout "{layout}" (alignment.method dpo or gdpo)', str(data))
     summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
                                 truncation_mode=setting["truncation_mode"], device=resolve_device(device),
                                 load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,

@@ -22,13 +22,14 @@ try:
     FinetuneConfig.from_dict(config["finetune"])
     AlignConfig.from_dict(config["alignment"])
     # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
-    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full.
+    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full; a key the run
+    # gives itself that belongs to another method is an error, as under alignment (validate_config).
     from lexalign.config.stages import run_alignment
 
     RUNS = {}
     for name, overrides in config["runs"].items():
         try:
-            RUNS[name] = run_alignment(config["alignment"], overrides)
+            RUNS[name] = run_alignment(config["alignment"], overrides, name)
             AlignConfig.from_dict(RUNS[name])
         except LexAlignError as err:
             err.details = [*err.details, f"In the sweep run runs.{name}"]
@@ -105,6 +106,30 @@ def preference_data(alignment):
 
     k = response_group_size(alignment)
     return f"{RESULTS}/data/preferences-k{k}" if k else f"{RESULTS}/data/preferences"
+
+
+def readers(data):
+    """The alignments (run name → its section; the primary run is `aligned`) that read the validated `data`."""
+    runs = {"aligned": config["alignment"], **RUNS}
+    return {run: alignment for run, alignment in runs.items() if preference_data(alignment) == data}
+
+
+def pairs_only(data):
+    """Whether a method that needs pairs (any but KTO) reads the validated `data`: then unpaired rows stop the
+    validate step, before any reference step."""
+    return any(alignment["method"] != "kto" for alignment in readers(data).values())
+
+
+def kto_weights(data):
+    """KTO's weights (desirable_weight, undesirable_weight) of each run that reads the validated `data`, when KTO
+    alone reads them: the validate step reports the rows' balance under them (lexalign.data.preference.kto_balance).
+    None when a method that needs pairs reads them too: the data must then be pairs, split 1:1 whatever the data,
+    so the weights alone set the ratio (the align step reports it), and adding a KTO run to a DPO sweep, or
+    changing its weights, revalidates nothing."""
+    runs = readers(data)
+    if not runs or pairs_only(data):
+        return None
+    return {run: {key: a[key] for key in ("desirable_weight", "undesirable_weight")} for run, a in runs.items()}
 
 
 def ranking_data():

@@ -17,8 +17,8 @@ import torch
 from conftest import write_jsonl
 from transformers import TrainerCallback
 
-from lexalign.config.loader import section_defaults
-from lexalign.config.stages import AlignConfig, run_alignment
+from lexalign.config.loader import _root_schema, section_defaults, validate_config
+from lexalign.config.stages import METHOD_KEYS, METHODS, AlignConfig, run_alignment
 from lexalign.demo import task
 from lexalign.errors import LexAlignError, TrainingInterrupted
 
@@ -57,19 +57,55 @@ def logged(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method, key, value, owner", [
-    ("dpo", "cpo_alpha", 0.5, "CPO"),
-    ("orpo", "desirable_weight", 2.0, "KTO"),
-    ("kto", "gamma", 1.0, "SimPO"),
-    ("cpo", "orpo_lambda", 0.2, "ORPO"),
-    ("simpo", "loss_type", "ipo", "DPO"),
-    ("gdpo", "undesirable_weight", 0.5, "KTO"),
-    ("orpo", "group_delay_weight", 0.2, "GDPO"),
+    ("dpo", "cpo_alpha", 0.5, "cpo"),
+    ("orpo", "desirable_weight", 2.0, "kto"),
+    ("kto", "gamma", 1.0, "simpo"),
+    ("cpo", "orpo_lambda", 0.2, "orpo"),
+    ("simpo", "loss_type", "ipo", "dpo"),
+    ("gdpo", "undesirable_weight", 0.5, "kto"),
+    ("orpo", "group_delay_weight", 0.2, "gdpo"),
 ])
 def test_a_key_of_another_method_is_an_error_naming_its_method(method, key, value, owner):
+    # Built in code, defaults filled in: the last guard sees the value set away from its default.
     with pytest.raises(LexAlignError) as err:
         AlignConfig.from_dict(section_defaults("alignment", {"method": method, key: value}))
-    assert err.value.message == f'{key} is a {owner} key; alignment.method is "{method}"'
-    assert err.value.hint == f"Remove {key}, or set method: {owner.lower()}"
+    assert err.value.message == f'alignment.{key} belongs to method {owner}; alignment.method is "{method}"'
+    assert err.value.hint == f"Remove {key}, or set method: {owner}"
+
+
+def written(alignment: dict) -> dict:
+    return validate_config({"model": {"path": "m"}, "dataset": {"path": "d"}, "alignment": alignment}, "align",
+                           source="align.yaml")
+
+
+@pytest.mark.parametrize("key", sorted(METHOD_KEYS))
+def test_a_key_of_another_method_is_an_error_even_at_its_default(key):
+    """Every method key, written at its default value under every method it does not belong to: an error naming
+    the key, the method it belongs to and the method configured (DPO alone takes GDPO's keys, and ignores them)."""
+    owner = METHOD_KEYS[key]
+    default = section_defaults("alignment")[key]
+    for method in METHODS:
+        alignment = {"method": method, key: default, **({"batch_size": 2} if method == "kto" else {})}
+        if method == owner or (method, owner) == ("dpo", "gdpo"):
+            assert written(alignment)["alignment"][key] == default
+            continue
+        with pytest.raises(LexAlignError) as err:
+            written(alignment)
+        assert err.value.message == f'alignment.{key} belongs to method {owner}; alignment.method is "{method}"'
+        assert err.value.hint == f"Remove {key}, or set method: {owner}"
+        assert f"alignment.{key}: {default!r}" in err.value.render() and "in align.yaml" in err.value.render()
+    # No method given: DPO, the default method.
+    if owner not in ("dpo", "gdpo"):
+        with pytest.raises(LexAlignError, match=f'belongs to method {owner}; alignment.method is "dpo"'):
+            written({key: default})
+
+
+def test_the_method_keys_are_the_schemas_marks():
+    """One list: METHOD_KEYS is the schema's x-method marks, and every method has keys of its own."""
+    properties = _root_schema()["$defs"]["alignment"]["properties"]
+    assert METHOD_KEYS == {k: p["x-method"] for k, p in properties.items() if "x-method" in p}
+    assert set(METHOD_KEYS.values()) == set(METHODS)
+    assert {k for k, o in METHOD_KEYS.items() if o == "kto"} == {"desirable_weight", "undesirable_weight"}
 
 
 def test_each_method_takes_its_own_keys():
@@ -89,19 +125,72 @@ def test_a_run_that_changes_the_method_leaves_the_base_methods_keys_behind():
     assert orpo["desirable_weight"] == 1.0 and orpo["orpo_lambda"] == 0.3 and orpo["beta"] == 0.3
     AlignConfig.from_dict(orpo)
     assert run_alignment(base, {"beta": 0.2})["desirable_weight"] == 1.2  # same method: inherited
-    with pytest.raises(LexAlignError, match='gamma is a SimPO key; alignment.method is "dpo"'):
-        AlignConfig.from_dict(run_alignment(base, {"method": "dpo", "gamma": 1.0}))
+    with pytest.raises(LexAlignError, match='run.gamma belongs to method simpo; run.method is "dpo"'):
+        run_alignment(base, {"method": "dpo", "gamma": 1.0})
+    # A key the run writes is checked as written: at its default value too, and named by the run.
+    dpo = section_defaults("alignment", {"method": "dpo"})
+    assert run_alignment(dpo, {"method": "kto", "desirable_weight": 1.0}, "kto")["method"] == "kto"
+    with pytest.raises(LexAlignError) as err:
+        run_alignment(dpo, {"desirable_weight": 1.0}, "bad")
+    assert err.value.message == 'runs.bad.desirable_weight belongs to method kto; alignment.method is "dpo"'
+    with pytest.raises(LexAlignError) as err:
+        run_alignment(base, {"method": "dpo", "desirable_weight": 1.0}, "bad")
+    assert err.value.message == 'runs.bad.desirable_weight belongs to method kto; runs.bad.method is "dpo"'
 
 
-def test_the_pipeline_names_the_sweep_run_with_a_key_of_another_method(tmp_path):
+def test_lexalign_align_refuses_a_key_of_another_method_at_its_default(tmp_path, demo_model_dir):
+    """Through the command: a clean error (no traceback) before anything loads, the default value included."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "align.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(demo_model_dir)}, "dataset": {"path": str(tmp_path / "none.jsonl")},
+        "alignment": {"method": "dpo", "cpo_alpha": 1.0, "output_dir": str(tmp_path / "out")}}))
+    for command in ("align", "validate"):
+        extra = ["--output", str(tmp_path / "v")] if command == "validate" else []
+        result = subprocess.run([str(Path(sys.executable).parent / "lexalign"), command, "--config", str(config),
+                                 *extra], capture_output=True, text=True, timeout=120)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1 and "Traceback" not in out, out
+        assert 'Error: alignment.cpo_alpha belongs to method cpo; alignment.method is "dpo"' in out
+        assert f"alignment.cpo_alpha: 1.0 (a number) in {config}" in out
+        assert "→ Remove cpo_alpha, or set method: cpo" in out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "v").exists()
+
+
+def test_the_pipeline_refuses_a_key_of_another_method_when_it_plans_the_dag(tmp_path):
+    """Snakemake, at DAG time: under alignment, and in a sweep run (a KTO run takes desirable_weight; a DPO run
+    given it, at its default value, is refused by name). A clean error, no traceback."""
+    import yaml
     from workflow import copy_workflow, edit_config, snakemake
 
     workdir = copy_workflow(tmp_path)
+    config_file = workdir / "config" / "config.yaml"
+    good = yaml.safe_load(config_file.read_text())
+
+    def plan(alignment: dict | None = None, runs: dict | None = None):
+        config_file.write_text(yaml.safe_dump({**good, "alignment": {**good["alignment"], **(alignment or {})},
+                                               "runs": runs or {}}, sort_keys=False))
+        result = snakemake(workdir, "-n", "--cores", "1")
+        return result, result.stdout + result.stderr
+
+    result, out = plan({"cpo_alpha": 1.0})
+    assert result.returncode != 0 and "Traceback" not in out
+    assert 'Error: alignment.cpo_alpha belongs to method cpo; alignment.method is "dpo"' in out
+    assert "→ Remove cpo_alpha, or set method: cpo" in out
+    result, out = plan(runs={"kto": {"method": "kto", "desirable_weight": 1.0}})
+    assert result.returncode == 0, out[-2000:]
+    result, out = plan(runs={"kto": {"method": "kto", "desirable_weight": 1.0}, "bad": {"desirable_weight": 1.0}})
+    assert result.returncode != 0 and "Traceback" not in out
+    assert 'Error: runs.bad.desirable_weight belongs to method kto; alignment.method is "dpo"' in out
+    assert "In the sweep run runs.bad" in out
     edit_config(workdir, "runs", "bad", {"method": "dpo", "cpo_alpha": 0.5})
     result = snakemake(workdir, "-n", "--cores", "1")
     assert result.returncode != 0
-    out = result.stdout + result.stderr
-    assert 'cpo_alpha is a CPO key; alignment.method is "dpo"' in out and "In the sweep run runs.bad" in out
+    assert 'runs.bad.cpo_alpha belongs to method cpo; runs.bad.method is "dpo"' in result.stdout + result.stderr
 
 
 # --- the losses, by hand -----------------------------------------------------------------------------
@@ -196,7 +285,7 @@ def test_pairs_are_split_into_a_desirable_and_an_undesirable_row_with_mismatched
 
 def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balance(tmp_path, demo_model_dir):
     from lexalign import stages
-    from lexalign.data.preference import label_balance
+    from lexalign.data.preference import kto_balance, label_balance
 
     rows = [{"question": r["prompt"], "answer": r["chosen"] if i % 3 else r["rejected"], "thumbs_up": i % 3 != 0}
             for i, r in enumerate(task.preference_rows(0, 60))]
@@ -217,6 +306,17 @@ def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balan
     assert "outside the recommended [1, 1.33]" in warning
     assert label_balance(40, 20, 1.0, 1.6)["warning"] is None
     assert label_balance(40, 20, 1.0, 1.2)["weighted_ratio"] == pytest.approx(40 / 24)
+    # Under each KTO run's weights (the validate step's report): unpaired rows by label, pairs split 1:1.
+    weights = {"even": {"desirable_weight": 1.0, "undesirable_weight": 1.0},
+               "fixed": {"desirable_weight": 1.0,
+                         "undesirable_weight": labels["desirable"] / (1.2 * labels["undesirable"])}}
+    balance = kto_balance(report, weights)
+    assert balance["even"]["warning"] == warning and balance["fixed"]["warning"] is None
+    assert balance["fixed"]["weighted_ratio"] == pytest.approx(1.2)
+    pairs = kto_balance({"train_rows": 10}, {"kto": {"desirable_weight": 2.0, "undesirable_weight": 1.0}})["kto"]
+    assert (pairs["desirable"], pairs["undesirable"], pairs["weighted_ratio"]) == (10, 10, 2.0) and pairs["warning"]
+    assert kto_balance({"train_rows": 4, "labels": {"train": {"desirable": 4, "undesirable": 0}}},
+                       {"kto": {"desirable_weight": 1.0, "undesirable_weight": 1.0}})["kto"]["weighted_ratio"] is None
 
 
 def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path, zoo_models):
@@ -460,3 +560,132 @@ def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(de
     page = (workdir / "results/report.html").read_text()
     for name, run in {**NEW_RUNS, "gdpo-k4": {"method": "gdpo"}, "aligned": {"method": "dpo"}}.items():
         assert f"<tr><td>{name}</td><td>{run['method']}</td>" in page
+
+
+# --- the pipeline on unpaired rows (TRL's unpaired format) ------------------------------------------------
+
+
+def unpaired_rows(n: int = 60) -> list[dict]:
+    """TRL's unpaired format: one completion per prompt, labelled; two thumbs up for each thumbs down (KTO's
+    weighted ratio 2.0 at equal weights: outside [1, 4/3]), and two rows validation rejects."""
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": i % 3 != 0}
+            for i, r in enumerate(task.preference_rows(0, n))]
+    return rows + [{"prompt": "User: Hi\nAssistant:", "completion": " Hello", "label": "maybe"},
+                   {"prompt": "User: Hi\nAssistant:", "completion": "", "label": True}]
+
+
+def unpaired_config(data: Path, alignment: dict) -> dict:
+    """The demo model aligned as it is (finetune.method none: no SFT job), a few steps, no judge or benchmark."""
+    return {"seed": 0, "device": "cpu", "model": {"source": "demo"},
+            "preference_data": {"path": str(data), "max_length": 64, "eval_fraction": 0.2},
+            "finetune": {"method": "none"},
+            "alignment": {"max_steps": 2, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
+                          "warmup_steps": 0, "max_length": 64, "logging_steps": 1, "save_steps": 1000,
+                          "lora_dropout": 0.0, "target_modules": "all-linear", **alignment},
+            "evaluate": {"judge": "none", "num_prompts": 4, "max_new_tokens": 4, "lm_eval": {"tasks": []}}}
+
+
+@pytest.fixture(scope="module")
+def kto_pipeline(tmp_path_factory):
+    """One real pipeline run of KTO on unpaired rows: download (the demo model, the local rows), validate,
+    reference, align."""
+    import yaml
+    from workflow import copy_workflow, snakemake
+
+    root = tmp_path_factory.mktemp("kto-pipeline")
+    data = write_jsonl(root / "unpaired.jsonl", unpaired_rows())
+    workdir = copy_workflow(root / "workflow")
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(unpaired_config(data, {"method": "kto"})))
+    dry = snakemake(workdir, "-n", "--cores", "2", "results/aligned")
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    result = snakemake(workdir, "--cores", "2", "results/aligned")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"workdir": workdir, "data": data, "dry": dry.stdout, "out": result.stdout + result.stderr}
+
+
+@pytest.mark.slow
+def test_the_pipeline_aligns_unpaired_rows_with_kto(kto_pipeline):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from workflow import planned_jobs
+
+    workdir = kto_pipeline["workdir"]
+    assert planned_jobs(kto_pipeline["dry"]) == {"download_model": 1, "download_data": 1, "validate_preferences": 1,
+                                                 "reference": 1, "align": 1}
+    assert "results/reference/preferences/unpaired-max64.parquet" in kto_pipeline["dry"]
+    # Validation: every row read is kept (train or eval) or rejected.
+    validated = workdir / "results" / "data" / "preferences"
+    report = json.loads((validated / "report.json").read_text())
+    train, evals = pd.read_parquet(validated / "train.parquet"), pd.read_parquet(validated / "eval.parquet")
+    rejects = (validated / "rejects.jsonl").read_text().splitlines()
+    assert report["shape"] == "unpaired" and len(rejects) == report["rejected_rows"] == 2
+    assert len(train) + len(evals) + len(rejects) == report["input_rows"] == len(unpaired_rows())
+    assert list(train.columns) == ["prompt", "completion", "label", "source_row"]
+    # The balance under the KTO run's weights: in report.json, the validate log and its warning.
+    desirable, undesirable = int(train["label"].sum()), int((~train["label"]).sum())
+    balance = report["balance"]["aligned"]
+    assert (balance["desirable"], balance["undesirable"]) == (desirable, undesirable)
+    assert balance["weighted_ratio"] == pytest.approx(desirable / undesirable) and balance["weighted_ratio"] > 4 / 3
+    assert "outside the recommended [1, 1.33]" in balance["warning"]
+    log = (workdir / "logs" / "validate_preferences.log").read_text()
+    assert f"labels (train): {desirable} desirable, {undesirable} undesirable" in log
+    assert f"KTO balance (aligned): weighted ratio {desirable / undesirable:.2f}" in log
+    assert "Warning: KTO: " in log and "KTO run: aligned" in log
+    from lexalign.report import validation_text
+
+    assert "KTO balance of run aligned: " in validation_text(report) and "outside the recommended" in \
+        validation_text(report)
+    # The aligned model loads, was trained as KTO on the reference step's file, and moved away from the start.
+    aligned = workdir / "results" / "aligned"
+    model = AutoModelForCausalLM.from_pretrained(aligned)
+    start = load_file(workdir / "results" / "models" / "base" / "model.safetensors")
+    params = dict(model.named_parameters())
+    assert set(start) <= set(model.state_dict())
+    changed = [name for name, value in start.items() if name in params and not torch.equal(params[name].data, value)]
+    assert changed, "no parameter changed"
+    lineage = json.loads((aligned / "lineage.json").read_text())
+    assert lineage["config"]["method"] == "kto" and [r["step"] for r in logged(aligned)] == [1, 2]
+    assert "Reference log-probs: results/reference/preferences/unpaired-max64.parquet" in \
+        (workdir / "logs" / "align.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_pipeline_stops_a_pairs_method_on_unpaired_rows_at_validation(kto_pipeline, tmp_path):
+    """DPO on unpaired rows: the validate step stops (a clean error, no traceback, no validated data), before any
+    reference step; the command on the validated rows stops at its reference step the same way."""
+    import subprocess
+    import sys
+
+    import yaml
+    from workflow import planned_jobs, snakemake
+
+    # The command first, on the pipeline's validated rows (its reference step, before any model loads).
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(kto_pipeline["workdir"] / "results" / "models" / "base")}, "device": "cpu",
+        "dataset": {"path": str(kto_pipeline["workdir"] / "results" / "data" / "preferences")},
+        "alignment": {"method": "dpo", "output_dir": str(tmp_path / "out"), "max_length": 64}}))
+    result = subprocess.run([str(Path(sys.executable).parent / "lexalign"), "align", "--config", str(config)],
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert 'Error: The reference step\'s layout "pairs" (alignment.method dpo or gdpo) needs pairs' in out
+    assert "are unpaired rows (prompt, completion, label)" in out and "→ Use method: kto" in out
+    # The pipeline, on a copy of the KTO run: new KTO weights revalidate (the report's balance is theirs)...
+    workdir = tmp_path / "copy"
+    shutil.copytree(kto_pipeline["workdir"], workdir, symlinks=True)
+    config_file = workdir / "config" / "config.yaml"
+    config_file.write_text(yaml.safe_dump(unpaired_config(kto_pipeline["data"], {"method": "kto",
+                                                                                 "undesirable_weight": 2.0})))
+    dry = snakemake(workdir, "-n", "--cores", "1", "results/aligned")
+    assert planned_jobs(dry.stdout) == {"validate_preferences": 1, "reference": 1, "align": 1}
+    # ... and DPO configured: the validate step stops.
+    config_file.write_text(yaml.safe_dump(unpaired_config(kto_pipeline["data"], {"method": "dpo"})))
+    result = snakemake(workdir, "--cores", "1", "results/aligned")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert "Error: A method other than kto (alignment.method, or a sweep run's method) needs pairs" in out
+    assert "rule validate_preferences" in out and "rule reference" not in out
+    log = (workdir / "logs" / "validate_preferences.log").read_text()
+    assert "are unpaired rows (prompt, completion, label)" in log and "Traceback" not in log
+    assert not (workdir / "results" / "data" / "preferences").exists()

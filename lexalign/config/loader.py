@@ -197,8 +197,13 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
     if not isinstance(data, dict):
         raise LexAlignError(f'Config "{source}" must be a mapping of keys to values', f"Found: {_describe(data)}")
     given = set(data)
+    # The alignment keys as written, before defaults fill in every method's keys.
+    written = dict(data["alignment"]) if kind in ("pipeline", "align") and isinstance(data.get("alignment"), dict) \
+        else None
     data = _normalise(data, schema, root)
     _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, source)
+    if written is not None:
+        check_method_keys(written, data["alignment"]["method"], source=source)
     if kind == "pipeline" and "sft_data" not in given and data["finetune"]["method"] != "none":
         # Never fall back to the demo's SFT data for a user's model.
         raise LexAlignError(f'Missing required key "sft_data" in {source}',
@@ -276,6 +281,37 @@ def section_defaults(section: str, values: dict | None = None) -> dict:
     data = _normalise(dict(values or {}), schema, root)
     _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, "config", prefix=section)
     return data
+
+
+def method_keys() -> dict[str, str]:
+    """The alignment keys that belong to one method, and that method: the `x-method` marks of the schema's
+    alignment section (the one list; lexalign.config.stages.METHOD_KEYS is this)."""
+    properties = _root_schema()["$defs"]["alignment"]["properties"]
+    return {key: spec["x-method"] for key, spec in properties.items() if "x-method" in spec}
+
+
+def check_method_keys(written: dict, method: str, where: str = "alignment", method_key: str = "alignment.method",
+                      source: str | None = None) -> None:
+    """A key of `written` (an alignment mapping as the user wrote it, before defaults are filled in) that belongs
+    to a method other than `method` is an error naming the key, the method it belongs to and the method
+    configured, whatever its value: its default included. The schema says which keys belong to which method
+    (`x-method`), and which methods accept another's key and ignore it (`x-ignored-by`: DPO takes GDPO's).
+
+    `where`: the key's place (`alignment`, or a sweep run's `runs.<name>`); `method_key`: the key that set
+    `method` (a sweep run that gives no method inherits alignment.method)."""
+    properties = _root_schema()["$defs"]["alignment"]["properties"]
+    for key, value in written.items():
+        spec = properties.get(key) if isinstance(key, str) else None
+        owner = (spec or {}).get("x-method")
+        if owner is None or owner == method or method in spec.get("x-ignored-by", ()):
+            continue
+        own = [k for k, o in method_keys().items() if o == method]
+        raise LexAlignError(
+            f'{where}.{key} belongs to method {owner}; {method_key} is "{method}"',
+            f"{where}.{key}: {_describe(value)}{f' in {source}' if source else ''}",
+            f"The keys of method {method}: {', '.join(own)}" if own else f"Method {method} has no keys of its own",
+            hint=f"Remove {key}, or set method: {owner}",
+        )
 
 
 def section_keys(section: str) -> list[str]:

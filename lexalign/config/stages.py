@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from lexalign.config.loader import resolve_source, section_defaults
+from lexalign.config.loader import check_method_keys, method_keys, resolve_source, section_defaults
 from lexalign.errors import LexAlignError
 
 # Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
@@ -21,17 +21,12 @@ DPO_LOSS_TYPES = (
 
 
 METHODS = ("dpo", "gdpo", "kto", "orpo", "simpo", "cpo")
-METHOD_NAMES = {"dpo": "DPO", "gdpo": "GDPO", "kto": "KTO", "orpo": "ORPO", "simpo": "SimPO", "cpo": "CPO"}
 REFERENCE_FREE = ("orpo", "simpo", "cpo")
 """Methods with no reference model: no reference step, one model in memory."""
-METHOD_KEYS = {
-    "loss_type": "dpo", "loss_weights": "dpo", "label_smoothing": "dpo",
-    "group_delay_size": "gdpo", "group_delay_weight": "gdpo",
-    "desirable_weight": "kto", "undesirable_weight": "kto",
-    "gamma": "simpo", "orpo_lambda": "orpo", "cpo_alpha": "cpo",
-}
-"""The alignment keys that belong to one method; given to another method (set to anything but their default)
-they are an error naming the method they belong to. (DPO ignores GDPO's keys, as it always has.)"""
+METHOD_KEYS = method_keys()
+"""The alignment keys that belong to one method (the schema's `x-method` marks); written under another method
+they are an error naming the method they belong to, whatever their value (`check_method_keys`). DPO takes
+GDPO's keys and ignores them, as it always has (`x-ignored-by`)."""
 
 
 class _FromDict:
@@ -347,20 +342,17 @@ class AlignConfig(TrainingConfig):
                                 hint="Set batch_size: 2 or more")
 
     def _check_method_keys(self) -> None:
-        """A key of another method, set to anything but its default, is an error naming the method it belongs to."""
-        from lexalign.config.loader import section_defaults
-
+        """The last guard, for a mapping built in code: a key of another method set to anything but its default
+        (the loader and run_alignment check the keys as written, defaults included, before this)."""
         defaults = section_defaults("alignment")
-        for key, owner in METHOD_KEYS.items():
-            if owner == self.method or (self.method == "dpo" and owner == "gdpo"):
-                continue
+        changed = {}
+        for key in METHOD_KEYS:
             value, default = getattr(self, key), defaults[key]
             if key == "loss_type":
                 value, default = list(value), _as_list(default)
             if value != default:
-                raise LexAlignError(f'{key} is a {METHOD_NAMES[owner]} key; alignment.method is "{self.method}"',
-                                    f"{key}: {value!r}",
-                                    hint=f"Remove {key}, or set method: {owner}")
+                changed[key] = value
+        check_method_keys(changed, self.method)
 
     @property
     def reference_free(self) -> bool:
@@ -459,12 +451,11 @@ def needs_reference(alignment: dict) -> bool:
     return alignment.get("method", "dpo") not in REFERENCE_FREE
 
 
-def run_alignment(base: dict, overrides: dict) -> dict:
+def run_alignment(base: dict, overrides: dict, name: str | None = None) -> dict:
     """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
     filled. A run that changes the method leaves the base method's own keys behind (back to their defaults),
-    so a KTO base with desirable_weight can sweep an ORPO run; keys the run gives itself are checked as usual."""
-    from lexalign.config.loader import section_defaults
-
+    so a KTO base with desirable_weight can sweep an ORPO run; a key the run gives itself that belongs to another
+    method than the run's is an error (check_method_keys), whatever its value. `name`: the run's, for errors."""
     merged = dict(base)
     method = overrides.get("method", base.get("method", "dpo"))
     if method != base.get("method", "dpo"):
@@ -473,4 +464,8 @@ def run_alignment(base: dict, overrides: dict) -> dict:
             if owner != method and key in merged:
                 merged[key] = defaults[key]
     merged.update(overrides)
-    return section_defaults("alignment", merged)
+    alignment = section_defaults("alignment", merged)
+    where = f"runs.{name}" if name else "run"
+    check_method_keys(overrides, alignment["method"], where=where,
+                      method_key=f"{where}.method" if "method" in overrides else "alignment.method")
+    return alignment

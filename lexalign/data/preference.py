@@ -282,7 +282,7 @@ class _Validation:
             "length_bias": self.length_bias.report(),
         }
         if self.unpaired:
-            # KTO's balance: desirable / undesirable rows (align warns when far from its weights).
+            # KTO's balance: desirable / undesirable rows (validation and align warn when far from its weights).
             report["labels"] = {split: {"desirable": counts[f"{split}_desirable"],
                                         "undesirable": counts[f"{split}_rows"] - counts[f"{split}_desirable"]}
                                 for split in ("train", "eval")}
@@ -311,12 +311,16 @@ def validate_preferences(cfg: DatasetConfig, tokenizer, seed: int = 42) -> dict[
 
 
 def validate_to_dir(cfg: DatasetConfig, tokenizer, out_dir: str | Path, seed: int = 42,
-                    lineage: dict | None = None) -> dict:
+                    lineage: dict | None = None, kto_weights: dict | None = None, pairs_only: bool = False) -> dict:
     """Validate straight into `out_dir` (train/eval parquet, rejects.jsonl, report.json), batch by batch.
 
     Memory stays bounded by the batch size, whatever the file size (except
     when pairs are grouped into rankings, which needs every pair of a prompt).
     Returns the report.
+
+    `kto_weights` (run → its desirable_weight and undesirable_weight): the KTO runs that read these data; the
+    report's `balance` holds the balance of their training rows under each run's weights (`kto_balance`).
+    `pairs_only`: a method that needs pairs reads these data, so unpaired rows are an error (nothing written).
     """
     validation = _Validation(cfg, tokenizer, seed)
     with atomic_dir(out_dir) as tmp:
@@ -325,6 +329,11 @@ def validate_to_dir(cfg: DatasetConfig, tokenizer, out_dir: str | Path, seed: in
             report = validation.run(sink)
         finally:
             sink.close()
+        if pairs_only and report["shape"] == "unpaired":
+            raise needs_pairs_error("A method other than kto (alignment.method, or a sweep run's method)",
+                                    report["source"], summary(report))
+        if kto_weights:
+            report["balance"] = kto_balance(report, kto_weights)
         write_json(tmp / "report.json", report)
         if lineage:
             write_json(tmp / "lineage.json", lineage)
@@ -360,6 +369,12 @@ def summary(report: dict) -> str:
     if labels:
         train = labels["train"]
         lines.append(f"  labels (train): {train['desirable']} desirable, {train['undesirable']} undesirable")
+    for run, balance in (report.get("balance") or {}).items():
+        ratio = balance["weighted_ratio"]
+        lines.append(f"  KTO balance ({run}): weighted ratio "
+                     f"{'undefined' if ratio is None else f'{ratio:.2f}'} under desirable_weight "
+                     f"{balance['desirable_weight']:g} and undesirable_weight {balance['undesirable_weight']:g} "
+                     f"({'outside' if balance['warning'] else 'inside'} the recommended [1, 1.33])")
     rankings = report.get("rankings")
     if rankings:
         lines.append(f"  rankings: {rankings.get('prompts', 0)} prompts from {rankings.get('pairs', 0)} pairs; "
@@ -410,6 +425,36 @@ def label_balance(desirable: int, undesirable: int, desirable_weight: float = 1.
             f"{ratio:.2f}, outside the recommended [1, 1.33]; set desirable_weight in [{d_low:.2f}, {d_high:.2f}] "
             f"or undesirable_weight in [{u_low:.2f}, {u_high:.2f}]")
     return out
+
+
+def kto_balance(report: dict, weights: dict[str, dict]) -> dict[str, dict]:
+    """KTO's balance of a validation's training rows under each KTO run's weights (`weights`: run → its
+    desirable_weight and undesirable_weight), by `label_balance`: unpaired rows by their labels, pairs split in
+    two (one desirable and one undesirable row each). An undefined ratio (no rows of one label) is None."""
+    labels = (report.get("labels") or {}).get("train") or {"desirable": report["train_rows"],
+                                                            "undesirable": report["train_rows"]}
+    out = {}
+    for run, w in weights.items():
+        balance = label_balance(labels["desirable"], labels["undesirable"], w["desirable_weight"],
+                                w["undesirable_weight"])
+        if balance["weighted_ratio"] != balance["weighted_ratio"]:  # NaN: no JSON for it
+            balance["weighted_ratio"] = None
+        out[run] = balance
+    return out
+
+
+def is_unpaired(frame) -> bool:
+    """Whether validated rows are unpaired (prompt, completion, label): KTO's rows, no preference between two
+    answers."""
+    return "label" in frame.columns and "chosen" not in frame.columns
+
+
+def needs_pairs_error(reader: str, where: str, *details: str) -> LexAlignError:
+    """Unpaired rows hold no preference between two answers, so only KTO reads them: the error when `reader`,
+    which needs pairs, is given the unpaired rows of `where`."""
+    return LexAlignError(f"{reader} needs pairs (or ranked responses), and the data in {where} are unpaired rows "
+                         "(prompt, completion, label)", *details,
+                         hint="Use method: kto, which learns from unpaired rows, or give pairs")
 
 
 def gate(report: dict, where: str) -> None:
