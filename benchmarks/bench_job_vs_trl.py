@@ -33,6 +33,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -202,7 +203,7 @@ def main() -> None:
     for v in a.vocab:
         trl, lex = results[(v, "trl")], results[(v, "lexalign")]
         ratios = sorted(t["seconds"] / x["seconds"] for t, x in zip(trl, lex, strict=True))
-        mid = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        mid = statistics.median
         print(f"{v:6d} {mid([t['tokens_per_s'] for t in trl]):10.1f} {mid([x['tokens_per_s'] for x in lex]):15.1f}"
               f"   {mid(ratios):5.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
               f" {mid([t['peak_mb'] for t in trl]):8.0f} {mid([x['peak_mb'] for x in lex]):12.0f}"
