@@ -18,6 +18,9 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
 * `lexalign`: `lexalign align --config ...`: validation of the raw file, the reference log-probs once
   (packed), DPO on padding-free batches with the lean LM head (`lexalign.packing`, `lexalign.train.packed`,
   `lexalign.logprobs`), the adapter saved and merged.
+* `lexalign-padded` (with `--ablation`): the same with `alignment.padding_free: false`: TRL's padded
+  training batches, so the packing's share of the speed-up shows apart from the lean head's and the
+  reference's.
 
 Each job runs in a process of its own (its start-up and imports included in its time); rounds alternate
 which side goes first. Tokens/s: the real tokens of the data (prompt + chosen and prompt + rejected, in the
@@ -113,7 +116,7 @@ def run_trl(model: str, data: str, out: str, device: str) -> None:
     trainer.save_model(out)
 
 
-def run_lexalign(model: str, data: str, out: str, device: str) -> None:
+def run_lexalign(model: str, data: str, out: str, device: str, padding_free: bool = True) -> None:
     import yaml
 
     from lexalign.cli import main
@@ -125,6 +128,7 @@ def run_lexalign(model: str, data: str, out: str, device: str) -> None:
                       "gradient_accumulation_steps": 1, "num_epochs": 1, "max_length": MAX_LENGTH,
                       "use_lora": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.05,
                       "target_modules": ["q_proj", "v_proj"], "warmup_steps": 0, "weight_decay": 0.0,
+                      "padding_free": padding_free,
                       "save_steps": 100000, "seed": 0, "output_dir": out, "checkpoint_dir": out + "-checkpoints"},
         "device": device,
         "seed": 0,
@@ -139,7 +143,10 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    (run_trl if side == "trl" else run_lexalign)(model, data, out, device)
+    if side == "trl":
+        run_trl(model, data, out, device)
+    else:
+        run_lexalign(model, data, out, device, padding_free=side == "lexalign")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -164,7 +171,8 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["trl", "lexalign"])
+    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded"])
+    parser.add_argument("--ablation", action="store_true", help="also lexalign with padding_free: false")
     parser.add_argument("--model")
     parser.add_argument("--data")
     parser.add_argument("--out")
@@ -193,11 +201,13 @@ def main() -> None:
               f"padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
     for r in range(a.rounds):
         for v in a.vocab:
-            order = ("trl", "lexalign") if (r + a.vocab.index(v)) % 2 == 0 else ("lexalign", "trl")
+            order = ["trl", "lexalign", *(["lexalign-padded"] if a.ablation else [])]
+            if (r + a.vocab.index(v)) % 2:
+                order.reverse()
             for side in order:
                 got = measure(side, inputs[v], root, f"{v}-{r}", a.device, a.threads)
                 results.setdefault((v, side), []).append(got)
-                print(f"round {r + 1} vocab {v} {side:9s} {got['seconds']:7.1f} s  {got['tokens_per_s']:8.1f} tok/s"
+                print(f"round {r + 1} vocab {v} {side:15s} {got['seconds']:7.1f} s  {got['tokens_per_s']:8.1f} tok/s"
                       f"  peak {got['peak_mb']:7.0f} MB", flush=True)
     print("\nvocab   trl tok/s  lexalign tok/s  speed-up   trl MB  lexalign MB  memory")
     for v in a.vocab:
@@ -208,6 +218,12 @@ def main() -> None:
               f"   {mid(ratios):5.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
               f" {mid([t['peak_mb'] for t in trl]):8.0f} {mid([x['peak_mb'] for x in lex]):12.0f}"
               f"   {mid([x['peak_mb'] for x in lex]) / mid([t['peak_mb'] for t in trl]):4.2f}x")
+        if a.ablation:
+            padded = results[(v, "lexalign-padded")]
+            gain = sorted(p["seconds"] / x["seconds"] for p, x in zip(padded, lex, strict=True))
+            print(f"       lexalign padded {mid([p['tokens_per_s'] for p in padded]):.1f} tok/s, "
+                  f"{mid([p['peak_mb'] for p in padded]):.0f} MB: padding-free batches {mid(gain):.2f}x "
+                  f"({', '.join(f'{x:.2f}' for x in gain)}) of lexalign's speed")
 
 
 if __name__ == "__main__":
