@@ -207,11 +207,10 @@ def _reference_file(path: Path) -> Path:
 
 def check_data(job: AlignJob) -> None:
     """Unpaired rows (prompt, completion, label) carry no preference between two answers: only KTO reads them."""
-    unpaired = "label" in job.train.columns and "chosen" not in job.train.columns
-    if unpaired and job.cfg.method != "kto":
-        raise LexAlignError(f'alignment.method "{job.cfg.method}" needs pairs (or ranked responses), and the '
-                            "validated data are unpaired rows (prompt, completion, label)",
-                            hint="Use method: kto, which learns from unpaired rows, or give pairs")
+    from lexalign.data.preference import is_unpaired, needs_pairs_error
+
+    if is_unpaired(job.train) and job.cfg.method != "kto":
+        raise needs_pairs_error(f'alignment.method "{job.cfg.method}"', "the training split")
 
 
 def setup(job: AlignJob):
