@@ -34,6 +34,9 @@ TOKEN_TILE = 1024
 VOCAB_TILE = 8192
 """Vocabulary columns per tile: a [TOKEN_TILE x VOCAB_TILE] fp32 tile is 32 MB."""
 
+ACCELERATOR_VOCAB_TILE = 32768
+"""Vocabulary columns per tile where TRL's Triton kernel folds the tiles (TRL's own width)."""
+
 DEFAULT_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 """What DPOTrainer's metrics read (entropy, logits/*, mean_token_accuracy) beside the log-probs."""
 
@@ -166,7 +169,7 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
     Returns (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] or None when not in
     `outputs`; log_probs is differentiable in `hidden`, `weight` and `bias`. On the CPU `TiledLogProbs`;
-    where Triton runs, TRL's `ChunkedLogProbFunction` (its kernels), TOKEN_TILE rows at a time.
+    elsewhere TRL's `ChunkedLogProbFunction` (its Triton kernels), given the scored positions only.
     """
     if hidden.device.type == "cpu" and "log_sum_sq_probs" not in outputs:
         stats = any(name in outputs for name in ("entropy", "mean_logits", "is_top1"))
@@ -176,13 +179,9 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
         return logp, keep("entropy", entropy), None, keep("mean_logits", mean_logit), keep("is_top1", is_top1)
     from trl.kernels import ChunkedLogProbFunction
 
-    pieces = [ChunkedLogProbFunction.apply(hidden[start:start + TOKEN_TILE], weight, bias,
-                                           targets[start:start + TOKEN_TILE], 1.0, VOCAB_TILE, softcap,
-                                           logit_scale, outputs)
-              for start in range(0, hidden.shape[0], TOKEN_TILE)]
-    if len(pieces) == 1:
-        return pieces[0]
-    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces, strict=True))
+    # TRL's kernel tiles the tokens itself; on an accelerator its vocabulary width is TRL's own default.
+    return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, ACCELERATOR_VOCAB_TILE, softcap,
+                                        logit_scale, outputs)
 
 
 def add_lean_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import signal_at
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lexalign.config.loader import section_defaults
@@ -100,15 +99,6 @@ def test_eval_split_is_evaluated_every_eval_steps(tmp_path, demo_model_dir):
     assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
 
 
-class SignalAt(TrainerCallback):
-    """Send this process a real signal while a given optimizer step runs."""
-
-    def __init__(self, step: int, sig=signal.SIGTERM):
-        self.step, self.sig = step, sig
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step - 1:
-            os.kill(os.getpid(), self.sig)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_losses(tmp_path, demo_model_dir, capsys):
@@ -117,7 +107,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_losses(tmp_path, 
     expected = losses(reference.output_dir / "metrics.jsonl")
 
     job = job_for(tmp_path / "stopped", demo_model_dir, max_steps=6)
-    job.extra_callbacks = [SignalAt(3)]
+    job.extra_callbacks = [signal_at(3)]
     with pytest.raises(TrainingInterrupted) as stop:
         job.run()
     checkpoint = job.checkpoint_dir / "checkpoint-3"
@@ -139,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_identical_losses(tmp_path, 
 
 def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path, demo_model_dir, capsys):
     job = job_for(tmp_path, demo_model_dir, max_steps=4)
-    job.extra_callbacks = [SignalAt(2)]
+    job.extra_callbacks = [signal_at(2)]
     with pytest.raises(TrainingInterrupted):
         job.run()
     changed = job_for(tmp_path, demo_model_dir, max_steps=4, learning_rate=1e-3)

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import write_jsonl
-from transformers import TrainerCallback
+from conftest import signal_at, write_jsonl
 
 from lexalign.config.loader import _root_schema, section_defaults, validate_config
 from lexalign.config.stages import METHOD_KEYS, METHODS, AlignConfig, run_alignment
@@ -412,13 +409,6 @@ def test_unpaired_rows_need_kto(tmp_path):
 # --- resume, interrupt and progress ------------------------------------------------------------------
 
 
-class SignalAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow
@@ -427,7 +417,7 @@ def test_simpo_is_interrupted_and_resumed_like_dpo(tmp_path, sft_model_dir, caps
     straight = logged(align_job(tmp_path, sft_model_dir, frame, name="straight", method="simpo", beta=2.0,
                                 max_steps=4).run())
     job = align_job(tmp_path, sft_model_dir, frame, name="stopped", method="simpo", beta=2.0, max_steps=4)
-    job.extra_callbacks = [SignalAt(2)]
+    job.extra_callbacks = [signal_at(2)]
     with pytest.raises(TrainingInterrupted) as stop:
         job.run()
     assert stop.value.checkpoint == job.checkpoint_dir / "checkpoint-2"

@@ -191,3 +191,28 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
                                     processing_class=tokenizer, peft_config=lora, padding_free_batches=padding_free)
 
     _compare(simpo, pairs, "llama3 simpo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): pytest -m gpu there")
+def test_the_lean_head_on_cuda_equals_the_full_log_softmax(zoo_models):
+    """On CUDA the lean head hands the scored positions to TRL's Triton kernel: the same values and gradients."""
+    from lexalign.models import load_causal_lm
+
+    model = load_causal_lm(zoo_models("gemma"), "cuda", train_all_weights=True).to("cuda")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 600, (3, 21), device="cuda")
+    labels = ids.clone()
+    labels[:, :6] = -100
+    logits = model(input_ids=ids).logits.float()
+    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * (labels[:, 1:] != -100)
+    full.sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logprobs.add_lean_lm_head(model, logprobs.DEFAULT_OUTPUTS)
+    lean = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert torch.allclose(lean.log_probs, full, atol=1e-4)
+    lean.log_probs.sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-4), name
+

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import threading
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
+from conftest import signal_at
 
 from lexalign import tracking
 from lexalign.config.loader import validate_config
@@ -193,15 +192,6 @@ def test_trackio_holds_both_runs_in_the_experiment_with_the_evaluation(tracked):
     assert {"evaluation-aligned-eval", "evaluation-aligned-lineage"} <= {a.get("name") for a in logged}, logged
 
 
-class SignalAt(TrainerCallback):
-    """SIGTERM this process as a given optimizer step begins (training saves a checkpoint and stops)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow
@@ -223,7 +213,7 @@ def test_an_interrupted_sft_run_resumes_into_the_same_tracker_run(tracked, tmp_p
                       tracking={"experiment": EXPERIMENT, "run": "sft"},
                       cfg=FinetuneConfig.from_dict({"max_steps": 4, "logging_steps": 1, "batch_size": 8,
                                                     "max_length": 64, "report_to": ["mlflow"]}))
-    job.extra_callbacks = [SignalAt(3)]
+    job.extra_callbacks = [signal_at(3)]
     with pytest.raises(TrainingInterrupted):
         job.run()
     started = json.loads((job.checkpoint_dir / tracking.TRACKING_FILE).read_text())

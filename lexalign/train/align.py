@@ -248,11 +248,7 @@ def setup(job: AlignJob):
         trainer = _dpo_trainer_class()(
             model=model,
             args=DPOConfig(**args),
-            train_dataset=train,
-            eval_dataset=evaluation,
-            processing_class=tokenizer,
-            peft_config=runtime.lora_config(job.cfg, model.config.model_type) if job.cfg.use_lora else None,
-            callbacks=job.callbacks(interrupt),
+            **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
             padding_free_batches=job.cfg.padding_free,
         )
     return trainer, tokenizer, interrupt
@@ -277,13 +273,16 @@ def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precompu
     return GDPOTrainer(
         model=model,
         args=GDPOConfig(**args),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
-        callbacks=job.callbacks(interrupt),
+        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
         padding_free_batches=cfg.padding_free,
     )
+
+
+def trainer_inputs(job: AlignJob, model, tokenizer, interrupt, train, evaluation) -> dict:
+    """What every preference trainer is built with besides its config: data, tokenizer, LoRA, callbacks."""
+    return {"train_dataset": train, "eval_dataset": evaluation, "processing_class": tokenizer,
+            "peft_config": runtime.lora_config(job.cfg, model.config.model_type) if job.cfg.use_lora else None,
+            "callbacks": job.callbacks(interrupt)}
 
 
 def training_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
@@ -303,11 +302,7 @@ def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt
     return ReferenceFreeTrainer(
         model=model,
         args=ReferenceFreeConfig(**args),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
-        callbacks=job.callbacks(interrupt),
+        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
         padding_free_batches=cfg.padding_free,
     )
 
@@ -333,9 +328,5 @@ def setup_kto(job: AlignJob, device: str, model, tokenizer, interrupt, precomput
     return LexAlignKTOTrainer(
         model=model,
         args=KTOConfig(**args),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        peft_config=runtime.lora_config(cfg, model.config.model_type) if cfg.use_lora else None,
-        callbacks=job.callbacks(interrupt),
+        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
     )
