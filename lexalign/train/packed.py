@@ -8,7 +8,7 @@ model that runs the batch's sequences repacked into fewer rows
 (`lexalign.packing.pack_rows`: position_ids restart per sequence, so attention
 stays within each) and returns the per-token outputs in the padded batch's
 shape. The trainer's loss, metrics and gradients are unchanged (equal to the
-padded computation, tests/test_packing.py); the model computes only the real
+padded computation, tests/test_padding_free_training.py); the model computes only the real
 tokens and the row-end padding.
 
 Only the policy's passes are packed; a reference computed online (no
