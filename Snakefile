@@ -1,27 +1,19 @@
 # LexAlign: download → finetune (SFT) → validate preferences → align → evaluate → report (→ publish).
 # Run: snakemake --cores 1            (everything, on config/config.yaml: the demo)
 #      snakemake --cores 1 results/aligned
+# The workflow is workflow/Snakefile (the catalog's layout); this file uses it as a project made by
+# `lexalign init` uses the installed copy, so the checkout, a catalog deployment and a project run the same
+# rules the same way.
 
 
 configfile: "config/config.yaml"
 
 
-include: "rules/common.smk"
-include: "rules/download.smk"
-include: "rules/finetune.smk"
-include: "rules/validate.smk"
-include: "rules/reference.smk"
-include: "rules/align.smk"
-include: "rules/evaluate.smk"
-include: "rules/report.smk"
-include: "rules/publish.smk"
+module lexalign:
+    snakefile:
+        "workflow/Snakefile"
+    config:
+        config
 
 
-rule all:
-    input:
-        f"{RESULTS}/aligned",
-        run_evaluations(),
-        run_benchmarks(),
-        f"{RESULTS}/report.html",
-        publish_targets(),
-    default_target: True
+use rule * from lexalign

@@ -327,6 +327,39 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
                    publish={"repo_id": repo_id, "private": private, "revision": revision, "commit_message": message})
 
 
+@main.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--example", default="demo", show_default=True,
+              help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo or gdpo.")
+@click.option("--force", is_flag=True, help="Write into a non-empty folder (an existing config/config.yaml is kept).")
+def init(directory: str, example: str, force: bool) -> None:
+    """Set up a project folder: a commented config, a Snakefile using the installed workflow, profiles.
+
+    Then: cd DIRECTORY && snakemake --cores 1. Results, logs and checkpoints land in
+    DIRECTORY; no LexAlign code is copied there.
+    """
+    from lexalign.project import init_project
+
+    written = init_project(directory, example, force)
+    click.echo(f"Wrote a LexAlign project ({example} example) in {directory}:")
+    for path in written:
+        click.echo(f"  {path}")
+    kept = [p for p in written if p.startswith("config/config.") and p != "config/config.yaml"]
+    if kept:
+        warn(f"{directory}/config/config.yaml exists and was kept; the {example} example's config is in {kept[0]}",
+             f"Compare them: diff {directory}/config/config.yaml {directory}/{kept[0]}")
+    click.echo(f"\nNext: cd {directory} && snakemake -n   (the plan), then snakemake --cores 1")
+
+
+@main.command("workflow-path")
+@click.option("--root", is_flag=True, help="Print the workflow's folder instead of its Snakefile.")
+def workflow_path(root: bool) -> None:
+    """Print where the installed workflow's Snakefile is (for `module` or `snakemake -s`)."""
+    from lexalign.project import snakefile, workflow_root
+
+    click.echo(str(workflow_root() if root else snakefile()))
+
+
 def run() -> None:
     """Console entry point: errors become messages, never tracebacks."""
     try:

@@ -15,6 +15,7 @@ plans the DAG, and importing torch there would cost seconds.
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +23,7 @@ PACKAGE = "lexalign"
 ROOT = Path(__file__).resolve().parent
 
 
+@cache
 def _module_file(module: str, root: Path) -> Path | None:
     parts = module.split(".")[1:]
     path = root.joinpath(*parts)
@@ -51,6 +53,45 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
+# An import statement of a lexalign module, found in the text: `import lexalign…`, `from lexalign… import a, b`
+# or the parenthesised form over several lines. Only these statements are parsed, never whole files: reading the
+# ~60 modules' imports costs milliseconds, parsing every file ~0.5 s on each plan (tests/test_architecture.py
+# checks that this finds exactly what a walk of each whole file's tree finds).
+IMPORT_STATEMENT = re.compile(
+    r"^[ \t]*(?:from[ \t]+lexalign(?:\.\w+)*[ \t]+import[ \t]+(?:\([^)]*\)|[^\n]*)|import[ \t]+lexalign[^\n]*)",
+    re.MULTILINE)
+
+
+TRIPLE_QUOTE = re.compile(r"\"\"\"|\'\'\'")
+
+
+def _string_spans(text: str) -> list[tuple[int, int]]:
+    """Where the triple-quoted strings are (docstrings, templates): an import written inside one is text. A
+    statement inside a one-line string cannot start a line, so these are the only strings that matter."""
+    spans, opened, kind = [], None, None
+    for match in TRIPLE_QUOTE.finditer(text):
+        if opened is None:
+            opened, kind = match.start(), match.group()
+        elif match.group() == kind:
+            spans.append((opened, match.end()))
+            opened = None
+    return spans
+
+
+@cache
+def _imports_of(path: Path, root: Path) -> frozenset[str]:
+    """The lexalign modules one file imports, anywhere in it (inside functions too)."""
+    text = path.read_text(encoding="utf-8")
+    spans = _string_spans(text)
+    found: set[str] = set()
+    for match in IMPORT_STATEMENT.finditer(text):
+        if any(start < match.start() < end for start, end in spans):
+            continue
+        for node in ast.parse(match.group().strip()).body:
+            found.update(_imported(node, root).values())
+    return frozenset(found)
+
+
 def module_closure(modules: set[str], root: Path = ROOT) -> set[str]:
     """Every lexalign module reachable from `modules` by imports anywhere in their source, with the packages
     that contain them."""
@@ -64,10 +105,8 @@ def module_closure(modules: set[str], root: Path = ROOT) -> set[str]:
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b
         path = _module_file(module, root)
-        if path is None:
-            continue
-        for node in ast.walk(_tree(path)):
-            todo += list(_imported(node, root).values())
+        if path is not None:
+            todo += _imports_of(path, root)
     return seen
 
 
@@ -110,3 +149,16 @@ def step_sources(step: str, root: Path = ROOT) -> list[Path]:
     """The source files of `step_modules` and of the bridge every rule runs, sorted."""
     files = {_module_file(module, root) for module in (*step_modules(step, root), *BRIDGE)}
     return sorted(f for f in files if f is not None)
+
+
+SCRIPT = "scripts/step.py"
+"""Every rule's script (relative to the workflow's root). Among the code inputs, by content: Snakemake's own
+`code` trigger would compare its modification time, which every reinstall of the package renews."""
+
+
+def rule_sources(rule: str) -> list[Path]:
+    """The files a rule runs: its step's sources (`step_sources`) and the rule's script."""
+    from lexalign.project import workflow_root
+    from lexalign.workflow import step_of
+
+    return [*step_sources(step_of(rule)), workflow_root() / SCRIPT]

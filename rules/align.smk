@@ -19,7 +19,7 @@ rule align:
         checkpoint_dir=f"{RESULTS}/checkpoints/aligned",
         tracking=tracking_params(config["alignment"], "aligned"),
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/align.log",
     benchmark:

@@ -1,5 +1,4 @@
 # Config validation and named helpers shared by every rule.
-import os
 import sys
 from pathlib import Path
 
@@ -7,9 +6,14 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-sys.path.insert(0, workflow.basedir)
-from lexalign.config.loader import validate_config  # noqa: E402
+# A checkout (or a copy of one) runs its own lexalign, beside this folder; an installed workflow (the wheel's
+# lexalign/_workflow, used by a project's `module`) runs the installed package it sits in.
+_checkout = Path(workflow.current_basedir).parent
+if (_checkout / "lexalign" / "__init__.py").is_file():
+    sys.path.insert(0, str(_checkout))
+from lexalign.config.loader import SCHEMA_PATH, validate_config  # noqa: E402
 from lexalign.errors import LexAlignError  # noqa: E402
+from lexalign.project import code_path  # noqa: E402
 from lexalign.reference import SETTING_PATTERN, parse_setting  # noqa: E402
 
 # The same schema as the CLI: fills defaults, turns `1e-5` strings into numbers,
@@ -43,7 +47,7 @@ try:
     check_pipeline_paths(config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
-validate(config, "../lexalign/schemas/config.schema.yaml")
+validate(config, str(SCHEMA_PATH))
 
 # Say it on every run, the dry run included: these settings let a model run code here.
 for _key in ("trust_remote_code", "allow_pickle"):
@@ -56,12 +60,18 @@ LOGS = "logs"
 
 def step_code(rule):
     """The source files the rule's step can run (lexalign/code_inputs.py: the import closure of its function in
-    lexalign/stages.py); editing one reruns the step, and only the steps that can run it."""
-    from lexalign.code_inputs import step_sources
-    from lexalign.workflow import step_of
+    lexalign/stages.py, and the rule's script), in the lexalign this workflow imports: a checkout's, or the
+    installed package's. Snakemake compares their checksums, so editing one, or upgrading LexAlign to a version
+    that changed one, reruns the step, and only the steps that can run it."""
+    from lexalign.code_inputs import rule_sources
 
-    # Relative to the working directory, so a moved checkout is not "changed input".
-    return [os.path.relpath(path) for path in step_sources(step_of(rule), Path(workflow.basedir) / "lexalign")]
+    return [code_path(path) for path in rule_sources(rule)]
+
+
+def conda_env():
+    """The rules' software environment under `--sdm conda`: torch's CPU build where the config says device: cpu,
+    else its CUDA build (envs/)."""
+    return "../envs/lexalign-cpu.yaml" if config["device"] == "cpu" else "../envs/lexalign-cuda.yaml"
 
 
 def local_input(section):
@@ -204,5 +214,5 @@ def lm_eval_task_files():
     """LexAlign's local lm-eval tasks (YAML and data): editing one reruns the benchmarks."""
     from lexalign.demo.benchmark import TASKS_DIR
 
-    return sorted(os.path.relpath(path) for path in TASKS_DIR.rglob("*") if path.is_file()
+    return sorted(code_path(path) for path in TASKS_DIR.rglob("*") if path.is_file()
                   and "__pycache__" not in path.parts)

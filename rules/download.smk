@@ -14,7 +14,7 @@ rule download_model:
         kind="model",
         seed=config["seed"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/download_model.log",
     script:
@@ -34,7 +34,7 @@ rule download_data:
     wildcard_constraints:
         dataset="sft_data|preference_data",
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/download_{{dataset}}.log",
     script:

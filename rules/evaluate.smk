@@ -19,7 +19,7 @@ rule evaluate:
         seed=config["seed"],
         device=config["device"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
@@ -65,7 +65,7 @@ rule download_reward_model:
         kind="model",
         seed=config["seed"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/download_reward_model.log",
     script:
@@ -87,7 +87,7 @@ rule lm_eval_sft:
         device=config["device"],
         seed=config["seed"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/lm_eval/sft.log",
     benchmark:

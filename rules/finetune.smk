@@ -11,7 +11,7 @@ rule prepare_sft_data:
         data=config["sft_data"],
         seed=config["seed"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/prepare_sft_data.log",
     script:
@@ -35,7 +35,7 @@ rule finetune:
         checkpoint_dir=f"{RESULTS}/checkpoints/sft",
         tracking=tracking_params(config["finetune"], "sft"),
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/finetune.log",
     benchmark:

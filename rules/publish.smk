@@ -16,7 +16,7 @@ rule publish:
     params:
         publish=config["publish"],
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/publish.log",
     script:

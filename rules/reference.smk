@@ -22,7 +22,7 @@ rule reference:
         dataset=r"preferences(-k\d+)?",
         setting=SETTING_PATTERN,
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/reference/{{dataset}}/{{setting}}.log",
     benchmark:

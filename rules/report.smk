@@ -24,7 +24,7 @@ rule report:
     params:
         runs=["aligned"] + list(RUNS),
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/report.log",
     script:

@@ -18,7 +18,7 @@ rule validate_preferences:
         kto_weights=kto_weights(f"{RESULTS}/data/preferences"),
         pairs_only=pairs_only(f"{RESULTS}/data/preferences"),
     conda:
-        "../envs/lexalign.yaml"
+        conda_env()
     log:
         f"{LOGS}/validate_preferences.log",
     script:

@@ -16,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "report", "lexalign"]
+WORKFLOW_FILES = ["Snakefile", "workflow", "rules", "scripts", "config", "profiles", "envs", "report", "lexalign"]
 
 
 def copy_workflow(dest: Path) -> Path:
