@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from workflow import snakemake
 
 from lexalign import code_inputs, stages
 from lexalign.config import stages as config_stages
 from lexalign.config.loader import SCHEMA_PATH, _resolve
 from lexalign.errors import LexAlignError
 from lexalign.workflow import STEP_OF_RULE
+from workflow import snakemake
 
 PACKAGE = REPO / "lexalign"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_jsonl
+
 from workflow import copy_workflow, snakemake
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")

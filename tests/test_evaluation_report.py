@@ -8,9 +8,9 @@ import re
 import shutil
 
 import pytest
-from workflow import copy_workflow, edit_config, planned_jobs, snakemake
 
 from lexalign.errors import LexAlignError
+from workflow import copy_workflow, edit_config, planned_jobs, snakemake
 
 # --- the validation report: is the longer answer the preferred one? ---------------------------------
 

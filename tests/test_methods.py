@@ -162,6 +162,7 @@ def test_the_pipeline_refuses_a_key_of_another_method_when_it_plans_the_dag(tmp_
     """Snakemake, at DAG time: under alignment, and in a sweep run (a KTO run takes desirable_weight; a DPO run
     given it, at its default value, is refused by name). A clean error, no traceback."""
     import yaml
+
     from workflow import copy_workflow, edit_config, snakemake
 
     workdir = copy_workflow(tmp_path)
@@ -512,6 +513,7 @@ NEW_RUNS = {
 @pytest.mark.slow
 def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(demo_run, tmp_path):
     from transformers import AutoModelForCausalLM
+
     from workflow import edit_config, planned_jobs, snakemake
 
     workdir = tmp_path / "copy"
@@ -580,6 +582,7 @@ def kto_pipeline(tmp_path_factory):
     """One real pipeline run of KTO on unpaired rows: download (the demo model, the local rows), validate,
     reference, align."""
     import yaml
+
     from workflow import copy_workflow, snakemake
 
     root = tmp_path_factory.mktemp("kto-pipeline")
@@ -597,6 +600,7 @@ def kto_pipeline(tmp_path_factory):
 def test_the_pipeline_aligns_unpaired_rows_with_kto(kto_pipeline):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
     from workflow import planned_jobs
 
     workdir = kto_pipeline["workdir"]
@@ -647,6 +651,7 @@ def test_the_pipeline_stops_a_pairs_method_on_unpaired_rows_at_validation(kto_pi
     import sys
 
     import yaml
+
     from workflow import planned_jobs, snakemake
 
     # The command first, on the pipeline's validated rows (its reference step, before any model loads).

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from workflow import PLANTED_TOKEN, copy_workflow, planned_jobs, snakemake
 
 NAMES = ["Amir", "Paula", "Uma", "Ivan", "George", "Mallory", "Walter", "Zoë", "Chloé", "Søren", "Ana", "Bo"]

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+
 from workflow import PLANTED_TOKEN, SNAKEMAKE, copy_workflow, edit_config, planned_jobs, snakemake  # noqa: F401
 
 

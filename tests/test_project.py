@@ -10,20 +10,20 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from conftest import REPO
-from workflow import copy_workflow, planned_jobs, snakemake
 
 from lexalign import code_inputs, project
 from lexalign.config.annotated import render_config
 from lexalign.config.loader import _resolve, _root_schema, load_yaml, validate_config
 from lexalign.methods import key_owner
 from lexalign.workflow import STEP_OF_RULE
+from workflow import copy_workflow, planned_jobs, snakemake
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")
 EXAMPLES = sorted(project.examples())

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hub_server import assert_clean_error, files_under
+
 from workflow import PLANTED_TOKEN, edit_config, planned_jobs, snakemake
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, write_jsonl
-from workflow import SNAKEMAKE, copy_workflow
 
 from lexalign.demo import task
+from workflow import SNAKEMAKE, copy_workflow
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 DAEMONS = ["slurmctld", "slurmd", "munged"]
