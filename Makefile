@@ -43,11 +43,11 @@ dag: $(STAMP)
 	$(BIN)/snakemake --rulegraph 2>/dev/null | dot -Tsvg > results/rulegraph.svg
 
 test: $(STAMP) system-deps
-	$(BIN)/ruff check lexalign scripts tests benchmarks
+	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check lexalign scripts tests benchmarks
+	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py
 	$(BIN)/snakemake --lint
 
 clean:
