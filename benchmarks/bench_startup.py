@@ -25,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from lexalign.project import WORKFLOW_FILES as PROJECT_FILES
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "profiles", "envs", "lexalign"]
+# What a checkout runs: the workflow's files (the wheel's list) and the package beside them.
+WORKFLOW_FILES = [name for name in (*PROJECT_FILES, "lexalign") if (REPO / name).exists()]
 
 
 def copy_workflow(dest: Path) -> Path:
