@@ -66,7 +66,8 @@ def best_worst(rows: list[dict], keep_truncated: bool = False) -> tuple[list[dic
             continue
         order = [kept[i] for i in order_best_first([row["scores"][i] for i in kept])]
         best = order[0]
-        worst = next(i for i in order if row["scores"][i] == row["scores"][order[-1]])  # first of the lowest
+        lowest = row["scores"][order[-1]]
+        worst = next(i for i in order if row["scores"][i] - lowest <= TIE_TOLERANCE)  # the first of the lowest
         if abs(row["scores"][best] - row["scores"][worst]) <= TIE_TOLERANCE:
             counts["ties"] += 1
             continue

@@ -1,0 +1,79 @@
+"""Selection of the round's preference data from K judged completions (lexalign/online/select.py), worked by
+hand: which completion is chosen, rejected or ranked where, and every dropped one counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from lexalign import reference
+from lexalign.online import select
+
+
+def judged(row: int, scores: list, truncated: list | None = None, ids: list | None = None) -> dict:
+    """A prompt with K completions "a", "b", ... whose ids are [row, i] unless given."""
+    k = len(scores)
+    return {"row": row, "prompt": f"p{row}", "prompt_ids": [100 + row], "completions": [chr(97 + i) for i in range(k)],
+            "completion_ids": ids or [[row, i] for i in range(k)], "truncated": truncated or [False] * k,
+            "scores": scores}
+
+
+def test_best_worst_by_hand():
+    rows = [
+        judged(0, [0.2, 0.9, -1.0, 0.5]),            # b over c
+        judged(1, [1.0, 1.0, 0.0, 0.0]),             # equal best and worst: the first of each, a over c
+        judged(2, [0.3, 0.3, 0.3]),                  # all tied: dropped, counted
+        judged(3, [5.0, None, 1.0]),                 # the unscored one is left out: a over c
+        judged(4, [9.0, 1.0, 0.0], [True, False, False]),  # the best is truncated: dropped, so b over c
+        judged(5, [None, 2.0, None]),                # one scored completion: too few
+        judged(6, [3.0, 1.0 + 1e-9, 1.0]),           # within the judges' tie tolerance: a over b (the first lowest)
+    ]
+    pairs, counts = select.best_worst(rows)
+    assert [(p["row"], p["chosen"], p["rejected"]) for p in pairs] == [
+        (0, "b", "c"), (1, "a", "c"), (3, "a", "c"), (4, "b", "c"), (6, "a", "b")]
+    assert counts == {"prompts": 7, "unscored": 3, "truncated_dropped": 1, "duplicates_merged": 0, "too_few": 1,
+                      "ties": 1, "all_tied": 0, "selected": 5}
+    first = pairs[0]
+    assert (first["chosen_score"], first["rejected_score"]) == (0.9, -1.0)
+    assert (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) == ([100], [0, 1], [0, 2])
+    # keep_truncated: the truncated best completion is chosen.
+    kept, counts = select.best_worst(rows[4:5], keep_truncated=True)
+    assert (kept[0]["chosen"], counts["truncated_dropped"]) == ("a", 0)
+
+
+def test_identical_completions_are_merged_before_choosing():
+    # a and c are the same ids judged differently (an LLM judge is not deterministic): c is merged into a.
+    rows = [judged(0, [1.0, 0.5, 0.0], ids=[[7, 8], [9], [7, 8]]), judged(1, [1.0, 1.0], ids=[[3], [3]])]
+    pairs, counts = select.best_worst(rows)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b")]
+    assert (counts["duplicates_merged"], counts["too_few"]) == (2, 1)
+
+
+def test_ranked_by_hand():
+    rows = [
+        judged(0, [0.1, 0.7, 0.4, 0.9]),             # d b c a
+        judged(1, [2.0, 1.0, 2.0, 0.0]),             # ties keep their sampled order: a c b d
+        judged(2, [1.0, 1.0, 1.0, 1.0]),             # all tied
+        judged(3, [1.0, 0.0, None, 3.0]),            # three scored: too few for 4
+        judged(4, [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]),   # six: best, worst and evenly spaced between: a c d f
+    ]
+    groups, counts = select.ranked(rows, group_size=4)
+    assert [(g["row"], g["responses"]) for g in groups] == [
+        (0, ["d", "b", "c", "a"]), (1, ["a", "c", "b", "d"]), (4, ["a", "c", "d", "f"])]
+    assert groups[0]["scores"] == [0.9, 0.7, 0.4, 0.1]
+    assert groups[0]["completion_ids"] == [[0, 3], [0, 1], [0, 2], [0, 0]]
+    assert counts == {"prompts": 5, "unscored": 1, "truncated_dropped": 0, "duplicates_merged": 0, "too_few": 1,
+                      "ties": 0, "all_tied": 1, "selected": 3}
+    with pytest.raises(ValueError, match="at least 2"):
+        select.ranked(rows, group_size=1)
+
+
+def test_token_tables_are_what_the_trainers_read():
+    pairs, _ = select.best_worst([judged(0, [0.0, 1.0]), judged(1, [1.0, 0.0])])
+    dataset = reference.trainer_dataset(select.token_table(pairs), "pairs")
+    assert dataset.to_list() == [{"prompt_ids": [100], "chosen_ids": [0, 1], "rejected_ids": [0, 0]},
+                                 {"prompt_ids": [101], "chosen_ids": [1, 0], "rejected_ids": [1, 1]}]
+    groups, _ = select.ranked([judged(0, [0.0, 2.0, 1.0])], group_size=3)
+    dataset = reference.trainer_dataset(select.token_table(groups), "k3")
+    assert dataset.to_list() == [{"prompt_ids": [100], "completion_ids": [[0, 1], [0, 2], [0, 0]],
+                                  "scores": [2.0, 1.0, 0.0]}]
+    assert select.token_table([]).num_rows == 0
