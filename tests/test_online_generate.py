@@ -175,7 +175,7 @@ def test_stops_at_every_end_id_and_flags_truncation(zoo_models, tmp_path):
     assert row["completion_ids"] == [sampled[:sampled.index(stop)]] and row["truncated"] == [True]
 
 
-def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, tmp_path):
+def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, tmp_path, monkeypatch):
     path = zoo_models("qwen2")
     prompts = [f"Say hello to person number {i}." + " Please." * (i % 4) for i in range(7)]
     sampling = Sampling(samples_per_prompt=3, temperature=1.3, max_new_tokens=5, seed=11)
@@ -202,8 +202,11 @@ def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, 
     assert seen[0][1] == written
     assert resumed["shards_generated"] == 3
     assert rows(tmp_path / "resumed") == rows(tmp_path / "whole")
-    # A finished run is not generated again; another seed is another sample.
-    assert generate(path, prompts, tmp_path / "whole", sampling, batch_size=2, shard_prompts=2)["shards_generated"] == 0
+    # A finished run is not generated again (the model is not even loaded); another seed is another sample.
+    with monkeypatch.context() as patch:
+        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+        again = generate(path, prompts, tmp_path / "whole", sampling, batch_size=2, shard_prompts=2)
+    assert again["shards_generated"] == 0 and again["key"] == whole["key"]
     generate(path, prompts, tmp_path / "other", Sampling(samples_per_prompt=3, temperature=1.3, max_new_tokens=5,
                                                          seed=12), batch_size=2, shard_prompts=2)
     assert [r["completion_ids"] for r in rows(tmp_path / "other")] != [r["completion_ids"] for r in rows(

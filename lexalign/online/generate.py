@@ -108,11 +108,14 @@ def render_prompts(tokenizer, prompts: list, rendered: bool = False) -> tuple[li
     return out, True
 
 
-def prompt_budget(model, sampling: Sampling, max_prompt_tokens: int | None) -> int | None:
+def prompt_budget(model_dir: Path, sampling: Sampling, max_prompt_tokens: int | None) -> int | None:
     """The longest prompt kept: `max_prompt_tokens`, else the model's context minus max_new_tokens."""
+    from transformers import AutoConfig
+
     if max_prompt_tokens:
         return max_prompt_tokens
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(model_dir)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     return max(int(context) - sampling.max_new_tokens, 0) if context else None
 
 
@@ -233,23 +236,25 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     tokenizer = load_tokenizer(model_dir)
     texts, chat = render_prompts(tokenizer, prompts, rendered)
     ids = tokens.prompt_ids(tokenizer, texts, chat)
-    model = load_causal_lm(model_dir, device).to(device).eval()
-    work = plan(texts, ids, prompt_budget(model, sampling, max_prompt_tokens))
+    budget = prompt_budget(model_dir, sampling, max_prompt_tokens)
+    work = plan(texts, ids, budget)
     if not work.rows:
         raise LexAlignError(f"No prompt to sample from: {len(work.too_long)} of {len(prompts)} are longer than the "
                             f"budget and {len(work.empty)} are empty",
                             hint="Raise max_prompt_tokens (or lower max_new_tokens), or give shorter prompts")
-    meta = {"format": FORMAT, "policy": str(model_dir), "policy_hash": io.hash_path(model_dir),
-            "sampling": asdict(sampling), "batch_size": batch_size, "shard_prompts": shard_prompts, "chat": chat,
+    meta = {"format": FORMAT, "policy_hash": io.hash_path(model_dir), "sampling": asdict(sampling),
+            "batch_size": batch_size, "shard_prompts": shard_prompts, "chat": chat,
             "prompts": hashlib.sha256(json.dumps([work.ids[i] for i in work.rows]).encode()).hexdigest()}
-    meta["key"] = io.hash_object(meta)
+    meta["key"] = io.hash_object(meta)  # what the samples depend on: the weights' hash, not the folder's name
+    meta["policy"] = str(model_dir)
     final, shard_dir = out_dir / "generations.parquet", out_dir / "shards"
     counts = {"prompts": len(prompts), "kept": len(work.rows), "skipped_too_long": len(work.too_long),
               "skipped_empty": len(work.empty), "skipped_rows": sorted(work.too_long + work.empty),
-              "prompt_budget": prompt_budget(model, sampling, max_prompt_tokens)}
-    if final.exists() and _stored_key(final) == meta["key"]:
+              "prompt_budget": budget}
+    if final.exists() and _stored_key(final) == meta["key"]:  # finished before: the model is not even loaded
         return {**io.read_json(out_dir / "report.json"), "shards_generated": 0, "resumed": "complete"}
     shard_dir.mkdir(parents=True, exist_ok=True)
+    model = load_causal_lm(model_dir, device).to(device).eval()
     rng_state = torch.random.get_rng_state()
     generated, seconds, new_tokens = 0, 0.0, 0
     shards = [work.rows[s:s + shard_prompts] for s in range(0, len(work.rows), shard_prompts)]
