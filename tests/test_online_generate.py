@@ -228,3 +228,27 @@ def test_prompts_over_the_budget_are_counted_and_skipped(zoo_models, tmp_path):
                  max_prompt_tokens=1)
     with pytest.raises(LexAlignError, match="Invalid sampling settings"):
         generate(path, PROMPTS, tmp_path / "bad", Sampling(temperature=0))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path, family):
+    """Why the trainer gets ids: decoding sampled tokens and encoding the text again (what a text-only data path
+    does) gives other tokens for some completions (byte pieces of a split character, merges across pieces);
+    the token table built from the ids gives back exactly what was sampled."""
+    path = zoo_models(family)
+    tok = tokenizer(path)
+    generate(path, PROMPTS, tmp_path / "gen", Sampling(samples_per_prompt=4, temperature=1.5, max_new_tokens=12,
+                                                       seed=0))
+    got = rows(tmp_path / "gen")
+    drifted = 0
+    for r in got:
+        text = [tok.decode(c, skip_special_tokens=False) for c in r["completion_ids"]]
+        _, completion_ids = tokens.tokenize_groups(tok, [r["prompt"]] * 4, [[t] for t in text], chat=True)
+        drifted += sum(again[0] != sampled for again, sampled in zip(completion_ids, r["completion_ids"], strict=True))
+    assert drifted > 0
+    judged = [{**r, "scores": [3.0, 2.0, 1.0, 0.0], "truncated": [False] * 4} for r in got]
+    groups, counts = select.ranked(judged, 4)
+    assert counts["selected"] == 3
+    dataset = reference.trainer_dataset(select.token_table(groups), "k4")
+    assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in got]
+    assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
