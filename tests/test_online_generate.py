@@ -213,6 +213,30 @@ def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, 
         tmp_path / "whole")]
 
 
+def test_several_processes_share_the_shards_and_one_joins_them(zoo_models, tmp_path, monkeypatch):
+    path = zoo_models("phi3")
+    prompts = [f"Greet guest {i}." + " Kindly." * (i % 3) for i in range(5)]
+    sampling = Sampling(samples_per_prompt=2, temperature=1.2, max_new_tokens=4, seed=5)
+    alone = generate(path, prompts, tmp_path / "alone", sampling, batch_size=1, shard_prompts=1)
+    written = {}
+    for index in (1, 0):
+        part = generate(path, prompts, tmp_path / "shared", sampling, batch_size=1, shard_prompts=1,
+                        process=(index, 2), on_shard=lambda n, i=index: written.setdefault(i, []).append(n))
+        assert part["joined"] is False and not (tmp_path / "shared" / "generations.parquet").exists()
+    assert written == {0: [0, 2, 4], 1: [1, 3]}
+    with monkeypatch.context() as patch:
+        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("the join loaded the model"))
+        joined = generate(path, prompts, tmp_path / "shared", sampling, batch_size=1, shard_prompts=1)
+    assert joined["shards_generated"] == 0 and joined["tokens_per_second"] > 0
+    assert rows(tmp_path / "shared") == rows(tmp_path / "alone")
+    assert (joined["completions"], joined["truncated"]) == (alone["completions"], alone["truncated"])
+    # One process having died, a single-process run makes just its shards.
+    generate(path, prompts, tmp_path / "half", sampling, batch_size=1, shard_prompts=1, process=(0, 2))
+    made = []
+    generate(path, prompts, tmp_path / "half", sampling, batch_size=1, shard_prompts=1, on_shard=made.append)
+    assert made == [1, 3] and rows(tmp_path / "half") == rows(tmp_path / "alone")
+
+
 def test_prompts_over_the_budget_are_counted_and_skipped(zoo_models, tmp_path):
     path = zoo_models("gemma")
     tok = tokenizer(path)

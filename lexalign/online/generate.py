@@ -21,12 +21,13 @@ Each `shard_prompts` prompts are written to `shards/` atomically under a key
 (policy hash, sampling, batch size, the prompts' ids): a killed job rerun
 regenerates only the shards it had not finished. Each batch draws from its own
 seed (the run's seed, its shard, its batch), so the output is the same whether
-a shard ran in the first attempt or the second.
+a shard ran in the first attempt or the second, or in which of several
+processes (`process=(index, count)`: shard n is process n % count's).
 
 Output, in `out_dir`: `generations.parquet`, one row per kept prompt in input
 order (`row`, `prompt`, `prompt_ids`, `completion_ids` (K), `completions` (K),
 `truncated` (K), the sampling settings, `policy`, `policy_hash`), and
-`report.json` (counts, tokens/s).
+`report.json` (counts; generation tokens/s, summed over the shards' own timings).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from lexalign.errors import LexAlignError
 FORMAT = 1
 """Bumped when the output's layout or the sampling procedure changes (part of the key)."""
 METADATA_KEY = b"lexalign.generations"
+TIMING_KEY = b"lexalign.timing"
+"""A shard's generation seconds and tokens: the report sums them over every shard, whichever attempt or
+process made it."""
 SHARD_PROMPTS = 256
 
 
@@ -206,7 +210,7 @@ def _stored_key(path: Path) -> str | None:
     return json.loads(meta[METADATA_KEY]).get("key") if METADATA_KEY in meta else None
 
 
-def _table(records: list[dict], meta: dict):
+def _table(records: list[dict], meta: dict, timing: dict):
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
@@ -215,22 +219,31 @@ def _table(records: list[dict], meta: dict):
                         ("truncated", pa.list_(pa.bool_())), ("policy", pa.string()), ("policy_hash", pa.string()),
                         ("samples_per_prompt", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
                         ("max_new_tokens", pa.int32()), ("seed", pa.int64())],
-                       metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+                       metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode(),
+                                 TIMING_KEY: json.dumps(timing).encode()})
     return pa.Table.from_pylist(records, schema=schema)
 
 
 def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling: Sampling, batch_size: int = 8,
              device: str = "cpu", rendered: bool = False, max_prompt_tokens: int | None = None,
-             shard_prompts: int = SHARD_PROMPTS, on_shard: Callable[[int], None] | None = None) -> dict:
+             shard_prompts: int = SHARD_PROMPTS, on_shard: Callable[[int], None] | None = None,
+             process: tuple[int, int] = (0, 1)) -> dict:
     """Sample `sampling.samples_per_prompt` completions for each prompt into `out_dir` (see the module doc);
-    returns the report. `on_shard(i)` is called after shard i is written (tests stop a run there)."""
+    returns the report. `on_shard(i)` is called after shard i is written (tests stop a run there).
+
+    `process` (index, count): one of several processes (one per GPU) sharing the job: it generates the shards
+    whose number % count == index and returns without joining them; once every process is done, one call with
+    the default (0, 1) joins them (it finds every shard finished, so it loads no model; any shard a failed
+    process left unfinished, it makes)."""
     import torch
 
     from lexalign.models import load_causal_lm, load_tokenizer, require_model
 
     sampling.check()
-    if batch_size < 1 or shard_prompts < 1:
-        raise LexAlignError(f"batch_size ({batch_size}) and shard_prompts ({shard_prompts}) must be at least 1")
+    index, count = process
+    if batch_size < 1 or shard_prompts < 1 or not 0 <= index < count:
+        raise LexAlignError(f"batch_size ({batch_size}) and shard_prompts ({shard_prompts}) must be at least 1, "
+                            f"and the process index ({index}) below the process count ({count})")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     require_model(model_dir, "the previous round (or the SFT step)")
     tokenizer = load_tokenizer(model_dir)
@@ -254,31 +267,35 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     if final.exists() and _stored_key(final) == meta["key"]:  # finished before: the model is not even loaded
         return {**io.read_json(out_dir / "report.json"), "shards_generated": 0, "resumed": "complete"}
     shard_dir.mkdir(parents=True, exist_ok=True)
-    model = load_causal_lm(model_dir, device).to(device).eval()
-    rng_state = torch.random.get_rng_state()
-    generated, seconds, new_tokens = 0, 0.0, 0
+    model, rng_state, generated = None, torch.random.get_rng_state(), 0
     shards = [work.rows[s:s + shard_prompts] for s in range(0, len(work.rows), shard_prompts)]
     try:
         for number, rows in enumerate(shards):
             path = shard_dir / f"shard-{number:05d}.parquet"
+            if number % count != index:
+                continue  # another process's
             io.remove_stale_temporaries(path)
             if path.exists() and _stored_key(path) == meta["key"]:
                 continue  # finished by an earlier attempt
+            if model is None:  # only when some shard is missing: a join or a finished resume loads nothing
+                model = load_causal_lm(model_dir, device).to(device).eval()
             started, records = time.perf_counter(), []
             for b, start in enumerate(range(0, len(rows), batch_size)):
                 part = rows[start:start + batch_size]
                 samples = sample(model, tokenizer, [work.ids[i] for i in part], sampling, batch_seed(
                     sampling.seed, number, b))
                 records += [_record(i, work, group, tokenizer, meta) for i, group in zip(part, samples, strict=True)]
-            seconds += time.perf_counter() - started
-            new_tokens += sum(len(c) for r in records for c in r["completion_ids"])
-            _write_parquet(_table(records, meta), path)
+            timing = {"seconds": time.perf_counter() - started,
+                      "tokens": sum(len(c) for r in records for c in r["completion_ids"])}
+            _write_parquet(_table(records, meta, timing), path)
             generated += 1
             if on_shard is not None:
                 on_shard(number)
     finally:
         torch.random.set_rng_state(rng_state)
-    return _finish(shard_dir, len(shards), final, meta, counts, generated, seconds, new_tokens)
+    if count > 1:
+        return {**counts, "shards": len(shards), "shards_generated": generated, "joined": False}
+    return _finish(shard_dir, len(shards), final, meta, counts, generated)
 
 
 def _record(row: int, work: Plan, group: list[tuple], tokenizer, meta: dict) -> dict:
@@ -290,15 +307,17 @@ def _record(row: int, work: Plan, group: list[tuple], tokenizer, meta: dict) -> 
             **meta["sampling"]}
 
 
-def _finish(shard_dir: Path, n_shards: int, final: Path, meta: dict, counts: dict, generated: int,
-            seconds: float, new_tokens: int) -> dict:
+def _finish(shard_dir: Path, n_shards: int, final: Path, meta: dict, counts: dict, generated: int) -> dict:
     """Join the shards in input order into generations.parquet; report.json first, so a finished parquet always
     has its report."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(shard_dir / f"shard-{n:05d}.parquet") for n in range(n_shards)])
-    table = table.sort_by("row").replace_schema_metadata(table.schema.metadata)
+    pieces = [pq.read_table(shard_dir / f"shard-{n:05d}.parquet") for n in range(n_shards)]
+    timings = [json.loads(piece.schema.metadata[TIMING_KEY]) for piece in pieces]
+    seconds, new_tokens = sum(t["seconds"] for t in timings), sum(t["tokens"] for t in timings)
+    table = pa.concat_tables(pieces).sort_by("row")
+    table = table.replace_schema_metadata({METADATA_KEY: pieces[0].schema.metadata[METADATA_KEY]})
     truncated = [t for group in table.column("truncated").to_pylist() for t in group]
     lengths = [len(c) for group in table.column("completion_ids").to_pylist() for c in group]
     report = {**counts, "completions": len(truncated), "truncated": sum(truncated),
