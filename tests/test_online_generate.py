@@ -52,6 +52,15 @@ def test_prompt_ids_are_the_chat_templates(zoo_models, family):
     assert tokens.prompt_ids(tok, render_prompts(tok, texts, rendered=True)[0], True) == got
 
 
+def test_judges_read_the_question_as_given():
+    from lexalign.online.generate import question
+
+    assert question("Hi there") == "Hi there"
+    assert question([{"role": "user", "content": "Hi"}]) == "Hi"
+    assert question([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == \
+        "system: Be brief.\n\nuser: Hi"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_models, tmp_path, family):
     """With top_p ~ 0 sampling is argmax: every prompt's completions, generated in a left-padded batch with
@@ -85,6 +94,7 @@ def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_mod
         assert r["truncated"] == [truncated, truncated]
         assert r["completions"][0] == tok.decode(want if truncated else want[:-1], skip_special_tokens=True)
         assert (r["samples_per_prompt"], r["top_p"], r["max_new_tokens"], r["policy"]) == (2, GREEDY, 6, str(path))
+        assert r["question"] == PROMPTS[r["row"]]
 
 
 def force_turn_end(src, dst, family) -> int:

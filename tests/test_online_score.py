@@ -71,6 +71,7 @@ def test_ratings_are_parsed(reply, rating):
 # --- the LLM judge on loopback ----------------------------------------------------------------------
 
 ANSWER = re.compile(r"\[The start of the answer\]\n(.*?)\n\[The end of the answer\]", re.S)
+QUESTION = re.compile(r"\[User prompt\]\n(.*?)\n\n\[The start of the answer\]", re.S)
 
 
 class RatingServer:
@@ -80,6 +81,7 @@ class RatingServer:
 
     def __init__(self, healthy: int = 1000, flaky: int = 0, limit: int = 200):
         self.requests = 0
+        self.questions: list[str] = []
         self.lock = threading.Lock()
         outer = self
 
@@ -92,6 +94,7 @@ class RatingServer:
                 with outer.lock:
                     outer.requests += 1
                     number = outer.requests
+                    outer.questions.append(QUESTION.search(body["messages"][-1]["content"]).group(1))
                 if number > limit or number > healthy or number <= flaky:
                     self.send_response(500)
                     self.end_headers()
@@ -126,9 +129,11 @@ def llm(url: str, retries: int = 0) -> LlmJudge:
 def test_llm_judge_rates_each_answer_and_counts_unrated_ones(tmp_path):
     rows = generations(n=2)
     rows[1]["completions"][1] = "? unsure"
+    for r in rows:
+        r["question"] = f"Q{r['row']}"  # the prompt as the user gave it; `prompt` is the chat-template text
     with RatingServer() as server:
         scores, counts = score_completions(rows, llm(server.url), tmp_path / "s.jsonl")
-    assert server.requests == 4
+    assert server.requests == 4 and sorted(server.questions) == ["Q0", "Q0", "Q1", "Q1"]
     assert scores == [[6.0, 9.0], [7.0, None]]  # rated by length: "Hello " 6, "Go away x" 9, "Hello x" 7
     assert counts["unscored"] == 1
 

@@ -25,7 +25,8 @@ a shard ran in the first attempt or the second, or in which of several
 processes (`process=(index, count)`: shard n is process n % count's).
 
 Output, in `out_dir`: `generations.parquet`, one row per kept prompt in input
-order (`row`, `prompt`, `prompt_ids`, `completion_ids` (K), `completions` (K),
+order (`row`, `prompt` (rendered), `question` (as given, for judges), `prompt_ids`, `completion_ids` (K),
+`completions` (K),
 `truncated` (K), the sampling settings, `policy`, `policy_hash`), and
 `report.json` (counts; generation tokens/s, summed over the shards' own timings).
 """
@@ -110,6 +111,16 @@ def render_prompts(tokenizer, prompts: list, rendered: bool = False) -> tuple[li
                                 hint="Check the prompt's messages (roles the template accepts)") from None
         out.append(text)
     return out, True
+
+
+def question(prompt) -> str:
+    """The prompt as a judge reads it: the string as given, or a conversation's turns as "role: content"."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = list(prompt)
+    if len(turns) == 1:
+        return str(turns[0].get("content", ""))
+    return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in turns)
 
 
 def prompt_budget(model_dir: Path, sampling: Sampling, max_prompt_tokens: int | None) -> int | None:
@@ -214,7 +225,7 @@ def _table(records: list[dict], meta: dict, timing: dict):
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
-    schema = pa.schema([("row", pa.int64()), ("prompt", pa.string()), ("prompt_ids", ids),
+    schema = pa.schema([("row", pa.int64()), ("prompt", pa.string()), ("question", pa.string()), ("prompt_ids", ids),
                         ("completion_ids", pa.list_(ids)), ("completions", pa.list_(pa.string())),
                         ("truncated", pa.list_(pa.bool_())), ("policy", pa.string()), ("policy_hash", pa.string()),
                         ("samples_per_prompt", pa.int32()), ("temperature", pa.float64()), ("top_p", pa.float64()),
@@ -251,6 +262,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     ids = tokens.prompt_ids(tokenizer, texts, chat)
     budget = prompt_budget(model_dir, sampling, max_prompt_tokens)
     work = plan(texts, ids, budget)
+    questions = {i: question(prompts[i]) for i in work.rows}
     if not work.rows:
         raise LexAlignError(f"No prompt to sample from: {len(work.too_long)} of {len(prompts)} are longer than the "
                             f"budget and {len(work.empty)} are empty",
@@ -284,7 +296,8 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
                 part = rows[start:start + batch_size]
                 samples = sample(model, tokenizer, [work.ids[i] for i in part], sampling, batch_seed(
                     sampling.seed, number, b))
-                records += [_record(i, work, group, tokenizer, meta) for i, group in zip(part, samples, strict=True)]
+                records += [{**_record(i, work, group, tokenizer, meta), "question": questions[i]}
+                            for i, group in zip(part, samples, strict=True)]
             timing = {"seconds": time.perf_counter() - started,
                       "tokens": sum(len(c) for r in records for c in r["completion_ids"])}
             _write_parquet(_table(records, meta, timing), path)

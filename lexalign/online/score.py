@@ -7,7 +7,8 @@ one score per completion:
 - `reward_model`: the sequence-classification model's score
   (`judges.reward_scores`), loaded only when some score is missing;
 - `llm`: the endpoint (`judges._Endpoint`, key handling and errors included)
-  rates each answer from 1 to 10 (`[[N]]`); a reply without a rating is None
+  rates each answer from 1 to 10 (`[[N]]`), shown the prompt as the user gave
+  it (the generations' `question`), not the policy's chat-template text; a reply without a rating is None
   (unscored: selection leaves it out and counts it). At most
   `judges.REQUESTS_AT_ONCE` requests at once, each retried `retries` times
   after a failure other than a refusal.
@@ -90,6 +91,8 @@ class RewardModelJudge:
 
 
 class LlmJudge:
+    reads = "question"  # the prompt as the user gave it, not the policy's chat-template text
+
     def __init__(self, cfg: dict, retries: int = 2, backoff: float = 1.0):
         from lexalign.judges import _Endpoint
 
@@ -163,7 +166,8 @@ def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_siz
     """(K scores for each generations row, counts): the cached ones read, the missing ones asked in
     length-sorted batches and cached batch by batch."""
     cache = ScoreCache(cache_path)
-    items = [(score_key(r["policy_hash"], r["prompt"], ids, judge.name), r["prompt"], text,
+    reads = getattr(judge, "reads", "prompt")  # the reward model reads the rendered prompt, as evaluate gives it
+    items = [(score_key(r["policy_hash"], r["prompt"], ids, judge.name), r.get(reads) or r["prompt"], text,
               len(r["prompt_ids"]) + len(ids))
              for r in rows for ids, text in zip(r["completion_ids"], r["completions"], strict=True)]
     missing = {key: item for key, *item in items if key not in cache.scores}
