@@ -3,6 +3,8 @@ hand: which completion is chosen, rejected or ranked where, and every dropped on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lexalign import reference
@@ -77,3 +79,31 @@ def test_token_tables_are_what_the_trainers_read():
     assert dataset.to_list() == [{"prompt_ids": [100], "completion_ids": [[0, 1], [0, 2], [0, 0]],
                                   "scores": [2.0, 1.0, 0.0]}]
     assert select.token_table([]).num_rows == 0
+
+
+def _write_jsonl(path, records, keep):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in records))
+    return path
+
+
+def test_the_existing_validation_reads_both_layouts(tmp_path, demo_model_dir):
+    """The selection's rows, written as they are (ids and scores beside the text), pass the existing validation:
+    best_worst as `pairs`, ranked as `ranked` groups of K (its report counts them)."""
+    from lexalign import stages
+
+    rows = [judged(i, [float((i + j) % 4) for j in range(4)]) for i in range(12)]
+    for r in rows:  # distinct texts per prompt, so validation sees distinct responses
+        r["completions"] = [f" Hello {r['row']}-{j}!" for j in range(4)]
+    pairs, _ = select.best_worst(rows)
+    raw = _write_jsonl(tmp_path / "pairs" / "train.jsonl", pairs, list(pairs[0]))
+    report = stages.validate(raw=raw, tokenizer=demo_model_dir, output=tmp_path / "pairs-data",
+                             dataset={"eval_fraction": 0.25, "max_length": 64})
+    assert (report["input_rows"], report["kept_rows"], report["rejected_rows"]) == (12, 12, 0)
+    assert report["shape"] == "pairs" and report["length_bias"]["pairs"] == 12
+    groups, _ = select.ranked(rows, group_size=4)
+    raw = _write_jsonl(tmp_path / "groups" / "train.jsonl", groups, list(groups[0]))
+    report = stages.validate(raw=raw, tokenizer=demo_model_dir, output=tmp_path / "groups-data",
+                             dataset={"eval_fraction": 0.25, "max_length": 64, "group_size": 4})
+    assert (report["input_rows"], report["kept_rows"], report["rejected_rows"]) == (12, 12, 0)
+    assert report["shape"] == "ranked" and report["responses_per_prompt"] == {"4": 12}
