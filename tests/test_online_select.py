@@ -8,6 +8,7 @@ import json
 import pytest
 
 from lexalign import reference
+from lexalign.errors import LexAlignError
 from lexalign.online import select
 
 
@@ -101,9 +102,31 @@ def test_the_existing_validation_reads_both_layouts(tmp_path, demo_model_dir):
                              dataset={"eval_fraction": 0.25, "max_length": 64})
     assert (report["input_rows"], report["kept_rows"], report["rejected_rows"]) == (12, 12, 0)
     assert report["shape"] == "pairs" and report["length_bias"]["pairs"] == 12
+    _check_tokens(tmp_path / "pairs-data", pairs, "pairs", lambda r: [r["chosen_ids"], r["rejected_ids"]])
     groups, _ = select.ranked(rows, group_size=4)
     raw = _write_jsonl(tmp_path / "groups" / "train.jsonl", groups, list(groups[0]))
     report = stages.validate(raw=raw, tokenizer=demo_model_dir, output=tmp_path / "groups-data",
                              dataset={"eval_fraction": 0.25, "max_length": 64, "group_size": 4})
     assert (report["input_rows"], report["kept_rows"], report["rejected_rows"]) == (12, 12, 0)
     assert report["shape"] == "ranked" and report["responses_per_prompt"] == {"4": 12}
+    _check_tokens(tmp_path / "groups-data", groups, "k4", lambda r: r["completion_ids"])
+
+
+def _check_tokens(data, records, layout, completions):
+    """Every validated row (train and eval) gets back the ids its record was selected with."""
+    import pandas as pd
+
+    by_prompt = {r["prompt_ids"][0]: r for r in records}
+    seen = 0
+    for split in ("train", "eval"):
+        frame = pd.read_parquet(data / f"{split}.parquet")
+        dataset = reference.trainer_dataset(select.validated_token_table(frame, records), layout)
+        for example in dataset or []:
+            record = by_prompt[example["prompt_ids"][0]]
+            got = [example["chosen_ids"], example["rejected_ids"]] if layout == "pairs" else example["completion_ids"]
+            assert got == completions(record)
+            seen += 1
+    assert seen == len(records)
+    frame = pd.read_parquet(data / "train.parquet")
+    with pytest.raises(LexAlignError, match="does not match the round's selection"):
+        select.validated_token_table(frame, records[::-1])
