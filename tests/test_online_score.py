@@ -153,7 +153,22 @@ def test_a_judge_failing_mid_round_keeps_every_finished_score(tmp_path):
     assert all(s is not None for group in scores for s in group)
 
 
+def test_an_endpoint_that_goes_away_mid_round_is_a_clear_error_and_keeps_the_scores(tmp_path):
+    rows, cache = generations(n=3), tmp_path / "s.jsonl"
+    server = RatingServer().__enter__()
+    judge = llm(server.url, retries=1)
+    score_completions(rows[:1], judge, cache)
+    server.__exit__(None, None, None)  # the judge's server stops: connections are refused
+    with pytest.raises(LexAlignError) as err:
+        score_completions(rows, judge, cache)
+    text = err.value.render()
+    assert "did not answer" in text and "0 scores finished in this run" in text and "(2 in all)" in text
+    assert len(score.ScoreCache(cache).scores) == 2
+
+
 def test_transient_failures_are_retried_and_a_dead_endpoint_is_a_clear_error(tmp_path):
+    """Retried: HTTP 500s (an overloaded server). A judge that dies after answering some requests is
+    test_a_judge_failing_mid_round_keeps_every_finished_score; one that is not there at all fails at once."""
     with RatingServer(flaky=2) as server:
         scores, _ = score_completions(generations(n=1), llm(server.url, retries=2), tmp_path / "a.jsonl", batch_size=1)
     assert server.requests == 4 and scores == [[6.0, 9.0]]
@@ -162,9 +177,8 @@ def test_transient_failures_are_retried_and_a_dead_endpoint_is_a_clear_error(tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(LexAlignError) as err:
-        score_completions(generations(n=1), llm(f"http://127.0.0.1:{port}/v1", retries=1), tmp_path / "b.jsonl")
-    assert "did not answer" in err.value.render() and "0 scores finished" in err.value.render()
+    with pytest.raises(LexAlignError, match="did not answer"):  # before anything is asked
+        llm(f"http://127.0.0.1:{port}/v1", retries=1)
 
 
 # --- a reward model ---------------------------------------------------------------------------------

@@ -251,6 +251,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     from lexalign.models import load_causal_lm, load_tokenizer, require_model
 
     sampling.check()
+    prompts = list(prompts)  # a pandas column indexes by label, not position
     index, count = process
     if batch_size < 1 or shard_prompts < 1 or not 0 <= index < count:
         raise LexAlignError(f"batch_size ({batch_size}) and shard_prompts ({shard_prompts}) must be at least 1, "

@@ -97,6 +97,7 @@ class LlmJudge:
         from lexalign.judges import _Endpoint
 
         self.endpoint = _Endpoint(cfg)
+        self.endpoint.check_reachable()  # a dead endpoint fails in a second, not after every request's retries
         self.retries, self.backoff = retries, backoff
         # The judge is the model and the prompt, not where it is served: a server restarted on another port
         # keeps its cached scores.
