@@ -64,12 +64,16 @@ def test_judges_read_the_question_as_given():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_models, tmp_path, family):
     """With top_p ~ 0 sampling is argmax: every prompt's completions, generated in a left-padded batch with
-    prompts of other lengths, equal greedy decoding of that prompt alone, cut at the first end id."""
+    prompts of other lengths, equal greedy decoding of that prompt alone. The end ids' output rows are zeroed
+    so that greedy decoding runs the full 6 tokens (the random Llama-3 would otherwise end at once); stopping
+    is tested below."""
     import torch
 
     from lexalign.models import load_causal_lm
 
-    path = zoo_models(family)
+    path = tmp_path / "model"
+    ends = tokens.end_ids(_generation(zoo_models(family)), tokenizer(zoo_models(family)))
+    edit_head(zoo_models(family), path, lambda head, tok, model: [head.weight[i].zero_() for i in ends])
     tok = tokenizer(path)
     report = generate(path, PROMPTS, tmp_path / "gen", Sampling(samples_per_prompt=2, top_p=GREEDY, max_new_tokens=6),
                       batch_size=3)
@@ -95,27 +99,47 @@ def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_mod
         assert r["completions"][0] == tok.decode(want if truncated else want[:-1], skip_special_tokens=True)
         assert (r["samples_per_prompt"], r["top_p"], r["max_new_tokens"], r["policy"]) == (2, GREEDY, 6, str(path))
         assert r["question"] == PROMPTS[r["row"]]
+    assert all(len(c) == 6 for r in got for c in r["completion_ids"])  # never a trivial comparison
 
 
-def force_turn_end(src, dst, family) -> int:
-    """A copy of a zoo model that always answers with its turn-end token at once: every embedding gets a large
-    constant in dimension 0, so after the final norm that dimension is large and positive whatever the input,
-    and the turn end's output row is large there (the output head untied first, so the other tokens' logits stay
-    small: under Gemma-2's soft cap they would all saturate with the turn end's). Returns the turn end's id."""
+def _generation(path):
+    """An object with the checkpoint's generation_config, for tokens.end_ids."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+
+
+def edit_head(src, dst, edit) -> None:
+    """A copy of a zoo model with its output head untied from the embeddings and changed by `edit(head, tok)`
+    (weights edited in place, under no_grad), and its input embeddings by the same call if it wants."""
     import torch
     from transformers import AutoModelForCausalLM
 
     shutil.copytree(src, dst)
     model = AutoModelForCausalLM.from_pretrained(src)
-    tok = tokenizer(src)
-    turn_end = tok.convert_tokens_to_ids(TRAITS[family]["turn_end"] or tok.eos_token)
     with torch.no_grad():
         head = model.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
+        edit(head, tokenizer(src), model)
+    model.save_pretrained(dst)
+
+
+def force_turn_end(src, dst, family) -> int:
+    """A copy of a zoo model that always answers with its turn-end token at once: every embedding gets a large
+    constant in dimension 0, so after the final norm that dimension is large and positive whatever the input,
+    and the turn end's output row is large there (the head untied first, so the other tokens' logits stay
+    small: under Gemma-2's soft cap they would all saturate with the turn end's). Returns the turn end's id."""
+    tok = tokenizer(src)
+    turn_end = tok.convert_tokens_to_ids(TRAITS[family]["turn_end"] or tok.eos_token)
+
+    def edit(head, _, model):
         model.get_input_embeddings().weight[:, 0] += 50.0
         head.weight[turn_end, 0] = 500.0
-    model.save_pretrained(dst)
+
+    edit_head(src, dst, edit)
     return turn_end
 
 
