@@ -1,0 +1,312 @@
+"""Online rounds' sampling (lexalign/online/generate.py), token for token on the zoo's real chat families: the
+prompt ids are the chat template's, left padding changes nothing, completions keep their sampled ids and end
+with the end id the model stopped on, truncation is flagged, the trainer's rows are those ids, and a killed job
+resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from zoo import FAMILIES, TRAITS
+
+from lexalign import reference, tokens
+from lexalign.errors import LexAlignError
+from lexalign.online import select
+from lexalign.online.generate import Sampling, cut_at_end, generate, render_prompts
+
+TEMPLATED = [f for f in FAMILIES if TRAITS[f]["has_template"]]
+# Different lengths, so batches are left padded; the second is the longest and goes first.
+PROMPTS = ["Say hello to Alice.", "Please write a long and very polite greeting to Bob, Carol and Dave today.", "Hi"]
+GREEDY = 1e-9
+"""top_p this small keeps only the most likely token: sampling becomes argmax, comparable with greedy decoding."""
+
+
+def tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def template_ids(tok, messages, generation: bool) -> list[int]:
+    encoded = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def rows(out_dir) -> list[dict]:
+    return pq.read_table(out_dir / "generations.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("family", TEMPLATED)
+def test_prompt_ids_are_the_chat_templates(zoo_models, family):
+    tok = tokenizer(zoo_models(family))
+    texts, chat = render_prompts(tok, PROMPTS)
+    assert chat
+    got = tokens.prompt_ids(tok, texts, chat)
+    assert got == [template_ids(tok, [{"role": "user", "content": p}], True) for p in PROMPTS]
+    # Messages and already rendered texts give the same ids.
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS]
+    assert tokens.prompt_ids(tok, render_prompts(tok, messages)[0], True) == got
+    assert tokens.prompt_ids(tok, render_prompts(tok, texts, rendered=True)[0], True) == got
+
+
+def test_judges_read_the_question_as_given():
+    from lexalign.online.generate import question
+
+    assert question("Hi there") == "Hi there"
+    assert question([{"role": "user", "content": "Hi"}]) == "Hi"
+    assert question([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]) == \
+        "system: Be brief.\n\nuser: Hi"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_models, tmp_path, family):
+    """With top_p ~ 0 sampling is argmax: every prompt's completions, generated in a left-padded batch with
+    prompts of other lengths, equal greedy decoding of that prompt alone. The end ids' output rows are zeroed
+    so that greedy decoding runs the full 6 tokens (the random Llama-3 would otherwise end at once); stopping
+    is tested below."""
+    import torch
+
+    from lexalign.models import load_causal_lm
+
+    path = tmp_path / "model"
+    ends = tokens.end_ids(_generation(zoo_models(family)), tokenizer(zoo_models(family)))
+    edit_head(zoo_models(family), path, lambda head, tok, model: [head.weight[i].zero_() for i in ends])
+    tok = tokenizer(path)
+    report = generate(path, PROMPTS, tmp_path / "gen", Sampling(samples_per_prompt=2, top_p=GREEDY, max_new_tokens=6),
+                      batch_size=3)
+    assert (report["prompts"], report["kept"], report["completions"]) == (3, 3, 6)
+    model = load_causal_lm(path, "cpu").eval()
+    stops = tokens.end_ids(model, tok)
+    assert stops == [tok.convert_tokens_to_ids(t) for t in TRAITS[family]["end_ids"]]
+    got = rows(tmp_path / "gen")
+    assert [r["row"] for r in got] == [0, 1, 2]  # input order, whatever order they were generated in
+    for r in got:
+        if TRAITS[family]["has_template"]:
+            assert r["prompt_ids"] == template_ids(tok, [{"role": "user", "content": PROMPTS[r["row"]]}], True)
+        else:
+            assert r["prompt_ids"] == tokens.special_prefix(tok) + tok(PROMPTS[r["row"]], add_special_tokens=False
+                                                                      ).input_ids
+        with torch.no_grad():
+            alone = model.generate(torch.tensor([r["prompt_ids"]]), attention_mask=torch.ones(1, len(r["prompt_ids"]),
+                                   dtype=torch.long), do_sample=False, max_new_tokens=6, eos_token_id=stops,
+                                   pad_token_id=stops[0])[0, len(r["prompt_ids"]):].tolist()
+        want, truncated = cut_at_end(alone, stops)
+        assert r["completion_ids"] == [want, want]
+        assert r["truncated"] == [truncated, truncated]
+        assert r["completions"][0] == tok.decode(want if truncated else want[:-1], skip_special_tokens=True)
+        assert (r["samples_per_prompt"], r["top_p"], r["max_new_tokens"], r["policy"]) == (2, GREEDY, 6, str(path))
+        assert r["question"] == PROMPTS[r["row"]]
+    assert all(len(c) == 6 for r in got for c in r["completion_ids"])  # never a trivial comparison
+
+
+def _generation(path):
+    """An object with the checkpoint's generation_config, for tokens.end_ids."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(path))
+
+
+def edit_head(src, dst, edit) -> None:
+    """A copy of a zoo model with its output head untied from the embeddings and changed by `edit(head, tok)`
+    (weights edited in place, under no_grad), and its input embeddings by the same call if it wants."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        edit(head, tokenizer(src), model)
+    model.save_pretrained(dst)
+
+
+def force_turn_end(src, dst, family) -> int:
+    """A copy of a zoo model that always answers with its turn-end token at once: every embedding gets a large
+    constant in dimension 0, so after the final norm that dimension is large and positive whatever the input,
+    and the turn end's output row is large there (the head untied first, so the other tokens' logits stay
+    small: under Gemma-2's soft cap they would all saturate with the turn end's). Returns the turn end's id."""
+    tok = tokenizer(src)
+    turn_end = tok.convert_tokens_to_ids(TRAITS[family]["turn_end"] or tok.eos_token)
+
+    def edit(head, _, model):
+        model.get_input_embeddings().weight[:, 0] += 50.0
+        head.weight[turn_end, 0] = 500.0
+
+    edit_head(src, dst, edit)
+    return turn_end
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_answer_ends_with_the_turn_end_and_trains_on_exactly_the_sampled_ids(zoo_models, tmp_path, family):
+    path = tmp_path / "model"
+    turn_end = force_turn_end(zoo_models(family), path, family)
+    tok = tokenizer(path)
+    generate(path, PROMPTS[:2], tmp_path / "gen", Sampling(samples_per_prompt=3, max_new_tokens=5, seed=3))
+    got = rows(tmp_path / "gen")
+    for r in got:
+        assert r["completion_ids"] == [[turn_end]] * 3 and r["truncated"] == [False] * 3
+        assert r["completions"] == [""] * 3
+        if TRAITS[family]["has_template"]:
+            # The template's finished conversation with that (empty) answer starts with prompt + completion:
+            # the turn end the model sampled is the one the template writes (Qwen's and Gemma's "\n" after it
+            # is never sampled, so never trained).
+            answered = [{"role": "user", "content": PROMPTS[r["row"]]}, {"role": "assistant", "content": ""}]
+            full = template_ids(tok, answered, False)
+            end = full.index(turn_end, len(r["prompt_ids"]))
+            assert full[:len(r["prompt_ids"])] == r["prompt_ids"]
+            # Mistral's template writes " " + answer + eos: an empty answer leaves a lone "▁" before it.
+            assert tok.decode(full[len(r["prompt_ids"]):end]).strip() == ""
+            assert end == len(r["prompt_ids"]) + (family == "mistral")
+    # The trainer's rows are the sampled ids: prompt + chosen is exactly what was generated.
+    judged = [{**r, "scores": [2.0, 1.0, 0.0], "truncated": [False] * 3} for r in got]
+    judged[0]["completion_ids"] = [[turn_end], [5, turn_end], [6, 7, turn_end]]  # distinct answers to rank
+    judged[1]["completion_ids"] = [[turn_end], [8, turn_end], [9, turn_end]]
+    pairs, _ = select.best_worst(judged)
+    dataset = reference.trainer_dataset(select.token_table(pairs), "pairs")
+    for example, r in zip(dataset, judged, strict=True):
+        assert example["prompt_ids"] + example["chosen_ids"] == r["prompt_ids"] + r["completion_ids"][0]
+        assert example["prompt_ids"] + example["rejected_ids"] == r["prompt_ids"] + r["completion_ids"][2]
+    groups, _ = select.ranked(judged, 3)
+    dataset = reference.trainer_dataset(select.token_table(groups), "k3")
+    assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in judged]
+    # ... and the text path (lexalign.tokens) tokenizes the same row the same way where the text round-trips.
+    text = [tok.decode(c, skip_special_tokens=False) for c in judged[0]["completion_ids"]]
+    if TRAITS[family]["has_template"]:
+        prompt_ids, completion_ids = tokens.tokenize_groups(tok, [got[0]["prompt"]], [text[:1]], chat=True)
+        assert prompt_ids[0] + completion_ids[0][0] == got[0]["prompt_ids"] + [turn_end]
+
+
+def test_stops_at_every_end_id_and_flags_truncation(zoo_models, tmp_path):
+    """Llama-3 ends on any of three ids: a completion stops at the first of generation_config's end ids it
+    samples, keeps it, and one that max_new_tokens cut is flagged truncated and holds no end id. A seeded run
+    samples the same tokens up to where it stops, so adding one of its tokens to the end ids shows where."""
+    path = tmp_path / "model"
+    shutil.copytree(zoo_models("llama3"), path)
+    for seed in range(10):  # the first seed whose sample runs the full 6 tokens without an end id
+        probe = Sampling(samples_per_prompt=1, max_new_tokens=6, seed=seed)
+        if generate(path, PROMPTS[:1], tmp_path / f"probe{seed}", probe)["truncated"] == 1:
+            break
+    sampled = rows(tmp_path / f"probe{seed}")[0]["completion_ids"][0]
+    assert len(sampled) == 6
+    stop = sampled[3]  # a fourth end id for the checkpoint: the 4th sampled token
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = config["eos_token_id"] + [stop]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    report = generate(path, PROMPTS[:1], tmp_path / "stop", probe)
+    row = rows(tmp_path / "stop")[0]
+    assert row["completion_ids"] == [sampled[:sampled.index(stop) + 1]] and row["truncated"] == [False]
+    assert (report["finished"], report["truncated"]) == (1, 0)
+    cut = Sampling(samples_per_prompt=1, max_new_tokens=sampled.index(stop), seed=seed)
+    generate(path, PROMPTS[:1], tmp_path / "cut", cut)
+    row = rows(tmp_path / "cut")[0]
+    assert row["completion_ids"] == [sampled[:sampled.index(stop)]] and row["truncated"] == [True]
+
+
+def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, tmp_path, monkeypatch):
+    path = zoo_models("qwen2")
+    prompts = [f"Say hello to person number {i}." + " Please." * (i % 4) for i in range(7)]
+    sampling = Sampling(samples_per_prompt=3, temperature=1.3, max_new_tokens=5, seed=11)
+    whole = generate(path, prompts, tmp_path / "whole", sampling, batch_size=2, shard_prompts=2)
+    assert (whole["shards"], whole["shards_generated"]) == (4, 4)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(number):
+        if number == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate(path, prompts, tmp_path / "resumed", sampling, batch_size=2, shard_prompts=2,
+                 on_shard=kill_after_first)
+    shard = tmp_path / "resumed" / "shards" / "shard-00000.parquet"
+    assert shard.exists() and not (tmp_path / "resumed" / "generations.parquet").exists()
+    written = shard.stat().st_mtime_ns
+    seen = []
+    resumed = generate(path, prompts, tmp_path / "resumed", sampling, batch_size=2, shard_prompts=2,
+                       on_shard=lambda n: seen.append((n, shard.stat().st_mtime_ns)))
+    assert seen[0][0] == 1 and [n for n, _ in seen] == [1, 2, 3]  # shard 0 was not regenerated
+    assert seen[0][1] == written
+    assert resumed["shards_generated"] == 3
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "whole")
+    # A finished run is not generated again (the model is not even loaded); another seed is another sample.
+    with monkeypatch.context() as patch:
+        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+        again = generate(path, prompts, tmp_path / "whole", sampling, batch_size=2, shard_prompts=2)
+    assert again["shards_generated"] == 0 and again["key"] == whole["key"]
+    generate(path, prompts, tmp_path / "other", Sampling(samples_per_prompt=3, temperature=1.3, max_new_tokens=5,
+                                                         seed=12), batch_size=2, shard_prompts=2)
+    assert [r["completion_ids"] for r in rows(tmp_path / "other")] != [r["completion_ids"] for r in rows(
+        tmp_path / "whole")]
+
+
+def test_several_processes_share_the_shards_and_one_joins_them(zoo_models, tmp_path, monkeypatch):
+    path = zoo_models("phi3")
+    prompts = [f"Greet guest {i}." + " Kindly." * (i % 3) for i in range(5)]
+    sampling = Sampling(samples_per_prompt=2, temperature=1.2, max_new_tokens=4, seed=5)
+    alone = generate(path, prompts, tmp_path / "alone", sampling, batch_size=1, shard_prompts=1)
+    written = {}
+    for index in (1, 0):
+        part = generate(path, prompts, tmp_path / "shared", sampling, batch_size=1, shard_prompts=1,
+                        process=(index, 2), on_shard=lambda n, i=index: written.setdefault(i, []).append(n))
+        assert part["joined"] is False and not (tmp_path / "shared" / "generations.parquet").exists()
+    assert written == {0: [0, 2, 4], 1: [1, 3]}
+    with monkeypatch.context() as patch:
+        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("the join loaded the model"))
+        joined = generate(path, prompts, tmp_path / "shared", sampling, batch_size=1, shard_prompts=1)
+    assert joined["shards_generated"] == 0 and joined["tokens_per_second"] > 0
+    assert rows(tmp_path / "shared") == rows(tmp_path / "alone")
+    assert (joined["completions"], joined["truncated"]) == (alone["completions"], alone["truncated"])
+    # One process having died, a single-process run makes just its shards.
+    generate(path, prompts, tmp_path / "half", sampling, batch_size=1, shard_prompts=1, process=(0, 2))
+    made = []
+    generate(path, prompts, tmp_path / "half", sampling, batch_size=1, shard_prompts=1, on_shard=made.append)
+    assert made == [1, 3] and rows(tmp_path / "half") == rows(tmp_path / "alone")
+
+
+def test_prompts_over_the_budget_are_counted_and_skipped(zoo_models, tmp_path):
+    path = zoo_models("gemma")
+    tok = tokenizer(path)
+    lengths = [len(template_ids(tok, [{"role": "user", "content": p}], True)) for p in PROMPTS]
+    budget = sorted(lengths)[1]  # the longest prompt is over it
+    report = generate(path, PROMPTS, tmp_path / "gen", Sampling(samples_per_prompt=2, max_new_tokens=3),
+                      max_prompt_tokens=budget)
+    assert (report["kept"], report["skipped_too_long"], report["skipped_rows"]) == (2, 1, [1])
+    assert [r["row"] for r in rows(tmp_path / "gen")] == [0, 2]
+    assert all(len(r["prompt_ids"]) <= budget for r in rows(tmp_path / "gen"))
+    with pytest.raises(LexAlignError, match="3 of 3 are longer than the budget"):
+        generate(path, PROMPTS, tmp_path / "none", Sampling(samples_per_prompt=2, max_new_tokens=3),
+                 max_prompt_tokens=1)
+    with pytest.raises(LexAlignError, match="Invalid sampling settings"):
+        generate(path, PROMPTS, tmp_path / "bad", Sampling(temperature=0))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path, family):
+    """Why the trainer gets ids: decoding sampled tokens and encoding the text again (what a text-only data path
+    does) gives other tokens for some completions (byte pieces of a split character, merges across pieces);
+    the token table built from the ids gives back exactly what was sampled."""
+    path = zoo_models(family)
+    tok = tokenizer(path)
+    generate(path, PROMPTS, tmp_path / "gen", Sampling(samples_per_prompt=4, temperature=1.5, max_new_tokens=12,
+                                                       seed=0))
+    got = rows(tmp_path / "gen")
+    drifted = 0
+    for r in got:
+        text = [tok.decode(c, skip_special_tokens=False) for c in r["completion_ids"]]
+        _, completion_ids = tokens.tokenize_groups(tok, [r["prompt"]] * 4, [[t] for t in text], chat=True)
+        drifted += sum(again[0] != sampled for again, sampled in zip(completion_ids, r["completion_ids"], strict=True))
+    assert drifted > 0
+    judged = [{**r, "scores": [3.0, 2.0, 1.0, 0.0], "truncated": [False] * 4} for r in got]
+    groups, counts = select.ranked(judged, 4)
+    assert counts["selected"] == 3
+    dataset = reference.trainer_dataset(select.token_table(groups), "k4")
+    assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in got]
+    assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
