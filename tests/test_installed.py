@@ -80,7 +80,9 @@ def user(tmp_path_factory):
     person = User(root)
     _run([sys.executable, "-m", "venv", person.venv])
     person.pip(TORCH)
-    person.pip(wheel)  # the wheel and its dependencies, as `pip install lexalign` resolves them
+    # The wheel and its dependencies, as `pip install "lexalign[eval]"` resolves them (the demo's lm-eval task
+    # needs the eval extra).
+    person.pip(f"lexalign[eval] @ {wheel.as_uri()}")
     person.run(person.bin / "lexalign", "init", person.project, "--example", "demo", cwd=root)
     person.first_run = person.run(person.bin / "snakemake", "--cores", "2", timeout=1500)
     person.source, person.wheel = source, wheel
