@@ -72,16 +72,9 @@ class AlignJob(TrainingJob):
 def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
     """LexAlign's align config in TRL's DPOConfig terms."""
     cfg = job.cfg
-    return {
-        **runtime.trainer_arguments(cfg, device, job.checkpoint_dir, has_eval, job.seed),
-        "beta": cfg.beta,
-        "loss_type": list(cfg.loss_type),
-        "loss_weights": cfg.loss_weights,
-        "label_smoothing": cfg.label_smoothing,
-        "max_length": cfg.max_length,
-        "truncation_mode": TRUNCATION_MODE,
-        "trust_remote_code": job.trust_remote_code,
-    }
+    return {**training_arguments(job, device, has_eval), "loss_type": list(cfg.loss_type),
+            "loss_weights": cfg.loss_weights, "label_smoothing": cfg.label_smoothing,
+            "truncation_mode": TRUNCATION_MODE}
 
 
 def reference_model(model_path: Path) -> dict:
