@@ -138,7 +138,7 @@ def test_dpo_on_packed_rows_has_the_padded_loss_and_gradients(zoo_models, family
     from trl import DPOConfig
 
     from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.train.align import _dpo_trainer_class
+    from lexalign.train.dpo import LexAlignDPOTrainer
 
     path = zoo_models(family)
     tokenizer = load_tokenizer(path)
@@ -147,9 +147,9 @@ def test_dpo_on_packed_rows_has_the_padded_loss_and_gradients(zoo_models, family
     def build(padding_free):
         torch.manual_seed(0)
         model = load_causal_lm(path, "cpu", train_all_weights=True)
-        return _dpo_trainer_class()(model=model, args=DPOConfig(**_args(tmp_path, loss_type=["sigmoid", "sft"])),
-                                    train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-                                    padding_free_batches=padding_free)
+        return LexAlignDPOTrainer(model=model, args=DPOConfig(**_args(tmp_path, loss_type=["sigmoid", "sft"])),
+                                  train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                                  padding_free_batches=padding_free)
 
     _compare(build, examples, family)
 
@@ -186,7 +186,7 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
         torch.manual_seed(0)
         model = load_causal_lm(path, "cpu")
         args = ReferenceFreeConfig(**{**_args(tmp_path), "precompute_ref_log_probs": False}, method="simpo",
-                                   gamma=0.5)
+                                   loss_keys={"gamma": 0.5})
         return ReferenceFreeTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                                     processing_class=tokenizer, peft_config=lora, padding_free_batches=padding_free)
 

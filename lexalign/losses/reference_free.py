@@ -100,3 +100,43 @@ def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, nll: torc
     preference = -F.logsigmoid(beta * (chosen_logps - rejected_logps))
     return PairLoss(preference.mean() + alpha * nll, preference, nll, beta * chosen_logps.detach(),
                     beta * rejected_logps.detach())
+
+
+# --- the trainer's view: each method's loss from a batch's summed log-probs ---------------------------
+
+
+class PairLogps(NamedTuple):
+    """The policy's summed log-probs of a batch's chosen and rejected responses [B], and their token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Length-normalised log-probs of the chosen and the rejected responses [B]."""
+        return mean_logps(self.chosen, self.chosen_lengths), mean_logps(self.rejected, self.rejected_lengths)
+
+    def nll(self) -> torch.Tensor:
+        return chosen_nll(self.chosen, self.chosen_lengths)
+
+
+def simpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    return simpo_loss(*pairs.means(), beta, keys["gamma"]), {}
+
+
+def orpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    chosen, rejected = pairs.means()
+    result = orpo_loss(chosen, rejected, pairs.nll(), keys["orpo_lambda"])
+    return result, {"nll_loss": result.nll, "log_odds_ratio": log_odds(chosen) - log_odds(rejected)}
+
+
+def cpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    result = cpo_loss(pairs.chosen, pairs.rejected, pairs.nll(), beta, keys["cpo_alpha"])
+    return result, {"nll_loss": result.nll}
+
+
+LOSSES = {"orpo": orpo, "simpo": simpo, "cpo": cpo}
+"""Each reference-free method (`lexalign.methods`), by name: (pairs, β, the method's own keys) → (its loss, the
+metrics it logs beside DPO's, each [B] or a scalar). A new method is its function here and its entry in
+`lexalign.methods`; the trainer (`lexalign.train.reference_free`) needs no change."""

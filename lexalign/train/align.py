@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lexalign import models
+from lexalign import methods, models
 from lexalign.config.stages import AlignConfig
 from lexalign.errors import LexAlignError
 from lexalign.io import atomic_dir
@@ -47,9 +47,11 @@ class AlignJob(TrainingJob):
     stage = "align"
 
     def title(self) -> str:
-        if self.cfg.method == "orpo":  # ORPO has no beta: its λ weighs the odds-ratio term
-            return f"Aligned model (orpo, orpo_lambda={self.cfg.orpo_lambda})"
-        return f"Aligned model ({self.cfg.method}, beta={self.cfg.beta})"
+        method = methods.method(self.cfg.method)
+        if not method.uses_beta:  # ORPO has no beta: its own key (λ) weighs its loss
+            keys = ", ".join(f"{key}={getattr(self.cfg, key)}" for key in method.keys)
+            return f"Aligned model ({method.name}, {keys})"
+        return f"Aligned model ({method.name}, beta={self.cfg.beta})"
 
     def adapter(self) -> tuple[bool, bool]:
         return self.cfg.use_lora, True
@@ -70,16 +72,9 @@ class AlignJob(TrainingJob):
 def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
     """LexAlign's align config in TRL's DPOConfig terms."""
     cfg = job.cfg
-    return {
-        **runtime.trainer_arguments(cfg, device, job.checkpoint_dir, has_eval, job.seed),
-        "beta": cfg.beta,
-        "loss_type": list(cfg.loss_type),
-        "loss_weights": cfg.loss_weights,
-        "label_smoothing": cfg.label_smoothing,
-        "max_length": cfg.max_length,
-        "truncation_mode": TRUNCATION_MODE,
-        "trust_remote_code": job.trust_remote_code,
-    }
+    return {**training_arguments(job, device, has_eval), "loss_type": list(cfg.loss_type),
+            "loss_weights": cfg.loss_weights, "label_smoothing": cfg.label_smoothing,
+            "truncation_mode": TRUNCATION_MODE}
 
 
 def reference_model(model_path: Path) -> dict:
@@ -123,48 +118,6 @@ def load_policy(job: AlignJob, device: str):
     return model, tokenizer
 
 
-def _dpo_trainer_class():
-    from trl import DPOTrainer
-    from trl.trainer import dpo_trainer
-
-    from lexalign.logprobs import lean_heads
-    from lexalign.train.packed import padding_free_model
-
-    class PrecomputedDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer on data LexAlign tokenized (`lexalign.tokens`), possibly scored.
-
-        Rows arrive with prompt_ids/chosen_ids/rejected_ids and, from the
-        reference step, ref_chosen_logps/ref_rejected_logps; with
-        `precompute_ref_log_probs` the trainer reads those columns, so it neither
-        runs the reference nor, for full fine-tuning, loads a reference model.
-        The policy's passes run on padding-free rows (`lexalign.train.packed`) and
-        every log-prob comes from the lean LM head (`lexalign.logprobs`).
-        """
-
-        def __init__(self, *args, padding_free_batches: bool = True, **kwargs):
-            self.padding_free_batches = padding_free_batches
-            with lean_heads(dpo_trainer):
-                super().__init__(*args, **kwargs)
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            return super()._compute_loss(padding_free_model(self, model, inputs), inputs, return_outputs)
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" not in dataset.column_names:
-                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            # Already tokenized: only drop what DPOTrainer drops, pairs whose prompt fills max_length.
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
-                return dataset
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-
-    return PrecomputedDPOTrainer
-
-
 def reference_datasets(job: AlignJob, device: str):
     """Train and eval datasets from the job's reference file, checked against the job's inputs."""
     from lexalign import reference
@@ -172,7 +125,7 @@ def reference_datasets(job: AlignJob, device: str):
     cfg = job.cfg
     layout = reference.layout_for(cfg.method, cfg.group_delay_size)
     splits = {"train": reference.split_groups(job.train, layout), "eval": reference.split_groups(job.eval, layout)}
-    if layout not in ("pairs", "unpaired"):
+    if methods.method(cfg.method).group_size(cfg.group_delay_size) is not None:  # ranked groups of K
         from lexalign.train.gdpo import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
@@ -209,49 +162,56 @@ def check_data(job: AlignJob) -> None:
     """Unpaired rows (prompt, completion, label) carry no preference between two answers: only KTO reads them."""
     from lexalign.data.preference import is_unpaired, needs_pairs_error
 
-    if is_unpaired(job.train) and job.cfg.method != "kto":
+    if is_unpaired(job.train) and methods.method(job.cfg.method).layout is not methods.Layout.UNPAIRED:
         raise needs_pairs_error(f'alignment.method "{job.cfg.method}"', "the training split")
 
 
 def setup(job: AlignJob):
-    from trl import DPOConfig
-
     from lexalign.config.stages import METHODS
-    from lexalign.train.gdpo import skip_reference_hash
 
     if job.cfg.method not in METHODS:
         raise LexAlignError(f'alignment.method "{job.cfg.method}" is not available in this version',
                             hint=f"Use method: {', '.join(METHODS)}")
-    if job.cfg.method == "gdpo":
+    method = methods.method(job.cfg.method)
+    if method.layout is methods.Layout.RANKED:
         check_gdpo_options(job.cfg)
     check_data(job)
-    if job.cfg.reference_free and job.reference_path:
-        raise LexAlignError(f"method {job.cfg.method} is reference-free: it reads no reference log-probs",
+    if not method.needs_reference and job.reference_path:
+        raise LexAlignError(f"method {method.name} is reference-free: it reads no reference log-probs",
                             f"Given: {job.reference_path}", hint="Align without a reference file")
     device = models.resolve_device(job.device)
     # The reference file is checked before any model is loaded.
     precomputed = reference_datasets(job, device) if job.reference_path else None
     model, tokenizer = load_policy(job, device)
     interrupt = InterruptCallback()
-    if job.cfg.method == "gdpo":
-        return setup_gdpo(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
-    if job.cfg.method == "kto":
-        return setup_kto(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
-    if job.cfg.reference_free:
-        return setup_reference_free(job, device, model, tokenizer, interrupt), tokenizer, interrupt
-    # Tokenized here, by LexAlign's rule (lexalign.tokens), never by TRL from rendered chat text.
+    # The trainer follows from the method's data and reference (lexalign.methods): no reference, one model and
+    # a loss of ours; unpaired rows, TRL's KTOTrainer; ranked groups, GDPO; pairs with a reference, TRL's DPO.
+    if not method.needs_reference:
+        build = setup_reference_free
+    elif method.layout is methods.Layout.UNPAIRED:
+        build = setup_kto
+    elif method.layout is methods.Layout.RANKED:
+        build = setup_gdpo
+    else:
+        build = setup_dpo
+    return build(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
+
+
+def setup_dpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
+    """TRL's DPOTrainer (`lexalign.train.dpo`), on data tokenized here, by LexAlign's rule (lexalign.tokens),
+    never by TRL from rendered chat text."""
+    from trl import DPOConfig
+
+    from lexalign.train.dpo import LexAlignDPOTrainer
+
     train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
-    args = dpo_arguments(job, device, evaluation is not None)
-    if precomputed:
-        args["precompute_ref_log_probs"] = True
-    with skip_reference_hash(precomputed is not None):
-        trainer = _dpo_trainer_class()(
-            model=model,
-            args=DPOConfig(**args),
-            **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
-            padding_free_batches=job.cfg.padding_free,
-        )
-    return trainer, tokenizer, interrupt
+    args = {**dpo_arguments(job, device, evaluation is not None), "precompute_ref_log_probs": precomputed is not None}
+    return LexAlignDPOTrainer(
+        model=model,
+        args=DPOConfig(**args),
+        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
+        padding_free_batches=job.cfg.padding_free,
+    )
 
 
 def check_gdpo_options(cfg: AlignConfig) -> None:
@@ -265,7 +225,6 @@ def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precompu
     from lexalign.train.gdpo import GDPOConfig, GDPOTrainer
 
     cfg = job.cfg
-    check_gdpo_options(cfg)
     k = cfg.group_delay_size
     train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
     args = {**dpo_arguments(job, device, evaluation is not None), "group_delay_size": k,
@@ -291,14 +250,14 @@ def training_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
             "beta": job.cfg.beta, "max_length": job.cfg.max_length, "trust_remote_code": job.trust_remote_code}
 
 
-def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt):
+def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
     """ORPO, SimPO or CPO: DPO's machinery with one model, no reference (`lexalign.train.reference_free`)."""
     from lexalign.train.reference_free import ReferenceFreeConfig, ReferenceFreeTrainer
 
     cfg = job.cfg
     train, evaluation = tokenized_datasets(job, tokenizer)
     args = {**training_arguments(job, device, evaluation is not None), "truncation_mode": TRUNCATION_MODE,
-            "method": cfg.method, "gamma": cfg.gamma, "orpo_lambda": cfg.orpo_lambda, "cpo_alpha": cfg.cpo_alpha}
+            "method": cfg.method, "loss_keys": {key: getattr(cfg, key) for key in methods.method(cfg.method).keys}}
     return ReferenceFreeTrainer(
         model=model,
         args=ReferenceFreeConfig(**args),

@@ -1,8 +1,10 @@
-"""GDPO through a subclass of TRL's DPOTrainer: listwise preferences over K ranked responses.
+"""GDPO through LexAlign's preference trainer (`lexalign.train.preference`, on TRL's DPOTrainer): listwise
+preferences over K ranked responses.
 
-Everything but the data layout and the loss is DPOTrainer's: PEFT wrapping,
-the reference model (the model passed in; with PEFT, the same model with the
-adapter disabled), the fused log-prob LM head, checkpoints, resume, logging.
+Everything but the data layout, the reference pass and the loss is shared:
+DPOTrainer's PEFT wrapping, reference model (the model passed in; with PEFT, the
+same model with the adapter disabled), checkpoints, resume and logging, and
+LexAlign's lean LM head, padding-free batches and metrics.
 
 Data: rows with `prompt` (str), `responses` (list[str], best first) and `scores`
 (list[float], non-increasing; equal scores are ties). Rows with only
@@ -20,7 +22,6 @@ The loss and the ranking metrics are in `lexalign.losses.gdpo`.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +30,16 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers.data.data_collator import DataCollatorMixin
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer import dpo_trainer
 from trl.trainer.utils import pad, use_adapter
 
 from lexalign.errors import LexAlignError, warn
 from lexalign.groups import ranked_groups
-from lexalign.logprobs import lean_heads
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.tokens import tokenize_groups
-from lexalign.train.packed import padding_free_model
+from lexalign.train.preference import LOSS_OPTIONS, PreferenceStep, PreferenceTrainer
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -129,41 +128,18 @@ class GDPOConfig(DPOConfig):
     )
 
 
-_NON_MODEL_KEYS = {"completion_mask", "scores", "ref_logps"}
-
-
-@contextlib.contextmanager
-def skip_reference_hash(precomputed: bool):
-    """While a trainer is built on precomputed reference log-probs, skip TRL's hash of every weight.
-
-    With `precompute_ref_log_probs`, DPOTrainer hashes the whole reference state dict
-    (seconds to minutes for a large model) to key its own cache of log-probs; that
-    cache is never read when the datasets already carry them.
-    """
-    if not precomputed:
-        yield
-        return
-    from trl.trainer import dpo_trainer
-
-    original = dpo_trainer.hash_module
-    dpo_trainer.hash_module = lambda module: "precomputed"
-    try:
-        yield
-    finally:
-        dpo_trainer.hash_module = original
-
-
-def _has_columns(dataset, columns) -> bool:
-    names = getattr(dataset, "column_names", None) or []
-    return all(c in names for c in columns)
-
-
-class GDPOTrainer(DPOTrainer):
+class GDPOTrainer(PreferenceTrainer):
     """Listwise preference optimization over K ranked responses (see the module docstring)."""
 
     _tag_names = ["trl", "gdpo", "lexalign"]
     _name = "GDPO"
     _paper = {}
+    method_name = "GDPO"
+    unsupported = {**LOSS_OPTIONS, "f_divergence_type": lambda args: args.f_divergence_type != "reverse_kl",
+                   "padding_free": lambda args: args.padding_free}
+    reference_columns = ("ref_logps",)
+    non_model_keys = frozenset({"completion_mask", "scores", "ref_logps"})
+    signature_columns = ("prompt_ids", "completion_ids", "scores", "ref_logps")
 
     def __init__(self, model, ref_model=None, args: GDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None,
@@ -174,17 +150,6 @@ class GDPOTrainer(DPOTrainer):
             raise ValueError(f"group_delay_size must be >= 2 (got: {args.group_delay_size})")
         if not 0.0 <= args.group_delay_weight <= 1.0:
             raise ValueError(f"group_delay_weight must be in [0, 1] (got: {args.group_delay_weight})")
-        unsupported = {
-            "loss_type": list(args.loss_type) != ["sigmoid"],
-            "label_smoothing": args.label_smoothing != 0.0,
-            "ld_alpha": args.ld_alpha is not None,
-            "use_weighting": args.use_weighting,
-            "f_divergence_type": args.f_divergence_type != "reverse_kl",
-            "padding_free": args.padding_free,
-        }
-        bad = [name for name, is_set in unsupported.items() if is_set]
-        if bad:
-            raise ValueError(f"GDPO does not support these DPOConfig options: {', '.join(bad)}")
         if processing_class is None:
             raise ValueError("GDPOTrainer needs processing_class (the tokenizer)")
         if processing_class.pad_token is None:
@@ -198,23 +163,17 @@ class GDPOTrainer(DPOTrainer):
             )
         self.group_size = args.group_delay_size
         self.group_weight = args.group_delay_weight
-        precomputed = args.precompute_ref_log_probs and all(
-            d is None or _has_columns(d, ["ref_logps"]) for d in (train_dataset, eval_dataset))
-        self.padding_free_batches = padding_free_batches  # the policy's passes on packed rows (train/packed.py)
-        # lean_heads: log-probs of the scored tokens only, in tiles (lexalign/logprobs.py)
-        with skip_reference_hash(precomputed), lean_heads(dpo_trainer):
-            super().__init__(
-                model=model, ref_model=ref_model, args=args, data_collator=data_collator,
-                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
-            )
+        super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+                         padding_free_batches=padding_free_batches)
 
     # Data ----------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenize prompt/responses/scores into prompt_ids, completion_ids (K lists) and scores.
 
-        Datasets already tokenized (`lexalign.reference` output) are only filtered, as TRL filters.
+        LexAlign's align step passes data already tokenized (`lexalign.reference`), which is only filtered.
         """
         first = next(iter(dataset))
         if "completion_ids" in first:
@@ -235,7 +194,9 @@ class GDPOTrainer(DPOTrainer):
                 raise ValueError(f"{dataset_name}: a group has {len(responses)} responses and {len(scores)} scores; "
                                  f"group_delay_size is {k}")
             order = sorted(range(k), key=lambda i: -scores[i])  # best first; ties keep their order
-            # Plain text (BOS and EOS once, lexalign.tokens); LexAlign's align step passes chat data tokenized.
+            # LexAlign's rule for plain text (lexalign.tokens): the tokenizer's prefix once, EOS once after each
+            # response, the completion starting where the prompt's ids and prompt + response's ids first differ
+            # (as TRL's DPOTrainer splits them). The align step passes every method's data tokenized this way.
             (prompt_ids,), (completion_ids,) = tokenize_groups(
                 processing_class, [example["prompt"]], [[responses[i] for i in order]], chat=False, workers=1)
             return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "scores": [scores[i] for i in order]}
@@ -246,25 +207,9 @@ class GDPOTrainer(DPOTrainer):
         dataset = dataset.map(tokenize, **map_kwargs)
         return self._drop_fully_truncated(dataset, args)
 
-    @staticmethod
-    def _drop_fully_truncated(dataset, args):
-        """Drop groups whose prompt alone fills max_length (keep_start), as DPOTrainer drops pairs."""
-        if args.max_length is not None and args.truncation_mode == "keep_start":
-            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-        return dataset
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "scores", "ref_logps"]
-
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        """`precompute_ref_log_probs`: a `ref_logps` column (K values per group, best first).
-
-        A dataset that already has one (from the reference step) is used as it is;
-        otherwise the reference pass runs here once over the dataset, before training.
-        """
-        if _has_columns(dataset, ["ref_logps"]):
-            return dataset
+    def _score_reference(self, dataset, name: str, batch_size: int):
+        """`precompute_ref_log_probs` without the reference step: a `ref_logps` column (K values per group, best
+        first), from one reference pass over the dataset before training."""
         from torch.utils.data import DataLoader
 
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
@@ -273,7 +218,7 @@ class GDPOTrainer(DPOTrainer):
         for batch in loader:
             batch = {key: v.to(self.accelerator.device) for key, v in batch.items()}
             scores = batch["scores"]
-            model_kwargs = {key: v for key, v in batch.items() if key not in _NON_MODEL_KEYS}
+            model_kwargs = {key: v for key, v in batch.items() if key not in self.non_model_keys}
             model_kwargs["use_cache"] = False
             completion_mask = batch["completion_mask"]
             labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
@@ -301,87 +246,33 @@ class GDPOTrainer(DPOTrainer):
                 outputs = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
         return outputs.log_probs[:, -seq_len:].sum(dim=1)
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+    def preference_loss(self, logps, shift_mask, inputs, model_kwargs, labels) -> PreferenceStep:
         scores = inputs["scores"]
         batch, k = scores.shape
-        model_kwargs = {key: v for key, v in inputs.items() if key not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[..., 1:]
-        seq_len = shift_mask.size(1)
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-
-        # One policy pass over all K·B sequences (packed: lexalign.train.packed), one reference pass.
-        outputs = padding_free_model(self, model, inputs)(**model_kwargs, labels=labels, fused_lm_head=True)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-        logps = per_token_logps.sum(dim=1)
         if "ref_logps" in inputs:  # precomputed, [B, K] → response-major like `logps`
             ref_logps = inputs["ref_logps"].to(logps.dtype).T.reshape(-1)
         else:
-            ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
-
+            ref_logps = self._reference_logps(model_kwargs, labels, shift_mask.size(1))
         # Row r·B + b is response r of prompt b: view as [K, B], transpose to [B, K].
         logps_bk = logps.view(k, batch).T
         rewards = self.beta * (logps - ref_logps).view(k, batch).T
         result = gdpo_loss(rewards, self.group_weight, scores)
-        loss = result.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        rewards = rewards.detach()
+        return PreferenceStep(
+            result.loss, k, rewards[:, 0], rewards[:, -1], logps_bk[:, 0], logps_bk[:, -1],
+            {"loss/pairwise": result.pairwise, "loss/group": result.group,
+             "rewards/top1_accuracy": top1_accuracy(rewards, scores)},
+            extra=(rewards, scores))
 
-        self._log_metrics(mode, inputs, outputs, shift_mask, seq_len, batch, k, logps_bk, rewards.detach(),
-                          scores, result)
-
-        if return_outputs:
-            warnings.warn("return_outputs=True recomputes the logits with an extra forward pass", FutureWarning,
-                          stacklevel=2)
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
-
-    def _log_metrics(self, mode, inputs, outputs, shift_mask, seq_len, batch, k, logps, rewards, scores, result):
-        """DPO's metrics with chosen = best and rejected = worst, plus the listwise ones."""
-        gather, metrics = self.accelerator.gather_for_metrics, self._metrics[mode]
-
-        def mean(values: torch.Tensor) -> float:
-            return gather(values.detach().float()).mean().item()
-
-        entropy = outputs.entropy[:, -seq_len:].detach()
-        tokens = gather(shift_mask.sum()).sum()
-        metrics["entropy"].append((gather((entropy * shift_mask).sum()).sum() / tokens).item() if tokens > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-
-        masks = shift_mask.view(k, batch, -1)
-        mean_logits = outputs.mean_logits[:, -seq_len:].view(k, batch, -1)
-        for name, rank in (("chosen", 0), ("rejected", k - 1)):
-            m = masks[rank].bool()
-            total, count = gather(mean_logits[rank][m].sum()).sum().item(), gather(m.sum()).sum().item()
-            metrics[f"logits/{name}"].append(total / count if count > 0 else 0.0)
-        best_mask = masks[0].bool()
-        correct = gather((outputs.is_top1[:, -seq_len:].view(k, batch, -1)[0] & best_mask).sum()).sum()
-        count = gather(best_mask.sum()).sum()
-        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
-
-        best, worst = rewards[:, 0], rewards[:, -1]
-        metrics["rewards/chosen"].append(mean(best))
-        metrics["rewards/rejected"].append(mean(worst))
-        metrics["rewards/accuracies"].append(mean(best > worst))
-        metrics["rewards/margins"].append(mean(best - worst))
-        metrics["logps/chosen"].append(mean(logps[:, 0]))
-        metrics["logps/rejected"].append(mean(logps[:, -1]))
-
-        metrics["loss/pairwise"].append(mean(result.pairwise))
-        metrics["loss/group"].append(mean(result.group))
-        metrics["rewards/top1_accuracy"].append(mean(top1_accuracy(rewards, scores)))
+    def own_metrics(self, mode, step) -> dict[str, float]:
+        """The ranking metrics undefined for a group whose responses are all tied (NaN), averaged over the rest."""
+        gather, (rewards, scores) = self.accelerator.gather_for_metrics, step.extra
+        metrics = {}
         pair = gather(pair_accuracy(rewards, scores))
         if not torch.isnan(pair).all():
-            metrics["rewards/pair_accuracy"].append(torch.nanmean(pair).item())
+            metrics["rewards/pair_accuracy"] = torch.nanmean(pair).item()
         if mode == "eval":
             tau = gather(kendall_tau(rewards, scores))
             if not torch.isnan(tau).all():
-                metrics["kendall_tau"].append(torch.nanmean(tau).item())
+                metrics["kendall_tau"] = torch.nanmean(tau).item()
+        return metrics

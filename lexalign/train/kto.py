@@ -25,53 +25,22 @@ text never gets a second BOS. Batches are sequential (KTOConfig's
 
 from __future__ import annotations
 
-import contextlib
-
 from trl import KTOConfig, KTOTrainer  # noqa: F401 - KTOConfig: what setup builds the args with
-from trl.trainer import kto_trainer
 
-from lexalign.logprobs import lean_heads
-
-REFERENCE_COLUMNS = ("ref_logps", "ref_KL_logps")
+from lexalign.train import trl_seam
+from lexalign.train.preference import TrainerPlumbing
 
 
-@contextlib.contextmanager
-def skip_reference_hash(precomputed: bool):
-    """Skip TRL's hash of every weight while a KTO trainer is built on precomputed reference log-probs (the
-    cache it keys is never read when the datasets carry them)."""
-    if not precomputed:
-        yield
-        return
-    from trl.trainer import kto_trainer
-
-    original = kto_trainer.hash_module
-    kto_trainer.hash_module = lambda module: "precomputed"
-    try:
-        yield
-    finally:
-        kto_trainer.hash_module = original
-
-
-class LexAlignKTOTrainer(KTOTrainer):
+class LexAlignKTOTrainer(TrainerPlumbing, KTOTrainer):
     """TRL's KTOTrainer on rows tokenized by LexAlign, possibly with the reference step's log-probs."""
 
-    def __init__(self, *args, **kwargs):
-        dataset = kwargs.get("train_dataset")
-        precomputed = kwargs["args"].precompute_ref_log_probs and dataset is not None and \
-            set(REFERENCE_COLUMNS) <= set(dataset.column_names)
-        with skip_reference_hash(precomputed), lean_heads(kto_trainer):  # lean_heads: lexalign/logprobs.py
-            super().__init__(*args, **kwargs)
+    trl_module = trl_seam.KTO_MODULE
+    trl_internals = trl_seam.KTO
+    reference_columns = ("ref_logps", "ref_KL_logps")
+    method_name = "KTO"
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names or "KL_completion_ids" not in dataset.column_names:
             raise ValueError(f"{dataset_name}: KTO reads rows tokenized by LexAlign (lexalign.reference."
                              "tokenized_dataset: prompt_ids, completion_ids, KL_completion_ids, label)")
-        # Drop only what KTOTrainer drops: rows whose prompt alone fills max_length.
-        if args.max_length is not None:
-            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-        return dataset
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        if set(REFERENCE_COLUMNS) <= set(dataset.column_names):
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        return self._drop_fully_truncated(dataset, args)
