@@ -106,7 +106,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
         # Norms in fp32 and input gradients on, as PEFT recommends for k-bit training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
         if device == "cuda":
-            from lexalign.train.kernels import apply_liger
+            from lexalign.kernels import apply_liger
 
             apply_liger(model)
         return model
@@ -123,7 +123,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
         # An architecture without SDPA/FlashAttention (Gemma-2 in transformers 5.x): its own eager attention.
         model = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
     if device == "cuda":
-        from lexalign.train.kernels import apply_liger
+        from lexalign.kernels import apply_liger
 
         apply_liger(model)
     return model

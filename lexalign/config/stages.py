@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from lexalign.config.loader import check_method_keys, method_keys, resolve_source, section_defaults
 from lexalign.errors import LexAlignError
+from lexalign.formats import FORMATS, unsupported_format
 
 # Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
 DPO_LOSS_TYPES = (
@@ -168,8 +169,6 @@ class DatasetConfig(_FromDict):
     """Hub branch, tag or commit (pipeline only)."""
 
     def __post_init__(self):
-        from lexalign.data.load import FORMATS, unsupported_format
-
         if self.format not in FORMATS:
             raise unsupported_format(self.format)
         if self.length_policy not in ("drop", "truncate", "fail"):
