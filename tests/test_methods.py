@@ -268,7 +268,7 @@ def test_reference_free_loss_at_step_0_is_the_hand_worked_value(tmp_path, sft_mo
 
 
 def test_pairs_are_split_into_a_desirable_and_an_undesirable_row_with_mismatched_kl_completions():
-    from lexalign.reference import kl_partners, split_groups, unpaired_rows
+    from lexalign.reference.layout import kl_partners, split_groups, unpaired_rows
 
     frame = pairs(6)
     rows, prompts, completions, labels = unpaired_rows(frame)

@@ -138,7 +138,7 @@ def _reference_rows(run: dict, layout: str) -> pd.DataFrame:
 
 
 def _validated(run: dict, layout: str) -> pd.DataFrame:
-    train, evals = stages._frames(run["data"][layout])
+    train, evals = stages.frames(run["data"][layout])
     return pd.concat([train.assign(split="train", row=range(len(train))),
                       evals.assign(split="eval", row=range(len(evals)))])
 
