@@ -99,7 +99,7 @@ def test_tokens_are_cached_by_content(demo_tokenizer, tmp_path, monkeypatch):
         raise AssertionError("tokenized again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(reference, "tokenize_groups", fail)
+        patch.setattr(cache, "tokenize_groups", fail)
         again, hit = cache.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
     assert hit and again.equals(table)
     # Other texts, or another tokenizer: a new entry.
