@@ -454,9 +454,9 @@ def needs_reference(alignment: dict) -> bool:
 def run_alignment(base: dict, overrides: dict, name: str | None = None) -> dict:
     """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
     filled. A run that changes the method leaves behind (back to their defaults) the base's keys its method
-    does not use, so a KTO base with desirable_weight and beta can sweep an ORPO run. A key the run gives itself that its method does
-    not use is named in a warning and set back to its default, as under alignment (unused_keys), whatever its
-    value. `name`: the run's, for messages."""
+    does not use, so a KTO base with desirable_weight and beta can sweep an ORPO run. A key the run gives
+    itself that its method does not use is named in a warning and set back to its default, as under alignment
+    (unused_keys), whatever its value. `name`: the run's, for messages."""
     merged = dict(base)
     method = overrides.get("method", base.get("method", methods.DEFAULT))
     defaults = section_defaults("alignment")
