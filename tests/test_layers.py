@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lexalign"
 LAYERS = [
     # 0. Words and plain helpers: no model, no data read.
     ["lexalign", "lexalign.errors", "lexalign.methods", "lexalign.io", "lexalign.groups", "lexalign.tokens",
-     "lexalign.formats", "lexalign.lineage", "lexalign.code_inputs", "lexalign.demo"],
+     "lexalign.formats", "lexalign.lineage", "lexalign.code_inputs", "lexalign.demo", "lexalign.checkout"],
     # 1. Configs, checked against the schema.
     ["lexalign.config"],
     # 2. Data: paths, reading and validating datasets, the Hub, trackers.
