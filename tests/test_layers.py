@@ -93,3 +93,19 @@ def test_the_reference_step_runs_no_trainer_or_loss():
     files = [str(p.relative_to(ROOT)) for p in step_sources("reference", ROOT)]
     assert files and not [f for f in files if f.startswith(("train/", "losses/"))], files
     assert "reference/scoring.py" in files and "methods.py" in files
+
+
+def test_benchmarks_import_nothing_from_the_tests():
+    """What a benchmark shares with the tests lives in lexalign (or benchmarks/common.py), never in tests/."""
+    repo = ROOT.parent
+    test_modules = {p.stem for p in (repo / "tests").glob("*.py")}
+    offenders = []
+    for path in sorted((repo / "benchmarks").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[0] in test_modules | {"tests"}]
+        if '"tests"' in text or "'tests'" in text:
+            offenders.append(f"{path.name} names the tests folder")
+    assert not offenders, offenders

@@ -4,7 +4,7 @@ The oracle is the model's own `apply_chat_template(messages, tokenize=True)`:
 every step must train on, score and generate from exactly those ids (BOS once,
 the template's own end-of-turn token, nothing appended). Plain-text families
 (GPT-2, GPT-NeoX) get BOS once where the tokenizer adds one and EOS once.
-The models are tests/zoo.py's tiny random-weight ones; one pipeline run per
+The models are lexalign/demo/zoo.py's tiny random-weight ones; one pipeline run per
 family is shared by the tests below.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import zoo
 
 from lexalign import stages, tokens
+from lexalign.demo import zoo
 
 pytestmark = pytest.mark.slow
 
