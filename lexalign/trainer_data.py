@@ -15,6 +15,12 @@ from lexalign.methods import Layout, parse_layout
 from lexalign.reference.cache import token_table
 from lexalign.reference.layout import split_groups
 
+TWO_RESPONSE_COLUMNS = {
+    Layout.PAIRS: (("chosen_ids", "rejected_ids"), ("ref_chosen_logps", "ref_rejected_logps")),
+    Layout.UNPAIRED: (("completion_ids", "KL_completion_ids"), ("ref_logps", "ref_KL_logps")),
+}
+"""TRL's names for the two responses of a row and their reference log-probs (DPOTrainer's, KTOTrainer's)."""
+
 
 def trainer_dataset(table, layout: str):
     """A tokenized `datasets.Dataset` from a reference file's table, in the columns the trainer reads.
@@ -33,31 +39,19 @@ def trainer_dataset(table, layout: str):
         return None
     kind = parse_layout(layout)[0]
     scored = "ref_logps" in table.column_names
-    if kind is Layout.PAIRS:
-        completions = table.column("completion_ids")
-        columns = {
-            "prompt_ids": table.column("prompt_ids"),
-            "chosen_ids": pc.list_element(completions, 0),
-            "rejected_ids": pc.list_element(completions, 1),
-        }
-        if scored:
-            logps = table.column("ref_logps")
-            columns.update(ref_chosen_logps=pc.list_element(logps, 0), ref_rejected_logps=pc.list_element(logps, 1))
-    elif kind is Layout.UNPAIRED:
-        completions = table.column("completion_ids")
-        columns = {
-            "prompt_ids": table.column("prompt_ids"),
-            "completion_ids": pc.list_element(completions, 0),
-            "KL_completion_ids": pc.list_element(completions, 1),
-            "label": pc.greater(pc.list_element(table.column("scores"), 0), 0.5),
-        }
-        if scored:
-            logps = table.column("ref_logps")
-            columns.update(ref_logps=pc.list_element(logps, 0), ref_KL_logps=pc.list_element(logps, 1))
-    else:
+    if kind is Layout.RANKED:
         names = ("prompt_ids", "completion_ids", "scores", "ref_logps") if scored else \
             ("prompt_ids", "completion_ids", "scores")
-        columns = {name: table.column(name) for name in names}
+        return Dataset(InMemoryTable(pa.table({name: table.column(name) for name in names})))
+    # Two responses per row, split into TRL's columns: chosen and rejected, or KTO's completion and KL completion.
+    ids, logps = TWO_RESPONSE_COLUMNS[kind]
+    completions = table.column("completion_ids")
+    columns = {"prompt_ids": table.column("prompt_ids"),
+               **{name: pc.list_element(completions, i) for i, name in enumerate(ids)}}
+    if kind is Layout.UNPAIRED:
+        columns["label"] = pc.greater(pc.list_element(table.column("scores"), 0), 0.5)
+    if scored:
+        columns.update({name: pc.list_element(table.column("ref_logps"), i) for i, name in enumerate(logps)})
     return Dataset(InMemoryTable(pa.table(columns)))
 
 
