@@ -109,3 +109,14 @@ def test_benchmarks_import_nothing_from_the_tests():
         if '"tests"' in text or "'tests'" in text:
             offenders.append(f"{path.name} names the tests folder")
     assert not offenders, offenders
+
+
+def test_planning_reads_the_methods_and_reference_names_without_heavy_imports():
+    """Snakemake imports these when it parses the workflow: no pandas, numpy, pyarrow or torch behind them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, lexalign.methods, lexalign.reference.layout, lexalign.config.loader; "
+             "print(sorted(m for m in ('pandas', 'numpy', 'pyarrow', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
