@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from lexalign.errors import LexAlignError
+from lexalign import methods
+from lexalign.errors import LexAlignError, warn
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -302,9 +303,6 @@ def unused_keys(written: dict, method: str, where: str = "alignment", method_key
 
     `where`: the keys' place (`alignment`, or a sweep run's `runs.<name>`); `method_key`: the key that set
     `method` (a sweep run that gives no method inherits alignment.method)."""
-    from lexalign import methods
-    from lexalign.errors import warn
-
     chosen = methods.method(method)
     unused = []
     for key in written:
