@@ -7,7 +7,7 @@ TRL `DPOTrainer` script, side by side on a realistic long-tailed length mix and 
 
 Both jobs start from the same JSONL file (prompt / chosen / rejected plain text), the same SFT model (a
 Llama of `--hidden` and `--layers` with a `--vocab` vocabulary; the tokenizer is the zoo's Llama-3-style
-byte-level BPE, tests/zoo.py) and the same hyperparameters: LoRA r 16 on q/v, batch 4 pairs, one epoch,
+byte-level BPE, lexalign/demo/zoo.py) and the same hyperparameters: LoRA r 16 on q/v, batch 4 pairs, one epoch,
 learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
 
 * `trl`: `load_dataset("json")`, `DPOTrainer(model, DPOConfig(...), peft_config=LoraConfig(...))`,
@@ -58,8 +58,7 @@ def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, s
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(REPO / "tests"))
-    import zoo
+    from lexalign.demo import zoo
 
     model_dir = root / f"model-{vocab}"
     if not (model_dir / "config.json").is_file():

@@ -1,6 +1,6 @@
 """Padding-free vs padded reference log-probs on a long-tailed length mix, side by side in one run.
 
-The reference step (`lexalign.reference.group_logps`) scores every response once; here it scores the same
+The reference step (`lexalign.reference.scoring.group_logps`) scores every response once; here it scores the same
 pairs packed by a token budget (`lexalign.packing`) and in the padded batches of the trainers' collator
 (batch 4 pairs = 8 sequences, TRL's DataCollatorForPreference shape), in turns, each in a process of its
 own so peak memory is its own. Lengths follow the realistic mix of issue #17: log-normal prompts (median
@@ -60,21 +60,57 @@ def model(vocab: int):
     return net
 
 
+def padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation_mode, batch_sequences, device,
+                        autocast) -> list[list[float]]:
+    """The reference step's log-probs in the padded batches of the trainers' collator (response-major, right
+    padded, longest groups first): what the reference step cost before it packed, for the comparison."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import torch
+
+    from lexalign.train.gdpo import DataCollatorForRankedPreference
+
+    n = tokens.num_rows
+    completions = tokens.column("completion_ids")
+    k = len(completions[0])
+    prompt_lengths = pc.list_value_length(tokens.column("prompt_ids")).to_numpy()
+    completion_lengths = pc.list_value_length(pc.list_flatten(completions)).to_numpy().reshape(n, k)
+    order = np.argsort(-(prompt_lengths + completion_lengths.max(axis=1)), kind="stable")
+    collate = DataCollatorForRankedPreference(pad_token_id=pad_token_id, max_length=max_length,
+                                              truncation_mode=truncation_mode)
+    per_batch = max(1, batch_sequences // k)
+    out: list = [None] * n
+    with torch.inference_mode(), autocast:
+        for start in range(0, n, per_batch):
+            index = order[start:start + per_batch]
+            rows = tokens.take(index).to_pylist()
+            batch = collate([{**row, "scores": [0.0] * k} for row in rows])
+            completion_mask = batch["completion_mask"]
+            labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            labels=labels.to(device), use_cache=False, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1).float()
+            for position, values in zip(index.tolist(), logps.view(k, len(index)).T.cpu().tolist(), strict=True):
+                out[position] = values
+    return out
+
+
 def one(mode: str, vocab: int, pairs: int) -> dict:
     """Score every pair once in `mode` (packed | padded); this process's figures."""
     import torch
 
-    from lexalign import reference
+    from lexalign.reference.scoring import group_logps
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     table = make_table(vocab, pairs)
     net = model(vocab)
     started = time.perf_counter()
     if mode == "packed":
-        reference.group_logps(net, 0, table, max_length=None, token_budget=int(os.environ.get("BENCH_BUDGET", "1024")))
+        group_logps(net, table, max_length=None, token_budget=int(os.environ.get("BENCH_BUDGET", "1024")))
     else:
         with torch.inference_mode():
-            reference._padded_group_logps(net, 0, table, None, "keep_start", 8, "cpu",
+            padded_group_logps(net, 0, table, None, "keep_start", 8, "cpu",
                                           torch.autocast("cpu", enabled=False))
     seconds = time.perf_counter() - started
     real = sum(len(p) + len(c) for p, group in zip(table.column("prompt_ids").to_pylist(),

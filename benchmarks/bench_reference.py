@@ -116,15 +116,17 @@ def tokenize_worker(name: str, spec: dict, out: Path) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign import reference
+    from lexalign.methods import Layout
     from lexalign.models import load_tokenizer
+    from lexalign.reference import cache as tokens_cache
+    from lexalign.reference.layout import split_groups
 
     frame = pd.read_parquet(spec["tokenize_data"])
     tokenizer = load_tokenizer(spec["model"])
-    groups = reference.split_groups(frame, "pairs")
+    groups = split_groups(frame, Layout.PAIRS.value)
     cache = Path(spec["tmp"]) / "tokenize-cache"
     if name == "tok-cached":  # a first run fills the cache (not timed)
-        reference.cached_tokens(tokenizer, "bench", groups, cache)
+        tokens_cache.cached_tokens(tokenizer, "bench", groups, cache)
     started = (time.process_time(), time.perf_counter())
     if name == "tok-trl":
         from types import SimpleNamespace
@@ -133,9 +135,9 @@ def tokenize_worker(name: str, spec: dict, out: Path) -> None:
         stub = SimpleNamespace(_tokenizer=tokenizer)
         DPOTrainer._prepare_dataset(stub, Dataset.from_pandas(frame, preserve_index=False), tokenizer, args, "train")
     elif name == "tok-lexalign":
-        reference.token_table(tokenizer, groups)
+        tokens_cache.token_table(tokenizer, groups)
     else:
-        assert reference.cached_tokens(tokenizer, "bench", groups, cache)[1], "the cache did not answer"
+        assert tokens_cache.cached_tokens(tokenizer, "bench", groups, cache)[1], "the cache did not answer"
     out.write_text(json.dumps({"cpu": time.process_time() - started[0], "wall": time.perf_counter() - started[1]}))
 
 

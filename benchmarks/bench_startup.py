@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,22 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lexalign.project import WORKFLOW_FILES as PROJECT_FILES
-
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# What a checkout runs: the workflow's files (the wheel's list) and the package beside them.
-WORKFLOW_FILES = [name for name in (*PROJECT_FILES, "lexalign") if (REPO / name).exists()]
+sys.path.insert(0, str(REPO))
 
-
-def copy_workflow(dest: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
+from lexalign.workflow_files import copy_workflow  # noqa: E402 - this checkout's package, as the benchmark times it
 
 
 def timed(cmd: list[str], cwd: Path, expect: str | None = None) -> tuple[float, float]:

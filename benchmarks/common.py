@@ -110,7 +110,7 @@ def plain_trl_settings(device: str, lora: bool) -> tuple[dict, dict]:
     bf16_weights = device == "cuda" and torch.cuda.is_bf16_supported() and lora
     load = {"dtype": torch.bfloat16 if bf16_weights else torch.float32,
             "attn_implementation": models.attention_implementation(device)}
-    from lexalign.train.kernels import liger_installed
+    from lexalign.kernels import liger_installed
 
     # Liger the way a TRL user switches it on (LexAlign applies the same layer kernels as the model loads).
     return load, {"use_cpu": device == "cpu", **runtime.gpu_defaults(device),

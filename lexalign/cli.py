@@ -12,9 +12,8 @@ from pathlib import Path
 
 import click
 
-from lexalign import __version__
+from lexalign import __version__, methods
 from lexalign.config.loader import load_config
-from lexalign.config.stages import REFERENCE_FREE, needs_reference
 from lexalign.errors import LexAlignError, warn
 
 CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -145,22 +144,20 @@ def _dataset_for(cfg: dict) -> dict:
 
 
 def _method_keys(a: dict) -> str:
-    """The keys of the alignment's method, for the dry run's plan."""
-    from lexalign.config.stages import METHOD_KEYS
-
-    own = [f"{key} {a[key]}" for key, owner in METHOD_KEYS.items() if owner == a["method"]]
-    if a["method"] == "dpo":
-        loss = a["loss_type"] if isinstance(a["loss_type"], list) else [a["loss_type"]]
-        own = [", ".join(loss)]
-    return ", ".join(own + ([] if a["method"] == "orpo" else [f"beta {a['beta']}"]))
+    """The keys of the alignment's method, for the dry run's plan: a DPO loss by its loss types alone."""
+    m = methods.of(a)
+    own = [f"{key} {a[key]}" for key in m.keys]
+    if "loss_type" in m.keys:
+        own = [", ".join(a["loss_type"] if isinstance(a["loss_type"], list) else [a["loss_type"]])]
+    return ", ".join(own + ([f"beta {a['beta']}"] if m.uses_beta else []))
 
 
 def _kto_weights(cfg: dict) -> dict | None:
-    """KTO's weights, for validation to report its balance under them (lexalign.data.preference.kto_balance)."""
+    """The weights of a method that reads unpaired rows (KTO's), for validation to report the rows' balance
+    under them (lexalign.data.preference.kto_balance)."""
     a = cfg["alignment"]
-    if a["method"] != "kto":
-        return None
-    return {"alignment": {key: a[key] for key in ("desirable_weight", "undesirable_weight")}}
+    m = methods.of(a)
+    return {"alignment": {key: a[key] for key in m.keys}} if m.reads_unpaired else None
 
 
 def _align_paths(cfg: dict) -> tuple[str, str]:
@@ -208,7 +205,7 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
             f"validate {data} → {validated}" if validated != data else f"use validated data {data}",
             f"{a['method']} ({_method_keys(a)}, {'LoRA' if a['use_lora'] else 'full'}) on {cfg['model']['path']} "
             f"[{device}] → {out}",
-            f"no reference model ({a['method']} is reference-free)" if a["method"] in REFERENCE_FREE
+            f"no reference model ({a['method']} is reference-free)" if not methods.of(a).needs_reference
             else f"reference model: {cfg['model']['path']}; its log-probs computed once → {checkpoints}/reference/",
             f"checkpoints every {a['save_steps']} steps → {checkpoints}",
         ])
@@ -217,7 +214,8 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
     if validated != data:
         stages.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
                         trust_remote_code=cfg["model"]["trust_remote_code"])
-    reference = _reference_once(cfg, validated, checkpoints, device) if needs_reference(cfg["alignment"]) else None
+    reference = _reference_once(cfg, validated, checkpoints, device) if methods.of(cfg["alignment"]).needs_reference \
+        else None
     stages.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
                  checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
                  trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
@@ -228,20 +226,15 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
     """The reference model's log-probs, computed once by the pipeline's reference step (its code and its token
     cache) into the checkpoint folder, and reused while model, tokenizer, data and settings are unchanged: no
     reference forward pass runs in any training step, and full fine-tuning holds one model."""
-    from lexalign import reference, stages
-    from lexalign.models import resolve_device
+    from lexalign import stages
+    from lexalign.reference.layout import parse_setting, setting_name
 
-    alignment = cfg["alignment"]
-    setting = reference.parse_setting(reference.setting_name(alignment))
-    path = Path(checkpoints) / "reference" / f"{reference.setting_name(alignment)}.parquet"
-    model, tokenizer = cfg["model"]["path"], cfg["model"]["base_model"] or cfg["model"]["path"]
-    train, evals = stages._frames(validated)
-    if reference.is_current(path, model, tokenizer, train, evals, setting, resolve_device(device)):
-        click.echo(f"Reference log-probs up to date: {path}")
-    else:
-        stages.reference(model=model, data=validated, output=path, setting=setting, device=device,
-                         trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=tokenizer,
-                         cache_dir=str(Path(checkpoints) / "cache"))
+    name = setting_name(cfg["alignment"])
+    path = Path(checkpoints) / "reference" / f"{name}.parquet"
+    stages.reference(model=cfg["model"]["path"], data=validated, output=path, setting=parse_setting(name),
+                     device=device, trust_remote_code=cfg["model"]["trust_remote_code"],
+                     tokenizer=cfg["model"]["base_model"] or cfg["model"]["path"],
+                     cache_dir=str(Path(checkpoints) / "cache"), reuse=True)
     return str(path)
 
 
@@ -355,7 +348,7 @@ def init(directory: str, example: str, force: bool) -> None:
 @click.option("--root", is_flag=True, help="Print the workflow's folder instead of its Snakefile.")
 def workflow_path(root: bool) -> None:
     """Print where the installed workflow's Snakefile is (for `module` or `snakemake -s`)."""
-    from lexalign.project import snakefile, workflow_root
+    from lexalign.workflow_files import snakefile, workflow_root
 
     click.echo(str(workflow_root() if root else snakefile()))
 

@@ -150,15 +150,3 @@ def step_sources(step: str, root: Path = ROOT) -> list[Path]:
     files = {_module_file(module, root) for module in (*step_modules(step, root), *BRIDGE)}
     return sorted(f for f in files if f is not None)
 
-
-SCRIPT = "scripts/step.py"
-"""Every rule's script (relative to the workflow's root). Among the code inputs, by content: Snakemake's own
-`code` trigger would compare its modification time, which every reinstall of the package renews."""
-
-
-def rule_sources(rule: str) -> list[Path]:
-    """The files a rule runs: its step's sources (`step_sources`) and the rule's script."""
-    from lexalign.project import workflow_root
-    from lexalign.workflow import step_of
-
-    return [*step_sources(step_of(rule)), workflow_root() / SCRIPT]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from lexalign import tokens
 from lexalign.config.stages import EvaluateConfig
+from lexalign.methods import Layout
 
 
 def pad_id(tokenizer) -> int:
@@ -100,7 +101,7 @@ def unpaired_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: fl
     bad = [r for r, label in zip(rewards, labels, strict=True) if not label]
     n = max(len(rewards), 1)
     return {
-        "held_out": "unpaired",
+        "held_out": Layout.UNPAIRED.value,
         "pairs": 0,
         "rows": len(rewards),
         "preference_accuracy": sum((r > 0) == label for r, label in zip(rewards, labels, strict=True)) / n,
@@ -302,7 +303,7 @@ def _interval(judge: dict) -> str:
 
 
 def summary(result: dict) -> str:
-    held_out = f"{result['rows']} held-out unpaired rows" if result.get("held_out") == "unpaired" \
+    held_out = f"{result['rows']} held-out unpaired rows" if result.get("held_out") == Layout.UNPAIRED.value \
         else f"{result['pairs']} held-out pairs"
     lines = [
         f"Preference accuracy on {held_out}: {result['preference_accuracy']:.3f} "

@@ -10,8 +10,12 @@ one of fewer than K is dropped.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import pandas as pd
+from lexalign.errors import LexAlignError, warn
+
+if TYPE_CHECKING:  # annotations only: the reference step's file names are read at planning time, light
+    import pandas as pd
 
 
 def order_best_first(scores: list[float]) -> list[int]:
@@ -65,3 +69,16 @@ def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
     groups = [group for _, group in iter_ranked_groups(frame, k)]
     rows = [group for group in groups if group is not None]
     return rows, len(groups) - len(rows)
+
+
+def check_groups(kept: int, dropped: int, total: int, k: int, split: str) -> None:
+    """Warn about dropped groups (fewer than K responses); fail when a non-empty split has none left."""
+    if dropped:
+        warn(f"GDPO: dropped {dropped} of {total} {split} groups with fewer than {k} responses "
+             f"(group_delay_size: {k})")
+    if not kept and total:
+        raise LexAlignError(
+            f"No {split} group has {k} ranked responses (group_delay_size: {k})",
+            hint="Use ranked data with at least that many responses per prompt, or lower group_delay_size "
+                 "(2 uses plain chosen/rejected pairs)",
+        )

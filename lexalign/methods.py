@@ -52,6 +52,16 @@ class Method:
         """K when it reads ranked groups of K (> 2), else None (pairs or unpaired rows)."""
         return group_size if self.layout_for(group_size) is Layout.RANKED else None
 
+    def reference_layout(self, group_size: int) -> str:
+        """The layout's name in its reference file's name: `pairs`, `unpaired`, or `k<K>` for GDPO at any K (at
+        K = 2 its pairs are scored as groups of 2, under GDPO's own key)."""
+        return f"k{group_size}" if self.layout is Layout.RANKED else self.layout.value
+
+    @property
+    def reads_unpaired(self) -> bool:
+        """Whether it trains on unpaired rows (prompt, completion, label); every other method needs pairs."""
+        return self.layout is Layout.UNPAIRED
+
 
 # `loss_type`, `loss_weights` and `label_smoothing` configure TRL's DPO losses; GDPO's pairwise term is DPO's.
 DPO_KEYS = ("loss_type", "loss_weights", "label_smoothing")
@@ -84,6 +94,20 @@ def method(name: str | None) -> Method:
 def of(alignment: dict) -> Method:
     """The method of an alignment section."""
     return method(alignment.get("method"))
+
+
+def parse_layout(name: str) -> tuple[Layout, int]:
+    """A reference layout's name (`Method.reference_layout`) as (layout, K): pairs and unpaired rows score
+    K = 2 responses per row (KTO's: the completion and its KL completion)."""
+    if name in (Layout.PAIRS.value, Layout.UNPAIRED.value):
+        return Layout(name), 2
+    if name.startswith("k") and name[1:].isdigit() and int(name[1:]) >= 2:
+        return Layout.RANKED, int(name[1:])
+    raise ValueError(f"unknown reference layout {name!r} (pairs, unpaired or k<K>)")
+
+
+LAYOUT_PATTERN = rf"(?:{Layout.PAIRS.value}|{Layout.UNPAIRED.value}|k\d+)"
+"""A regular expression matching every name `parse_layout` reads."""
 
 
 def key_owner(key: str) -> str | None:

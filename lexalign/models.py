@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lexalign.errors import LexAlignError, warn
-from lexalign.paths import TOKENIZER_FILES, require_model  # noqa: F401 - require_model: one import for callers
+from lexalign.paths import TOKENIZER_VOCAB_FILES, require_model  # noqa: F401 - require_model: one import for callers
 
 
 def resolve_device(requested: str) -> str:
@@ -33,7 +33,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_VOCAB_FILES):
         require_model(path, "lexalign download --config config/downloads.yaml")  # names what is missing
         raise LexAlignError(f'No tokenizer at "{path}"', "The folder holds a model but no tokenizer files",
                             hint="Set model.base_model to the folder (or Hub download) with its tokenizer")
@@ -106,7 +106,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
         # Norms in fp32 and input gradients on, as PEFT recommends for k-bit training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
         if device == "cuda":
-            from lexalign.train.kernels import apply_liger
+            from lexalign.kernels import apply_liger
 
             apply_liger(model)
         return model
@@ -123,7 +123,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
         # An architecture without SDPA/FlashAttention (Gemma-2 in transformers 5.x): its own eager attention.
         model = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
     if device == "cuda":
-        from lexalign.train.kernels import apply_liger
+        from lexalign.kernels import apply_liger
 
         apply_liger(model)
     return model

@@ -13,7 +13,7 @@ The per-token log-probabilities come from the lean LM head
 completion positions only, so the [tokens x vocabulary] logits are never held
 (the memory peak with 128k-256k vocabularies).
 
-Two shapes. The reference step and evaluation (`lexalign.reference.group_logps`)
+Two shapes. The reference step and evaluation (`lexalign.reference.scoring.group_logps`)
 score sequences in one row per token budget (`pack`, `budget_batches`).
 Training keeps the batch the user configured (B pairs, or B groups of K) and
 repacks its padded rows (`pack_rows`): first-fit decreasing into rows as wide
@@ -22,8 +22,8 @@ was, the attention ([W x W] per row) never costs more than the padded
 batch's, and the rows hold the real tokens with a little padding at their
 ends. `lexalign.train.packed` runs a trainer's loss on such rows.
 
-An architecture that cannot take packed input (`PACKED_UNSUPPORTED`) keeps
-padded batches (the reference step's are length-grouped).
+An architecture that cannot take packed input (`PACKED_UNSUPPORTED`, empty so
+far) keeps the trainers' padded batches; the reference step refuses it by name.
 """
 
 from __future__ import annotations

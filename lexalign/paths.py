@@ -13,7 +13,24 @@ from lexalign.errors import LexAlignError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.safetensors.index.json",
                    "*.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+"""A folder holds a tokenizer when it has one of these."""
+TOKENIZER_FILES = (*TOKENIZER_VOCAB_FILES, "special_tokens_map.json", "added_tokens.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+"""Every file that can change how a tokenizer tokenizes (the reference step's key hashes them all)."""
+
+
+def lone_adapter(path: str | Path) -> bool:
+    """A PEFT adapter alone (adapter_config.json, no full model's config.json): finetune with merge: false."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model a lone adapter was trained on, as its adapter_config.json names it (a folder or a Hub id)."""
+    import json
+
+    return json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
 
 
 def missing_model_parts(path: Path, tokenizer: bool = True) -> list[str]:
@@ -24,7 +41,7 @@ def missing_model_parts(path: Path, tokenizer: bool = True) -> list[str]:
         missing.append("config.json")
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         missing.append("weights (*.safetensors)")
-    if tokenizer and not adapter and not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not adapter and not any((path / name).is_file() for name in TOKENIZER_VOCAB_FILES):
         missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
     return missing
 

@@ -1,67 +1,17 @@
-"""Where LexAlign's workflow lives, and `lexalign init`: a project folder of the user's own.
+"""`lexalign init`: a project folder of the user's own.
 
-A wheel carries the workflow as package data (lexalign/_workflow/, copied from
-the repository root by setup.py); a checkout runs the root's files. Either way
-`workflow_root()` finds it. A project made by `init` holds the user's config,
-profiles and a three-line Snakefile that uses the installed workflow through
-Snakemake's `module` directive; results, logs and checkpoints land in the
-project, and no line of LexAlign's code is copied there.
-
-Standard library and lexalign.errors only at import: the project's Snakefile
-imports this module when Snakemake parses it.
+A project holds the user's config, profiles and a Snakefile that uses the
+installed workflow (lexalign.workflow_files) through Snakemake's `module`
+directive; results, logs and checkpoints land in the project, and no line of
+LexAlign's code is copied there.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from lexalign.errors import LexAlignError
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLED = PACKAGE_DIR / "_workflow"
-"""The workflow inside an installed wheel."""
-WORKFLOW_FILES = ("Snakefile", "workflow", "rules", "scripts", "config", "profiles", "envs", "report",
-                  ".snakemake-workflow-catalog.yml")
-"""What of the repository root the wheel carries (setup.py copies these, and reads this tuple)."""
-EXAMPLES_DIR = "config/examples"
-"""Example pipeline configs for `lexalign init --example NAME` (the demo is config/config.yaml itself)."""
-DEFAULT_EXAMPLE = "demo"
-
-
-def workflow_root() -> Path:
-    """The folder of the workflow this `lexalign` runs: the wheel's bundled copy, or the checkout's root."""
-    if (BUNDLED / "Snakefile").is_file():
-        return BUNDLED
-    checkout = PACKAGE_DIR.parent
-    if (checkout / "Snakefile").is_file() and (checkout / "rules").is_dir():
-        return checkout
-    raise LexAlignError("LexAlign's workflow is not installed beside the package",
-                        f"Looked in {BUNDLED} and {checkout}",
-                        hint="Reinstall LexAlign from its wheel (pip install lexalign-*.whl), or run from a checkout")
-
-
-def snakefile() -> Path:
-    """The workflow's Snakefile (workflow/Snakefile: what the checkout's root Snakefile and a project's
-    `module lexalign:` use)."""
-    return workflow_root() / "workflow" / "Snakefile"
-
-
-def examples() -> dict[str, Path]:
-    """Every example config `init` can start from, by name."""
-    root = workflow_root()
-    found = {DEFAULT_EXAMPLE: root / "config" / "config.yaml"}
-    found.update((path.stem, path) for path in sorted((root / EXAMPLES_DIR).glob("*.yaml")))
-    return found
-
-
-def code_path(path: str | Path) -> str:
-    """A source file as a rule input: relative to the working directory when it lies inside it (a checkout, or
-    a copy of it, that moves is not 'changed input'), else absolute (the installed package's modules)."""
-    path = Path(path).resolve()
-    cwd = Path.cwd().resolve()
-    return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
-
+from lexalign.workflow_files import DEFAULT_EXAMPLE, examples, workflow_root
 
 PROJECT_SNAKEFILE = '''\
 # A LexAlign project. The workflow is the installed package's (`lexalign workflow-path` prints where);
@@ -69,7 +19,7 @@ PROJECT_SNAKEFILE = '''\
 #   snakemake --cores 1                    everything: align, evaluate, report
 #   snakemake --cores 1 results/aligned    download → finetune → validate → align
 #   snakemake -n                           dry run: what would run, and why
-from lexalign.project import snakefile
+from lexalign.workflow_files import snakefile
 
 
 configfile: "config/config.yaml"

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from lexalign.io import atomic_write_text, read_json
+from lexalign.methods import DEFAULT, METHODS
 
 CURVES = [("loss", "Training loss"), ("rewards/margins", "Reward margin (chosen − rejected)"),
           ("rewards/accuracies", "Reward accuracy")]
@@ -45,8 +46,9 @@ def loss_kind(model_dir: Path) -> str:
     """The loss a run trained with (its lineage.json): runs with the same one share a loss panel."""
     lineage = model_dir / "lineage.json"
     config = read_json(lineage).get("config", {}) if lineage.is_file() else {}
-    if config.get("method") == "gdpo":
-        return "GDPO"
+    method = METHODS.get(config.get("method") or DEFAULT)
+    if method is not None and "loss_type" not in method.keys:  # a loss of its own: one panel per method
+        return method.name.upper()
     losses = config.get("loss_type") or ["sigmoid"]
     return "DPO: " + " + ".join([losses] if isinstance(losses, str) else losses)
 

@@ -83,7 +83,7 @@ def validate(*, raw: str | Path, tokenizer: str | Path, output: str | Path, data
     return report
 
 
-def _frames(data: str | Path, gated: bool = False):
+def frames(data: str | Path, gated: bool = False):
     """The train and eval rows of a data folder; with `gated`, only if its validation report passed the gate."""
     import pandas as pd
 
@@ -111,7 +111,7 @@ def data_is_chat(data: str | Path) -> bool:
 def _job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose, trust_remote_code,
                 gated: bool = False) -> dict:
     """What every TrainingJob is built from (lexalign.train.job.TrainingJob's shared fields)."""
-    train, evals = _frames(data, gated)
+    train, evals = frames(data, gated)
     return {"model_path": Path(model), "train": train, "eval": evals, "output_dir": Path(output),
             "checkpoint_dir": Path(checkpoint_dir), "device": device, "seed": seed,
             "resume": Path(resume) if resume else None, "verbose": verbose, "trust_remote_code": trust_remote_code,
@@ -134,20 +134,28 @@ def finetune(*, model: str | Path, data: str | Path, output: str | Path, finetun
 
 def reference(*, model: str | Path, data: str | Path, output: str | Path, setting: dict | None = None,
               device: str = "auto", trust_remote_code: bool = False, cache_dir: str | Path | None = None,
-              tokenizer: str | None = None) -> dict:
+              tokenizer: str | None = None, reuse: bool = False) -> dict | None:
     """The reference model's log-probs of every validated train and eval response, once, into `output` (parquet).
 
-    `setting`: layout (pairs or k<K>), max_length, truncation_mode and load_in_4bit (from the file's name)."""
+    `setting`: layout (pairs, unpaired or k<K>), max_length, truncation_mode and load_in_4bit (from the file's
+    name). `reuse` (`lexalign align`, which has no Snakemake to decide): keep a file already computed for exactly
+    these inputs, and return None."""
     from lexalign.data.preference import is_unpaired, needs_pairs_error
+    from lexalign.methods import METHODS, Layout, parse_layout
     from lexalign.models import resolve_device
-    from lexalign.reference import compute_reference
+    from lexalign.reference.scoring import compute_reference, is_current
 
-    setting = {"layout": "pairs", "max_length": 512, "truncation_mode": "keep_start", "load_in_4bit": False,
-               **(setting or {})}
+    setting = {"layout": Layout.PAIRS.value, "max_length": 512, "truncation_mode": "keep_start",
+               "load_in_4bit": False, **(setting or {})}
     layout = setting["layout"]
-    train, evals = _frames(data, gated=True)
-    if layout != "unpaired" and is_unpaired(train):  # before any model loads
-        raise needs_pairs_error(f'The reference step\'s layout "{layout}" (alignment.method dpo or gdpo)', str(data))
+    kind = parse_layout(layout)[0]
+    train, evals = frames(data, gated=True)
+    if kind is not Layout.UNPAIRED and is_unpaired(train):  # before any model loads
+        readers = " or ".join(m.name for m in METHODS.values() if m.layout is kind and m.needs_reference)
+        raise needs_pairs_error(f'The reference step\'s layout "{layout}" (alignment.method {readers})', str(data))
+    if reuse and is_current(output, model, tokenizer or model, train, evals, setting, resolve_device(device)):
+        print(f"Reference log-probs up to date: {output}", flush=True)
+        return None
     summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
                                 truncation_mode=setting["truncation_mode"], device=resolve_device(device),
                                 load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,
@@ -201,8 +209,8 @@ def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, ou
     from lexalign.models import resolve_device
 
     ranked, reward_model = _one(ranked), _one(reward_model)
-    _, evals = _frames(data)
-    ranked_eval = _frames(ranked)[1] if ranked else None
+    _, evals = frames(data)
+    ranked_eval = frames(ranked)[1] if ranked else None
     result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(evaluate), beta, seed,
                        ranked_eval, Path(reward_model) if reward_model else None, resolve_device(device))
     write_json(output, result)

@@ -57,6 +57,20 @@ def rule_arguments(smk) -> dict:
     return arguments
 
 
+SCRIPT = "scripts/step.py"
+"""Every rule's script (relative to the workflow's root)."""
+
+
+def rule_sources(rule: str) -> list[Path]:
+    """The files a rule runs, its `code` input: its step's sources (lexalign.code_inputs) and the rule's script.
+    The script is among them by content: Snakemake's own `code` trigger would compare its modification time,
+    which every reinstall of the package renews."""
+    from lexalign.code_inputs import step_sources
+    from lexalign.workflow_files import workflow_root
+
+    return [*step_sources(step_of(rule)), workflow_root() / SCRIPT]
+
+
 def step_of(rule: str) -> str:
     if rule not in STEP_OF_RULE:
         raise LexAlignError(f'Rule "{rule}" runs no known step', hint="Add it to STEP_OF_RULE in lexalign/workflow.py")

@@ -13,21 +13,20 @@ if (_checkout / "lexalign" / "__init__.py").is_file():
     sys.path.insert(0, str(_checkout))
 from lexalign.config.loader import SCHEMA_PATH, validate_config  # noqa: E402
 from lexalign.errors import LexAlignError  # noqa: E402
-from lexalign.project import code_path  # noqa: E402
-from lexalign.reference import SETTING_PATTERN, parse_setting  # noqa: E402
+from lexalign.workflow_files import code_path  # noqa: E402
+from lexalign.reference.layout import SETTING_PATTERN, parse_setting  # noqa: E402
 
 # The same schema as the CLI: fills defaults, turns `1e-5` strings into numbers,
 # and names the key, the value found and what is expected on an error.
 try:
     config.update(validate_config(config, "pipeline", source="the pipeline config"))
-    from lexalign.config.loader import section_defaults
     from lexalign.config.stages import AlignConfig, FinetuneConfig
 
     FinetuneConfig.from_dict(config["finetune"])
     AlignConfig.from_dict(config["alignment"])
     # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
-    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full; a key the run
-    # gives itself that belongs to another method is an error, as under alignment (validate_config).
+    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full; a key the run's
+    # method does not use is named in a warning and set back to its default, as under alignment.
     from lexalign.config.stages import run_alignment
 
     RUNS = {}
@@ -63,7 +62,7 @@ def step_code(rule):
     lexalign/stages.py, and the rule's script), in the lexalign this workflow imports: a checkout's, or the
     installed package's. Snakemake compares their checksums, so editing one, or upgrading LexAlign to a version
     that changed one, reruns the step, and only the steps that can run it."""
-    from lexalign.code_inputs import rule_sources
+    from lexalign.workflow import rule_sources
 
     return [code_path(path) for path in rule_sources(rule)]
 
@@ -111,10 +110,14 @@ def run_alignment(run):
 
 
 def preference_data(alignment):
-    """Validated data for an alignment: pairs, or ranked groups of K (lexalign.config.stages.response_group_size)."""
-    from lexalign.config.stages import response_group_size
+    """Validated data for an alignment: pairs (or KTO's rows), or ranked groups of K (lexalign.methods)."""
+    from lexalign import methods
 
-    k = response_group_size(alignment)
+    return validated_data(methods.of(alignment).group_size(alignment["group_delay_size"]))
+
+
+def validated_data(k):
+    """The validated data's folder: ranked groups of K, or (K None) pairs or unpaired rows."""
     return f"{RESULTS}/data/preferences-k{k}" if k else f"{RESULTS}/data/preferences"
 
 
@@ -125,27 +128,21 @@ def readers(data):
 
 
 def pairs_only(data):
-    """Whether a method that needs pairs (any but KTO) reads the validated `data`: then unpaired rows stop the
-    validate step, before any reference step."""
-    return any(alignment["method"] != "kto" for alignment in readers(data).values())
+    """Whether a method that needs pairs (lexalign.methods: all but those reading unpaired rows) reads the
+    validated `data`: then unpaired rows stop the validate step, before any reference step."""
+    from lexalign import methods
 
-
-def kto_weights(data):
-    """KTO's weights (desirable_weight, undesirable_weight) of each run that reads the validated `data`, when KTO
-    alone reads them: the validate step reports the rows' balance under them (lexalign.data.preference.kto_balance).
-    None when a method that needs pairs reads them too: the data must then be pairs, split 1:1 whatever the data,
-    so the weights alone set the ratio (the align step reports it), and adding a KTO run to a DPO sweep, or
-    changing its weights, revalidates nothing."""
-    runs = readers(data)
-    if not runs or pairs_only(data):
-        return None
-    return {run: {key: a[key] for key in ("desirable_weight", "undesirable_weight")} for run, a in runs.items()}
+    return any(not methods.of(alignment).reads_unpaired for alignment in readers(data).values())
 
 
 def ranking_data():
-    """Ranked groups for GDPO's metrics in every run's evaluation: the largest K any GDPO run uses."""
-    sizes = [a["group_delay_size"] for a in [config["alignment"], *RUNS.values()] if a["method"] == "gdpo"]
-    return [preference_data({"method": "gdpo", "group_delay_size": max(sizes)})] if max(sizes, default=2) > 2 else []
+    """Ranked groups for GDPO's metrics in every run's evaluation: the largest K any run reading ranked groups
+    uses (lexalign.methods)."""
+    from lexalign import methods
+
+    sizes = [k for a in [config["alignment"], *RUNS.values()]
+             if (k := methods.of(a).group_size(a["group_delay_size"]))]
+    return [validated_data(max(sizes))] if sizes else []
 
 
 def run_evaluations():
@@ -154,12 +151,12 @@ def run_evaluations():
 
 
 def reference_file(alignment):
-    """The reference log-probs an alignment reads (named by lexalign.reference.setting_name); none for the
-    reference-free ORPO, SimPO and CPO (lexalign.config.stages.needs_reference), so no reference job is planned."""
-    from lexalign.config.stages import needs_reference
-    from lexalign.reference import setting_name
+    """The reference log-probs an alignment reads (named by lexalign.reference.layout.setting_name); none for a
+    reference-free method (lexalign.methods: ORPO, SimPO, CPO), so no reference job is planned."""
+    from lexalign import methods
+    from lexalign.reference.layout import setting_name
 
-    if not needs_reference(alignment):
+    if not methods.of(alignment).needs_reference:
         return []
     return [f"{RESULTS}/reference/{Path(preference_data(alignment)).name}/{setting_name(alignment)}.parquet"]
 

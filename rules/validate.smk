@@ -13,9 +13,8 @@ rule validate_preferences:
         dataset=config["preference_data"],
         seed=config["seed"],
         trust_remote_code=config["model"]["trust_remote_code"],
-        # KTO's balance in the report, under the weights of the KTO runs reading these data (when KTO alone
-        # reads them); and whether a method that needs pairs reads them (unpaired rows then stop here).
-        kto_weights=kto_weights(f"{RESULTS}/data/preferences"),
+        # Whether a method that needs pairs reads these data (unpaired rows then stop here). KTO's weights are
+        # no param here: the align step reports the rows' balance under them, so changing one reruns align alone.
         pairs_only=pairs_only(f"{RESULTS}/data/preferences"),
     conda:
         conda_env()

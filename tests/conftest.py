@@ -94,9 +94,9 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def zoo_models(tmp_path_factory):
-    """Tiny random-weight models of real families (tests/zoo.py): `zoo_models("llama3") -> Path`, each family
+    """Tiny random-weight models of real families (lexalign/demo/zoo.py): `zoo_models("llama3") -> Path`, each family
     built once per session, on first use."""
-    import zoo
+    from lexalign.demo import zoo
 
     built: dict[str, Path] = {}
 

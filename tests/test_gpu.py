@@ -69,7 +69,7 @@ def align_job(tmp_path: Path, model: Path, train: pd.DataFrame, reference: Path 
 def test_the_defaults_switch_on(demo_model_dir):
     from transformers.models.llama import modeling_llama
 
-    from lexalign.train.kernels import liger_installed
+    from lexalign.kernels import liger_installed
 
     defaults = runtime.gpu_defaults("cuda")
     assert defaults["bf16"] == torch.cuda.is_bf16_supported()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+
 from workflow import planned_jobs
 
 pytestmark = pytest.mark.slow

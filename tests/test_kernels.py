@@ -1,12 +1,12 @@
-"""Kernel patches stay on the model they were applied to (lexalign.train.kernels), checked on the CPU
+"""Kernel patches stay on the model they were applied to (lexalign.kernels), checked on the CPU
 with a stand-in for Liger's process-wide patching; tests/test_gpu.py runs Liger itself on a GPU."""
 
 from __future__ import annotations
 
 import torch
 
-from lexalign import models
-from lexalign.train import kernels, runtime
+from lexalign import kernels, models
+from lexalign.train import runtime
 
 
 def patch_like_liger(model) -> None:

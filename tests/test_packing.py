@@ -84,10 +84,12 @@ def test_budget_batches_hold_every_index_once_within_the_budget():
 
 @pytest.mark.parametrize("family", ["llama3", "gemma"])
 def test_the_reference_step_packed_equals_padded(zoo_models, family):
-    """lexalign.reference.group_logps: packed batches give the padded collator's log-probs (max_length cuts)."""
+    """lexalign.reference.scoring.group_logps: packed batches give the log-probs of the trainers' padded collator
+    (response-major, right padded, max_length cuts), scored in one padded batch here."""
     import pyarrow as pa
 
-    from lexalign import reference
+    from lexalign.reference.scoring import group_logps
+    from lexalign.train.gdpo import DataCollatorForRankedPreference
 
     model = _model(zoo_models, family)
     rng = random.Random(2)
@@ -96,8 +98,12 @@ def test_the_reference_step_packed_equals_padded(zoo_models, family):
     ids = pa.list_(pa.int32())
     table = pa.table({"prompt_ids": pa.array(prompts, type=ids), "completion_ids": pa.array(completions,
                                                                                            type=pa.list_(ids))})
-    packed = reference.group_logps(model, 0, table, max_length=32, token_budget=64)
+    packed = group_logps(model, table, max_length=32, token_budget=64)
+    batch = DataCollatorForRankedPreference(pad_token_id=0, max_length=32, truncation_mode="keep_start")(
+        [{**row, "scores": [0.0, 0.0]} for row in table.to_pylist()])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     with torch.inference_mode():
-        padded = reference._padded_group_logps(model, 0, table, 32, "keep_start", 4, "cpu",
-                                               torch.autocast("cpu", enabled=False))
-    assert [v for row in packed for v in row] == pytest.approx([v for row in padded for v in row], abs=1e-4)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)
+    padded = out.log_probs[:, -(batch["completion_mask"].size(1) - 1):].sum(dim=1).view(2, 5).T
+    assert [v for row in packed for v in row] == pytest.approx(padded.flatten().tolist(), abs=1e-4)

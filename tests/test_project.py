@@ -18,15 +18,15 @@ import tomllib
 import yaml
 from conftest import REPO
 
-from lexalign import code_inputs, project
+from lexalign import code_inputs, workflow_files
 from lexalign.config.annotated import render_config
 from lexalign.config.loader import _resolve, _root_schema, load_yaml, validate_config
 from lexalign.methods import key_owner
-from lexalign.workflow import STEP_OF_RULE
+from lexalign.workflow import STEP_OF_RULE, rule_sources
 from workflow import copy_workflow, planned_jobs, snakemake
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")
-EXAMPLES = sorted(project.examples())
+EXAMPLES = sorted(workflow_files.examples())
 
 
 def lexalign(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def lexalign(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_each_example_renders_to_exactly_its_config(example):
-    values = load_yaml(project.examples()[example])
+    values = load_yaml(workflow_files.examples()[example])
     rendered = render_config(values)
     assert validate_config(yaml.safe_load(rendered), "pipeline") == validate_config(values, "pipeline")
 
@@ -55,7 +55,7 @@ def _schema_keys(schema: dict, root: dict, path: str = "") -> list[str]:
 
 def test_the_rendered_config_has_every_key_of_the_schema_with_its_meaning():
     root = _root_schema()
-    text = render_config(load_yaml(project.examples()["gdpo"]))
+    text = render_config(load_yaml(workflow_files.examples()["gdpo"]))
     lines = text.splitlines()
     for dotted in _schema_keys(root, root):
         key = dotted.rsplit(".", 1)[-1]
@@ -67,7 +67,7 @@ def test_the_rendered_config_has_every_key_of_the_schema_with_its_meaning():
 
 
 def test_keys_of_other_methods_are_shown_commented_out():
-    text = render_config(load_yaml(project.examples()["gdpo"]))
+    text = render_config(load_yaml(workflow_files.examples()["gdpo"]))
     alignment = text.split("\nalignment:\n", 1)[1].split("\n\n", 1)[0]
     assert re.search(r"^  # loss_type: sigmoid +\(not read by method gdpo\)$", alignment, re.M)
     assert re.search(r"^  group_delay_size: 4$", alignment, re.M)
@@ -129,7 +129,7 @@ def test_workflow_path_prints_the_snakefile_this_lexalign_runs():
     result = lexalign("workflow-path")
     assert result.returncode == 0
     path = Path(result.stdout.strip())
-    assert path == project.snakefile() and path.is_file() and path.name == "Snakefile"
+    assert path == workflow_files.snakefile() and path.is_file() and path.name == "Snakefile"
     assert "use rule" not in path.read_text() and "rule all:" in path.read_text()
 
 
@@ -138,8 +138,8 @@ def test_workflow_path_prints_the_snakefile_this_lexalign_runs():
 
 def test_every_rule_lists_its_script_among_its_code_inputs():
     for rule in STEP_OF_RULE:
-        sources = code_inputs.rule_sources(rule)
-        assert sources[-1] == project.workflow_root() / "scripts" / "step.py"
+        sources = rule_sources(rule)
+        assert sources[-1] == workflow_files.workflow_root() / "scripts" / "step.py"
         assert all(path.is_file() for path in sources)
 
 
@@ -148,9 +148,9 @@ def test_code_paths_are_relative_inside_the_working_directory_and_absolute_outsi
     inside.parent.mkdir()
     inside.write_text("")
     monkeypatch.chdir(tmp_path)
-    assert project.code_path(inside) == "lexalign/stages.py"
+    assert workflow_files.code_path(inside) == "lexalign/stages.py"
     outside = REPO / "lexalign" / "stages.py"
-    assert project.code_path(outside) == str(outside)
+    assert workflow_files.code_path(outside) == str(outside)
 
 
 def test_the_import_scan_finds_what_a_walk_of_each_whole_file_finds():

@@ -4,7 +4,7 @@ The oracle is the model's own `apply_chat_template(messages, tokenize=True)`:
 every step must train on, score and generate from exactly those ids (BOS once,
 the template's own end-of-turn token, nothing appended). Plain-text families
 (GPT-2, GPT-NeoX) get BOS once where the tokenizer adds one and EOS once.
-The models are tests/zoo.py's tiny random-weight ones; one pipeline run per
+The models are lexalign/demo/zoo.py's tiny random-weight ones; one pipeline run per
 family is shared by the tests below.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import zoo
 
 from lexalign import stages, tokens
+from lexalign.demo import zoo
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,7 @@ def _reference_rows(run: dict, layout: str) -> pd.DataFrame:
 
 
 def _validated(run: dict, layout: str) -> pd.DataFrame:
-    train, evals = stages._frames(run["data"][layout])
+    train, evals = stages.frames(run["data"][layout])
     return pd.concat([train.assign(split="train", row=range(len(train))),
                       evals.assign(split="eval", row=range(len(evals)))])
 

@@ -17,6 +17,7 @@ import torch
 from lexalign import reference
 from lexalign.demo import task
 from lexalign.errors import LexAlignError
+from lexalign.reference import cache
 
 TRICKY = [  # tokens merging across the prompt/response boundary, a response already ending with EOS
     {"prompt": "User: Please greet Zoe. ", "chosen": "Hello Zoe!", "rejected": " Go away."},
@@ -49,7 +50,7 @@ def test_tokens_are_trl_dpo_tokens(demo_tokenizer, tmp_path):
     frame = pairs()
     config = DPOConfig(output_dir=str(tmp_path), max_length=None, use_cpu=True)
     expected = _trl_tokens(DPOTrainer, config, demo_tokenizer, Dataset.from_pandas(frame, preserve_index=False))
-    prompt_ids, completion_ids = reference.tokenize_groups(demo_tokenizer, reference.split_groups(frame, "pairs"))
+    prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, reference.split_groups(frame, "pairs"))
     assert prompt_ids == expected["prompt_ids"]
     assert [c[0] for c in completion_ids] == expected["chosen_ids"]
     assert [c[1] for c in completion_ids] == expected["rejected_ids"]
@@ -62,7 +63,7 @@ def test_tokens_are_gdpo_tokens(demo_tokenizer, tmp_path):
     config = GDPOConfig(output_dir=str(tmp_path), max_length=None, group_delay_size=4, use_cpu=True)
     expected = _trl_tokens(GDPOTrainer, config, demo_tokenizer, ranked_dataset(frame, 4))
     found = reference.split_groups(frame, "k4")
-    prompt_ids, completion_ids = reference.tokenize_groups(demo_tokenizer, found)
+    prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, found)
     assert prompt_ids == expected["prompt_ids"]
     assert completion_ids == expected["completion_ids"]
     assert found.scores == expected["scores"]
@@ -90,28 +91,28 @@ def test_parallel_batched_tokens_equal_one_by_one(demo_tokenizer, monkeypatch):
 
 def test_tokens_are_cached_by_content(demo_tokenizer, tmp_path, monkeypatch):
     found = reference.split_groups(pairs(), "pairs")
-    table, hit = reference.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
+    table, hit = cache.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
     assert not hit and len(list((tmp_path / "cache").glob("*.parquet"))) == 1
-    assert table.column("prompt_ids").to_pylist() == reference.tokenize_groups(demo_tokenizer, found)[0]
+    assert table.column("prompt_ids").to_pylist() == cache.tokenize_groups(demo_tokenizer, found)[0]
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(reference, "tokenize_groups", fail)
-        again, hit = reference.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
+        patch.setattr(cache, "tokenize_groups", fail)
+        again, hit = cache.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
     assert hit and again.equals(table)
     # Other texts, or another tokenizer: a new entry.
-    assert not reference.cached_tokens(demo_tokenizer, "other", found, tmp_path / "cache")[1]
+    assert not cache.cached_tokens(demo_tokenizer, "other", found, tmp_path / "cache")[1]
     changed = reference.split_groups(pairs().assign(chosen=lambda f: f.chosen + "!"), "pairs")
-    assert not reference.cached_tokens(demo_tokenizer, "tok", changed, tmp_path / "cache")[1]
+    assert not cache.cached_tokens(demo_tokenizer, "tok", changed, tmp_path / "cache")[1]
     assert len(list((tmp_path / "cache").glob("*.parquet"))) == 3
 
 
 def test_tokens_in_chunks_equal_tokens_at_once(demo_tokenizer):
     found = reference.split_groups(pairs(), "pairs")
-    table = reference.token_table(demo_tokenizer, found, chunk=5)
-    prompt_ids, completion_ids = reference.tokenize_groups(demo_tokenizer, found)
+    table = cache.token_table(demo_tokenizer, found, chunk=5)
+    prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, found)
     assert table.column("prompt_ids").to_pylist() == prompt_ids
     assert table.column("completion_ids").to_pylist() == completion_ids
 

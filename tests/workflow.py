@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from lexalign.workflow_files import WORKFLOW_FILES, copy_workflow  # noqa: F401 - the tests' one import
+
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-WORKFLOW_FILES = ["Snakefile", "workflow", "rules", "scripts", "config", "profiles", "envs", "report", "lexalign"]
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
 # A Hub token planted in the environment of every pipeline run: it must never reach an output or a log.
 PLANTED_TOKEN = "hf_PlantedTokenForLeakTests0123456789"
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from lexalign.errors import LexAlignError
+from lexalign import methods
+from lexalign.errors import LexAlignError, warn
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -203,7 +204,9 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
     data = _normalise(data, schema, root)
     _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, source)
     if written is not None:
-        check_method_keys(written, data["alignment"]["method"], source=source)
+        defaults = section_defaults("alignment")
+        for key in unused_keys(written, data["alignment"]["method"], source=source):
+            data["alignment"][key] = defaults[key]
     if kind == "pipeline" and "sft_data" not in given and data["finetune"]["method"] != "none":
         # Never fall back to the demo's SFT data for a user's model.
         raise LexAlignError(f'Missing required key "sft_data" in {source}',
@@ -285,33 +288,35 @@ def section_defaults(section: str, values: dict | None = None) -> dict:
 
 def method_keys() -> dict[str, str]:
     """The alignment keys that belong to one method, and that method: the `x-method` marks of the schema's
-    alignment section (the one list; lexalign.config.stages.METHOD_KEYS is this)."""
+    alignment section (lexalign.methods says the same: tests/test_methods.py checks that they agree)."""
     properties = _root_schema()["$defs"]["alignment"]["properties"]
     return {key: spec["x-method"] for key, spec in properties.items() if "x-method" in spec}
 
 
-def check_method_keys(written: dict, method: str, where: str = "alignment", method_key: str = "alignment.method",
-                      source: str | None = None) -> None:
-    """A key of `written` (an alignment mapping as the user wrote it, before defaults are filled in) that belongs
-    to a method other than `method` is an error naming the key, the method it belongs to and the method
-    configured, whatever its value: its default included. The schema says which keys belong to which method
-    (`x-method`), and which methods accept another's key and ignore it (`x-ignored-by`: DPO takes GDPO's).
+def unused_keys(written: dict, method: str, where: str = "alignment", method_key: str = "alignment.method",
+                source: str | None = None) -> list[str]:
+    """The keys of `written` (an alignment mapping as the user wrote it) that `method` does not use: another
+    method's own keys (`loss_type` under gdpo, `group_delay_size` under dpo) and `beta` under a method without
+    one (ORPO). Each is named once in a warning and the list returned, for the caller to set them back to their
+    defaults, so no trainer reads them. One config then serves every method, as the design's align config does
+    ("GDPO specific (only used if method: gdpo)"). A key no method knows is the schema's error, not this.
 
-    `where`: the key's place (`alignment`, or a sweep run's `runs.<name>`); `method_key`: the key that set
+    `where`: the keys' place (`alignment`, or a sweep run's `runs.<name>`); `method_key`: the key that set
     `method` (a sweep run that gives no method inherits alignment.method)."""
-    properties = _root_schema()["$defs"]["alignment"]["properties"]
-    for key, value in written.items():
-        spec = properties.get(key) if isinstance(key, str) else None
-        owner = (spec or {}).get("x-method")
-        if owner is None or owner == method or method in spec.get("x-ignored-by", ()):
+    chosen = methods.method(method)
+    unused = []
+    for key in written:
+        owner = methods.key_owner(key) if isinstance(key, str) else None
+        if owner is not None and owner != method:
+            why = f"it is a key of method {owner}"
+        elif key == "beta" and not chosen.uses_beta:
+            why = f"method {method} has no beta"
+        else:
             continue
-        own = [k for k, o in method_keys().items() if o == method]
-        raise LexAlignError(
-            f'{where}.{key} belongs to method {owner}; {method_key} is "{method}"',
-            f"{where}.{key}: {_describe(value)}{f' in {source}' if source else ''}",
-            f"The keys of method {method}: {', '.join(own)}" if own else f"Method {method} has no keys of its own",
-            hint=f"Remove {key}, or set method: {owner}",
-        )
+        unused.append(key)
+        warn(f'{where}.{key} is ignored: {why}, and {method_key} is "{method}"{f" in {source}" if source else ""}',
+             f"Remove {key}" + (f", or set method: {owner}" if owner else ""))
+    return unused
 
 
 def section_keys(section: str) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from lexalign.config.loader import check_method_keys, method_keys, resolve_source, section_defaults
+from lexalign import methods
+from lexalign.config.loader import resolve_source, section_defaults, unused_keys
 from lexalign.errors import LexAlignError
+from lexalign.formats import FORMATS, unsupported_format
 
 # Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
 DPO_LOSS_TYPES = (
@@ -20,13 +22,13 @@ DPO_LOSS_TYPES = (
 )
 
 
-METHODS = ("dpo", "gdpo", "kto", "orpo", "simpo", "cpo")
-REFERENCE_FREE = ("orpo", "simpo", "cpo")
+METHODS = methods.NAMES
+"""Every alignment method (lexalign.methods)."""
+REFERENCE_FREE = tuple(m.name for m in methods.METHODS.values() if not m.needs_reference)
 """Methods with no reference model: no reference step, one model in memory."""
-METHOD_KEYS = method_keys()
-"""The alignment keys that belong to one method (the schema's `x-method` marks); written under another method
-they are an error naming the method they belong to, whatever their value (`check_method_keys`). DPO takes
-GDPO's keys and ignores them, as it always has (`x-ignored-by`)."""
+METHOD_KEYS = {key: m.name for m in methods.METHODS.values() for key in m.keys}
+"""The alignment keys that belong to one method (lexalign.methods; the schema's `x-method` marks agree). Written
+under another method they are named in a warning and set back to their defaults (`unused_keys`)."""
 
 
 class _FromDict:
@@ -168,8 +170,6 @@ class DatasetConfig(_FromDict):
     """Hub branch, tag or commit (pipeline only)."""
 
     def __post_init__(self):
-        from lexalign.data.load import FORMATS, unsupported_format
-
         if self.format not in FORMATS:
             raise unsupported_format(self.format)
         if self.length_policy not in ("drop", "truncate", "fail"):
@@ -322,6 +322,8 @@ class AlignConfig(TrainingConfig):
     """Where resumable checkpoints go; must lie outside output_dir."""
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise LexAlignError(f'Unknown alignment.method "{self.method}"', f"Supported: {', '.join(METHODS)}")
         self.loss_type = _as_list(self.loss_type)
         unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
         if unknown:
@@ -335,29 +337,30 @@ class AlignConfig(TrainingConfig):
             )
         if self.load_in_4bit and not self.use_lora:
             raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
-        self._check_method_keys()
-        if self.method == "kto" and self.batch_size < 2:
-            raise LexAlignError("method kto needs batch_size >= 2 (got: 1)",
+        self._drop_unused_keys()
+        if methods.of({"method": self.method}).reads_unpaired and self.batch_size < 2:
+            raise LexAlignError(f"method {self.method} needs batch_size >= 2 (got: 1)",
                                 "KTO's KL term compares each row with another row's completion in the same batch",
                                 hint="Set batch_size: 2 or more")
 
-    def _check_method_keys(self) -> None:
-        """The last guard, for a mapping built in code: a key of another method set to anything but its default
-        (the loader and run_alignment check the keys as written, defaults included, before this)."""
+    def _drop_unused_keys(self) -> None:
+        """For a mapping built in code (the loader and run_alignment see the keys as written, before this): a key
+        the method does not use, set away from its default, is named in a warning and set back to it."""
         defaults = section_defaults("alignment")
         changed = {}
-        for key in METHOD_KEYS:
+        for key in (*METHOD_KEYS, "beta"):
             value, default = getattr(self, key), defaults[key]
             if key == "loss_type":
                 value, default = list(value), _as_list(default)
             if value != default:
                 changed[key] = value
-        check_method_keys(changed, self.method)
+        for key in unused_keys(changed, self.method):
+            setattr(self, key, _as_list(defaults[key]) if key == "loss_type" else defaults[key])
 
     @property
     def reference_free(self) -> bool:
         """ORPO, SimPO and CPO: no reference model, no reference step."""
-        return self.method in REFERENCE_FREE
+        return not methods.of({"method": self.method}).needs_reference
 
 
 def _llm_judge_defaults() -> dict:
@@ -438,34 +441,34 @@ class PublishConfig(_FromDict):
 
 
 def response_group_size(alignment: dict) -> int | None:
-    """The K responses per prompt an alignment reads from validation: GDPO with K > 2 reads ranked groups of
-    K; DPO, and GDPO at K = 2, read pairs (None). The one home of this rule: the pipeline's data paths, the
-    CLI's validation and the reference file all ask here."""
-    k = alignment.get("group_delay_size", 2)
-    return k if alignment.get("method") == "gdpo" and k > 2 else None
+    """The K responses per prompt an alignment reads from validation: ranked groups of K (GDPO with K > 2), else
+    None (pairs, or KTO's rows). lexalign.methods decides (Method.group_size)."""
+    return methods.of(alignment).group_size(alignment.get("group_delay_size", 2))
 
 
 def needs_reference(alignment: dict) -> bool:
-    """Whether an alignment reads reference log-probs (DPO, GDPO, KTO) or has no reference (ORPO, SimPO, CPO).
-    The one home of this rule: the pipeline plans a reference job only where it is true."""
-    return alignment.get("method", "dpo") not in REFERENCE_FREE
+    """Whether an alignment reads reference log-probs (DPO, GDPO, KTO) or has no reference (ORPO, SimPO, CPO)."""
+    return methods.of(alignment).needs_reference
 
 
 def run_alignment(base: dict, overrides: dict, name: str | None = None) -> dict:
     """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
-    filled. A run that changes the method leaves the base method's own keys behind (back to their defaults),
-    so a KTO base with desirable_weight can sweep an ORPO run; a key the run gives itself that belongs to another
-    method than the run's is an error (check_method_keys), whatever its value. `name`: the run's, for errors."""
+    filled. A run that changes the method leaves behind (back to their defaults) the base's keys its method
+    does not use, so a KTO base with desirable_weight and beta can sweep an ORPO run. A key the run gives
+    itself that its method does not use is named in a warning and set back to its default, as under alignment
+    (unused_keys), whatever its value. `name`: the run's, for messages."""
     merged = dict(base)
-    method = overrides.get("method", base.get("method", "dpo"))
-    if method != base.get("method", "dpo"):
-        defaults = section_defaults("alignment")
-        for key, owner in METHOD_KEYS.items():
-            if owner != method and key in merged:
+    method = overrides.get("method", base.get("method", methods.DEFAULT))
+    defaults = section_defaults("alignment")
+    if method != base.get("method", methods.DEFAULT):  # the base's keys its method used, this run's does not
+        behind = [key for key, owner in METHOD_KEYS.items() if owner != method]
+        for key in behind + ([] if methods.method(method).uses_beta else ["beta"]):
+            if key in merged:
                 merged[key] = defaults[key]
     merged.update(overrides)
     alignment = section_defaults("alignment", merged)
     where = f"runs.{name}" if name else "run"
-    check_method_keys(overrides, alignment["method"], where=where,
-                      method_key=f"{where}.method" if "method" in overrides else "alignment.method")
+    for key in unused_keys(overrides, alignment["method"], where=where,
+                           method_key=f"{where}.method" if "method" in overrides else "alignment.method"):
+        alignment[key] = defaults[key]
     return alignment

@@ -15,6 +15,7 @@ import numpy as np
 from lexalign.data.common import Piece, hash_strings, reject
 from lexalign.data.load import piece_records
 from lexalign.data.shapes import ChatRenderer, Plan, Rejected, pair_row, ranked_row, unpaired_row
+from lexalign.methods import Layout
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -53,10 +54,10 @@ def normalise(piece: Piece, plan: Plan, renderer: ChatRenderer, input_sizes: dic
         if all(c is not None for c in columns):
             return _with_rows(pa.table(dict(zip(PAIR_COLUMNS, columns, strict=False))), piece.rows), []
     records = piece_records(piece)
-    if plan.shape == "unpaired":
+    if plan.layout is Layout.UNPAIRED:
         return _normalise_unpaired(piece, records, plan, renderer, input_sizes)
     rejects, kept, rows = [], [], []
-    ranked = plan.shape == "ranked"
+    ranked = plan.layout is Layout.RANKED
     for number, record in zip(piece.rows.tolist(), records, strict=False):
         try:
             if ranked:

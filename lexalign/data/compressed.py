@@ -16,8 +16,8 @@ import zlib
 from pathlib import Path
 
 from lexalign.errors import LexAlignError
+from lexalign.formats import COMPRESSIONS
 
-COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
 _BUFFER = 1 << 20
 
 

@@ -26,11 +26,11 @@ import numpy as np
 
 from lexalign.data import layout
 from lexalign.data.common import Piece, reject
-from lexalign.data.compressed import COMPRESSIONS, compression, inner_suffix, open_text, read_all, read_head
+from lexalign.data.compressed import compression, inner_suffix, open_text, read_all, read_head
 from lexalign.data.jsonl import read_jsonl
 from lexalign.errors import LexAlignError
+from lexalign.formats import FORMATS, unsupported_format
 
-FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "parquet", "arrow")
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
                ".parquet": "parquet", ".arrow": "arrow"}
 # Files LexAlign or `datasets` write beside data, and a repo's documents: never read as data.
@@ -41,16 +41,6 @@ _DOCUMENTS = re.compile(
 )
 BATCH_ROWS = 65_536
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def unsupported_format(fmt: str) -> LexAlignError:
-    return LexAlignError(
-        f'Unsupported dataset format "{fmt}"',
-        f"Supported formats: {', '.join(FORMATS)}",
-        f"JSON, JSON Lines and CSV/TSV may be compressed: {', '.join(sorted(COMPRESSIONS))}",
-        hint="Unpack the archive and point the dataset's path at its folder" if fmt in ("zip", "tar", "tgz", "7z")
-        else "Convert it, e.g. pandas.read_fwf(path).to_json('data.jsonl', orient='records', lines=True)",
-    )
 
 
 def _sniff_json(path: Path) -> str:

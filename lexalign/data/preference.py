@@ -43,6 +43,7 @@ from lexalign.data.ranking import group_pairs
 from lexalign.data.shapes import ChatRenderer, detect_plan
 from lexalign.errors import LexAlignError
 from lexalign.io import atomic_dir, write_json
+from lexalign.methods import METHODS, Layout
 from lexalign.tokens import CHAT_ATTR
 
 COLUMNS = ["prompt", "chosen", "rejected"]
@@ -114,8 +115,8 @@ class _Validation:
         # nothing readable at all: read as pairs, so every line is rejected with its reason
         self.plan = detect_plan(records, names or list(self.plan_fields), cfg, text_cells)
         k = self.plan.group_size
-        self.grouped = bool(k and k > 2 and self.plan.shape != "ranked")
-        self.unpaired = self.plan.shape == "unpaired"
+        self.grouped = bool(k and k > 2 and self.plan.layout is not Layout.RANKED)
+        self.unpaired = self.plan.layout is Layout.UNPAIRED
         self.renderer = ChatRenderer(tokenizer)
         self.lengths = (LengthCheck(tokenizer, cfg.max_length, cfg.length_policy, self.plan.chat)
                         if tokenizer is not None else None)
@@ -329,8 +330,9 @@ def validate_to_dir(cfg: DatasetConfig, tokenizer, out_dir: str | Path, seed: in
             report = validation.run(sink)
         finally:
             sink.close()
-        if pairs_only and report["shape"] == "unpaired":
-            raise needs_pairs_error("A method other than kto (alignment.method, or a sweep run's method)",
+        if pairs_only and validation.unpaired:
+            raise needs_pairs_error(f"A method other than {_unpaired_readers()} (alignment.method, or a sweep run's "
+                                    "method)",
                                     report["source"], summary(report))
         if kto_weights:
             report["balance"] = kto_balance(report, kto_weights)
@@ -449,12 +451,17 @@ def is_unpaired(frame) -> bool:
     return "label" in frame.columns and "chosen" not in frame.columns
 
 
+def _unpaired_readers() -> str:
+    """The methods that read unpaired rows (lexalign.methods: KTO)."""
+    return " or ".join(m.name for m in METHODS.values() if m.reads_unpaired)
+
+
 def needs_pairs_error(reader: str, where: str, *details: str) -> LexAlignError:
     """Unpaired rows hold no preference between two answers, so only KTO reads them: the error when `reader`,
     which needs pairs, is given the unpaired rows of `where`."""
     return LexAlignError(f"{reader} needs pairs (or ranked responses), and the data in {where} are unpaired rows "
                          "(prompt, completion, label)", *details,
-                         hint="Use method: kto, which learns from unpaired rows, or give pairs")
+                         hint=f"Use method: {_unpaired_readers()}, which learns from unpaired rows, or give pairs")
 
 
 def gate(report: dict, where: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from lexalign.errors import LexAlignError
 from lexalign.groups import order_best_first, select_indices
+from lexalign.methods import Layout
 
 TEXT_KEYS = ("response", "text", "content", "completion", "output", "answer")
 SCORE_KEYS = ("score", "overall_score", "fine-grained_score", "rating", "reward")
@@ -57,6 +58,7 @@ class Plan:
     """How to read one dataset: its shape and the names of its fields."""
 
     shape: str
+    """How the source writes its rows: pairs, conversational, implicit_prompt, unpaired or ranked."""
     prompt: str
     chosen: str
     rejected: str
@@ -70,10 +72,16 @@ class Plan:
     """Rows are conversations, rendered with the model's chat template (every row of the dataset)."""
 
     @property
+    def layout(self) -> Layout:
+        """The layout the rows are validated into (lexalign.methods): the shape says how the source writes them
+        (pairs as strings, conversations or transcripts with an implicit prompt are all pairs)."""
+        return {"ranked": Layout.RANKED, "unpaired": Layout.UNPAIRED}.get(self.shape, Layout.PAIRS)
+
+    @property
     def columns(self) -> list[str]:
-        if self.shape == "ranked":
+        if self.layout is Layout.RANKED:
             return [self.prompt, self.responses, self.scores]
-        if self.shape == "unpaired":
+        if self.layout is Layout.UNPAIRED:
             return [self.prompt, self.completion, self.label]
         return [self.prompt, self.chosen, self.rejected]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lexalign.errors import LexAlignError, warn
 from lexalign.hub.errors import current_token, endpoint, is_network_error, redact, repo_url
+from lexalign.paths import lone_adapter
 
 WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
 CONFIGS = ("config.json", "generation_config.json", "adapter_config.json")
@@ -38,11 +39,6 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
-def is_adapter_folder(folder: Path) -> bool:
-    """A PEFT adapter alone: adapter_config.json and no full model's config.json."""
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
 def files_to_publish(folder: Path) -> list[Path]:
     """The files of a model folder that go to the Hub (the card is written anew), or a clear error."""
     if not folder.is_dir():
@@ -56,7 +52,7 @@ def files_to_publish(folder: Path) -> list[Path]:
                             f"Files: {', '.join(names) or '(none)'}",
                             hint="LexAlign publishes safetensors only; save the model with "
                                  "save_pretrained(..., safe_serialization=True)")
-    if not is_adapter_folder(folder) and not (folder / "config.json").is_file():
+    if not lone_adapter(folder) and not (folder / "config.json").is_file():
         raise LexAlignError(f'No config.json in "{folder}": not a model folder transformers can load')
     return [folder / n for n in names if _matches(n, WEIGHTS + CONFIGS + TOKENIZER + KEPT)]
 
@@ -166,7 +162,7 @@ def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str 
         raise LexAlignError(f"publishing to {repo_id} needs a Hub login", hint=_LOGIN)
     lineage = read_lineage(model_dir)
     record = lineage or {"stage": "model", "config": {}, "versions": {}}
-    adapter = is_adapter_folder(model_dir)
+    adapter = lone_adapter(model_dir)
     result = read_json(evaluation) if evaluation else None
     card = model_card(record, title=None if lineage else model_dir.name, evaluation=result, adapter=adapter)
     base_repo = card_metadata(record, adapter).get("base_model")

@@ -1,7 +1,7 @@
 """A zoo of tiny random-weight models of real architectures, with tokenizers that have the real ones' traits.
 
-Not a test module: `tests/test_zoo.py` checks the traits and `conftest.py` builds the families on demand
-(`zoo_models`). Everything is built offline: each tokenizer is a BPE trained here with the `tokenizers`
+The tests build the families on demand (`tests/conftest.py`: `zoo_models`; `tests/test_zoo.py` checks the
+traits) and so do the benchmarks (`benchmarks/bench_job_vs_trl.py`), which import nothing from tests/. Everything is built offline: each tokenizer is a BPE trained here with the `tokenizers`
 library on the demo corpus plus `EXTRA_TEXT`, then laid out (special tokens, byte-fallback pieces, id order,
 pre-tokenizer, post-processor, `tokenizer_config.json`) like the real family's, and saved with
 `save_pretrained` so that `AutoTokenizer.from_pretrained` takes the same code path as for the real checkpoint.
