@@ -39,8 +39,8 @@ if ONLINE:
     rule online_prompts:
         input:
             # The validated preference data's train prompts (from: preference_data), or the user's file.
+            [ONLINE["prompts"]["path"]] if ONLINE["prompts"]["from"] == "path" else [],  # edited: rerun
             data=[f"{RESULTS}/data/preferences"] if ONLINE["prompts"]["from"] == "preference_data" else [],
-            path=[ONLINE["prompts"]["path"]] if ONLINE["prompts"]["from"] == "path" else [],
             code=step_code("online_prompts"),
         output:
             output=f"{RESULTS}/online/prompts.json",

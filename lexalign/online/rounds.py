@@ -88,7 +88,8 @@ def write_prompts(output: str | Path, prompts: dict, seed: int, data: str | Path
     if prompts["from"] == "demo":
         from lexalign.demo import task
 
-        texts = [text for _, text in task.TRAIN_PROMPTS]
+        # Already in the demo's own "User: ...\nAssistant:" frame, as SFT trained it: taken as they are.
+        texts, rendered = [text for _, text in task.TRAIN_PROMPTS], True
     elif prompts["from"] == "preference_data":
         from lexalign.stages import _frames, data_is_chat
 
@@ -208,6 +209,8 @@ def select_round(generations, scores, output, report, select: dict) -> dict:
 def sampled_token_tables(train, evals, selection, layout: str) -> dict:
     """Each split's token table from the ids the selection was sampled with, in the reference step's group order
     (`reference.split_groups`), so the reference log-probs and the trainer read exactly the sampled tokens."""
+    import pyarrow as pa
+
     from lexalign.online.select import validated_token_table
     from lexalign.reference import split_groups
 
@@ -215,7 +218,7 @@ def sampled_token_tables(train, evals, selection, layout: str) -> dict:
     tables = {}
     for name, frame in (("train", train), ("eval", evals)):
         table = validated_token_table(frame, records)
-        tables[name] = table.take(split_groups(frame, layout).rows)
+        tables[name] = table.take(pa.array(split_groups(frame, layout).rows, type=pa.int64()))
     return tables
 
 
