@@ -45,7 +45,8 @@ def test_without_online_the_plan_is_unchanged(workdir):
     (workdir / "config" / "config.yaml").write_text((workdir / "config" / "config.yaml").read_text()
                                                      + "online:\n")  # an empty section: YAML null
     assert _plan(workdir) == plain
-    _config(workdir, online={"rounds": 2, "prompts": {"from": "demo"}, "judge": "demo"})
+    _config(workdir, online={"rounds": 2, "prompts": {"from": "demo"}, "judge": "demo",
+                             "sampling": {"max_new_tokens": 16}})
     online = _plan(workdir)
     assert {rule: online[rule] for rule in ROUND_RULES} == dict.fromkeys(ROUND_RULES, 2)
     assert online["online_final"] == online["online_prompts"] == 1
@@ -55,7 +56,8 @@ def test_without_online_the_plan_is_unchanged(workdir):
 
 def test_invalid_online_sections_are_clear_errors(workdir):
     for section, message in [({"prompts": {"from": "demo"}}, "rounds"),
-                             ({"rounds": 1, "judge": "demo", "select": "ranked"}, "group_delay_size"),
+                             ({"rounds": 1, "judge": "demo", "select": "ranked", "sampling": {"max_new_tokens": 16}},
+                              "group_delay_size"),
                              ({"rounds": 1, "judge": "demo", "sampling": {"max_new_tokens": 64}}, "max_length")]:
         _config(workdir, online=section)
         result = snakemake(workdir, "-n")

@@ -47,11 +47,11 @@ def settings(config: dict) -> dict | None:
         problems.append("online.prompts.from is path, but online.prompts.path is not set")
     budget = alignment["max_length"] - online["sampling"]["max_new_tokens"]
     if online["max_prompt_tokens"] is None:
-        online["max_prompt_tokens"] = budget
+        online["max_prompt_tokens"] = max(budget, 0)
     if budget < 1 or online["max_prompt_tokens"] > budget:
-        problems.append(f"a prompt of max_prompt_tokens ({online['max_prompt_tokens']}) and max_new_tokens "
-                        f"({online['sampling']['max_new_tokens']}) must fit the round's alignment.max_length "
-                        f"({alignment['max_length']}): training would cut the sampled tokens")
+        problems.append(f"a prompt of max_prompt_tokens ({online['max_prompt_tokens'] or 'none left'}) and "
+                        f"max_new_tokens ({online['sampling']['max_new_tokens']}) must fit the round's "
+                        f"alignment.max_length ({alignment['max_length']}): training would cut the sampled tokens")
     if online["judge"] == "reward_model" and not (config["evaluate"]["reward_model"] or {}).get("repo_id") \
             and not (config["evaluate"]["reward_model"] or {}).get("path"):
         problems.append("online.judge reward_model reads evaluate.reward_model, which names no model")
