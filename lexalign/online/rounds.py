@@ -91,9 +91,12 @@ def write_prompts(output: str | Path, prompts: dict, seed: int, data: str | Path
         # Already in the demo's own "User: ...\nAssistant:" frame, as SFT trained it: taken as they are.
         texts, rendered = [text for _, text in task.TRAIN_PROMPTS], True
     elif prompts["from"] == "preference_data":
-        from lexalign.stages import _frames, data_is_chat
+        import pandas as pd
 
-        texts, rendered = _frames(data)[0]["prompt"].astype(str).tolist(), data_is_chat(data)
+        from lexalign.tokens import CHAT_ATTR
+
+        texts = pd.read_parquet(Path(data) / "train.parquet")["prompt"].astype(str).tolist()
+        rendered = bool(io.read_json(Path(data) / "report.json").get(CHAT_ATTR, False))  # as stages.data_is_chat
     else:
         texts = read_prompt_file(Path(prompts["path"]), prompts["prompt_field"])
     distinct = list({json.dumps(t, sort_keys=True): t for t in texts}.values())
