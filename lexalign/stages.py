@@ -293,3 +293,69 @@ def run(step: str, **arguments):
                             hint="Name the rule's input, output and params as the step function's arguments "
                                  "(lexalign/stages.py)")
     return STEPS[step](**arguments)
+
+
+# --- on-policy alignment in rounds (rules/online.smk; the bodies are in lexalign.online.rounds) ---------------
+
+
+def online_prompts(*, output: str | Path, prompts: dict, seed: int = 42, data: str | Path | list | None = None
+                   ) -> dict:
+    """Every prompt of the `online.prompts` source, distinct and in one seeded order, into `output` (json);
+    `data`: the validated preference data (prompts from: preference_data; a one-element list from the rule)."""
+    from lexalign.online.rounds import write_prompts
+
+    return write_prompts(output, prompts, seed, _one(data))
+
+
+def online_generate(*, model: str | Path, prompts: str | Path, output: str | Path, number: int, sampling: dict,
+                    device: str = "auto") -> dict:
+    """Round `number`'s K completions per prompt from `model` (the previous round's, or SFT), as sampled ids."""
+    from lexalign.online.rounds import generate_round
+
+    return generate_round(model, prompts, output, number, sampling, device)
+
+
+def online_score(*, generations: str | Path, output: str | Path, judge: str, cache: str | Path,
+                 reward_model: str | Path | list | None = None, llm_judge: dict | None = None,
+                 device: str = "auto") -> dict:
+    """The judge's score of every completion of a round (each asked once: `cache`)."""
+    from lexalign.online.rounds import score_round
+
+    return score_round(generations, output, judge, cache, _one(reward_model), llm_judge, device)
+
+
+def online_select(*, generations: str | Path, scores: str | Path, output: str | Path, report: str | Path,
+                  select: dict) -> dict:
+    """The round's training rows (JSON Lines, with the sampled ids) and its counts (`report`)."""
+    from lexalign.online.rounds import select_round
+
+    return select_round(generations, scores, output, report, select)
+
+
+def online_reference(*, model: str | Path, data: str | Path, selection: str | Path, output: str | Path,
+                     setting: dict, device: str = "auto", trust_remote_code: bool = False) -> dict:
+    """The reference log-probs of a round's validated data, of the ids that were sampled (never re-encoded)."""
+    from lexalign.models import resolve_device
+    from lexalign.online.rounds import sampled_token_tables
+    from lexalign.reference import compute_reference
+
+    train, evals = frames(data, gated=True)
+    tables = sampled_token_tables(train, evals, selection, setting["layout"])
+    summary = compute_reference(model, train, evals, output, layout=setting["layout"],
+                                max_length=setting["max_length"], truncation_mode=setting["truncation_mode"],
+                                device=resolve_device(device), load_in_4bit=setting["load_in_4bit"],
+                                trust_remote_code=trust_remote_code, token_tables=tables)
+    print(f"Reference log-probs of the sampled ids: {summary['train_groups']} train + {summary['eval_groups']} eval "
+          f"groups → {output}", flush=True)
+    return summary
+
+
+def online_final(*, model: str | Path, rounds: list[str], output: str | Path) -> dict:
+    """The last round's model into `output`, with lineage naming every round."""
+    from lexalign.online.rounds import finish
+
+    return finish(model, rounds, output)
+
+
+STEPS.update({step.__name__: step for step in (online_prompts, online_generate, online_score, online_select,
+                                               online_reference, online_final)})

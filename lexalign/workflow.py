@@ -36,6 +36,14 @@ STEP_OF_RULE = {
     "lm_eval_run": "lm_eval",
     "report": "report",
     "publish": "publish",
+    "online_prompts": "online_prompts",
+    "online_generate": "online_generate",
+    "online_score": "online_score",
+    "online_select": "online_select",
+    "online_validate": "validate",
+    "online_reference": "online_reference",
+    "online_align": "align",
+    "online_final": "online_final",
 }
 """Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""
 ONLINE_STEPS = ("download", "publish", "lm_eval")

@@ -93,7 +93,8 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
                       layout: str = "pairs", max_length: int | None = 512, truncation_mode: str = TRUNCATION_MODE,
                       device: str = "cpu", load_in_4bit: bool = False, trust_remote_code: bool = False,
                       tokenizer_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                      workers: int | None = None) -> dict:
+                      workers: int | None = None,
+                      token_tables: dict | None = None) -> dict:
     """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -111,7 +112,10 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     started = time.perf_counter()
     tokens, cache_hits = {}, []
     for name, groups in splits.items():
-        tokens[name], hit = cached_tokens(tokenizer, key["tokenizer"], groups, cache_dir, workers)
+        if token_tables is not None:  # sampled ids: re-encoding their text could give other tokens
+            tokens[name], hit = token_tables[name], False
+        else:
+            tokens[name], hit = cached_tokens(tokenizer, key["tokenizer"], groups, cache_dir, workers)
         if hit:
             cache_hits.append(name)
     tokenized = time.perf_counter() - started

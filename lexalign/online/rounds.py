@@ -1,0 +1,249 @@
+"""The rounds of on-policy alignment as pipeline steps (rules/online.smk; docs/online-plan.md).
+
+Each function here is the body of one step of `lexalign.stages` (online_*):
+prompts → generate → score → select → (the existing validation) → reference
+(the sampled ids, never re-encoded) → (the existing align) → final. The
+settings are the config's `online` section, checked once by `settings`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from lexalign import io
+from lexalign.errors import LexAlignError
+
+PAIR_METHODS = ("dpo",)
+"""The pair methods a round can train: those with a reference step, so the trained ids are the reference file's
+(the sampled ones). ORPO, SimPO and CPO tokenize the text in training (left: docs/online-plan.md)."""
+
+
+def settings(config: dict) -> dict | None:
+    """The `online` section with its defaults, checked against the alignment it trains; None when absent/empty."""
+    from lexalign.config.loader import section_defaults
+    from lexalign.config.stages import AlignConfig, run_alignment
+
+    section = config.get("online")
+    if not section:
+        return None
+    online = section_defaults("online", section)
+    online["prompts"] = section_defaults("online", {"rounds": 1, "prompts": online["prompts"]})["prompts"]
+    alignment = run_alignment(config["alignment"], online["alignment"], "online")
+    AlignConfig.from_dict(alignment)
+    online["alignment"] = alignment
+    problems = []
+    k, method = online["samples_per_prompt"], alignment["method"]
+    if online["select"] == "best_worst" and method not in PAIR_METHODS:
+        problems.append(f"select best_worst trains pairs: online.alignment.method must be one of "
+                        f"{', '.join(PAIR_METHODS)} (it is {method})")
+    if online["select"] == "ranked" and (method != "gdpo" or not 2 < alignment["group_delay_size"] <= k):
+        problems.append(f"select ranked trains GDPO on ranked groups: online.alignment needs method gdpo with "
+                        f"2 < group_delay_size <= samples_per_prompt ({k})")
+    prompts = online["prompts"]
+    if prompts["from"] == "path" and not prompts["path"]:
+        problems.append("online.prompts.from is path, but online.prompts.path is not set")
+    budget = alignment["max_length"] - online["sampling"]["max_new_tokens"]
+    if online["max_prompt_tokens"] is None:
+        online["max_prompt_tokens"] = max(budget, 0)
+    if budget < 1 or online["max_prompt_tokens"] > budget:
+        problems.append(f"a prompt of max_prompt_tokens ({online['max_prompt_tokens'] or 'none left'}) and "
+                        f"max_new_tokens ({online['sampling']['max_new_tokens']}) must fit the round's "
+                        f"alignment.max_length ({alignment['max_length']}): training would cut the sampled tokens")
+    if online["judge"] == "reward_model" and not (config["evaluate"]["reward_model"] or {}).get("repo_id") \
+            and not (config["evaluate"]["reward_model"] or {}).get("path"):
+        problems.append("online.judge reward_model reads evaluate.reward_model, which names no model")
+    if online["judge"] == "llm" and not (config["evaluate"]["llm_judge"].get("base_url")
+                                          and config["evaluate"]["llm_judge"].get("model")):
+        problems.append("online.judge llm reads evaluate.llm_judge, which needs base_url and model")
+    if problems:
+        raise LexAlignError("Invalid online section", *problems, hint="Fix the online section of the config "
+                            "(docs/online-plan.md)")
+    return online
+
+
+# --- prompts --------------------------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: Path, field: str) -> list:
+    import pandas as pd
+
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
+    if field not in frame.columns:
+        raise LexAlignError(f'The prompt file "{path}" has no field "{field}"',
+                            f"Its fields: {', '.join(map(str, frame.columns))}",
+                            hint="Set online.prompts.prompt_field")
+    return frame[field].tolist()
+
+
+def write_prompts(output: str | Path, prompts: dict, seed: int, data: str | Path | None = None) -> dict:
+    """Every prompt of the source, distinct, in one seeded order (rounds take consecutive slices of it, so the
+    file depends on neither `rounds` nor `per_round`: raising them replans no earlier round)."""
+    rendered = False
+    if prompts["from"] == "demo":
+        from lexalign.demo import task
+
+        # Already in the demo's own "User: ...\nAssistant:" frame, as SFT trained it: taken as they are.
+        texts, rendered = [text for _, text in task.TRAIN_PROMPTS], True
+    elif prompts["from"] == "preference_data":
+        import pandas as pd
+
+        from lexalign.tokens import CHAT_ATTR
+
+        texts = pd.read_parquet(Path(data) / "train.parquet")["prompt"].astype(str).tolist()
+        rendered = bool(io.read_json(Path(data) / "report.json").get(CHAT_ATTR, False))  # as stages.data_is_chat
+    else:
+        texts = read_prompt_file(Path(prompts["path"]), prompts["prompt_field"])
+    distinct = list({json.dumps(t, sort_keys=True): t for t in texts}.values())
+    random.Random(seed).shuffle(distinct)
+    if not distinct:
+        raise LexAlignError(f"No prompts in the online prompt source ({prompts['from']})")
+    io.write_json(output, {"rendered": rendered, "prompts": distinct})
+    print(f"Online prompts: {len(distinct)} distinct ({len(texts)} read) from {prompts['from']} → {output}",
+          flush=True)
+    return {"prompts": len(distinct)}
+
+
+def round_prompts(prompts: dict, number: int, per_round: int | None) -> list:
+    """Round `number`'s slice (1-based): the next `per_round` prompts, cycling; all of them with None."""
+    everything = prompts["prompts"]
+    if not per_round:
+        return list(everything)
+    start = (number - 1) * per_round
+    return [everything[(start + i) % len(everything)] for i in range(per_round)]
+
+
+# --- generate, score, select ----------------------------------------------------------------------------------
+
+
+def generate_round(model, prompts, output, number: int, sampling: dict, device: str) -> dict:
+    from lexalign.models import resolve_device
+    from lexalign.online.generate import Sampling, generate
+
+    source = io.read_json(prompts)
+    knobs = {key: sampling[key] for key in ("temperature", "top_p", "max_new_tokens", "seed")}
+    # Each round its own seed: the same prompts (per_round null) must not draw the same samples every round.
+    knobs["seed"] += number - 1
+    # Shards go to a folder beside the output: Snakemake deletes a failed job's output, a rerun resumes from them.
+    work = Path(output).parent / ".generations-work"
+    report = generate(model, round_prompts(source, number, sampling["per_round"]), work,
+                      Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
+                      batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
+                      max_prompt_tokens=sampling["max_prompt_tokens"])
+    shutil.rmtree(output, ignore_errors=True)
+    work.replace(output)
+    print(f"Round {number}: {report['completions']} completions of {report['kept']} prompts "
+          f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated) → {output}", flush=True)
+    return report
+
+
+def make_judge(judge: str, chat: bool, reward_model, llm_judge: dict, device: str):
+    from lexalign.online import score
+
+    if judge == "demo":
+        return score.DemoJudge()
+    if judge == "reward_model":
+        from lexalign.models import resolve_device
+
+        return score.RewardModelJudge(reward_model, chat, resolve_device(device))
+    return score.LlmJudge(llm_judge)
+
+
+def score_round(generations, output, judge: str, cache, reward_model=None, llm_judge=None, device="cpu") -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lexalign.online.generate import read_generations
+    from lexalign.online.score import score_completions
+
+    rows = read_generations(generations).to_pylist()
+    chat = bool(io.read_json(Path(generations) / "report.json").get("chat"))
+    scores, counts = score_completions(rows, make_judge(judge, chat, reward_model, llm_judge or {}, device), cache)
+    flat = [s for group in scores for s in group if s is not None]
+    counts["mean_score"] = sum(flat) / len(flat) if flat else None
+    table = pa.table({"row": [r["row"] for r in rows], "scores": pa.array(scores, type=pa.list_(pa.float64()))},
+                     metadata={b"lexalign.scores": json.dumps(counts).encode()})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, output)
+    print(f"Scores ({judge}): {counts['completions']} completions, {counts['asked']} asked, {counts['cached']} "
+          f"cached, {counts['unscored']} unscored, mean {counts['mean_score']} → {output}", flush=True)
+    return counts
+
+
+def select_round(generations, scores, output, report, select: dict) -> dict:
+    import pyarrow.parquet as pq
+
+    from lexalign.online import select as choose
+    from lexalign.online.generate import read_generations
+
+    rows = read_generations(generations).to_pylist()
+    by_row = dict(zip(*(pq.read_table(scores).column(c).to_pylist() for c in ("row", "scores")), strict=True))
+    for row in rows:
+        row["scores"] = by_row[row["row"]]
+    keep = select["truncated"] == "keep"
+    if select["select"] == "ranked":
+        records, counts = choose.ranked(rows, select["group_size"], keep)
+    else:
+        records, counts = choose.best_worst(rows, keep)
+    generated = io.read_json(Path(generations) / "report.json")
+    counts.update(skipped_too_long=generated["skipped_too_long"], skipped_empty=generated["skipped_empty"],
+                  truncated=generated["truncated"], completions=generated["completions"])
+    flat = [s for row in rows for s in row["scores"] if s is not None]
+    counts["mean_score"] = sum(flat) / len(flat) if flat else None
+    if not records:
+        raise LexAlignError("The round selected nothing to train on", json.dumps(counts),
+                            hint="Sample more prompts or completions (ties and truncated ones are dropped)")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    # One record a line, in order: validation's source_row is the line, validated_token_table finds the ids by it.
+    Path(output).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    io.write_json(report, counts)
+    print(f"Selection ({select['select']}): " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return counts
+
+
+# --- the reference of a round: the sampled ids -----------------------------------------------------------------
+
+
+def sampled_token_tables(train, evals, selection, layout: str) -> dict:
+    """Each split's token table from the ids the selection was sampled with, in the reference step's group order
+    (`reference.split_groups`), so the reference log-probs and the trainer read exactly the sampled tokens."""
+    import pyarrow as pa
+
+    from lexalign.online.select import validated_token_table
+    from lexalign.reference import split_groups
+
+    records = [json.loads(line) for line in Path(selection).read_text(encoding="utf-8").splitlines()]
+    tables = {}
+    for name, frame in (("train", train), ("eval", evals)):
+        table = validated_token_table(frame, records)
+        tables[name] = table.take(pa.array(split_groups(frame, layout).rows, type=pa.int64()))
+    return tables
+
+
+def finish(model, rounds: list[str], output) -> dict:
+    """The last round's model copied into `output`, its lineage naming every round (generations' policy, judge,
+    selection counts, validated rows)."""
+    from lexalign.lineage import stage_record, write_lineage
+
+    history = []
+    for number, folder in enumerate(map(Path, rounds), start=1):
+        generated = io.read_json(folder / "generations" / "report.json")
+        history.append({"round": number, "policy": generated["policy"], "policy_hash": generated["policy_hash"],
+                        "sampling": generated["sampling"], "generations": {k: generated[k] for k in (
+                            "prompts", "kept", "skipped_too_long", "completions", "truncated")},
+                        "selection": io.read_json(folder / "selection.json"),
+                        "preferences": {k: io.read_json(folder / "preferences" / "report.json").get(k)
+                                        for k in ("kept_rows", "rejected_rows", "train_rows", "eval_rows")},
+                        "model": str(folder / "model"), "model_sha256": io.hash_path(folder / "model")})
+    output = Path(output)
+    shutil.copytree(model, output)
+    write_lineage(output, stage_record("online", {"rounds": len(rounds)}, {"model": model},
+                                       extra={"rounds": history}))
+    print(f"Online: {len(rounds)} rounds; mean judged score per round: "
+          + ", ".join(f"{h['selection'].get('mean_score')}" for h in history) + f" → {output}", flush=True)
+    return {"rounds": history}

@@ -1,0 +1,189 @@
+# On-policy alignment in rounds (the config's `online` section; docs/online-plan.md). → lexalign.stages.online_*
+# Round r: sample K completions per prompt from policy(r), judge them, select pairs (or ranked groups), validate
+# them with the existing rule, the reference log-probs of the sampled ids, align with the existing rule. Round r+1
+# samples from round r's model. Every output is a file of the DAG, so raising `rounds` plans only the new
+# rounds, and the judge, a wildcard of the scores file, replans the scores and after, never the generations.
+# Without an `online` section no rule here is defined and the offline pipeline's plan is unchanged.
+from lexalign.online.rounds import settings as _online_settings  # noqa: E402
+
+try:
+    ONLINE = _online_settings(config)
+except LexAlignError as err:
+    raise WorkflowError(err.render()) from None
+
+ONLINE_ROUND = f"{RESULTS}/online/round-{{r}}"
+# The rules read the settings as they are parsed; without an online section they read placeholder settings and
+# are never planned (no target asks for results/online/).
+_ON = ONLINE or _online_settings({**config, "online": {"rounds": 1, "judge": "demo", "alignment": {"method": "dpo"},
+                                                       "sampling": {"max_new_tokens": 1}}})
+
+
+def online_targets():
+    """rule all's online target: the last round's model, only when the config has an online section."""
+    return [f"{RESULTS}/online/final"] if ONLINE else []
+
+
+def online_policy(wc):
+    """The model round r samples from and starts from (its reference too): the SFT model, then the last round's."""
+    r = int(wc.r)
+    return sft_model() if r == 1 else f"{RESULTS}/online/round-{r - 1}/model"
+
+
+def online_reference_file():
+    from lexalign.reference.layout import setting_name
+
+    return f"{RESULTS}/reference/online-round-{{r}}/{setting_name(_ON['alignment'])}.parquet"
+
+
+wildcard_constraints:
+    r=r"[1-9]\d*",
+
+rule online_prompts:
+    input:
+        # The validated preference data's train prompts (from: preference_data), or the user's file.
+        [_ON["prompts"]["path"]] if _ON["prompts"]["from"] == "path" else [],  # edited: rerun
+        data=[f"{RESULTS}/data/preferences"] if _ON["prompts"]["from"] == "preference_data" else [],
+        code=step_code("online_prompts"),
+    output:
+        output=f"{RESULTS}/online/prompts.json",
+    params:
+        # Not per_round nor rounds: every round slices this one order, so raising them replans no round.
+        prompts={k: v for k, v in _ON["prompts"].items() if k != "per_round"},
+        seed=config["seed"],
+    log:
+        f"{LOGS}/online/prompts.log",
+    script:
+        "../scripts/step.py"
+
+rule online_generate:
+    input:
+        model=online_policy,
+        prompts=f"{RESULTS}/online/prompts.json",
+        code=step_code("online_generate"),
+    output:
+        output=directory(f"{ONLINE_ROUND}/generations"),
+    params:
+        number=lambda wc: int(wc.r),
+        # What shapes the samples, and only that: the judge and the selection are not here.
+        sampling={**_ON["sampling"], "samples_per_prompt": _ON["samples_per_prompt"],
+                  "max_prompt_tokens": _ON["max_prompt_tokens"], "per_round": _ON["prompts"]["per_round"]},
+        device=config["device"],
+    conda:
+        conda_env()
+    log:
+        f"{LOGS}/online/round-{{r}}/generate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/online/round-{{r}}/generate.tsv"
+    script:
+        "../scripts/step.py"
+
+rule online_score:
+    input:
+        generations=f"{ONLINE_ROUND}/generations",
+        reward_model=lambda wc: [f"{RESULTS}/models/reward"] if wc.judge == "reward_model" else [],
+        code=step_code("online_score"),
+    output:
+        output=f"{ONLINE_ROUND}/scores-{{judge}}.parquet",
+    params:
+        judge=lambda wc: wc.judge,
+        llm_judge=lambda wc: config["evaluate"]["llm_judge"] if wc.judge == "llm" else None,
+        # Shared by every round and rerun: a score is never asked twice.
+        cache=lambda wc: f"{RESULTS}/cache/scores/{wc.judge}.jsonl",
+        device=config["device"],
+    wildcard_constraints:
+        judge="demo|reward_model|llm",
+    conda:
+        conda_env()
+    log:
+        f"{LOGS}/online/round-{{r}}/score-{{judge}}.log",
+    script:
+        "../scripts/step.py"
+
+rule online_select:
+    input:
+        generations=f"{ONLINE_ROUND}/generations",
+        scores=f"{ONLINE_ROUND}/scores-{_ON['judge']}.parquet",
+        code=step_code("online_select"),
+    output:
+        output=f"{ONLINE_ROUND}/selection.jsonl",
+        report=f"{ONLINE_ROUND}/selection.json",
+    params:
+        select={"select": _ON["select"], "truncated": _ON["truncated"],
+                "group_size": _ON["alignment"].get("group_delay_size", 2)},
+    log:
+        f"{LOGS}/online/round-{{r}}/select.log",
+    script:
+        "../scripts/step.py"
+
+# The round's selection through the existing validation (its report counts ties and length bias per round).
+use rule validate_preferences as online_validate with:
+    input:
+        raw=f"{ONLINE_ROUND}/selection.jsonl",
+        tokenizer=f"{RESULTS}/models/base",
+        code=step_code("online_validate"),
+    output:
+        output=directory(f"{ONLINE_ROUND}/preferences"),
+    params:
+        dataset={"eval_fraction": _ON["eval_fraction"], "max_length": _ON["alignment"]["max_length"],
+                 **({"group_size": _ON["alignment"]["group_delay_size"]} if _ON["select"] == "ranked"
+                    else {})},
+        seed=config["seed"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        kto_weights=None,
+        pairs_only=True,
+    log:
+        f"{LOGS}/online/round-{{r}}/validate.log",
+
+rule online_reference:
+    input:
+        model=online_policy,
+        data=f"{ONLINE_ROUND}/preferences",
+        # The sampled ids: the reference and the trainer read them, never the text re-encoded.
+        selection=f"{ONLINE_ROUND}/selection.jsonl",
+        code=step_code("online_reference"),
+    output:
+        output=online_reference_file(),
+    params:
+        setting=parse_setting(Path(online_reference_file()).stem),
+        device=config["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    conda:
+        conda_env()
+    log:
+        f"{LOGS}/online/round-{{r}}/reference.log",
+    script:
+        "../scripts/step.py"
+
+use rule align as online_align with:
+    input:
+        model=online_policy,
+        data=f"{ONLINE_ROUND}/preferences",
+        reference=online_reference_file(),
+        code=step_code("online_align"),
+    output:
+        output=directory(f"{ONLINE_ROUND}/model"),
+    params:
+        alignment=_ON["alignment"],
+        device=config["device"],
+        seed=training_seed(),
+        trust_remote_code=config["model"]["trust_remote_code"],
+        checkpoint_dir=lambda wc: f"{RESULTS}/checkpoints/online/round-{wc.r}",
+        tracking=lambda wc: tracking_params(_ON["alignment"], f"online-round-{wc.r}"),
+    log:
+        f"{LOGS}/online/round-{{r}}/align.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/online/round-{{r}}/align.tsv"
+
+rule online_final:
+    input:
+        [f"{RESULTS}/online/round-{r}/selection.json" for r in range(1, _ON["rounds"] + 1)],
+        model=f"{RESULTS}/online/round-{_ON['rounds']}/model",
+        code=step_code("online_final"),
+    output:
+        output=directory(f"{RESULTS}/online/final"),
+    params:
+        rounds=[f"{RESULTS}/online/round-{r}" for r in range(1, _ON["rounds"] + 1)],
+    log:
+        f"{LOGS}/online/final.log",
+    script:
+        "../scripts/step.py"

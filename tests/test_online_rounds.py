@@ -1,0 +1,116 @@
+"""The online rounds in the workflow (rules/online.smk): what is planned, and one real run on the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from workflow import REPO, copy_workflow, planned_jobs, snakemake
+
+EXAMPLE = yaml.safe_load((REPO / "config" / "examples" / "online.yaml").read_text())
+ROUND_RULES = ("online_generate", "online_score", "online_select", "online_validate", "online_reference",
+               "online_align")
+
+
+def _config(workdir, **changes):
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _plan(workdir, *targets):
+    result = snakemake(workdir, "-n", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return planned_jobs(result.stdout) if "Job stats:" in result.stdout else {}  # nothing to be done
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("online-plan"))
+
+
+def test_without_online_the_plan_is_unchanged(workdir):
+    plain = _plan(workdir)
+    assert not any(rule.startswith("online") for rule in plain)
+    _config(workdir, online=None)
+    (workdir / "config" / "config.yaml").write_text((workdir / "config" / "config.yaml").read_text()
+                                                     + "online:\n")  # an empty section: YAML null
+    assert _plan(workdir) == plain
+    _config(workdir, online={"rounds": 2, "prompts": {"from": "demo"}, "judge": "demo",
+                             "sampling": {"max_new_tokens": 16}})
+    online = _plan(workdir)
+    assert {rule: online[rule] for rule in ROUND_RULES} == dict.fromkeys(ROUND_RULES, 2)
+    assert online["online_final"] == online["online_prompts"] == 1
+    assert {rule: n for rule, n in online.items() if not rule.startswith("online")} == plain
+    _config(workdir, online=None)
+
+
+def test_invalid_online_sections_are_clear_errors(workdir):
+    for section, message in [({"prompts": {"from": "demo"}}, "rounds"),
+                             ({"rounds": 1, "judge": "demo", "select": "ranked", "sampling": {"max_new_tokens": 16}},
+                              "group_delay_size"),
+                             ({"rounds": 1, "judge": "demo", "sampling": {"max_new_tokens": 64}}, "max_length")]:
+        _config(workdir, online=section)
+        result = snakemake(workdir, "-n")
+        assert result.returncode != 0 and message in result.stdout + result.stderr, section
+        assert "Traceback" not in result.stdout + result.stderr
+    _config(workdir, online=None)
+
+
+@pytest.mark.slow
+def test_the_demo_rounds_end_to_end(tmp_path, demo_run):
+    """The example, from the demo's prompts alone (no preference pair is read), on the SFT model of the shared
+    demo run (the session's fixture: no SFT job here; the short fixture SFT model is never polite, so no pair): each
+    round's outputs and counts, the trained ids are the sampled ids, the lineage names every round, a rerun plans
+    nothing; raising rounds plans only round 3, another judge replans scores and after, not the generations."""
+    workdir = copy_workflow(tmp_path / "wf")
+    online = EXAMPLE["online"]
+    _config(workdir, **{**EXAMPLE, "model": {"source": "local", "path": str(demo_run / "results" / "models" / "sft")},
+                        "finetune": {"method": "none"}, "online": online})
+    result = snakemake(workdir, "--cores", "2", "results/online/final", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "download_data" not in result.stdout + result.stderr  # prompts alone: no preference data fetched
+    results = workdir / "results" / "online"
+    for r in (1, 2):
+        folder = results / f"round-{r}"
+        generations = pq.read_table(folder / "generations" / "generations.parquet").to_pylist()
+        assert len(generations) == 32 and all(len(g["completion_ids"]) == 8 for g in generations)
+        counts = json.loads((folder / "selection.json").read_text())
+        assert counts["prompts"] == 32 and counts["completions"] == 256 and counts["skipped_too_long"] == 0
+        assert counts["selected"] + counts["ties"] + counts["too_few"] == 32
+        assert counts["truncated_dropped"] == 0  # truncated: keep
+        # Exactly the tokens sampled are the tokens trained: the reference file (what align reads) holds them.
+        selection = [json.loads(line) for line in (folder / "selection.jsonl").read_text().splitlines()]
+        reference = pq.read_table(next((workdir / "results" / "reference" / f"online-round-{r}").glob("*.parquet")))
+        sampled = {tuple(s["prompt_ids"]): [s["chosen_ids"], s["rejected_ids"]] for s in selection}
+        trained = reference.to_pylist()
+        train = pd.read_parquet(folder / "preferences" / "train.parquet")
+        assert 0 < len(trained) == len(train) <= counts["selected"]  # eval_fraction 0: every row trains
+        assert all(row["completion_ids"] == sampled[tuple(row["prompt_ids"])] for row in trained)
+        sampled_ids = {tuple(ids) for g in generations for ids in g["completion_ids"]}
+        assert all(tuple(ids) in sampled_ids for row in trained for ids in row["completion_ids"])
+        assert (folder / "model" / "config.json").is_file()
+    lineage = json.loads((results / "final" / "lineage.json").read_text())
+    assert [h["round"] for h in lineage["rounds"]] == [1, 2]
+    assert lineage["rounds"][1]["policy"].endswith("round-1/model")  # round 2 sampled from round 1's model
+    assert lineage["rounds"][0]["policy"].endswith("models/base")
+    print("judged polite rate per round:", [h["selection"]["mean_score"] for h in lineage["rounds"]])
+    assert _plan(workdir, "results/online/final") == {}
+    _config(workdir, online={**online, "rounds": 3})
+    assert _plan(workdir, "results/online/final") == {**dict.fromkeys(ROUND_RULES, 1), "online_final": 1}
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    config["evaluate"]["llm_judge"] = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    _config(workdir, online={**online, "judge": "llm"}, evaluate=config["evaluate"])
+    replanned = _plan(workdir, "results/online/final")
+    # Round 1's generations stay; round 2's are replanned only because round 1's model will change.
+    assert replanned.get("online_generate") == 1 and "online_prompts" not in replanned
+    assert replanned["online_score"] == 2 and replanned["online_align"] == 2
