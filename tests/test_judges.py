@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import ChatServer
 
 from lexalign import judges, stages
 from lexalign.errors import LexAlignError
@@ -60,47 +59,18 @@ def test_verdicts_are_parsed_or_counted_as_unparseable(reply, verdict):
 ANSWER = re.compile(r"\[The start of answer (A|B)\]\n(.*?)\n\[The end of answer \1\]", re.S)
 
 
-class JudgeServer:
+class JudgeServer(ChatServer):
     """/v1/chat/completions on 127.0.0.1: prefers the longer answer, answers garbage when both are as long (or
     always "[[A]]" with position_biased); records the Authorization headers; refuses past `limit` requests."""
 
     def __init__(self, position_biased: bool = False, limit: int = 200):
-        self.auth: list[str | None] = []
-        self.requests = 0
-        outer = self
+        super().__init__(limit)
+        self.position_biased = position_biased
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-            def do_POST(self):  # noqa: N802 - the http.server API
-                outer.requests += 1
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.auth.append(self.headers.get("Authorization"))
-                if outer.requests > limit or self.path != "/v1/chat/completions":
-                    self.send_response(429 if outer.requests > limit else 404)
-                    self.end_headers()
-                    return
-                answers = dict(ANSWER.findall(body["messages"][-1]["content"]))
-                a, b = len(answers["A"]), len(answers["B"])
-                reply = "[[A]]" if position_biased or a > b else "[[B]]" if b > a else "Both are fine, I think."
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def reply(self, body: dict, number: int) -> str:
+        answers = dict(ANSWER.findall(body["messages"][-1]["content"]))
+        a, b = len(answers["A"]), len(answers["B"])
+        return "[[A]]" if self.position_biased or a > b else "[[B]]" if b > a else "Both are fine, I think."
 
 
 def _config(url: str, **extra) -> dict:

@@ -80,7 +80,7 @@ def test_no_module_imports_from_a_layer_above_its_own(path):
 def test_the_layer_check_sees_function_level_imports(tmp_path):
     """The check can fail: an import inside a function is found, and placed by its layer."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from lexalign.train.gdpo import check_groups\n"
+    source.write_text("def f():\n    from lexalign.train.gdpo import ranked_dataset\n"
                       "    from lexalign import reference\n")
     assert imports(source) == [(2, "lexalign.train.gdpo"), (3, "lexalign.reference")]
     assert layer_of("lexalign.train.gdpo") > layer_of("lexalign.models") > layer_of("lexalign.config")

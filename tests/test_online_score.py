@@ -4,12 +4,10 @@ the judge fails part-way."""
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import ChatServer
 
 from lexalign.errors import LexAlignError
 from lexalign.online import score
@@ -74,51 +72,22 @@ ANSWER = re.compile(r"\[The start of the answer\]\n(.*?)\n\[The end of the answe
 QUESTION = re.compile(r"\[User prompt\]\n(.*?)\n\n\[The start of the answer\]", re.S)
 
 
-class RatingServer:
+class RatingServer(ChatServer):
     """/v1/chat/completions on 127.0.0.1 rating an answer by its length (capped at 10), "no idea" for an answer
     starting with "?"; fails (HTTP 500) every request after `healthy` of them, or the first `flaky` ones; serves
     at most `limit` requests, so a looping client cannot run forever."""
 
     def __init__(self, healthy: int = 1000, flaky: int = 0, limit: int = 200):
-        self.requests = 0
+        super().__init__(limit)
+        self.healthy, self.flaky = healthy, flaky
         self.questions: list[str] = []
-        self.lock = threading.Lock()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):  # noqa: N802 - the http.server API
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests += 1
-                    number = outer.requests
-                    outer.questions.append(QUESTION.search(body["messages"][-1]["content"]).group(1))
-                if number > limit or number > healthy or number <= flaky:
-                    self.send_response(500)
-                    self.end_headers()
-                    self.wfile.write(b"overloaded")
-                    return
-                answer = ANSWER.search(body["messages"][-1]["content"]).group(1)
-                reply = "no idea" if answer.startswith("?") else f"Fine. [[{min(len(answer), 10)}]]"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    def reply(self, body: dict, number: int) -> str | int:
+        self.questions.append(QUESTION.search(body["messages"][-1]["content"]).group(1))
+        if number > self.healthy or number <= self.flaky:
+            return 500
+        answer = ANSWER.search(body["messages"][-1]["content"]).group(1)
+        return "no idea" if answer.startswith("?") else f"Fine. [[{min(len(answer), 10)}]]"
 
 
 def llm(url: str, retries: int = 0) -> LlmJudge:

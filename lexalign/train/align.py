@@ -126,7 +126,7 @@ def reference_datasets(job: AlignJob, device: str):
     layout = reference.layout_for(cfg.method, cfg.group_delay_size)
     splits = {"train": reference.split_groups(job.train, layout), "eval": reference.split_groups(job.eval, layout)}
     if methods.method(cfg.method).group_size(cfg.group_delay_size) is not None:  # ranked groups of K
-        from lexalign.train.gdpo import check_groups
+        from lexalign.groups import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
             check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)

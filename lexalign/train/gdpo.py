@@ -35,26 +35,12 @@ from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
-from lexalign.errors import LexAlignError, warn
-from lexalign.groups import ranked_groups
+from lexalign.groups import check_groups, ranked_groups
 from lexalign.losses.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.tokens import tokenize_groups
 from lexalign.train.preference import LOSS_OPTIONS, PreferenceStep, PreferenceTrainer
 
 # --- data --------------------------------------------------------------------------------------
-
-
-def check_groups(kept: int, dropped: int, total: int, k: int, split: str) -> None:
-    """Warn about dropped groups; fail when a non-empty split has none left."""
-    if dropped:
-        warn(f"GDPO: dropped {dropped} of {total} {split} groups with fewer than {k} responses "
-             f"(group_delay_size: {k})")
-    if not kept and total:
-        raise LexAlignError(
-            f"No {split} group has {k} ranked responses (group_delay_size: {k})",
-            hint="Use ranked data with at least that many responses per prompt, or lower group_delay_size "
-                 "(2 uses plain chosen/rejected pairs)",
-        )
 
 
 def ranked_dataset(frame: pd.DataFrame, k: int, split: str = "train"):
