@@ -7,6 +7,7 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/scale.smk"
 include: "rules/download.smk"
 include: "rules/finetune.smk"
 include: "rules/validate.smk"

@@ -289,6 +289,7 @@ def shrink_demo(workdir: Path) -> None:
     write_jsonl(workdir / "data/preferences/train.jsonl", task.preference_rows(0, 64))
     path = workdir / "config/config.yaml"
     config = yaml.safe_load(path.read_text())
+    config["device"] = "cpu"  # this cluster has no GPUs: the training rules ask for none (rules/scale.smk)
     config["sft_data"].update(source="local", path="data/sft")
     config["preference_data"].update(source="local", path="data/preferences", eval_fraction=0.1)
     config["finetune"].update(max_steps=FINETUNE_STEPS, batch_size=4, logging_steps=1, save_steps=1000)

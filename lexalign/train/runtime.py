@@ -97,6 +97,10 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
         "save_only_model": False,
         "dataloader_num_workers": 0,
     }
+    from lexalign.launch import collective_timeout
+
+    if collective_timeout():  # scale.timeout: a dead process on another node fails the job within this time
+        args["ddp_timeout"] = collective_timeout()
     if has_eval:
         args["eval_strategy"] = "steps" if cfg.eval_steps else "epoch"
         if cfg.eval_steps:
