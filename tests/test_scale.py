@@ -40,7 +40,8 @@ def test_scale_defaults_to_one_node_and_the_gpu_resources():
 def test_two_gpu_nodes_ask_for_one_task_per_node_and_the_gpus_of_each():
     resources = scale_resources(_scale(nodes=2, processes_per_node=4, backend="fsdp"), "align", "cuda")
     assert resources == {"nodes": 2, "processes": 4, "gres": "gpu:4",
-                         "accelerate_config": "config/accelerate/fsdp.yaml", "collective_timeout": 90, "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0}
+                         "accelerate_config": "config/accelerate/fsdp.yaml", "collective_timeout": 90,
+                         "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0}
     assert num_processes(resources) == 4 and num_nodes(resources) == 2
 
 
