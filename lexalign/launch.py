@@ -381,6 +381,26 @@ def main(argv: list[str] | None = None) -> None:
             message = err.render()
             print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr, flush=True)
             sys.exit(1)
+        except Exception as err:  # noqa: BLE001 - only a collective's failure is turned into a message
+            if not lost_peer(err):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"[rank {rank}] Lost another process of the job (a collective failed: {first})\n"
+                  f"  That process's node has its own message; scale.timeout bounds how long a collective waits.",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective (all-reduce, barrier) that failed because another process died or hung."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer",
+                                  "timed out", "Timed out"))
 
 
 if __name__ == "__main__":
