@@ -58,8 +58,6 @@ GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")
 BACKEND_CONFIGS = {"ddp": "config/accelerate/ddp.yaml", "fsdp": "config/accelerate/fsdp.yaml",
                    "deepspeed": "config/accelerate/deepspeed_zero3.yaml"}
 """scale.<step>.backend → the shipped accelerate config."""
-TIMEOUT_ENV = "LEXALIGN_COLLECTIVE_TIMEOUT"
-"""scale.timeout, handed to the training processes (TrainingArguments.ddp_timeout)."""
 SLURM_EXECUTORS = ("slurm", "slurm-jobstep")
 
 
@@ -249,16 +247,13 @@ def _config_file(resources) -> str | None:
 
 
 def _timeout_env(resources) -> None:
-    """scale.timeout → the training processes' collective timeout (they inherit the environment)."""
+    """scale.timeout → the training processes' collective timeout (they inherit the environment; read by
+    lexalign.train.runtime.trainer_arguments as TrainingArguments.ddp_timeout)."""
+    from lexalign.train.runtime import COLLECTIVE_TIMEOUT_ENV
+
     timeout = _resource(resources, "collective_timeout")
     if timeout not in (None, ""):
-        os.environ[TIMEOUT_ENV] = str(int(timeout))
-
-
-def collective_timeout() -> int | None:
-    """The collective timeout (seconds) this training process was given, if any."""
-    value = os.environ.get(TIMEOUT_ENV, "")
-    return int(value) if value.isdigit() else None
+        os.environ[COLLECTIVE_TIMEOUT_ENV] = str(int(timeout))
 
 
 def _spec_file(step: str, arguments: dict, log_dir: Path | None, kind: str = "launch") -> Path:
