@@ -264,7 +264,10 @@ def test_every_step_but_the_download_ran_as_a_slurm_job(two_nodes):
     output = two_nodes["first_output"]
     submitted = set(re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", output))
     assert submitted == {"validate_preferences", "reference", "align"}, output[-4000:]
-    assert {j["rule"] for j in jobs_of(output).values() if j["local"]} <= {"download_model", "download_data"}
+    # Only the downloads ran where snakemake runs (the failed job's own log, shown in the output, says
+    # "localrule align": inside the job, as the executor runs it).
+    ran_here = {j["rule"] for j in jobs_of(output.split("Error in rule")[0]).values() if j["local"]}
+    assert ran_here == {"download_model", "download_data"}, output[-4000:]
 
 
 def test_the_aligned_model_matches_one_node(two_nodes, one_node):
