@@ -5,7 +5,7 @@ unchanged, to the step function of `lexalign.stages` that `STEP_OF_RULE` names:
 that function's signature is the rule's whole contract. Here, and only here, a
 rule's output goes to its `log:` file, every step but download, publish and lm-eval (whose
 tasks fetch their datasets) runs with HF_HUB_OFFLINE=1, a training step whose resources ask for
-several processes is handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
+several processes, or nodes, is handed to `accelerate launch` (`lexalign.launch`), and a LexAlignError becomes
 a message (in the log and on the terminal) and exit status 1.
 """
 
@@ -104,7 +104,11 @@ def run_rule(smk) -> None:
             try:
                 arguments = rule_arguments(smk)
                 processes = launch.processes_for(step, getattr(smk, "resources", None))
-                if processes > 1:
+                nodes = launch.nodes_for(step, getattr(smk, "resources", None))
+                if nodes > 1:
+                    launch.run_on_nodes(step, arguments, nodes, processes, smk.resources,
+                                        getattr(smk, "threads", None), log.parent if log else None)
+                elif processes > 1:
                     launch.run_in_processes(step, arguments, processes, smk.resources, getattr(smk, "threads", None),
                                             log.parent if log else None)
                 else:

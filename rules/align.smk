@@ -10,6 +10,8 @@ rule align:
         code=step_code("align"),
     output:
         output=directory(f"{RESULTS}/aligned"),
+    resources:
+        **scale_resources("align"),
     params:
         alignment=config["alignment"],
         device=config["device"],

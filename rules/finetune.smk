@@ -25,6 +25,8 @@ rule finetune:
         code=step_code("finetune"),
     output:
         output=directory(f"{RESULTS}/models/sft"),
+    resources:
+        **scale_resources("finetune"),
     params:
         finetune=config["finetune"],
         device=config["device"],

@@ -159,3 +159,27 @@ def signal_at(step: int, sig=None):
                 os.kill(os.getpid(), sig or signal.SIGTERM)
 
     return SignalAt()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A two-node SLURM cluster on this machine (tests/slurm_cluster.py), brought up once for the session's SLURM
+    tests and torn down after them, network namespaces included."""
+    import shutil
+
+    import slurm_cluster as sc
+
+    if sc.skip_reason():
+        pytest.skip(sc.skip_reason())
+    sc.install_slurm()
+    sc.install_plugin()
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    root = Path(tempfile.mkdtemp(prefix="lexalign-slurm-"))  # short: the munge socket path has a length limit
+    root.chmod(0o700)
+    cluster = sc.Cluster(root, sc.partitions(profile))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -83,13 +83,19 @@ class ProgressCallback(TrainerCallback):
 class ConfigHashCallback(TrainerCallback):
     """Tag each checkpoint with the hash of the config that produced it.
 
-    Automatic resume only picks checkpoints whose tag matches the current config.
+    Automatic resume only picks checkpoints whose tag matches the current config. The tag is the checkpoint's
+    last file: with several processes (on several nodes) the main process writes it only once every process
+    has written its part (its RNG state, its shard), so a checkpoint with a tag is complete.
     """
 
     def __init__(self, config_hash: str):
         self.config_hash = config_hash
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's part is on disk
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             (folder / CONFIG_HASH_FILE).write_text(self.config_hash + "\n")

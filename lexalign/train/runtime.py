@@ -7,6 +7,7 @@ module holds the parts of each that do not depend on the objective.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ from lexalign.models import _installed, merged_model
 from lexalign.train.callbacks import CONFIG_HASH_FILE
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COLLECTIVE_TIMEOUT_ENV = "LEXALIGN_COLLECTIVE_TIMEOUT"
+"""scale.timeout in seconds, set by lexalign.launch for the training processes: TrainingArguments.ddp_timeout."""
 
 
 def gpu_defaults(device: str) -> dict:
@@ -97,6 +100,9 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
         "save_only_model": False,
         "dataloader_num_workers": 0,
     }
+    timeout = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+    if timeout.isdigit():  # scale.timeout: a dead process on another node fails the job within this time
+        args["ddp_timeout"] = int(timeout)
     if has_eval:
         args["eval_strategy"] = "steps" if cfg.eval_steps else "epoch"
         if cfg.eval_steps:

@@ -1,0 +1,29 @@
+# How many nodes and processes each training step runs on: the config's `scale` section → the rule's
+# resources (lexalign.launch.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
+# that is an error as the Snakefile is read (a dry run included), and with any executor but SLURM's an
+# error before the first job starts.
+import shutil
+
+from lexalign.launch import check_nodes
+from lexalign.launch import scale_resources as _scale_resources
+
+
+def _check_nodes(executor):
+    try:
+        check_nodes(config["scale"], executor, shutil.which("srun"))
+    except LexAlignError as err:
+        raise WorkflowError(err.render()) from None
+
+
+_check_nodes("dryrun")  # the executor is not known yet: here, only whether this machine has SLURM
+
+
+onstart:
+    _check_nodes(getattr(workflow.executor_plugin, "name", None))
+
+
+def scale_resources(step):
+    """The resources of a training rule (finetune, align) from scale.<step>: nodes, processes per node,
+    accelerate_config (the backend), GPUs per node, the collective timeout and, on several nodes, the
+    SLURM executor's mpi hook with one task per node."""
+    return _scale_resources(config["scale"], step, config["device"])
