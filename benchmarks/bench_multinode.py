@@ -3,7 +3,7 @@
     sudo .venv/bin/python benchmarks/bench_multinode.py              # 1 → 2 nodes, 1 CPU process each
     sudo .venv/bin/python benchmarks/bench_multinode.py --steps 40
 
-Brings up the cluster of tests/slurm_cluster.py (two slurmd, each in its own network namespace on one
+Brings up the cluster of lexalign/demo/slurm_cluster.py (two slurmd, each in its own network namespace on one
 machine; root, Debian's SLURM packages), aligns the demo model on the demo pairs with DPO as the align rule
 does on several nodes (`lexalign.launch.run_on_nodes`: srun, one `accelerate launch` per node), once on one
 node and once on two, the same batch per process (so two nodes train twice the tokens per step), and prints
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
 
 def _prepare(root: Path, steps: int, batch: int) -> dict:
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="per process")
     args = parser.parse_args()
 
-    import slurm_cluster as sc
+    from lexalign.demo import slurm_cluster as sc
 
     if sc.skip_reason():
         sys.exit(sc.skip_reason())

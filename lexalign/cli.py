@@ -323,7 +323,7 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
 @main.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--example", default="demo", show_default=True,
-              help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo or gdpo.")
+              help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo, gdpo or online.")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder (an existing config/config.yaml is kept).")
 def init(directory: str, example: str, force: bool) -> None:
     """Set up a project folder: a commented config, a Snakefile using the installed workflow, profiles.

@@ -50,6 +50,8 @@ rule online_prompts:
         # Not per_round nor rounds: every round slices this one order, so raising them replans no round.
         prompts={k: v for k, v in _ON["prompts"].items() if k != "per_round"},
         seed=config["seed"],
+    conda:
+        conda_env()
     log:
         f"{LOGS}/online/prompts.log",
     script:
@@ -110,6 +112,8 @@ rule online_select:
     params:
         select={"select": _ON["select"], "truncated": _ON["truncated"],
                 "group_size": _ON["alignment"].get("group_delay_size", 2)},
+    conda:
+        conda_env()
     log:
         f"{LOGS}/online/round-{{r}}/select.log",
     script:
@@ -183,6 +187,8 @@ rule online_final:
         output=directory(f"{RESULTS}/online/final"),
     params:
         rounds=[f"{RESULTS}/online/round-{r}" for r in range(1, _ON["rounds"] + 1)],
+    conda:
+        conda_env()
     log:
         f"{LOGS}/online/final.log",
     script:

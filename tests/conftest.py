@@ -163,11 +163,11 @@ def signal_at(step: int, sig=None):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A two-node SLURM cluster on this machine (tests/slurm_cluster.py), brought up once for the session's SLURM
+    """A two-node SLURM cluster on this machine (lexalign/demo/slurm_cluster.py), brought up once for the session's SLURM
     tests and torn down after them, network namespaces included."""
     import shutil
 
-    import slurm_cluster as sc
+    from lexalign.demo import slurm_cluster as sc
 
     if sc.skip_reason():
         pytest.skip(sc.skip_reason())

@@ -1,7 +1,7 @@
 """Alignment on two SLURM nodes through profiles/slurm: the same model as one node, a job that spans both,
 resumes across nodes, and a dead process on one node that fails the whole job in bounded time.
 
-The session's cluster (tests/slurm_cluster.py): two slurmd, each in its own network namespace, joined to the
+The session's cluster (lexalign/demo/slurm_cluster.py): two slurmd, each in its own network namespace, joined to the
 controller's namespace by veth pairs on a private subnet. The demo (finetune.method none: the demo model is
 aligned as it is) runs with `scale.align: {nodes: 2, processes_per_node: 1}` on the CPU (gloo), twice:
 
@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, write_jsonl
-from slurm_cluster import fit_profile, jobs_of, skip_reason
 
 from lexalign.demo import task
+from lexalign.demo.slurm_cluster import fit_profile, jobs_of, skip_reason
 from workflow import SNAKEMAKE, copy_workflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,

@@ -1,6 +1,6 @@
 """The demo pipeline on a real SLURM cluster, through profiles/slurm.
 
-The session's cluster (tests/slurm_cluster.py, the `slurm_cluster` fixture:
+The session's cluster (lexalign/demo/slurm_cluster.py, the `slurm_cluster` fixture:
 two nodes, each a slurmd in its own network namespace) installs Debian's
 slurmctld, slurmd, slurm-client and munge (and snakemake-executor-plugin-slurm)
 when they are missing and starts them by hand (no systemd) with their state
@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_jsonl
-from slurm_cluster import Cluster, fit_profile, jobs_of, skip_reason
 
 from lexalign.demo import task
+from lexalign.demo.slurm_cluster import Cluster, fit_profile, jobs_of, skip_reason
 from workflow import SNAKEMAKE, copy_workflow
 
 SNAKEMAKE_TIMEOUT = 420
