@@ -163,8 +163,8 @@ def signal_at(step: int, sig=None):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A two-node SLURM cluster on this machine (lexalign/demo/slurm_cluster.py), brought up once for the session's SLURM
-    tests and torn down after them, network namespaces included."""
+    """A two-node SLURM cluster on this machine (lexalign/demo/slurm_cluster.py), brought up once for the
+    session's SLURM tests and torn down after them, network namespaces included."""
     import shutil
 
     from lexalign.demo import slurm_cluster as sc
