@@ -10,9 +10,9 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from zoo import FAMILIES, TRAITS
 
 from lexalign import reference, tokens
+from lexalign.demo.zoo import FAMILIES, TRAITS
 from lexalign.errors import LexAlignError
 from lexalign.online import select
 from lexalign.online.generate import Sampling, cut_at_end, generate, render_prompts
