@@ -285,8 +285,8 @@ def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
     for x, y in zip(a, b, strict=True):
         # (Not the accuracies: at step 1 every reward is 0 online and ~1e-7 precomputed, a tie either way.)
         # Relative 1e-4 besides 1e-5: after three LoRA steps at lr 5e-3 the fp32 sums of the packed reference
-        # pass and the trainer's padded one drift by ~1e-5 on rewards of ~0.4 (2.6e-5 relative, measured); a
-        # wrong or missing reference moves them by 1e-2 or more.
+        # pass and the trainer's padded one were seen 1.1e-5 apart on rewards of ~0.41 (2.6e-5 relative); a wrong
+        # reference shifts every reward by its whole log-prob error times beta.
         for key in ("loss", "loss/group", "loss/pairwise", "rewards/chosen", "rewards/margins"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), key
 
