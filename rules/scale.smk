@@ -18,12 +18,8 @@ def _check_nodes(executor):
 _check_nodes("dryrun")  # the executor is not known yet: here, only whether this machine has SLURM
 
 
-onstart:
-    _check_nodes(getattr(workflow.executor_plugin, "name", None))
-
-
 def scale_resources(step):
-    """The resources of a training rule (finetune, align) from scale.<step>: nodes, processes per node,
+    """The resources of a training step's rule (finetune, align), from scale.<step> - nodes, processes per node,
     accelerate_config (the backend), GPUs per node, the collective timeout and, on several nodes, the
     SLURM executor's mpi hook with one task per node."""
     return _scale_resources(config["scale"], step, config["device"])

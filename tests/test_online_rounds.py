@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -74,7 +75,9 @@ def test_the_demo_rounds_end_to_end(tmp_path, demo_run):
     nothing; raising rounds plans only round 3, another judge replans scores and after, not the generations."""
     workdir = copy_workflow(tmp_path / "wf")
     online = EXAMPLE["online"]
-    _config(workdir, **{**EXAMPLE, "model": {"source": "local", "path": str(demo_run / "results" / "models" / "sft")},
+    # A copy: the shared run's own folder must not change (its later tests expect a run with nothing to do).
+    sft = shutil.copytree(demo_run / "results" / "models" / "sft", tmp_path / "sft")
+    _config(workdir, **{**EXAMPLE, "model": {"source": "local", "path": str(sft)},
                         "finetune": {"method": "none"}, "online": online})
     result = snakemake(workdir, "--cores", "2", "results/online/final", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -6,6 +6,7 @@ The wheel itself, installed in a fresh venv and run as a user runs it, is tests/
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -189,8 +190,9 @@ def test_snakedeploy_from_a_local_clone_plans_the_demo_and_lints_clean(tmp_path)
     # which Snakemake reads relative to the deployed workflow/ folder; the GitHub provider writes github(...).
     # Point it at the clone, as a catalog user's github(...) points at the repository.
     assert '"workflow/Snakefile"' in module and "use rule * from" in module
-    (deployed / "workflow/Snakefile").write_text(module.replace('"workflow/Snakefile"',
-                                                                f'"{clone}/workflow/Snakefile"'))
+    # (Relative, from the deployed workflow/ folder: --lint refuses absolute paths.)
+    to_clone = os.path.relpath(clone / "workflow" / "Snakefile", deployed / "workflow")
+    (deployed / "workflow/Snakefile").write_text(module.replace('"workflow/Snakefile"', f'"{to_clone}"'))
     assert (deployed / "config/config.yaml").is_file() and (deployed / "profiles/default/config.yaml").is_file()
     plan = snakemake(deployed, "-n")
     assert plan.returncode == 0, plan.stderr[-3000:]
