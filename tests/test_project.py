@@ -199,7 +199,7 @@ def test_snakedeploy_from_a_local_clone_plans_the_demo_and_lints_clean(tmp_path)
     jobs = planned_jobs(plan.stdout)
     assert {"download_model", "finetune", "validate_preferences", "align", "evaluate", "report", "all"} <= set(jobs)
     lint = snakemake(deployed, "--lint")
-    assert lint.returncode == 0 and "Congratulations, your workflow is in a good condition" in lint.stdout, \
+    assert lint.returncode == 0 and "Congratulations, your workflow is in a good condition" in lint.stderr, \
         lint.stdout[-3000:] + lint.stderr[-2000:]
 
 
