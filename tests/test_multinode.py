@@ -31,6 +31,7 @@ from conftest import REPO, write_jsonl
 
 from lexalign.demo import task
 from lexalign.demo.slurm_cluster import fit_profile, jobs_of, skip_reason
+from lexalign.demo.slurm_cluster import wait_for as _wait
 from workflow import SNAKEMAKE, copy_workflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
@@ -74,14 +75,6 @@ def _step(checkpoints: Path) -> int:
     return max(steps, default=0)
 
 
-def _wait(condition, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _worker(rank: int, node: str) -> int | None:

@@ -27,6 +27,7 @@ from conftest import write_jsonl
 
 from lexalign.demo import task
 from lexalign.demo.slurm_cluster import Cluster, fit_profile, jobs_of, skip_reason
+from lexalign.demo.slurm_cluster import wait_for as _wait
 from workflow import SNAKEMAKE, copy_workflow
 
 SNAKEMAKE_TIMEOUT = 420
@@ -62,14 +63,6 @@ def cluster(slurm_cluster):
     return slurm_cluster
 
 
-def _wait(condition, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _logged_steps(metrics: Path) -> int:

@@ -330,3 +330,14 @@ def jobs_of(output: str) -> dict[str, dict]:
         if jobid:
             jobs[jobid.group(1)] = {"rule": match.group(2), "local": bool(match.group(1))}
     return jobs
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
+    """`condition()`'s first truthy value, polled every `poll` s for at most `timeout` s (a bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
