@@ -26,6 +26,7 @@ its own, and nothing is written or waited for.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -131,7 +132,10 @@ class Shard:
         paths = [self.part_path(rank) for rank in range(self.world)]
         try:
             parts = [read_part(path, rank) for rank, path in enumerate(paths)]
-            return {name: restore([part[name] for part in parts], n, name) for name, n in sizes.items()}
+            values = {name: restore([part[name] for part in parts], n, name) for name, n in sizes.items()}
+            shares = [sum(len(found["rows"]) for found in part.values()) for part in parts]
+            print(f"Gathered the values of {self.world} processes ({', '.join(map(str, shares))} each)", flush=True)
+            return values
         finally:
             for path in paths:
                 path.unlink(missing_ok=True)
@@ -150,6 +154,10 @@ def read_part(path: Path, rank: int) -> dict:
         raise LexAlignError(f"Process {rank}'s part is missing: {path}",
                             hint="With several nodes the results folder must be on a filesystem every node shares")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+_SESSIONS = itertools.count()
+"""Sessions started in this process (the same sequence in every process of a launch: they run the same specs)."""
 
 
 def collective_timeout() -> int | None:
@@ -174,7 +182,12 @@ def session(output: str | Path) -> Iterator[Shard]:
     started = not dist.is_initialized()
     if started:
         timeout = collective_timeout()
-        dist.init_process_group("gloo", **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
+        store, rank, world = next(dist.rendezvous("env://"))
+        # A group of its own in the launcher's store: a group started again after destroy_process_group takes its
+        # first one's name, and would read the addresses its first one left there (and wait for them in vain).
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"lexalign-shards-{next(_SESSIONS)}", store),
+                                rank=rank, world_size=world,
+                                **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
     if torch.cuda.is_available():  # "cuda" is then this process's GPU, not the first one
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:

@@ -278,6 +278,16 @@ def test_two_processes_write_the_reference_file_of_one(runs, name):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_every_process_scored_a_share(runs):
+    import re
+
+    shares = re.findall(r"Gathered the values of 2 processes \((\d+), (\d+) each\)", runs["log"])
+    assert len(shares) == len(REFERENCE_SETTINGS) + 1, runs["log"][-3000:]  # each reference file, the evaluation
+    assert all(int(n) > 0 for share in shares for n in share), shares
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_write_the_eval_json_of_one(runs):
     one = json.loads((runs["one"] / "eval/aligned.json").read_text())
     two = json.loads((runs["two"] / "eval/aligned.json").read_text())
@@ -294,3 +304,38 @@ def test_the_numbers_check_sees_a_difference():
     assert _numbers_apart({"a": [1.0, {"b": 2.0}]}, {"a": [1.0, {"b": 2.5}]}) == 0.5
     with pytest.raises(AssertionError):
         _numbers_apart({"a": "x"}, {"a": "y"})
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_process_that_fails_fails_the_step_at_once_with_its_message(tmp_path, demo_model_dir, monkeypatch, capfd):
+    """A model without weights: the first process to find it stops, the launcher ends the other (wherever it
+    is: loading, or waiting at a barrier), and the step fails with that process's message, long before a
+    barrier's timeout."""
+    from lexalign import stages
+    from lexalign.demo import task
+    from lexalign.launch import run_in_processes
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("LEXALIGN_COLLECTIVE_TIMEOUT", "600")  # run_in_processes sets it: restored afterwards
+    data = tmp_path / "data"
+    write_jsonl(tmp_path / "raw/train.jsonl", task.preference_rows(0, 16))
+    stages.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=data, dataset={"eval_fraction": 0.25})
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        (empty / name).write_bytes((demo_model_dir / name).read_bytes())
+    arguments = {"model": str(empty), "data": str(data), "output": str(tmp_path / "ref/pairs-max64.parquet"),
+                 "setting": {"layout": "pairs", "max_length": 64}, "device": "cpu", "cache_dir": str(tmp_path / "c")}
+    started = time.monotonic()
+    with pytest.raises(LexAlignError, match="reference failed in one of its 2 processes"):
+        run_in_processes("reference", arguments, 2, {"processes": 2, "collective_timeout": 600}, threads=2,
+                         log_dir=tmp_path / "logs")
+    took = time.monotonic() - started
+    output = capfd.readouterr()
+    text = output.out + output.err
+    assert "Running the reference step in 2 processes" in text
+    assert f'No model at "{empty}"' in text and "Missing: weights" in text, text[-3000:]
+    assert took < 120, f"the step took {took:.0f} s to fail"
+    assert not list((tmp_path / "logs").iterdir())  # the spec is removed
+    assert not (tmp_path / "ref").exists() or not list((tmp_path / "ref").iterdir())  # no file, no part
