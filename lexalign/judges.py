@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from lexalign.errors import LexAlignError
+from lexalign.shards import chunks
 
 BOOTSTRAP_SAMPLES = 2000
 TIE_TOLERANCE = 1e-6
@@ -93,19 +94,19 @@ def demo_judge(sft: list[str], aligned: list[str], seed: int) -> dict:
 # --- reward model -----------------------------------------------------------------------------------
 
 
-def reward_scores(model, tokenizer, prompts: list[str], answers: list[str], chat: bool, batch_size: int
-                  ) -> list[float]:
+def reward_scores(model, tokenizer, prompts: list[str], answers: list[str], chat: bool, batch_size: int,
+                  batches: list[list[int]] | None = None) -> list[float | None]:
     """The reward model's score of each prompt + answer, as the policy saw the prompt (chat-rendered texts are
-    encoded with no special tokens added, plain text with the tokenizer's own)."""
+    encoded with no special tokens added, plain text with the tokenizer's own), `batch_size` at a time in order.
+    `batches`: only these (a process's share, `lexalign.shards`); the other answers' scores are None."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     limit = min(int(getattr(tokenizer, "model_max_length", 0) or 0) or 1 << 30, 1 << 16)
-    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
-    out: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], add_special_tokens=not chat)["input_ids"]
+    out: list[float | None] = [None] * len(prompts)
+    for batch in chunks(len(prompts), batch_size) if batches is None else batches:
+        encoded = tokenizer([prompts[i] + answers[i] for i in batch], add_special_tokens=not chat)["input_ids"]
         encoded = [ids[-limit:] for ids in encoded]  # keep the answer when a text is too long
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -115,18 +116,28 @@ def reward_scores(model, tokenizer, prompts: list[str], answers: list[str], chat
             attention[row, : len(ids)] = 1
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        out += logits[:, 0].float().tolist()
+        for i, value in zip(batch, logits[:, 0].float().tolist(), strict=True):
+            out[i] = value
     return out
 
 
-def reward_model_judge(model_dir: str | Path, prompts: list[str], sft: list[str], aligned: list[str], chat: bool,
-                       batch_size: int, device: str, seed: int, label: str | None = None) -> dict:
+def reward_model_rewards(model_dir: str | Path, prompts: list[str], sft: list, aligned: list, chat: bool,
+                         batch_size: int, device: str, batches: list[list[int]] | None = None) -> tuple[list, list]:
+    """The reward model's scores of the SFT and the aligned answers (of `batches` only, when given)."""
     from lexalign.models import load_reward_model
 
     model, tokenizer = load_reward_model(model_dir, device, key="evaluate.reward_model")
-    rewards_sft = reward_scores(model, tokenizer, prompts, sft, chat, batch_size)
-    rewards_aligned = reward_scores(model, tokenizer, prompts, aligned, chat, batch_size)
-    return from_rewards(f"reward_model:{label or Path(model_dir).name}", rewards_sft, rewards_aligned, seed)
+    return (reward_scores(model, tokenizer, prompts, sft, chat, batch_size, batches),
+            reward_scores(model, tokenizer, prompts, aligned, chat, batch_size, batches))
+
+
+def reward_model_judge(model_dir: str | Path, prompts: list[str], sft: list[str], aligned: list[str], chat: bool,
+                       batch_size: int, device: str, seed: int, label: str | None = None,
+                       rewards: tuple[list, list] | None = None) -> dict:
+    """The judge block from the reward model's scores (`rewards`: already computed, by the processes of a
+    sharded evaluation)."""
+    rewards = rewards or reward_model_rewards(model_dir, prompts, sft, aligned, chat, batch_size, device)
+    return from_rewards(f"reward_model:{label or Path(model_dir).name}", *rewards, seed)
 
 
 # --- LLM judge (OpenAI-compatible chat endpoint) ----------------------------------------------------
@@ -277,8 +288,10 @@ def check(cfg, reward_model: str | Path | None = None) -> None:
 
 
 def judge(cfg, prompts: list[str], sft: list[str], aligned: list[str], chat: bool, seed: int,
-          reward_model: str | Path | None = None, device: str = "cpu") -> dict | None:
-    """The judge block for `cfg.judge` (an EvaluateConfig), or None with judge none."""
+          reward_model: str | Path | None = None, device: str = "cpu", rewards: tuple[list, list] | None = None
+          ) -> dict | None:
+    """The judge block for `cfg.judge` (an EvaluateConfig), or None with judge none. `rewards`: the reward
+    model's scores of both answers, when the processes of a sharded evaluation computed them already."""
     if cfg.judge == "demo":
         return demo_judge(sft, aligned, seed)
     if cfg.judge == "reward_model":
@@ -286,7 +299,8 @@ def judge(cfg, prompts: list[str], sft: list[str], aligned: list[str], chat: boo
             raise LexAlignError('evaluate.judge is "reward_model" but no reward model was given to evaluate',
                                 hint="Set evaluate.reward_model (repo_id or path)")
         label = cfg.reward_model.get("repo_id") or cfg.reward_model.get("path")
-        return reward_model_judge(reward_model, prompts, sft, aligned, chat, cfg.batch_size, device, seed, label)
+        return reward_model_judge(reward_model, prompts, sft, aligned, chat, cfg.batch_size, device, seed, label,
+                                  rewards)
     if cfg.judge == "llm":
         return llm_judge(cfg.llm_judge, prompts, sft, aligned, seed)
     return None

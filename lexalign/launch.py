@@ -1,7 +1,9 @@
-"""Several training processes for one pipeline step, through `accelerate launch`.
+"""Several processes for one pipeline step, through `accelerate launch`.
 
-A training rule (finetune, align) runs in as many processes as its resources ask
-for, the first of these that is set:
+A training rule (finetune, align) and a scoring rule (reference, evaluate: each
+process scores its share of the batches and the main process writes the output,
+`lexalign.shards`) run in as many processes as their resources ask for, the
+first of these that is set:
 
     processes: N            explicit (also on the CPU, where each process uses gloo)
     gpu / gpus: N           the SLURM plugin's GPU count (`--gpus=N`)
@@ -54,6 +56,10 @@ from pathlib import Path
 from lexalign.errors import LexAlignError
 
 TRAINING_STEPS = ("finetune", "align")
+SCORING_STEPS = ("reference", "evaluate")
+"""Steps whose processes each score a share of the batches (lexalign.shards): one whole model per process."""
+SCALED_STEPS = TRAINING_STEPS + SCORING_STEPS
+"""The steps the config's `scale` section sizes (rules/scale.smk), the only ones run in several processes."""
 GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")
 BACKEND_CONFIGS = {"ddp": "config/accelerate/ddp.yaml", "fsdp": "config/accelerate/fsdp.yaml",
                    "deepspeed": "config/accelerate/deepspeed_zero3.yaml"}
@@ -93,7 +99,8 @@ def num_nodes(resources) -> int:
 
 
 def scale_resources(scale: dict, step: str, device: str) -> dict:
-    """The resources of a training rule from the config's `scale` section (`step`: finetune or align).
+    """The resources of a rule from the config's `scale` section (`step`: one of SCALED_STEPS; a scoring step has
+    no backend: its processes launch as DDP's do, each holding the whole model).
 
     nodes, processes (per node) and accelerate_config always follow the config; on GPUs (device not cpu)
     `gres: gpu:<processes per node>`; with several nodes the SLURM executor's `mpi` hook and one task per
@@ -102,7 +109,7 @@ def scale_resources(scale: dict, step: str, device: str) -> dict:
     """
     own = scale[step]
     nodes, per_node = int(own["nodes"]), own["processes_per_node"]
-    resources = {"nodes": nodes, "accelerate_config": BACKEND_CONFIGS[own["backend"]],
+    resources = {"nodes": nodes, "accelerate_config": BACKEND_CONFIGS[own.get("backend", "ddp")],
                  "collective_timeout": int(scale["timeout"])}
     if per_node:
         resources["processes"] = int(per_node)
@@ -115,7 +122,7 @@ def scale_resources(scale: dict, step: str, device: str) -> dict:
 
 def check_nodes(scale: dict, executor: str | None, srun: str | None) -> None:
     """Raise LexAlignError at DAG time when a step asks for several nodes where it cannot have them."""
-    for step in TRAINING_STEPS:
+    for step in SCALED_STEPS:
         nodes = int(scale.get(step, {}).get("nodes", 1))
         if nodes <= 1:
             continue
@@ -125,7 +132,8 @@ def check_nodes(scale: dict, executor: str | None, srun: str | None) -> None:
             reason = f'this run uses the "{executor}" executor, which runs every job on this machine'
         else:
             continue
-        raise LexAlignError(f"scale.{step}.nodes is {nodes}: training on several nodes needs SLURM, and {reason}",
+        raise LexAlignError(f"scale.{step}.nodes is {nodes}: {activity(step).lower()} on several nodes needs SLURM, "
+                            f"and {reason}",
                             hint="Run with the SLURM profile (snakemake --workflow-profile profiles/slurm), "
                                  f"or set scale.{step}.nodes: 1 (and processes_per_node for several GPUs)")
 
@@ -163,17 +171,22 @@ def launch_command(spec: Path | list[Path], processes: int, config_file: str | N
     return [*cmd, "-m", "lexalign.launch", *map(str, specs)]
 
 
+def activity(step: str) -> str:
+    """What the processes of a step do, as its log says it."""
+    return "Training" if step in TRAINING_STEPS else f"Running the {step} step"
+
+
 def nodes_for(step: str, resources) -> int:
-    """How many nodes a step runs on (1 outside training steps, and inside an already launched process)."""
-    if step not in TRAINING_STEPS or in_worker():
+    """How many nodes a step runs on (1 outside SCALED_STEPS, and inside an already launched process)."""
+    if step not in SCALED_STEPS or in_worker():
         return 1
     return num_nodes(resources)
 
 
 def processes_for(step: str, resources) -> int:
-    """How many processes a step runs in: the one place that decides (1 outside training steps, and inside
+    """How many processes a step runs in: the one place that decides (1 outside SCALED_STEPS, and inside
     an already launched process)."""
-    if step not in TRAINING_STEPS or in_worker():
+    if step not in SCALED_STEPS or in_worker():
         return 1
     return num_processes(resources)
 
@@ -247,9 +260,10 @@ def _config_file(resources) -> str | None:
 
 
 def _timeout_env(resources) -> None:
-    """scale.timeout → the training processes' collective timeout (they inherit the environment; read by
-    lexalign.train.runtime.trainer_arguments as TrainingArguments.ddp_timeout)."""
-    from lexalign.train.runtime import COLLECTIVE_TIMEOUT_ENV
+    """scale.timeout → the launched processes' collective timeout (they inherit the environment; read by
+    lexalign.train.runtime.trainer_arguments as TrainingArguments.ddp_timeout, by lexalign.shards for the
+    scoring steps' barriers)."""
+    from lexalign.shards import COLLECTIVE_TIMEOUT_ENV
 
     timeout = _resource(resources, "collective_timeout")
     if timeout not in (None, ""):
@@ -265,7 +279,7 @@ def _spec_file(step: str, arguments: dict, log_dir: Path | None, kind: str = "la
 
 def run_in_processes(step: str, arguments: dict, processes: int, resources=None, threads: int | None = None,
                      log_dir: Path | None = None) -> None:
-    """Run a training step in `processes` processes (accelerate launch) and wait for them.
+    """Run a step in `processes` processes (accelerate launch) and wait for them.
 
     Raises LexAlignError if they failed (each process has printed its own error).
     """
@@ -273,7 +287,7 @@ def run_in_processes(step: str, arguments: dict, processes: int, resources=None,
     _timeout_env(resources)
     spec = _spec_file(step, arguments, log_dir)
     cmd = launch_command(spec, processes, config_file, threads)
-    print(f"Training in {processes} processes: {' '.join(cmd)}", flush=True)
+    print(f"{activity(step)} in {processes} processes: {' '.join(cmd)}", flush=True)
     try:
         status = run_launcher(cmd, stdout=_fileno(sys.stdout), stderr=_fileno(sys.stderr))
     finally:
@@ -306,7 +320,7 @@ def main_address() -> str:
 
 def run_on_nodes(step: str, arguments: dict, nodes: int, processes: int, resources=None,
                  threads: int | None = None, log_dir: Path | None = None) -> None:
-    """Run a training step on `nodes` nodes × `processes` processes of this SLURM allocation and wait for them:
+    """Run a step on `nodes` nodes × `processes` processes of this SLURM allocation and wait for them:
     one `lexalign.launch --node` per node through srun (the rule's `mpi` resource), rendezvous on this node."""
     if not os.environ.get("SLURM_JOB_ID"):
         raise LexAlignError(f"{step} asks for {nodes} nodes, but this process is not inside a SLURM job",
@@ -323,8 +337,8 @@ def run_on_nodes(step: str, arguments: dict, nodes: int, processes: int, resourc
     cmd = [*shlex.split(mpi), f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
            "--kill-on-bad-exit=1", *([f"--cpus-per-task={int(cpus)}"] if cpus else []),
            sys.executable, "-m", "lexalign.launch", "--node", str(node_spec)]
-    print(f"Training on {nodes} nodes × {processes} processes (rendezvous {node['main_address']}:{node['port']}): "
-          f"{' '.join(cmd)}", flush=True)
+    print(f"{activity(step)} on {nodes} nodes × {processes} processes "
+          f"(rendezvous {node['main_address']}:{node['port']}): {' '.join(cmd)}", flush=True)
     try:
         status = run_launcher(cmd, stdout=_fileno(sys.stdout), stderr=_fileno(sys.stderr))
     finally:

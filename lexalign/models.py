@@ -95,7 +95,8 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
         )
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # This process's GPU: the first one alone, or the one a launched process was given (lexalign.shards).
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
         try:
             from peft import prepare_model_for_kbit_training
 

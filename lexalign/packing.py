@@ -94,40 +94,58 @@ def packed_logps(model, packed: Packed, device: str = "cpu") -> torch.Tensor:
     return sums.index_add_(0, owner, per_token)
 
 
+def plan_batches(model, lengths: list[int], device: str = "cpu", token_budget: int | None = None,
+                 batch_size: int = 16) -> list[list[int]]:
+    """The batches `sequence_logps` scores sequences of these lengths in: by a token budget (DEFAULT_TOKEN_BUDGET,
+    8x on CUDA) where the architecture takes packed input, else `batch_size` at a time in order. Every process of a
+    sharded step plans the same and scores its share (lexalign.shards)."""
+    if supports_packing(model):
+        return budget_batches(lengths, token_budget or DEFAULT_TOKEN_BUDGET * (8 if str(device).startswith("cuda")
+                                                                              else 1))
+    return [list(range(first, min(first + batch_size, len(lengths)))) for first in range(0, len(lengths), batch_size)]
+
+
 def sequence_logps(model, sequences: list[list[int]], completion_starts: list[int], device: str = "cpu",
-                   token_budget: int | None = None, batch_size: int = 16, pad_token_id: int = 0) -> list[float]:
+                   token_budget: int | None = None, batch_size: int = 16, pad_token_id: int = 0,
+                   batches: list[list[int]] | None = None) -> list[float]:
     """Summed log-prob of each sequence's tokens from `completion_starts[i]` on, scored without gradients.
 
-    Packed by a token budget (DEFAULT_TOKEN_BUDGET, 8x on CUDA) where the architecture allows it, else in
-    right-padded batches of `batch_size`; log-probs from the lean head (`lexalign.logprobs`)."""
+    In the batches of `plan_batches` (packed, else right-padded), log-probs from the lean head
+    (`lexalign.logprobs`). `batches`: only these of them (a process's share of a sharded step); the other
+    sequences' values are NaN."""
     import numpy as np
 
     from lexalign.logprobs import ensure_lean_head
 
     ensure_lean_head(model)
-    out = np.zeros(len(sequences), dtype=np.float64)
+    if batches is None:
+        batches = plan_batches(model, [len(s) for s in sequences], device, token_budget, batch_size)
+    out = np.full(len(sequences), np.nan, dtype=np.float64)
     with torch.inference_mode():
-        if supports_packing(model):
-            budget = token_budget or DEFAULT_TOKEN_BUDGET * (8 if str(device).startswith("cuda") else 1)
-            for batch in budget_batches([len(s) for s in sequences], budget):
-                packed = pack([sequences[i] for i in batch], [completion_starts[i] for i in batch])
-                out[batch] = packed_logps(model, packed, device).cpu().numpy()
-            return out.tolist()
-        for first in range(0, len(sequences), batch_size):
-            batch = list(range(first, min(first + batch_size, len(sequences))))
-            width = max(len(sequences[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for row, i in enumerate(batch):
-                seq, start = sequences[i], max(completion_starts[i], 1)
-                ids[row, :len(seq)] = torch.tensor(seq)
-                attention[row, :len(seq)] = 1
-                labels[row, start:len(seq)] = torch.tensor(seq[start:], dtype=torch.long)
-            outputs = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device),
-                            use_cache=False, fused_lm_head=True)
-            out[batch] = outputs.log_probs.float().sum(-1).cpu().numpy()
+        for batch in batches:
+            score = _packed_batch if supports_packing(model) else _padded_batch
+            out[batch] = score(model, [sequences[i] for i in batch], [completion_starts[i] for i in batch], device,
+                               pad_token_id)
     return out.tolist()
+
+
+def _packed_batch(model, sequences, starts, device, pad_token_id):
+    return packed_logps(model, pack(sequences, starts), device).cpu().numpy()
+
+
+def _padded_batch(model, sequences, starts, device, pad_token_id):
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        start = max(start, 1)
+        ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        labels[row, start:len(seq)] = torch.tensor(seq[start:], dtype=torch.long)
+    outputs = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device),
+                    use_cache=False, fused_lm_head=True)
+    return outputs.log_probs.float().sum(-1).cpu().numpy()
 
 
 @dataclass

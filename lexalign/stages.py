@@ -139,11 +139,13 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
 
     `setting`: layout (pairs, unpaired or k<K>), max_length, truncation_mode and load_in_4bit (from the file's
     name). `reuse` (`lexalign align`, which has no Snakemake to decide): keep a file already computed for exactly
-    these inputs, and return None."""
+    these inputs, and return None. Launched in several processes (scale.reference), each scores its share and the
+    main process writes the file and returns the summary (lexalign.shards); the others return None."""
     from lexalign.data.preference import is_unpaired, needs_pairs_error
     from lexalign.methods import METHODS, Layout, parse_layout
     from lexalign.models import resolve_device
     from lexalign.reference.scoring import compute_reference, is_current
+    from lexalign.shards import session
 
     setting = {"layout": Layout.PAIRS.value, "max_length": 512, "truncation_mode": "keep_start",
                "load_in_4bit": False, **(setting or {})}
@@ -156,13 +158,17 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
     if reuse and is_current(output, model, tokenizer or model, train, evals, setting, resolve_device(device)):
         print(f"Reference log-probs up to date: {output}", flush=True)
         return None
-    summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
-                                truncation_mode=setting["truncation_mode"], device=resolve_device(device),
-                                load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,
-                                tokenizer_path=tokenizer, cache_dir=cache_dir)
+    with session(output) as shard:
+        summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
+                                    truncation_mode=setting["truncation_mode"], device=resolve_device(device),
+                                    load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,
+                                    tokenizer_path=tokenizer, cache_dir=cache_dir, shard=shard)
+    if summary is None:
+        return None  # not the main process: it writes the file and says so
     cached = f", tokens from the cache ({', '.join(summary['token_cache'])})" if summary["token_cache"] else ""
+    spread = f" over {summary['processes']} processes" if summary["processes"] > 1 else ""
     print(f"Reference log-probs ({layout}): {summary['train_groups']} train + {summary['eval_groups']} eval groups, "
-          f"{summary['sequences']} sequences in {summary['forward_seconds']:.1f} s "
+          f"{summary['sequences']} sequences in {summary['forward_seconds']:.1f} s{spread} "
           f"(tokenized in {summary['tokenize_seconds']:.1f} s{cached}) → {output}", flush=True)
     return summary
 
@@ -197,22 +203,28 @@ def _one(value: str | Path | list | None) -> str | Path | None:
 
 def evaluate(*, aligned: str | Path, reference: str | Path, data: str | Path, output: str | Path, evaluate: dict,
              beta: float, seed: int = 42, ranked: str | Path | list | None = None,
-             reward_model: str | Path | list | None = None, device: str = "cpu") -> dict:
+             reward_model: str | Path | list | None = None, device: str = "cpu") -> dict | None:
     """Score one run on the held-out pairs (and on ranked groups of K, when given) against its reference model;
     generate both models' answers to held-out prompts and judge them (the evaluate section's judge).
 
     `ranked`: the validated groups of K (a folder, or a one-element list from the rule; empty: none).
     `reward_model`: the downloaded reward model (judge reward_model), likewise. The json is written only once
-    everything succeeded (atomically): a failed judge leaves no half-written result."""
+    everything succeeded (atomically): a failed judge leaves no half-written result. Launched in several
+    processes (scale.evaluate), each scores its share and the main process writes the json and returns it
+    (lexalign.shards); the others return None."""
     from lexalign.evaluate import evaluate as _evaluate
     from lexalign.evaluate import summary
     from lexalign.models import resolve_device
+    from lexalign.shards import session
 
     ranked, reward_model = _one(ranked), _one(reward_model)
     _, evals = frames(data)
     ranked_eval = frames(ranked)[1] if ranked else None
-    result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(evaluate), beta, seed,
-                       ranked_eval, Path(reward_model) if reward_model else None, resolve_device(device))
+    with session(output) as shard:
+        result = _evaluate(Path(aligned), Path(reference), evals, EvaluateConfig.from_dict(evaluate), beta, seed,
+                           ranked_eval, Path(reward_model) if reward_model else None, resolve_device(device), shard)
+    if result is None:
+        return None  # not the main process: it writes the json
     write_json(output, result)
     print(summary(result), flush=True)
     from lexalign.tracking import log_evaluation

@@ -1,4 +1,6 @@
 # Step 5: did alignment work? Each run against its SFT reference, on the same held-out data. → lexalign.stages.evaluate
+# scale.evaluate (every run's evaluation: evaluate_run inherits the resources): several processes each score a
+# share of the batches; the main process writes the same json (lexalign.shards).
 
 
 rule evaluate:
@@ -12,6 +14,8 @@ rule evaluate:
         code=step_code("evaluate"),
     output:
         output=f"{RESULTS}/eval/aligned.json",
+    resources:
+        **scale_resources("evaluate"),
     params:
         # The evaluate section but lm_eval (its own rules): changing the benchmarks reruns only those.
         evaluate=evaluate_params(),

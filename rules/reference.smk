@@ -3,6 +3,8 @@
 # Align reads them: no reference pass in any epoch, no second model for full fine-tuning. The file is
 # keyed by the data, the layout (DPO pairs or GDPO's K), max_length and 4-bit loading, so a change of
 # beta or loss_type, or a sweep run on the same SFT model, reuses it.
+# scale.reference: several processes (and nodes) each score a share of the batches; the main process writes
+# the same file (lexalign.shards).
 
 
 rule reference:
@@ -12,6 +14,8 @@ rule reference:
         code=step_code("reference"),
     output:
         output=f"{RESULTS}/reference/{{dataset}}/{{setting}}.parquet",
+    resources:
+        **scale_resources("reference"),
     params:
         setting=lambda wc: parse_setting(wc.setting),
         device=config["device"],

@@ -1,5 +1,5 @@
-# How many nodes and processes each training step runs on: the config's `scale` section → the rule's
-# resources (lexalign.launch.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
+# How many nodes and processes each training and scoring step runs on: the config's `scale` section → the
+# rule's resources (lexalign.launch.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
 # that is an error as the Snakefile is read (a dry run included), and with any executor but SLURM's an
 # error before the first job starts.
 import shutil
@@ -19,7 +19,8 @@ _check_nodes("dryrun")  # the executor is not known yet: here, only whether this
 
 
 def scale_resources(step):
-    """The resources of a training step's rule (finetune, align), from scale.<step> - nodes, processes per node,
-    accelerate_config (the backend), GPUs per node, the collective timeout and, on several nodes, the
-    SLURM executor's mpi hook with one task per node."""
+    """The resources of a training or scoring step's rule (finetune, align, reference, evaluate), from
+    scale.<step> - nodes, processes per node, accelerate_config (the backend; DDP's launch for a scoring step),
+    GPUs per node, the collective timeout and, on several nodes, the SLURM executor's mpi hook with one task
+    per node."""
     return _scale_resources(config["scale"], step, config["device"])

@@ -20,9 +20,10 @@ LAYERS = [
     ["lexalign.config"],
     # 2. Data: paths, reading and validating datasets, the Hub, trackers.
     ["lexalign.paths", "lexalign.data", "lexalign.hub", "lexalign.tracking"],
-    # 3. Models and the numerics on them: loading, kernels, the lean head, packing, the losses.
+    # 3. Models and the numerics on them: loading, kernels, the lean head, packing, the losses; a scoring step's
+    #    batches over several processes.
     ["lexalign.models", "lexalign.kernels", "lexalign.logprobs", "lexalign.packing", "lexalign.losses",
-     "lexalign.judges", "lexalign.harness"],
+     "lexalign.judges", "lexalign.harness", "lexalign.shards"],
     # 4. The steps' work: the reference pass, the trainer data, the trainers, evaluation, downloads, reports.
     ["lexalign.reference", "lexalign.trainer_data", "lexalign.train", "lexalign.evaluate", "lexalign.download",
      "lexalign.report", "lexalign.online"],

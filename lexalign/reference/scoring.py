@@ -4,6 +4,10 @@ Sequences are scored padding-free (`lexalign.packing`: packed into rows of at
 most a token budget, attention kept within each sequence) with the lean
 log-prob head (`lexalign.logprobs`), which never holds the [tokens x vocabulary]
 logits; each sequence is truncated as the trainers' collator truncates it.
+
+In several processes (`scale.reference`) each scores its share of the packed
+batches and the main process writes the file from all of them
+(`lexalign.shards`): the same file, value for value, as one process writes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import TYPE_CHECKING
 from lexalign.errors import LexAlignError
 from lexalign.paths import adapter_base, lone_adapter
 from lexalign.reference.cache import cached_tokens
-from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key
+from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key, tokenizer_hash
 from lexalign.reference.layout import TRUNCATION_MODE, group_size, split_groups
+from lexalign.shards import Shard, piece
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,31 +33,28 @@ if TYPE_CHECKING:
 
 def group_logps(model, tokens, max_length: int | None, truncation_mode: str = TRUNCATION_MODE, device: str = "cpu",
                 autocast_dtype=None, token_budget: int | None = None) -> list[list[float]]:
-    """Summed log-prob of each response under `model` (with the lean head), [groups][K].
-
-    `tokens`: a token table (`lexalign.reference.cache`). Each prompt + response is truncated as the trainers'
-    collator truncates it (keep_start to `max_length`) and scored on its response tokens, in packed batches of
-    at most `token_budget` tokens: every architecture LexAlign has run takes packed input
-    (`lexalign.packing.PACKED_UNSUPPORTED` is empty), so there is no padded path to fall back to.
-    """
-    import numpy as np
-    import torch
-
-    from lexalign import packing
-
+    """Summed log-prob of each response under `model` (with the lean head), [groups][K]: `scored_piece` in one
+    process."""
     n = tokens.num_rows
     if not n:
         return []
-    if not packing.supports_packing(model):
-        raise LexAlignError(f"The reference step cannot score a {model.config.model_type} model: its attention "
-                            "ignores packed position_ids", hint="Align without the reference step (lexalign align)")
-    prompts = tokens.column("prompt_ids").to_pylist()
-    completions = tokens.column("completion_ids").to_pylist()
-    k = len(completions[0])
-    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None \
-        else contextlib.nullcontext()
+    k = len(tokens.column("completion_ids")[0])
+    shard = Shard()
+    part = scored_piece(model, tokens, max_length, truncation_mode, device, autocast_dtype, token_budget, shard)
+    return _by_group(shard.gather({"logps": part}, {"logps": n * k})["logps"], n, k)
+
+
+def _by_group(flat: list[float], n: int, k: int) -> list[list[float]]:
+    return [flat[i * k:(i + 1) * k] for i in range(n)]
+
+
+def reference_sequences(tokens, max_length: int | None, truncation_mode: str = TRUNCATION_MODE
+                        ) -> tuple[list[list[int]], list[int]]:
+    """Every prompt + response of a token table (group-major), truncated as the trainers' collator truncates it
+    (keep_start to `max_length`), and where each response starts."""
     sequences, starts = [], []
-    for prompt, group in zip(prompts, completions, strict=True):
+    for prompt, group in zip(tokens.column("prompt_ids").to_pylist(), tokens.column("completion_ids").to_pylist(),
+                             strict=True):
         for completion in group:
             full, start = prompt + completion, len(prompt)
             if max_length and len(full) > max_length:  # as the collator truncates
@@ -61,9 +63,29 @@ def group_logps(model, tokens, max_length: int | None, truncation_mode: str = TR
                     (full[drop:], max(start - drop, 0))
             sequences.append(full)
             starts.append(start)
+    return sequences, starts
+
+
+def scored_piece(model, tokens, max_length: int | None, truncation_mode: str, device: str, autocast_dtype,
+                 token_budget: int | None, shard: Shard) -> dict:
+    """This process's share of the summed log-probs of a token table's responses (`lexalign.shards`: rows are
+    group * K + response), in packed batches of at most `token_budget` tokens: every architecture LexAlign has run
+    takes packed input (`lexalign.packing.PACKED_UNSUPPORTED` is empty), so there is no padded path to fall
+    back to."""
+    import torch
+
+    from lexalign import packing
+
+    if not packing.supports_packing(model):
+        raise LexAlignError(f"The reference step cannot score a {model.config.model_type} model: its attention "
+                            "ignores packed position_ids", hint="Align without the reference step (lexalign align)")
+    sequences, starts = reference_sequences(tokens, max_length, truncation_mode)
+    mine = shard.take(packing.plan_batches(model, [len(s) for s in sequences], device, token_budget))
+    autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None \
+        else contextlib.nullcontext()
     with autocast:
-        flat = packing.sequence_logps(model, sequences, starts, device, token_budget)
-    return np.asarray(flat).reshape(n, k).tolist()
+        flat = packing.sequence_logps(model, sequences, starts, device, token_budget, batches=mine)
+    return piece(mine, flat)
 
 
 def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trust_remote_code: bool,
@@ -93,41 +115,70 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
                       layout: str = "pairs", max_length: int | None = 512, truncation_mode: str = TRUNCATION_MODE,
                       device: str = "cpu", load_in_4bit: bool = False, trust_remote_code: bool = False,
                       tokenizer_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                      workers: int | None = None,
-                      token_tables: dict | None = None) -> dict:
-    """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+                      workers: int | None = None, token_tables: dict | None = None,
+                      shard: Shard | None = None) -> dict | None:
+    """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary.
+
+    `shard` (a launched step, `lexalign.shards`): this process scores its share of the batches, and the main
+    process gathers them into the file one process writes and returns the summary (the others None)."""
     import torch
 
-    from lexalign import models
-
+    shard = shard or Shard(output=Path(output))
     model_path = Path(model_path)
     tokenizer_path = Path(tokenizer_path or model_path)
-    group_size(layout)  # validates the layout, before any work
+    k = group_size(layout)  # validates the layout, before any work
     splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
+    dtype = compute_dtype(device, load_in_4bit)
+    # The key hashes the weights: only the main process, which writes the file, needs it.
     key = reference_key(model_path, tokenizer_path, splits, layout, max_length, truncation_mode, load_in_4bit,
-                        compute_dtype(device, load_in_4bit))
-    tokenizer = models.load_tokenizer(tokenizer_path, trust_remote_code)
+                        dtype) if shard.main else None
     started = time.perf_counter()
-    tokens, cache_hits = {}, []
-    for name, groups in splits.items():
-        if token_tables is not None:  # sampled ids: re-encoding their text could give other tokens
-            tokens[name], hit = token_tables[name], False
-        else:
-            tokens[name], hit = cached_tokens(tokenizer, key["tokenizer"], groups, cache_dir, workers)
-        if hit:
-            cache_hits.append(name)
+    # The main process fills the token cache, then the others read it rather than all tokenizing at once.
+    with shard.main_first() if cache_dir else contextlib.nullcontext():
+        tokens, cache_hits = token_tables_of(splits, tokenizer_path, trust_remote_code, cache_dir, workers,
+                                             token_tables)
     tokenized = time.perf_counter() - started
-
-    autocast = torch.bfloat16 if key["dtype"] == "bfloat16" else None
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
     with contextlib.ExitStack() as stack:
         model = load_reference_model(model_path, device, load_in_4bit, trust_remote_code, stack)
         started = time.perf_counter()
-        logps = {name: group_logps(model, tokens[name], max_length, truncation_mode, device, autocast)
-                 for name in splits}
+        pieces = {name: scored_piece(model, tokens[name], max_length, truncation_mode, device, autocast, None, shard)
+                  for name in splits}
         computed = time.perf_counter() - started
         del model
+    flat = shard.gather(pieces, {name: len(groups) * k for name, groups in splits.items()})
+    if flat is None:
+        return None  # another process's share: the main process writes the file
+    logps = {name: _by_group(flat[name], len(groups), k) for name, groups in splits.items()}
+    write_reference(output, splits, tokens, logps, key)
+    return {"train_groups": len(splits["train"]), "eval_groups": len(splits["eval"]),
+            "sequences": sum(len(g) for g in splits.values()) * k, "layout": layout,
+            "tokenize_seconds": round(tokenized, 3), "token_cache": cache_hits, "forward_seconds": round(computed, 3),
+            "processes": shard.world, "key": key["key"], "output": str(output)}
+
+
+def token_tables_of(splits: dict, tokenizer_path: Path, trust_remote_code: bool, cache_dir, workers,
+                    token_tables: dict | None) -> tuple[dict, list[str]]:
+    """Each split's token table (`token_tables` as given: sampled ids, whose text re-encoded could give other
+    tokens; else tokenized, or read from the cache), and the splits the cache answered."""
+    if token_tables is not None:
+        return {name: token_tables[name] for name in splits}, []
+    from lexalign import models
+
+    tokenizer = models.load_tokenizer(tokenizer_path, trust_remote_code)
+    tokenizer_key = tokenizer_hash(tokenizer_path)
+    tokens, hits = {}, []
+    for name, groups in splits.items():
+        tokens[name], hit = cached_tokens(tokenizer, tokenizer_key, groups, cache_dir, workers)
+        if hit:
+            hits.append(name)
+    return tokens, hits
+
+
+def write_reference(output: str | Path, splits: dict, tokens: dict, logps: dict, key: dict) -> None:
+    """The reference file: one row per group of each split, its key in the metadata; written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     parts = []
     for name, groups in splits.items():
@@ -146,10 +197,6 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
     os.replace(tmp, output)
-    sequences = sum(len(g) for g in splits.values()) * group_size(layout)
-    return {"train_groups": len(splits["train"]), "eval_groups": len(splits["eval"]), "sequences": sequences,
-            "layout": layout, "tokenize_seconds": round(tokenized, 3), "token_cache": cache_hits,
-            "forward_seconds": round(computed, 3), "key": key["key"], "output": str(output)}
 
 
 def load_reference(path: str | Path) -> dict:

@@ -16,11 +16,10 @@ from typing import Any
 from lexalign.config.stages import TrainingConfig
 from lexalign.errors import LexAlignError, TrainingInterrupted, warn
 from lexalign.models import _installed, merged_model
+from lexalign.shards import COLLECTIVE_TIMEOUT_ENV  # scale.timeout: TrainingArguments.ddp_timeout here
 from lexalign.train.callbacks import CONFIG_HASH_FILE
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-COLLECTIVE_TIMEOUT_ENV = "LEXALIGN_COLLECTIVE_TIMEOUT"
-"""scale.timeout in seconds, set by lexalign.launch for the training processes: TrainingArguments.ddp_timeout."""
 
 
 def gpu_defaults(device: str) -> dict:
