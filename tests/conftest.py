@@ -183,3 +183,29 @@ def slurm_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- the suite on two workers (`make test`: pytest -n 2 --dist loadgroup --no-loadscope-reorder) ---------------
+
+FIRST_GROUPS = ("slurm", "test_installed", "demo-run")
+"""The suite's longest units (a SLURM cluster's pipelines, a wheel in a fresh venv, the shared demo run and the
+tests that read it), started first so that each begins at once on a worker while the other takes the rest."""
+
+
+def _group(item) -> str:
+    """The worker unit of a test: every test of one session-scoped pipeline together (it is built once per worker
+    that asks for it), else its module (its module-scoped fixtures are built once)."""
+    if "slurm_cluster" in item.fixturenames:
+        return "slurm"
+    if "demo_run" in item.fixturenames:
+        return "demo-run"
+    return item.module.__name__.rpartition(".")[2]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group into the test's id
+def pytest_collection_modifyitems(config, items):
+    groups = {item.nodeid: _group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    rank = {group: place for place, group in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))

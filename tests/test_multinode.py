@@ -13,6 +13,10 @@ aligned as it is) runs with `scale.align: {nodes: 2, processes_per_node: 1}` on 
 3. a rerun of the same snakemake command resumes from the last complete checkpoint and finishes.
 
 The aligned model then equals that of one node running two processes (the same global batch) within 1e-4.
+The reference step runs in two processes inside its one-node job (`scale.reference.processes_per_node: 2`): a
+job's processes under SLURM, its batches shared out and gathered into one file (tests/test_shards.py shows that
+file equals one process's). This is the session's one pipeline through profiles/slurm: every step but the
+downloads ran as a SLURM job.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def _config(workdir: Path) -> dict:
     config["alignment"].update(max_steps=STEPS, batch_size=BATCH, logging_steps=1, save_steps=SAVE_STEPS,
                                gradient_accumulation_steps=1, warmup_steps=0)
     config["runs"] = {}
-    config["scale"] = {"timeout": TIMEOUT, "align": {"nodes": 2, "processes_per_node": 1, "backend": "ddp"}}
+    config["scale"] = {"timeout": TIMEOUT, "align": {"nodes": 2, "processes_per_node": 1, "backend": "ddp"},
+                       "reference": {"nodes": 1, "processes_per_node": 2}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return config
 
@@ -261,6 +266,13 @@ def test_every_step_but_the_download_ran_as_a_slurm_job(two_nodes):
     # "localrule align": inside the job, as the executor runs it).
     ran_here = {j["rule"] for j in jobs_of(output.split("Error in rule")[0]).values() if j["local"]}
     assert ran_here == {"download_model", "download_data"}, output[-4000:]
+
+
+def test_the_reference_step_ran_in_two_processes_inside_its_job(two_nodes):
+    (log,) = (two_nodes["workdir"] / "logs/reference").rglob("*.log")
+    text = log.read_text()
+    assert "Running the reference step in 2 processes" in text, text[-3000:]
+    assert "Gathered the values of 2 processes" in text, text[-3000:]
 
 
 def test_the_aligned_model_matches_one_node(two_nodes, one_node):

@@ -1,6 +1,6 @@
 """A real SLURM cluster on this machine for the tests: one controller and two nodes, each in its own network namespace.
 
-A helper module (not a test module), shared by tests/test_slurm.py and tests/test_multinode.py through the
+A helper module (not a test module), used by tests/test_multinode.py through the
 session fixture `slurm_cluster` (tests/conftest.py): the bring-up happens once per test session.
 
 Layout (everything created by `start` and removed by `stop`, even after a failure):
