@@ -44,11 +44,11 @@ dag: $(STAMP)
 
 # Two workers (pytest-xdist): the suite's long units (a SLURM cluster, a wheel in a fresh venv, the shared demo
 # run) wait on subprocesses much of the time, so two of them share this machine's cores well. Each worker takes
-# whole groups (tests/conftest.py: _group), so each expensive fixture is built once.
+# whole groups (tests/conftest.py: worker_group), so each expensive fixture is built once.
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
 	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -185,27 +187,40 @@ def slurm_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-# --- the suite on two workers (`make test`: pytest -n 2 --dist loadgroup --no-loadscope-reorder) ---------------
+# --- the suite on two workers (`make test`: pytest -n 2) ------------------------------------------------------
 
+SESSION_PIPELINES = {"slurm_cluster": "slurm", "demo_run": "demo-run"}
+"""Session fixtures that run a whole pipeline → the worker group of every test module that asks for one, so each
+is built once in the session (xdist builds a session fixture once per worker that uses it)."""
 FIRST_GROUPS = ("slurm", "test_installed", "demo-run")
-"""The suite's longest units (a SLURM cluster's pipelines, a wheel in a fresh venv, the shared demo run and the
-tests that read it), started first so that each begins at once on a worker while the other takes the rest."""
+"""The suite's longest units (the SLURM cluster's pipeline, the wheel in a fresh venv, the shared demo run and
+the modules that read it), started first so that each begins at once while the other worker takes the rest."""
 
 
-def _group(item) -> str:
-    """The worker unit of a test: every test of one session-scoped pipeline together (it is built once per worker
-    that asks for it), else its module (its module-scoped fixtures are built once)."""
-    if "slurm_cluster" in item.fixturenames:
-        return "slurm"
-    if "demo_run" in item.fixturenames:
-        return "demo-run"
-    return item.module.__name__.rpartition(".")[2]
+@functools.cache
+def worker_group(module: str) -> str:
+    """The worker unit of the tests of `module` (a path from the repository's root): the pipeline fixture it
+    names, else the module itself (its module-scoped fixtures are then built once)."""
+    source = (REPO / module).read_text(encoding="utf-8")
+    for fixture, group in SESSION_PIPELINES.items():
+        if re.search(rf"\b{fixture}\b", source):
+            return group
+    return Path(module).stem
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group into the test's id
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with the scopes of `worker_group`: each worker takes whole groups, in the
+    order collected (pytest_collection_modifyitems puts FIRST_GROUPS first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid.split("::", 1)[0])
+
+    config.option.loadscopereorder = False  # keep the collection's order (largest groups first)
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    groups = {item.nodeid: _group(item) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     rank = {group: place for place, group in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
+    items.sort(key=lambda item: rank.get(worker_group(item.nodeid.split("::", 1)[0]), len(rank)))
