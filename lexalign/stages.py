@@ -170,17 +170,23 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
 def align(*, model: str | Path, data: str | Path, output: str | Path, alignment: dict, checkpoint_dir: str | Path,
           reference: str | Path | None = None, device: str = "auto", seed: int = 42, trust_remote_code: bool = False,
           tokenizer: str | None = None, resume: str | None = None, verbose: bool = False,
-          resume_command: str | None = None, tracking: dict | None = None) -> Path:
+          resume_command: str | None = None, tracking: dict | None = None,
+          reference_model: str | Path | list | None = None, selection: str | Path | list | None = None) -> Path:
     """Align `model` (the SFT model, or the starting model with finetune.method none) on validated `data` (the
     alignment section) into `output`; with `reference` (the reference step's file; from the rule a one-element
     list, empty for the reference-free ORPO, SimPO and CPO) no reference pass runs in training. `tracking`: the
-    experiment and run name the trackers of alignment.report_to log to."""
+    experiment and run name the trackers of alignment.report_to log to. `reference_model`: the model `reference`
+    was computed from, when not `model` (an online round held to the SFT model); its key is checked against it.
+    `selection`: an online round's selection (JSON Lines with the sampled ids): without a reference file the
+    trainer reads those ids (the reference file already holds them)."""
     from lexalign.train.align import AlignJob
+    from lexalign.trainer_data import read_selection
 
-    if isinstance(reference, (list, tuple)):
-        reference = reference[0] if reference else None
+    reference, reference_model, selection = _one(reference), _one(reference_model), _one(selection)
     job = AlignJob(cfg=AlignConfig.from_dict(alignment), tokenizer_path=Path(tokenizer) if tokenizer else None,
                    reference_path=Path(reference) if reference else None, tracking=tracking,
+                   reference_model_path=Path(reference_model) if reference_model else None,
+                   sampled=read_selection(selection) if selection and not reference else None,
                    **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                  trust_remote_code, gated=True))
     if resume_command:

@@ -67,6 +67,57 @@ def test_invalid_online_sections_are_clear_errors(workdir):
     _config(workdir, online=None)
 
 
+def _jobs(output: str) -> list[dict]:
+    """The jobs of a dry run's output: rule, and each `key: value` line of its block (input, wildcards, ...)."""
+    jobs = []
+    for line in output.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            jobs.append({"rule": line.split()[1].rstrip(":")})
+        elif jobs and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1][key] = value
+    return jobs
+
+
+def _planned_reference_model(workdir, round_number: int) -> str:
+    result = snakemake(workdir, "-n", "results/online/final")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = [job for job in _jobs(result.stdout) if job["rule"] == "online_reference"
+            and job.get("wildcards", "").startswith(f"r={round_number},")]
+    assert len(jobs) == 1, result.stdout[-3000:]
+    models = [path for path in jobs[0]["input"].split(", ") if "/models/" in path or path.endswith("/model")]
+    assert len(models) == 1, jobs[0]["input"]
+    return models[0]
+
+
+def test_the_reference_of_a_round_is_the_sft_model_or_the_previous_rounds(workdir):
+    online = {"rounds": 2, "prompts": {"from": "demo"}, "judge": "demo", "sampling": {"max_new_tokens": 16}}
+    _config(workdir, online={**online, "reference": "sft"})
+    assert _planned_reference_model(workdir, 2) == "results/models/sft"
+    assert _planned_reference_model(workdir, 1) == "results/models/sft"
+    _config(workdir, online={**online, "reference": "previous"})
+    assert _planned_reference_model(workdir, 2) == "results/online/round-1/model"
+    assert _planned_reference_model(workdir, 1) == "results/models/sft"
+    _config(workdir, online=None)
+
+
+def test_per_round_alignment_settings_are_checked_by_round(workdir):
+    online = {"rounds": 3, "prompts": {"from": "demo"}, "judge": "demo", "sampling": {"max_new_tokens": 16}}
+    for alignment, said in [([{"beta": 0.1}, {"beta": -1}], ['"online.alignment[1].beta"', "round 2 and every "
+                                                            "later round"]),
+                            ([{}, {"betta": 0.2}, {}], ['"online.alignment[1].betta"', "online.alignment[1] (round 2)",
+                                                        'Did you mean "beta"?']),
+                            ({"learning_rate": 0}, ['"online.alignment.learning_rate"', "every round"]),
+                            ([{}, {"method": "gdpo", "group_delay_size": 4}], ["online.alignment[1] (round 2 and "
+                                                                               "every later round)", "best_worst"])]:
+        _config(workdir, online={**online, "alignment": alignment})
+        result = snakemake(workdir, "-n")
+        assert result.returncode != 0, alignment
+        assert all(text in result.stdout + result.stderr for text in said), (said, result.stderr[-2000:])
+        assert "Traceback" not in result.stdout + result.stderr
+    _config(workdir, online=None)
+
+
 @pytest.mark.slow
 def test_the_demo_rounds_end_to_end(tmp_path, demo_run):
     """The example, from the demo's prompts alone (no preference pair is read), on the SFT model of the shared

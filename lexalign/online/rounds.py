@@ -16,13 +16,56 @@ from pathlib import Path
 from lexalign import io
 from lexalign.errors import LexAlignError
 
-PAIR_METHODS = ("dpo",)
-"""The pair methods a round can train: those with a reference step, so the trained ids are the reference file's
-(the sampled ones). ORPO, SimPO and CPO tokenize the text in training (left: docs/online-plan.md)."""
+
+def selects(select: str, alignment: dict) -> bool:
+    """Whether a round's `alignment` trains on what `select` makes (lexalign.methods says what each method reads):
+    `best_worst` pairs, for a method reading pairs or unpaired rows (KTO: the best desirable, the worst not);
+    `ranked` groups of K, for a method reading ranked groups of more than 2 (GDPO)."""
+    from lexalign import methods
+
+    method = methods.of(alignment)
+    if select == "ranked":
+        return method.group_size(alignment["group_delay_size"]) is not None
+    return method.layout is not methods.Layout.RANKED
+
+
+def round_alignment(online: dict, number: int) -> dict:
+    """Round `number`'s alignment section (1-based): its item of the `online.alignment` list, the last item for
+    every later round."""
+    alignments = online["alignment"]
+    return alignments[min(number, len(alignments)) - 1]
+
+
+def round_name(online: dict, index: int) -> str:
+    """Where item `index` (0-based) of online.alignment is in the config, and which rounds it sets, for messages."""
+    count = len(online["alignment"])
+    if not online["listed"]:
+        return "online.alignment (every round)"
+    rounds = f"round {index + 1}" + (" and every later round" if index == count - 1 and index + 1 < online["rounds"]
+                                     else "")
+    return f"online.alignment[{index}] ({rounds})"
+
+
+def prompt_budget(online: dict, number: int) -> int | None:
+    """The longest prompt round `number` samples from: online.max_prompt_tokens, or (null) what the round's
+    alignment.max_length leaves after max_new_tokens, so a prompt and its completion are trained as sampled."""
+    if online["max_prompt_tokens"] is not None:
+        return online["max_prompt_tokens"]
+    length = round_alignment(online, number)["max_length"]
+    return None if length is None else max(length - online["sampling"]["max_new_tokens"], 0)
+
+
+def round_sampling(online: dict, number: int) -> dict:
+    """What shapes round `number`'s samples, and only that (the generate rule's params: the judge and the
+    selection are not here, so changing them never samples again)."""
+    return {**online["sampling"], "samples_per_prompt": online["samples_per_prompt"],
+            "max_prompt_tokens": prompt_budget(online, number), "per_round": online["prompts"]["per_round"]}
 
 
 def settings(config: dict) -> dict | None:
-    """The `online` section with its defaults, checked against the alignment it trains; None when absent/empty."""
+    """The `online` section with its defaults, checked against the alignment each round trains; None when
+    absent/empty. `alignment` becomes the list of every round's full alignment section (one mapping: a list of
+    one), `listed` says whether the config gave a list."""
     from lexalign.config.loader import section_defaults
     from lexalign.config.stages import AlignConfig, run_alignment
 
@@ -31,27 +74,43 @@ def settings(config: dict) -> dict | None:
         return None
     online = section_defaults("online", section)
     online["prompts"] = section_defaults("online", {"rounds": 1, "prompts": online["prompts"]})["prompts"]
-    alignment = run_alignment(config["alignment"], online["alignment"], "online")
-    AlignConfig.from_dict(alignment)
-    online["alignment"] = alignment
+    online["listed"] = isinstance(online["alignment"], list)
+    written = online["alignment"] if online["listed"] else [online["alignment"]]
+    online["alignment"] = written
+    alignments = []
+    for index, overrides in enumerate(written):
+        where = round_name(online, index)
+        try:
+            alignment = run_alignment(config["alignment"], overrides,
+                                      where=where.split(" ")[0] if online["listed"] else "online.alignment")
+            AlignConfig.from_dict(alignment)
+        except LexAlignError as err:
+            err.details = [*err.details, f"In {where}"]
+            raise
+        alignments.append(alignment)
+    online["alignment"] = alignments
     problems = []
-    k, method = online["samples_per_prompt"], alignment["method"]
-    if online["select"] == "best_worst" and method not in PAIR_METHODS:
-        problems.append(f"select best_worst trains pairs: online.alignment.method must be one of "
-                        f"{', '.join(PAIR_METHODS)} (it is {method})")
-    if online["select"] == "ranked" and (method != "gdpo" or not 2 < alignment["group_delay_size"] <= k):
-        problems.append(f"select ranked trains GDPO on ranked groups: online.alignment needs method gdpo with "
-                        f"2 < group_delay_size <= samples_per_prompt ({k})")
+    k = online["samples_per_prompt"]
+    for index, alignment in enumerate(alignments):
+        where, method = round_name(online, index), alignment["method"]
+        if online["select"] == "best_worst" and not selects("best_worst", alignment):
+            problems.append(f"{where}: select best_worst trains pairs (or KTO's unpaired rows), which method "
+                            f"{method} does not read: use select ranked, or a pair method")
+        if online["select"] == "ranked" and not (selects("ranked", alignment)
+                                                 and alignment["group_delay_size"] <= k):
+            problems.append(f"{where}: select ranked trains GDPO on ranked groups: it needs method gdpo with "
+                            f"2 < group_delay_size <= samples_per_prompt ({k}) (it is method {method}, "
+                            f"group_delay_size {alignment['group_delay_size']})")
+        length, new = alignment["max_length"], online["sampling"]["max_new_tokens"]
+        budget = None if length is None else length - new
+        wanted = online["max_prompt_tokens"]
+        if budget is not None and (budget < 1 or (wanted is not None and wanted > budget)):
+            problems.append(f"{where}: a prompt of max_prompt_tokens ({wanted or 'none left'}) and max_new_tokens "
+                            f"({new}) must fit the round's alignment.max_length ({length}): training would cut "
+                            f"the sampled tokens")
     prompts = online["prompts"]
     if prompts["from"] == "path" and not prompts["path"]:
         problems.append("online.prompts.from is path, but online.prompts.path is not set")
-    budget = alignment["max_length"] - online["sampling"]["max_new_tokens"]
-    if online["max_prompt_tokens"] is None:
-        online["max_prompt_tokens"] = max(budget, 0)
-    if budget < 1 or online["max_prompt_tokens"] > budget:
-        problems.append(f"a prompt of max_prompt_tokens ({online['max_prompt_tokens'] or 'none left'}) and "
-                        f"max_new_tokens ({online['sampling']['max_new_tokens']}) must fit the round's "
-                        f"alignment.max_length ({alignment['max_length']}): training would cut the sampled tokens")
     if online["judge"] == "reward_model" and not (config["evaluate"]["reward_model"] or {}).get("repo_id") \
             and not (config["evaluate"]["reward_model"] or {}).get("path"):
         problems.append("online.judge reward_model reads evaluate.reward_model, which names no model")
@@ -134,11 +193,13 @@ def generate_round(model, prompts, output, number: int, sampling: dict, device: 
     report = generate(model, round_prompts(source, number, sampling["per_round"]), work,
                       Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
                       batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
-                      max_prompt_tokens=sampling["max_prompt_tokens"])
+                      max_prompt_tokens=sampling["max_prompt_tokens"], shard_prompts=sampling["shard_prompts"])
     shutil.rmtree(output, ignore_errors=True)
     work.replace(output)
     print(f"Round {number}: {report['completions']} completions of {report['kept']} prompts "
-          f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated) → {output}", flush=True)
+          f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated; "
+          f"{report['shards_generated']} of {report['shards']} shards sampled now, the others by an earlier "
+          f"attempt) → {output}", flush=True)
     return report
 
 
@@ -212,17 +273,10 @@ def select_round(generations, scores, output, report, select: dict) -> dict:
 def sampled_token_tables(train, evals, selection, layout: str) -> dict:
     """Each split's token table from the ids the selection was sampled with, in the reference step's group order
     (`reference.split_groups`), so the reference log-probs and the trainer read exactly the sampled tokens."""
-    import pyarrow as pa
+    from lexalign.trainer_data import read_selection, sampled_token_table
 
-    from lexalign.online.select import validated_token_table
-    from lexalign.reference import split_groups
-
-    records = [json.loads(line) for line in Path(selection).read_text(encoding="utf-8").splitlines()]
-    tables = {}
-    for name, frame in (("train", train), ("eval", evals)):
-        table = validated_token_table(frame, records)
-        tables[name] = table.take(pa.array(split_groups(frame, layout).rows, type=pa.int64()))
-    return tables
+    records = read_selection(selection)
+    return {name: sampled_token_table(frame, layout, records) for name, frame in (("train", train), ("eval", evals))}
 
 
 def finish(model, rounds: list[str], output) -> dict:
