@@ -245,14 +245,16 @@ def lm_eval(*, model: str | Path, output: str | Path, lm_eval: dict, sft: str | 
 
 
 def report(*, evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path, page: str | Path,
-           plots: str | Path, runs: list[str], lm_evals: list[str] | None = None) -> Path:
+           plots: str | Path, runs: list[str], lm_evals: list[str] | None = None,
+           online: list[str] | None = None) -> Path:
     """The HTML report comparing every run (lists are in the order of `runs`; `lm_evals` empty when no lm-eval
-    tasks are configured)."""
+    tasks are configured; `online`: each online round's eval.json, in round order, empty without rounds)."""
     from lexalign.report import build_report
 
     benchmarks = dict(zip(runs, map(Path, lm_evals), strict=True)) if lm_evals else {}
     out = build_report(dict(zip(runs, map(Path, evals), strict=True)), dict(zip(runs, map(Path, models), strict=True)),
-                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks)
+                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks,
+                       [Path(e).parent for e in online or []])
     print(f"Report written to {out}", flush=True)
     return out
 
@@ -356,6 +358,18 @@ def online_reference(*, model: str | Path, data: str | Path, selection: str | Pa
     return summary
 
 
+def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path, prompts: str | Path,
+                    output: str | Path, number: int, evaluate: dict, held_out: dict, reference_name: str,
+                    seed: int = 42, data: str | Path | list | None = None,
+                    reward_model: str | Path | list | None = None, device: str = "auto") -> dict:
+    """Round `number`'s model against the SFT model on held-out prompts (the online judge's win rate with its
+    interval, judged means, lengths) and its KL to the round's reference, into `output` (json)."""
+    from lexalign.online.rounds import evaluate_round
+
+    return evaluate_round(model, sft, reference, prompts, output, number, evaluate, held_out, reference_name, seed,
+                          _one(data), _one(reward_model), device)
+
+
 def online_final(*, model: str | Path, rounds: list[str], output: str | Path) -> dict:
     """The last round's model into `output`, with lineage naming every round."""
     from lexalign.online.rounds import finish
@@ -364,4 +378,4 @@ def online_final(*, model: str | Path, rounds: list[str], output: str | Path) ->
 
 
 STEPS.update({step.__name__: step for step in (online_prompts, online_generate, online_score, online_select,
-                                               online_reference, online_final)})
+                                               online_reference, online_evaluate, online_final)})

@@ -142,9 +142,38 @@ use rule align as online_align with:
     benchmark:
         f"{RESULTS}/benchmarks/online/round-{{r}}/align.tsv"
 
+rule online_evaluate:
+    input:
+        model=f"{ONLINE_ROUND}/model",
+        sft=sft_model(),
+        reference=online_reference_model,
+        prompts=f"{RESULTS}/online/prompts.json",
+        # The held-out prompts: the validated data's eval split (prompts from: preference_data).
+        data=[f"{RESULTS}/data/preferences"] if _ON["prompts"]["from"] == "preference_data" else [],
+        reward_model=[f"{RESULTS}/models/reward"] if _ON["judge"] == "reward_model" else [],
+        code=step_code("online_evaluate"),
+    output:
+        output=f"{ONLINE_ROUND}/eval.json",
+    params:
+        number=lambda wc: int(wc.r),
+        # The online judge (what the rounds optimise), with the evaluate section's decoding and judge settings.
+        evaluate={**evaluate_params(), "judge": _ON["judge"]},
+        held_out={"from": _ON["prompts"]["from"]},
+        reference_name=lambda wc: "SFT" if online_reference_model(wc) == sft_model() else f"round {int(wc.r) - 1}",
+        seed=config["seed"],
+        device=config["device"],
+    conda:
+        conda_env()
+    log:
+        f"{LOGS}/online/round-{{r}}/evaluate.log",
+    script:
+        "../scripts/step.py"
+
 rule online_final:
     input:
         [f"{RESULTS}/online/round-{r}/selection.json" for r in range(1, _ON["rounds"] + 1)],
+        # Each round's figures go into the final model's lineage.
+        online_evaluations(),
         model=f"{RESULTS}/online/round-{_ON['rounds']}/model",
         code=step_code("online_final"),
     output:

@@ -27,6 +27,12 @@ def online_targets():
     return [f"{RESULTS}/online/final"] if ONLINE else []
 
 
+def online_evaluations():
+    """Every round's evaluation against the SFT model (the report's per-round plots), in round order; none
+    without an online section."""
+    return [f"{RESULTS}/online/round-{r}/eval.json" for r in range(1, ONLINE["rounds"] + 1)] if ONLINE else []
+
+
 def online_alignment(wc):
     """Round r's alignment section (online.alignment: one for every round, or a list, one per round): each
     round's jobs read only their own, so changing round 2's replans round 2's align and what follows."""

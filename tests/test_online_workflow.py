@@ -34,11 +34,13 @@ ANSWER = re.compile(r"\[The start of the answer\]\n(.*?)\n\[The end of the answe
 
 class HashRatingServer(ChatServer):
     """Rates an answer 1-10 by a hash of its text: the same text always gets the same rating, two texts rarely
-    tie."""
+    tie. Asked to compare two answers (each round's evaluation against SFT), calls it a tie."""
 
     def reply(self, body: dict, number: int) -> str:
-        answer = ANSWER.search(body["messages"][-1]["content"]).group(1)
-        return f"[[{int(hashlib.sha256(answer.encode()).hexdigest(), 16) % 10 + 1}]]"
+        found = ANSWER.search(body["messages"][-1]["content"])
+        if found is None:
+            return "[[C]]"
+        return f"[[{int(hashlib.sha256(found.group(1).encode()).hexdigest(), 16) % 10 + 1}]]"
 
 
 def _edit(workdir, online=None, **sections):
@@ -85,7 +87,9 @@ def rounds_run(tmp_path_factory, judge):
     """Two DPO rounds from the random demo model (finetune: none), 4 prompts x 3 samples a round."""
     workdir = copy_workflow(tmp_path_factory.mktemp("online-run"))
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
-    evaluate = {**config["evaluate"], "llm_judge": {"base_url": judge.url, "model": "hash-judge"}}
+    # Each round's evaluation against SFT (for the report) asks the same judge: a few prompts, short answers.
+    evaluate = {**config["evaluate"], "llm_judge": {"base_url": judge.url, "model": "hash-judge"},
+                "num_prompts": 4, "num_samples": 2, "max_new_tokens": 6}
     _edit(workdir, online=ONLINE, finetune={"method": "none"}, evaluate=evaluate)
     _run(workdir)
     return workdir
@@ -100,10 +104,11 @@ def test_one_rounds_settings_replan_that_round_and_what_follows(rounds_run, tmp_
     workdir = _copy(rounds_run, tmp_path)
     assert _plan(workdir) == {}
     _edit(workdir, online={**ONLINE, "alignment": [dict(STEP), {**STEP, "learning_rate": 5e-3}]})
-    assert _plan(workdir) == {"online_align": 1, "online_final": 1}
+    assert _plan(workdir) == {"online_align": 1, "online_evaluate": 1, "online_final": 1}
     _edit(workdir, online={**ONLINE, "alignment": [{**STEP, "beta": 0.2}, dict(STEP)]})
     # Round 1's model changes, so round 2 samples again: every job of round 2, and round 1's align alone.
-    assert _plan(workdir) == {**dict.fromkeys(ROUND, 1), "online_align": 2, "online_final": 1}
+    assert _plan(workdir) == {**dict.fromkeys(ROUND, 1), "online_align": 2, "online_evaluate": 2,
+                              "online_final": 1}
     # One mapping is every round's: the same settings as the list of two equal ones, nothing to do.
     _edit(workdir, online={**ONLINE, "alignment": dict(STEP)})
     assert _plan(workdir) == {}
@@ -120,7 +125,7 @@ def test_a_reference_free_round_trains_on_the_sampled_ids(rounds_run, tmp_path, 
     """ORPO, SimPO and CPO: no reference job; the round trains, on exactly the ids sampled."""
     workdir = _copy(rounds_run, tmp_path)
     _edit(workdir, online={**ONLINE, "alignment": [dict(STEP), {**STEP, "method": method}]})
-    assert _plan(workdir) == {"online_align": 1, "online_final": 1}  # no online_reference
+    assert _plan(workdir) == {"online_align": 1, "online_evaluate": 1, "online_final": 1}  # no online_reference
     if method != "simpo":
         return  # one of the family trains (the same trainer); the others' plans are checked
     _run(workdir)
@@ -152,7 +157,7 @@ def test_a_reference_free_round_trains_on_the_sampled_ids(rounds_run, tmp_path, 
 def test_a_kto_round_trains_the_best_as_desirable_and_the_worst_as_not(rounds_run, tmp_path):
     workdir = _copy(rounds_run, tmp_path)
     _edit(workdir, online={**ONLINE, "alignment": [dict(STEP), {**STEP, "method": "kto"}]})
-    assert _plan(workdir) == {"online_reference": 1, "online_align": 1, "online_final": 1}
+    assert _plan(workdir) == {"online_reference": 1, "online_align": 1, "online_evaluate": 1, "online_final": 1}
     _run(workdir)
     folder = workdir / "results" / "online" / "round-2"
     assert _changed(_weights(workdir / "results" / "online" / "round-1" / "model"), _weights(folder / "model"))
@@ -171,7 +176,7 @@ def test_a_generation_killed_mid_way_resumes_from_its_shards(rounds_run, tmp_pat
     """Snakemake stopped while round 1 samples (some shards written): the rerun samples only the missing shards,
     and the generations equal an uninterrupted run's."""
     workdir = _copy(rounds_run, tmp_path)
-    sampling = {"max_new_tokens": 48, "batch_size": 1, "shard_prompts": 1, "seed": 7}
+    sampling = {"max_new_tokens": 32, "batch_size": 1, "shard_prompts": 1, "seed": 7}
     online = {**ONLINE, "prompts": {"from": "demo", "per_round": 8}, "sampling": sampling}
     _edit(workdir, online=online)
     target = "results/online/round-1/generations"

@@ -279,6 +279,73 @@ def sampled_token_tables(train, evals, selection, layout: str) -> dict:
     return {name: sampled_token_table(frame, layout, records) for name, frame in (("train", train), ("eval", evals))}
 
 
+# --- how each round's model does against the SFT model ----------------------------------------------------------
+
+
+def held_out_prompts(prompts: dict, source, data, seed: int, count: int) -> tuple[list, bool, bool]:
+    """(prompts, whether they are rendered already, whether no round trains on them) for a round's evaluation:
+    the demo's held-out prompts; the validated preference data's eval prompts; else (a prompt file, or no eval
+    split) the first prompts of the rounds' order, which a round may have sampled (said in eval.json)."""
+    if prompts["from"] == "demo":
+        from lexalign.demo import task
+
+        return task.eval_prompts(seed, count), True, True
+    if prompts["from"] == "preference_data" and data:
+        import pandas as pd
+
+        from lexalign.tokens import CHAT_ATTR
+
+        evals = pd.read_parquet(Path(data) / "eval.parquet")
+        if len(evals):
+            chosen = sorted(set(evals["prompt"].astype(str)))
+            random.Random(seed).shuffle(chosen)
+            return chosen[:count], bool(io.read_json(Path(data) / "report.json").get(CHAT_ATTR, False)), True
+    everything = io.read_json(source)
+    return everything["prompts"][:count], everything["rendered"], False
+
+
+def evaluate_round(model, sft, reference, prompts, output, number: int, evaluate: dict, held_out: dict,
+                   reference_name: str, seed: int = 42, data=None, reward_model=None, device: str = "cpu") -> dict:
+    """Round `number`'s model against the SFT model on held-out prompts, greedy (`lexalign.evaluate`'s pieces, as
+    the evaluate step): the judge's win rate with its bootstrap interval and both models' mean judged score, the
+    answer lengths, and the Monte Carlo KL(round model ‖ the round's reference) on samples of the round model."""
+    from lexalign import judges
+    from lexalign.config.stages import EvaluateConfig
+    from lexalign.evaluate import generate_answers, kl_estimate, length_summary
+    from lexalign.models import load_causal_lm, load_tokenizer, resolve_device
+    from lexalign.online.generate import render_prompts
+
+    device = resolve_device(device)
+    cfg = EvaluateConfig.from_dict(evaluate)
+    judges.check(cfg, reward_model)  # a wrong judge fails now, not after the generations
+    texts, rendered, unseen = held_out_prompts(held_out, prompts, data, seed, cfg.num_prompts)
+    tokenizer = load_tokenizer(model)
+    texts, chat = render_prompts(tokenizer, texts, rendered)
+    policy = load_causal_lm(model, device).to(device).eval()
+    baseline = load_causal_lm(sft, device).to(device).eval()
+    answers = {name: generate_answers(m, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, chat)
+               for name, m in (("sft", baseline), ("aligned", policy))}
+    held_to = baseline if Path(reference).resolve() == Path(sft).resolve() else \
+        load_causal_lm(reference, device).to(device).eval()
+    kl = kl_estimate(policy, held_to, tokenizer, texts, cfg.max_new_tokens, seed, cfg.batch_size, chat)
+    del policy, baseline, held_to
+    sft_texts, aligned_texts = ([a["text"] for a in answers[name]] for name in ("sft", "aligned"))
+    result = {"round": number, "model": str(model), "sft": str(sft), "reference": str(reference),
+              "reference_name": reference_name, "prompts": len(texts), "held_out": unseen,
+              "decoding": {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "chat_template": chat},
+              "judge": judges.judge(cfg, texts, sft_texts, aligned_texts, chat, seed, reward_model, device),
+              "length": length_summary(answers), "kl_to_reference": kl,
+              "samples": [{"prompt": p, "sft": s, "aligned": a} for p, s, a in
+                          list(zip(texts, sft_texts, aligned_texts, strict=True))[:cfg.num_samples]]}
+    io.write_json(output, result)
+    judged = result["judge"] or {}
+    print(f"Round {number} against SFT on {len(texts)} {'held-out ' if unseen else ''}prompts: win rate "
+          f"{judged.get('win_rate')} ({judged.get('ci_low')} – {judged.get('ci_high')}), judged mean "
+          f"{judged.get('mean_reward_sft')} → {judged.get('mean_reward_aligned')}, KL to {reference_name} {kl:.4f}"
+          f" → {output}", flush=True)
+    return result
+
+
 def finish(model, rounds: list[str], output) -> dict:
     """The last round's model copied into `output`, its lineage naming every round (generations' policy, judge,
     selection counts, validated rows)."""
@@ -293,11 +360,37 @@ def finish(model, rounds: list[str], output) -> dict:
                         "selection": io.read_json(folder / "selection.json"),
                         "preferences": {k: io.read_json(folder / "preferences" / "report.json").get(k)
                                         for k in ("kept_rows", "rejected_rows", "train_rows", "eval_rows")},
-                        "model": str(folder / "model"), "model_sha256": io.hash_path(folder / "model")})
+                        "model": str(folder / "model"), "model_sha256": io.hash_path(folder / "model"),
+                        "evaluation": round_figures(folder)["evaluation"]})
     output = Path(output)
     shutil.copytree(model, output)
     write_lineage(output, stage_record("online", {"rounds": len(rounds)}, {"model": model},
                                        extra={"rounds": history}))
-    print(f"Online: {len(rounds)} rounds; mean judged score per round: "
-          + ", ".join(f"{h['selection'].get('mean_score')}" for h in history) + f" → {output}", flush=True)
+    print(f"Online: {len(rounds)} rounds; mean judged score of each round's samples: "
+          + ", ".join(f"{h['selection'].get('mean_score')}" for h in history) + "; win rate against SFT after each: "
+          + ", ".join(f"{h['evaluation'].get('win_rate')}" for h in history) + f" → {output}", flush=True)
     return {"rounds": history}
+
+
+def round_figures(folder) -> dict:
+    """A round's figures from its files, for the report and the lineage: its samples (generations/report.json,
+    selection.json: sampled from the model the round started from) and its model's evaluation (eval.json)."""
+    folder = Path(folder)
+    generated = io.read_json(folder / "generations" / "report.json")
+    selection = io.read_json(folder / "selection.json")
+    evaluation = io.read_json(folder / "eval.json") if (folder / "eval.json").is_file() else {}
+    judged, length = evaluation.get("judge") or {}, evaluation.get("length") or {}
+    return {"samples": {"policy": generated["policy"], "completions": generated["completions"],
+                        "mean_tokens": generated.get("mean_completion_tokens"),
+                        "truncated": generated["truncated"], "mean_score": selection.get("mean_score"),
+                        "selected": selection.get("selected"), "ties": selection.get("ties"),
+                        "temperature": generated["sampling"]["temperature"]},
+            "evaluation": {"judge": judged.get("name"), "prompts": evaluation.get("prompts"),
+                           "held_out": evaluation.get("held_out"), "win_rate": judged.get("win_rate"),
+                           "ci_low": judged.get("ci_low"), "ci_high": judged.get("ci_high"),
+                           "mean_score_sft": judged.get("mean_reward_sft"),
+                           "mean_score": judged.get("mean_reward_aligned"),
+                           "sft_mean_tokens": length.get("sft_mean_tokens"),
+                           "mean_tokens": length.get("aligned_mean_tokens"),
+                           "kl_to_reference": evaluation.get("kl_to_reference"),
+                           "reference": evaluation.get("reference_name")}}
