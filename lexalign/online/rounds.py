@@ -2,8 +2,9 @@
 
 Each function here is the body of one step of `lexalign.stages` (online_*):
 prompts → generate → score → select → (the existing validation) → reference
-(the sampled ids, never re-encoded) → (the existing align) → final. The
-settings are the config's `online` section, checked once by `settings`.
+(the sampled ids, never re-encoded) → (the existing align) → evaluate (against
+SFT) → final. The settings are the config's `online` section, checked once by
+`settings` (each round's alignment: `round_alignment`).
 """
 
 from __future__ import annotations
