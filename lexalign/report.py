@@ -11,7 +11,11 @@
   loss (an IPO loss of 25 and a sigmoid loss of 0.7 never share an axis);
   points marked and labelled when a run logged only a few;
 - the validation report: counts, whether the longer answer is the preferred
-  one, the token-length histogram.
+  one, the token-length histogram;
+- with online rounds, their own section: per round, the judge's mean score,
+  the win rate against SFT with its interval, the answer length and the KL to
+  the round's reference, from each round's files (`lexalign.online.rounds.
+  round_figures`), plotted against the model (0: SFT, r: after round r).
 
 The PNGs are also outputs of their own, marked `report()` in the workflow, so
 `snakemake --report` includes them with captions.
@@ -354,6 +358,101 @@ def validation_text(report: dict) -> str:
     return html.escape(text)
 
 
+def online_points(rounds: list[dict]) -> dict[str, list[tuple]]:
+    """The per-round series, each point (model, value[, low, high]) where model 0 is SFT and r the model after
+    round r: a round's samples come from the model it started from (r - 1), its evaluation is of its own model
+    (r), against the SFT model's greedy answers (the SFT's own value at 0). A value a round lacks is left out."""
+    points: dict[str, list[tuple]] = {key: [] for key in ("sampled_score", "greedy_score", "win_rate",
+                                                           "sampled_tokens", "greedy_tokens", "kl")}
+    for number, figures in enumerate(rounds, start=1):
+        sampled, evaluation = figures["samples"], figures["evaluation"]
+        if number == 1:
+            for key, name in (("greedy_score", "mean_score_sft"), ("greedy_tokens", "sft_mean_tokens")):
+                if evaluation.get(name) is not None:
+                    points[key].append((0, evaluation[name]))
+        for key, value, model in (("sampled_score", sampled["mean_score"], number - 1),
+                                  ("sampled_tokens", sampled["mean_tokens"], number - 1),
+                                  ("greedy_score", evaluation.get("mean_score"), number),
+                                  ("greedy_tokens", evaluation.get("mean_tokens"), number),
+                                  ("kl", evaluation.get("kl_to_reference"), number)):
+            if value is not None:
+                points[key].append((model, value))
+        if evaluation.get("win_rate") is not None:
+            points["win_rate"].append((number, evaluation["win_rate"], evaluation.get("ci_low"),
+                                       evaluation.get("ci_high")))
+    return points
+
+
+def plot_online(rounds: list[dict], out_dir: Path) -> Path:
+    """Four panels over the models (0: SFT, r: after round r), each saying what its points are."""
+    plt = _figure()
+    points = online_points(rounds)
+    temperature = rounds[0]["samples"]["temperature"] if rounds else None
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), dpi=100)
+    panels = [
+        (axes[0], "Judge's mean score", [("sampled_score", f"samples it drew (T={temperature})"),
+                                          ("greedy_score", "greedy, held-out prompts")]),
+        (axes[2], "Answer length (tokens)", [("sampled_tokens", "samples it drew"),
+                                             ("greedy_tokens", "greedy, held-out prompts")]),
+        (axes[3], "KL to the round's reference", [("kl", "KL(model ‖ its round's reference), sampled")]),
+    ]
+    for ax, title, series in panels:
+        for key, label in series:
+            if points[key]:
+                _plot_series(ax, [p[:2] for p in points[key]], label)
+        ax.set(title=title, xlabel="model (0: SFT, r: after round r)")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    ax = axes[1]
+    if points["win_rate"]:
+        xs = [p[0] for p in points["win_rate"]]
+        rates = [p[1] for p in points["win_rate"]]
+        low = [r - (p[2] if p[2] is not None else r) for p, r in zip(points["win_rate"], rates, strict=True)]
+        high = [(p[3] if p[3] is not None else r) - r for p, r in zip(points["win_rate"], rates, strict=True)]
+        ax.errorbar(xs, rates, yerr=[low, high], marker="o", capsize=4, color="tab:green",
+                    label="greedy, held-out prompts (95% CI)")
+        for x, y in zip(xs, rates, strict=True):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.legend(fontsize=7)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(title="Win rate against SFT", ylim=(0, 1.05), xlabel="model after round r")
+    ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = out_dir / "online_rounds.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def online_table(rounds: list[dict]) -> str:
+    """One row per round: its samples (drawn from the model it started from) and its model's evaluation."""
+    rows = []
+    for number, figures in enumerate(rounds, start=1):
+        sampled, e = figures["samples"], figures["evaluation"]
+        interval = "—" if e.get("ci_low") is None else f"{_pct(e['ci_low'])} – {_pct(e['ci_high'])}"
+        rows.append([str(number), str(sampled["completions"]), f"{sampled['selected']} / {sampled['ties']}",
+                     _fmt(sampled["mean_score"]), _fmt(sampled["mean_tokens"], 1), _fmt(e.get("mean_score")),
+                     _pct(e.get("win_rate")), interval, _fmt(e.get("mean_tokens"), 1), _fmt(e.get("kl_to_reference")),
+                     html.escape(str(e.get("reference") or "—"))])
+    first = rounds[0]["evaluation"] if rounds else {}
+    note = (f'<p class="note">Samples: the round\'s completions, drawn from the model it started from (round 1: '
+            f"SFT), scored by the round's judge. Evaluation: the round's model against the SFT model, greedy, on "
+            f"{first.get('prompts', '—')} {'held-out ' if first.get('held_out') else ''}prompts (judge "
+            f"{html.escape(str(first.get('judge')))}; SFT's own mean score "
+            f"{_fmt(first.get('mean_score_sft'))}, its answers {_fmt(first.get('sft_mean_tokens'), 1)} tokens); "
+            f"KL: a Monte Carlo estimate per prompt on the round model's samples.</p>")
+    return _table(["round", "samples", "pairs / ties", "mean score of samples", "sample tokens",
+                   "mean score (greedy)", "win rate vs SFT", "95% CI", "answer tokens (greedy)",
+                   "KL to reference", "reference"], rows, "online") + note
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LexAlign report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
@@ -379,6 +478,7 @@ summary{{cursor:pointer;margin:0.4em 0;font-weight:bold}}</style></head>
 {samples}
 <h2>Training curves</h2>
 {curve_images}
+{online}
 <h2>Validated data</h2>
 <p>{validation}</p>
 {length_images}
@@ -397,10 +497,21 @@ def _images(paths: list[Path], page: Path) -> str:
     return "\n".join(f'<img src="{p.relative_to(page.parent).as_posix()}" alt="{p.stem}">' for p in paths)
 
 
+def online_section(rounds: list[Path], plots: Path, page: Path) -> str:
+    """The online rounds' section (empty without rounds): the per-round plot and table."""
+    if not rounds:
+        return ""
+    from lexalign.online.rounds import round_figures
+
+    figures = [round_figures(folder) for folder in rounds]
+    return (f"<h2>Online rounds</h2>\n{online_table(figures)}\n{_images([plot_online(figures, plots)], page)}")
+
+
 def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Path, tokenizer_dir: Path,
-                 page: Path, plots: Path, benchmarks: dict[str, Path] | None = None) -> Path:
+                 page: Path, plots: Path, benchmarks: dict[str, Path] | None = None,
+                 online: list[Path] | None = None) -> Path:
     """Write the plots into `plots` and the page to `page` (images linked relatively). `benchmarks`: each run's
-    lm-eval result (none when no lm-eval task is configured)."""
+    lm-eval result (none when no lm-eval task is configured); `online`: the online rounds' folders, in order."""
     plots.mkdir(parents=True, exist_ok=True)
     from lexalign.lineage import read_lineage
 
@@ -419,5 +530,6 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
         benchmarks=f"<h2>Benchmarks (lm-evaluation-harness)</h2>\n{bench}" if bench else "",
         samples=samples_section(results), curve_images=_images(curves, page),
         validation=validation_text(report), length_images=_images([lengths], page),
+        online=online_section(list(online or []), plots, page),
     ))
     return page

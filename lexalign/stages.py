@@ -176,17 +176,23 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
 def align(*, model: str | Path, data: str | Path, output: str | Path, alignment: dict, checkpoint_dir: str | Path,
           reference: str | Path | None = None, device: str = "auto", seed: int = 42, trust_remote_code: bool = False,
           tokenizer: str | None = None, resume: str | None = None, verbose: bool = False,
-          resume_command: str | None = None, tracking: dict | None = None) -> Path:
+          resume_command: str | None = None, tracking: dict | None = None,
+          reference_model: str | Path | list | None = None, selection: str | Path | list | None = None) -> Path:
     """Align `model` (the SFT model, or the starting model with finetune.method none) on validated `data` (the
     alignment section) into `output`; with `reference` (the reference step's file; from the rule a one-element
     list, empty for the reference-free ORPO, SimPO and CPO) no reference pass runs in training. `tracking`: the
-    experiment and run name the trackers of alignment.report_to log to."""
+    experiment and run name the trackers of alignment.report_to log to. `reference_model`: the model `reference`
+    was computed from, when not `model` (an online round held to the SFT model); its key is checked against it.
+    `selection`: an online round's selection (JSON Lines with the sampled ids): without a reference file the
+    trainer reads those ids (the reference file already holds them)."""
     from lexalign.train.align import AlignJob
+    from lexalign.trainer_data import read_selection
 
-    if isinstance(reference, (list, tuple)):
-        reference = reference[0] if reference else None
+    reference, reference_model, selection = _one(reference), _one(reference_model), _one(selection)
     job = AlignJob(cfg=AlignConfig.from_dict(alignment), tokenizer_path=Path(tokenizer) if tokenizer else None,
                    reference_path=Path(reference) if reference else None, tracking=tracking,
+                   reference_model_path=Path(reference_model) if reference_model else None,
+                   sampled=read_selection(selection) if selection and not reference else None,
                    **_job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose,
                                  trust_remote_code, gated=True))
     if resume_command:
@@ -251,14 +257,16 @@ def lm_eval(*, model: str | Path, output: str | Path, lm_eval: dict, sft: str | 
 
 
 def report(*, evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path, page: str | Path,
-           plots: str | Path, runs: list[str], lm_evals: list[str] | None = None) -> Path:
+           plots: str | Path, runs: list[str], lm_evals: list[str] | None = None,
+           online: list[str] | None = None) -> Path:
     """The HTML report comparing every run (lists are in the order of `runs`; `lm_evals` empty when no lm-eval
-    tasks are configured)."""
+    tasks are configured; `online`: each online round's eval.json, in round order, empty without rounds)."""
     from lexalign.report import build_report
 
     benchmarks = dict(zip(runs, map(Path, lm_evals), strict=True)) if lm_evals else {}
     out = build_report(dict(zip(runs, map(Path, evals), strict=True)), dict(zip(runs, map(Path, models), strict=True)),
-                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks)
+                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks,
+                       [Path(e).parent for e in online or []])
     print(f"Report written to {out}", flush=True)
     return out
 
@@ -362,6 +370,18 @@ def online_reference(*, model: str | Path, data: str | Path, selection: str | Pa
     return summary
 
 
+def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path, prompts: str | Path,
+                    output: str | Path, number: int, evaluate: dict, held_out: dict, reference_name: str,
+                    seed: int = 42, data: str | Path | list | None = None,
+                    reward_model: str | Path | list | None = None, device: str = "auto") -> dict:
+    """Round `number`'s model against the SFT model on held-out prompts (the online judge's win rate with its
+    interval, judged means, lengths) and its KL to the round's reference, into `output` (json)."""
+    from lexalign.online.rounds import evaluate_round
+
+    return evaluate_round(model, sft, reference, prompts, output, number, evaluate, held_out, reference_name, seed,
+                          _one(data), _one(reward_model), device)
+
+
 def online_final(*, model: str | Path, rounds: list[str], output: str | Path) -> dict:
     """The last round's model into `output`, with lineage naming every round."""
     from lexalign.online.rounds import finish
@@ -370,4 +390,4 @@ def online_final(*, model: str | Path, rounds: list[str], output: str | Path) ->
 
 
 STEPS.update({step.__name__: step for step in (online_prompts, online_generate, online_score, online_select,
-                                               online_reference, online_final)})
+                                               online_reference, online_evaluate, online_final)})

@@ -43,6 +43,7 @@ STEP_OF_RULE = {
     "online_validate": "validate",
     "online_reference": "online_reference",
     "online_align": "align",
+    "online_evaluate": "online_evaluate",
     "online_final": "online_final",
 }
 """Which step function of lexalign.stages each rule runs (sweep runs and variants share their step)."""

@@ -29,9 +29,7 @@ rule online_generate:
         output=directory(f"{ONLINE_ROUND}/generations"),
     params:
         number=lambda wc: int(wc.r),
-        # What shapes the samples, and only that: the judge and the selection are not here.
-        sampling={**_ON["sampling"], "samples_per_prompt": _ON["samples_per_prompt"],
-                  "max_prompt_tokens": _ON["max_prompt_tokens"], "per_round": _ON["prompts"]["per_round"]},
+        sampling=online_sampling,
         device=config["device"],
     conda:
         conda_env()
@@ -73,8 +71,7 @@ rule online_select:
         output=f"{ONLINE_ROUND}/selection.jsonl",
         report=f"{ONLINE_ROUND}/selection.json",
     params:
-        select={"select": _ON["select"], "truncated": _ON["truncated"],
-                "group_size": _ON["alignment"].get("group_delay_size", 2)},
+        select=online_selection,
     conda:
         conda_env()
     log:
@@ -91,9 +88,7 @@ use rule validate_preferences as online_validate with:
     output:
         output=directory(f"{ONLINE_ROUND}/preferences"),
     params:
-        dataset={"eval_fraction": _ON["eval_fraction"], "max_length": _ON["alignment"]["max_length"],
-                 **({"group_size": _ON["alignment"]["group_delay_size"]} if _ON["select"] == "ranked"
-                    else {})},
+        dataset=online_validation,
         seed=config["seed"],
         trust_remote_code=config["model"]["trust_remote_code"],
         kto_weights=None,
@@ -103,21 +98,23 @@ use rule validate_preferences as online_validate with:
 
 rule online_reference:
     input:
-        model=online_policy,
+        model=online_reference_model,
         data=f"{ONLINE_ROUND}/preferences",
         # The sampled ids: the reference and the trainer read them, never the text re-encoded.
         selection=f"{ONLINE_ROUND}/selection.jsonl",
         code=step_code("online_reference"),
     output:
-        output=online_reference_file(),
+        output=f"{RESULTS}/reference/online-round-{{r}}/{{setting}}.parquet",
     params:
-        setting=parse_setting(Path(online_reference_file()).stem),
+        setting=lambda wc: parse_setting(wc.setting),
         device=config["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
+    wildcard_constraints:
+        setting=SETTING_PATTERN,
     conda:
         conda_env()
     log:
-        f"{LOGS}/online/round-{{r}}/reference.log",
+        f"{LOGS}/online/round-{{r}}/reference-{{setting}}.log",
     script:
         "../scripts/step.py"
 
@@ -125,25 +122,58 @@ use rule align as online_align with:
     input:
         model=online_policy,
         data=f"{ONLINE_ROUND}/preferences",
-        reference=online_reference_file(),
+        reference=online_reference_file,
+        # What the reference file's key is checked against (reference: sft holds every round to the SFT model).
+        reference_model=online_reference_input,
+        # The sampled ids, for a method with no reference file (ORPO, SimPO, CPO): never the text re-encoded.
+        selection=f"{ONLINE_ROUND}/selection.jsonl",
         code=step_code("online_align"),
     output:
         output=directory(f"{ONLINE_ROUND}/model"),
     params:
-        alignment=_ON["alignment"],
+        alignment=online_alignment,
         device=config["device"],
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
         checkpoint_dir=lambda wc: f"{RESULTS}/checkpoints/online/round-{wc.r}",
-        tracking=lambda wc: tracking_params(_ON["alignment"], f"online-round-{wc.r}"),
+        tracking=lambda wc: tracking_params(online_alignment(wc), f"online-round-{wc.r}"),
     log:
         f"{LOGS}/online/round-{{r}}/align.log",
     benchmark:
         f"{RESULTS}/benchmarks/online/round-{{r}}/align.tsv"
 
+rule online_evaluate:
+    input:
+        model=f"{ONLINE_ROUND}/model",
+        sft=sft_model(),
+        reference=online_reference_model,
+        prompts=f"{RESULTS}/online/prompts.json",
+        # The held-out prompts: the validated data's eval split (prompts from: preference_data).
+        data=[f"{RESULTS}/data/preferences"] if _ON["prompts"]["from"] == "preference_data" else [],
+        reward_model=[f"{RESULTS}/models/reward"] if _ON["judge"] == "reward_model" else [],
+        code=step_code("online_evaluate"),
+    output:
+        output=f"{ONLINE_ROUND}/eval.json",
+    params:
+        number=lambda wc: int(wc.r),
+        # The online judge (what the rounds optimise), with the evaluate section's decoding and judge settings.
+        evaluate={**evaluate_params(), "judge": _ON["judge"]},
+        held_out={"from": _ON["prompts"]["from"]},
+        reference_name=lambda wc: "SFT" if online_reference_model(wc) == sft_model() else f"round {int(wc.r) - 1}",
+        seed=config["seed"],
+        device=config["device"],
+    conda:
+        conda_env()
+    log:
+        f"{LOGS}/online/round-{{r}}/evaluate.log",
+    script:
+        "../scripts/step.py"
+
 rule online_final:
     input:
         [f"{RESULTS}/online/round-{r}/selection.json" for r in range(1, _ON["rounds"] + 1)],
+        # Each round's figures go into the final model's lineage.
+        online_evaluations(),
         model=f"{RESULTS}/online/round-{_ON['rounds']}/model",
         code=step_code("online_final"),
     output:

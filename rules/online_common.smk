@@ -6,6 +6,8 @@
 # samples from round r's model. Every output is a file of the DAG, so raising `rounds` plans only the new
 # rounds, and the judge, a wildcard of the scores file, replans the scores and after, never the generations.
 # Without an `online` section no rule here is defined and the offline pipeline's plan is unchanged.
+from lexalign.online.rounds import round_alignment as _round_alignment  # noqa: E402
+from lexalign.online.rounds import round_sampling as _round_sampling  # noqa: E402
 from lexalign.online.rounds import settings as _online_settings  # noqa: E402
 
 try:
@@ -25,16 +27,62 @@ def online_targets():
     return [f"{RESULTS}/online/final"] if ONLINE else []
 
 
+def online_evaluations():
+    """Every round's evaluation against the SFT model (the report's per-round plots), in round order; none
+    without an online section."""
+    return [f"{RESULTS}/online/round-{r}/eval.json" for r in range(1, ONLINE["rounds"] + 1)] if ONLINE else []
+
+
+def online_alignment(wc):
+    """Round r's alignment section (online.alignment: one for every round, or a list, one per round): each
+    round's jobs read only their own, so changing round 2's replans round 2's align and what follows."""
+    return _round_alignment(_ON, int(wc.r))
+
+
 def online_policy(wc):
-    """The model round r samples from and starts from (its reference too): the SFT model, then the last round's."""
+    """The model round r samples from and starts from: the SFT model, then the last round's."""
     r = int(wc.r)
     return sft_model() if r == 1 else f"{RESULTS}/online/round-{r - 1}/model"
 
 
-def online_reference_file():
+def online_reference_model(wc):
+    """Round r's reference (online.reference): the SFT model in every round (sft), or the model the round starts
+    from (previous)."""
+    return sft_model() if _ON["reference"] == "sft" else online_policy(wc)
+
+
+def online_reference_file(wc):
+    """Round r's reference log-probs (of the sampled ids); none for a reference-free method (lexalign.methods:
+    ORPO, SimPO, CPO), so no reference job is planned."""
+    from lexalign import methods
     from lexalign.reference.layout import setting_name
 
-    return f"{RESULTS}/reference/online-round-{{r}}/{setting_name(_ON['alignment'])}.parquet"
+    alignment = online_alignment(wc)
+    if not methods.of(alignment).needs_reference:
+        return []
+    return [f"{RESULTS}/reference/online-round-{wc.r}/{setting_name(alignment)}.parquet"]
+
+
+def online_reference_input(wc):
+    """The reference model align checks the reference file's key against (none without a file)."""
+    return [online_reference_model(wc)] if online_reference_file(wc) else []
+
+
+def online_sampling(wc):
+    """What shapes round r's samples, and only that: the judge and the selection are not here."""
+    return _round_sampling(_ON, int(wc.r))
+
+
+def online_validation(wc):
+    """The existing validation's settings for round r's selection."""
+    alignment = online_alignment(wc)
+    ranked = {"group_size": alignment["group_delay_size"]} if _ON["select"] == "ranked" else {}
+    return {"eval_fraction": _ON["eval_fraction"], "max_length": alignment["max_length"], **ranked}
+
+
+def online_selection(wc):
+    return {"select": _ON["select"], "truncated": _ON["truncated"],
+            "group_size": online_alignment(wc).get("group_delay_size", 2)}
 
 
 wildcard_constraints:

@@ -12,6 +12,8 @@ rule report:
         models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS],
         validated=f"{RESULTS}/data/preferences",
         tokenizer=f"{RESULTS}/models/base",
+        # The online rounds' evaluations (none without an online section): the report's per-round section.
+        online=online_evaluations(),
         code=step_code("report"),
     output:
         page=f"{RESULTS}/report.html",

@@ -67,29 +67,93 @@ def test_invalid_online_sections_are_clear_errors(workdir):
     _config(workdir, online=None)
 
 
-@pytest.mark.slow
-def test_the_demo_rounds_end_to_end(tmp_path, demo_run):
-    """The example, from the demo's prompts alone (no preference pair is read), on the SFT model of the shared
-    demo run (the session's fixture: no SFT job here; the short fixture SFT model is never polite, so no pair): each
-    round's outputs and counts, the trained ids are the sampled ids, the lineage names every round, a rerun plans
-    nothing; raising rounds plans only round 3, another judge replans scores and after, not the generations."""
-    workdir = copy_workflow(tmp_path / "wf")
-    online = EXAMPLE["online"]
+def _jobs(output: str) -> list[dict]:
+    """The jobs of a dry run's output: rule, and each `key: value` line of its block (input, wildcards, ...)."""
+    jobs = []
+    for line in output.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            jobs.append({"rule": line.split()[1].rstrip(":")})
+        elif jobs and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            jobs[-1][key] = value
+    return jobs
+
+
+def _planned_reference_model(workdir, round_number: int) -> str:
+    result = snakemake(workdir, "-n", "results/online/final")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = [job for job in _jobs(result.stdout) if job["rule"] == "online_reference"
+            and job.get("wildcards", "").startswith(f"r={round_number},")]
+    assert len(jobs) == 1, result.stdout[-3000:]
+    models = [path for path in jobs[0]["input"].split(", ") if "/models/" in path or path.endswith("/model")]
+    assert len(models) == 1, jobs[0]["input"]
+    return models[0]
+
+
+def test_the_reference_of_a_round_is_the_sft_model_or_the_previous_rounds(workdir):
+    online = {"rounds": 2, "prompts": {"from": "demo"}, "judge": "demo", "sampling": {"max_new_tokens": 16}}
+    _config(workdir, online={**online, "reference": "sft"})
+    assert _planned_reference_model(workdir, 2) == "results/models/sft"
+    assert _planned_reference_model(workdir, 1) == "results/models/sft"
+    _config(workdir, online={**online, "reference": "previous"})
+    assert _planned_reference_model(workdir, 2) == "results/online/round-1/model"
+    assert _planned_reference_model(workdir, 1) == "results/models/sft"
+    _config(workdir, online=None)
+
+
+def test_per_round_alignment_settings_are_checked_by_round(workdir):
+    online = {"rounds": 3, "prompts": {"from": "demo"}, "judge": "demo", "sampling": {"max_new_tokens": 16}}
+    for alignment, said in [([{"beta": 0.1}, {"beta": -1}], ['"online.alignment[1].beta"', "round 2 and every "
+                                                            "later round"]),
+                            ([{}, {"betta": 0.2}, {}], ['"online.alignment[1].betta"', "online.alignment[1] (round 2)",
+                                                        'Did you mean "beta"?']),
+                            ({"learning_rate": 0}, ['"online.alignment.learning_rate"', "every round"]),
+                            ([{}, {"method": "gdpo", "group_delay_size": 4}], ["online.alignment[1] (round 2 and "
+                                                                               "every later round)", "best_worst"])]:
+        _config(workdir, online={**online, "alignment": alignment})
+        result = snakemake(workdir, "-n")
+        assert result.returncode != 0, alignment
+        assert all(text in result.stdout + result.stderr for text in said), (said, result.stderr[-2000:])
+        assert "Traceback" not in result.stdout + result.stderr
+    _config(workdir, online=None)
+
+
+@pytest.fixture(scope="module")
+def demo_rounds(tmp_path_factory, demo_run):
+    """The example (2 rounds), from the demo's prompts alone (no preference pair is read), on the SFT model of
+    the shared demo run (the session's fixture: no SFT job here; the short fixture SFT model is never polite, so
+    no pair)."""
+    root = tmp_path_factory.mktemp("online-demo")
+    workdir = copy_workflow(root / "wf")
     # A copy: the shared run's own folder must not change (its later tests expect a run with nothing to do).
-    sft = shutil.copytree(demo_run / "results" / "models" / "sft", tmp_path / "sft")
+    sft = shutil.copytree(demo_run / "results" / "models" / "sft", root / "sft")
     _config(workdir, **{**EXAMPLE, "model": {"source": "local", "path": str(sft)},
-                        "finetune": {"method": "none"}, "online": online})
+                        "finetune": {"method": "none"}, "online": DEMO_ONLINE})
     result = snakemake(workdir, "--cores", "2", "results/online/final", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "download_data" not in result.stdout + result.stderr  # prompts alone: no preference data fetched
+    return workdir
+
+
+DEMO_ONLINE = {**EXAMPLE["online"], "rounds": 2}
+
+
+@pytest.mark.slow
+def test_the_demo_rounds_end_to_end(demo_rounds):
+    """Each round's outputs and counts, the trained ids are the sampled ids, the lineage names every round, a
+    rerun plans nothing; raising rounds plans only round 3, another judge replans scores and after, not the
+    generations."""
+    workdir, online = demo_rounds, DEMO_ONLINE
+    prompts, k = online["prompts"]["per_round"], online["samples_per_prompt"]
     results = workdir / "results" / "online"
     for r in (1, 2):
         folder = results / f"round-{r}"
         generations = pq.read_table(folder / "generations" / "generations.parquet").to_pylist()
-        assert len(generations) == 32 and all(len(g["completion_ids"]) == 8 for g in generations)
+        assert len(generations) == prompts and all(len(g["completion_ids"]) == k for g in generations)
         counts = json.loads((folder / "selection.json").read_text())
-        assert counts["prompts"] == 32 and counts["completions"] == 256 and counts["skipped_too_long"] == 0
-        assert counts["selected"] + counts["ties"] + counts["too_few"] == 32
+        assert counts["prompts"] == prompts and counts["completions"] == prompts * k
+        assert counts["skipped_too_long"] == 0
+        assert counts["selected"] + counts["ties"] + counts["too_few"] == prompts
         assert counts["truncated_dropped"] == 0  # truncated: keep
         # Exactly the tokens sampled are the tokens trained: the reference file (what align reads) holds them.
         selection = [json.loads(line) for line in (folder / "selection.jsonl").read_text().splitlines()]
@@ -106,10 +170,59 @@ def test_the_demo_rounds_end_to_end(tmp_path, demo_run):
     assert [h["round"] for h in lineage["rounds"]] == [1, 2]
     assert lineage["rounds"][1]["policy"].endswith("round-1/model")  # round 2 sampled from round 1's model
     assert lineage["rounds"][0]["policy"].endswith("models/base")
+    assert all(h["evaluation"]["win_rate"] is not None for h in lineage["rounds"])
     print("judged polite rate per round:", [h["selection"]["mean_score"] for h in lineage["rounds"]])
+
+
+@pytest.mark.slow
+def test_the_report_shows_each_round_as_its_files_say(demo_rounds, demo_run, tmp_path):
+    """The report of the demo run with the rounds' folders: a per-round section whose figures are the round files'
+    (selection.json, generations/report.json, eval.json), and its plot."""
+    import re
+
+    from lexalign.report import build_report
+
+    results = demo_run / "results"
+    rounds = [demo_rounds / "results" / "online" / f"round-{r}" for r in (1, 2)]
+    page = build_report({"aligned": results / "eval" / "aligned.json",
+                         "gdpo-k4": results / "runs" / "gdpo-k4" / "eval.json"},
+                        {"aligned": results / "aligned", "gdpo-k4": results / "runs" / "gdpo-k4" / "model"},
+                        results / "data" / "preferences", results / "models" / "base", tmp_path / "report.html",
+                        tmp_path / "report", online=rounds)
+    text = page.read_text()
+    assert "<h2>Online rounds</h2>" in text and 'src="report/online_rounds.png"' in text
+    assert (tmp_path / "report" / "online_rounds.png").stat().st_size > 10_000
+    table = text.split('<table class="online">', 1)[1].split("</table>", 1)[0]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]
+    assert len(rows) == 2
+    for row, folder in zip(rows, rounds, strict=True):
+        selection = json.loads((folder / "selection.json").read_text())
+        generated = json.loads((folder / "generations" / "report.json").read_text())
+        evaluation = json.loads((folder / "eval.json").read_text())
+        judge = evaluation["judge"]
+        assert row[0] == folder.name.split("-")[1]
+        assert row[1] == str(generated["completions"])
+        assert row[2] == f"{selection['selected']} / {selection['ties']}"
+        assert row[3] == f"{selection['mean_score']:.3f}"
+        assert row[4] == f"{generated['mean_completion_tokens']:.1f}"
+        assert row[5] == f"{judge['mean_reward_aligned']:.3f}"
+        assert row[6] == f"{100 * judge['win_rate']:.1f}%"
+        assert row[7] == f"{100 * judge['ci_low']:.1f}% – {100 * judge['ci_high']:.1f}%"
+        assert row[8] == f"{evaluation['length']['aligned_mean_tokens']:.1f}"
+        assert row[9] == f"{evaluation['kl_to_reference']:.3f}"
+        assert row[10] == ("SFT" if folder.name == "round-1" else "round 1")  # reference: previous
+
+
+@pytest.mark.slow
+def test_the_demo_rounds_replan_as_the_issue_says(demo_rounds, tmp_path):
+    """A rerun plans nothing; raising rounds plans only round 3; another judge replans scores and after, not the
+    generations."""
+    workdir = shutil.copytree(demo_rounds, tmp_path / "wf", symlinks=True)
+    online = DEMO_ONLINE
     assert _plan(workdir, "results/online/final") == {}
     _config(workdir, online={**online, "rounds": 3})
-    assert _plan(workdir, "results/online/final") == {**dict.fromkeys(ROUND_RULES, 1), "online_final": 1}
+    assert _plan(workdir, "results/online/final") == {**dict.fromkeys(ROUND_RULES, 1), "online_evaluate": 1,
+                                                      "online_final": 1}
     config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     config["evaluate"]["llm_judge"] = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
     _config(workdir, online={**online, "judge": "llm"}, evaluate=config["evaluate"])

@@ -275,14 +275,16 @@ def load_config(path: str | Path, kind: str) -> dict:
     return validate_config(load_yaml(path), kind, source=str(path))
 
 
-def section_defaults(section: str, values: dict | None = None) -> dict:
-    """A validated `$defs` section (finetune, alignment, dataset, …) with defaults filled in."""
+def section_defaults(section: str, values: dict | None = None, where: str | None = None) -> dict:
+    """A validated `$defs` section (finetune, alignment, dataset, …) with defaults filled in. `where`: the
+    section's place in the config for messages, when not its name (`online.alignment[1]`)."""
     import jsonschema
 
     root = _root_schema()
     schema = {**root["$defs"][section], "$defs": root["$defs"]}
     data = _normalise(dict(values or {}), schema, root)
-    _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, "config", prefix=section)
+    _raise_first_error(jsonschema.Draft202012Validator(schema).iter_errors(data), root, "config",
+                       prefix=where or section)
     return data
 
 

@@ -451,12 +451,13 @@ def needs_reference(alignment: dict) -> bool:
     return methods.of(alignment).needs_reference
 
 
-def run_alignment(base: dict, overrides: dict, name: str | None = None) -> dict:
+def run_alignment(base: dict, overrides: dict, name: str | None = None, where: str | None = None) -> dict:
     """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
     filled. A run that changes the method leaves behind (back to their defaults) the base's keys its method
     does not use, so a KTO base with desirable_weight and beta can sweep an ORPO run. A key the run gives
     itself that its method does not use is named in a warning and set back to its default, as under alignment
-    (unused_keys), whatever its value. `name`: the run's, for messages."""
+    (unused_keys), whatever its value. `name`: the run's, for messages; `where`: the overrides' place in the config
+    when they are no sweep run's (`online.alignment`), named in the messages of a bad key."""
     merged = dict(base)
     method = overrides.get("method", base.get("method", methods.DEFAULT))
     defaults = section_defaults("alignment")
@@ -466,8 +467,8 @@ def run_alignment(base: dict, overrides: dict, name: str | None = None) -> dict:
             if key in merged:
                 merged[key] = defaults[key]
     merged.update(overrides)
-    alignment = section_defaults("alignment", merged)
-    where = f"runs.{name}" if name else "run"
+    alignment = section_defaults("alignment", merged, where=where)
+    where = where or (f"runs.{name}" if name else "run")
     for key in unused_keys(overrides, alignment["method"], where=where,
                            method_key=f"{where}.method" if "method" in overrides else "alignment.method"):
         alignment[key] = defaults[key]

@@ -2,8 +2,9 @@
 
 Each function here is the body of one step of `lexalign.stages` (online_*):
 prompts → generate → score → select → (the existing validation) → reference
-(the sampled ids, never re-encoded) → (the existing align) → final. The
-settings are the config's `online` section, checked once by `settings`.
+(the sampled ids, never re-encoded) → (the existing align) → evaluate (against
+SFT) → final. The settings are the config's `online` section, checked once by
+`settings` (each round's alignment: `round_alignment`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,56 @@ from pathlib import Path
 from lexalign import io
 from lexalign.errors import LexAlignError
 
-PAIR_METHODS = ("dpo",)
-"""The pair methods a round can train: those with a reference step, so the trained ids are the reference file's
-(the sampled ones). ORPO, SimPO and CPO tokenize the text in training (left: docs/online-plan.md)."""
+
+def selects(select: str, alignment: dict) -> bool:
+    """Whether a round's `alignment` trains on what `select` makes (lexalign.methods says what each method reads):
+    `best_worst` pairs, for a method reading pairs or unpaired rows (KTO: the best desirable, the worst not);
+    `ranked` groups of K, for a method reading ranked groups of more than 2 (GDPO)."""
+    from lexalign import methods
+
+    method = methods.of(alignment)
+    if select == "ranked":
+        return method.group_size(alignment["group_delay_size"]) is not None
+    return method.layout is not methods.Layout.RANKED
+
+
+def round_alignment(online: dict, number: int) -> dict:
+    """Round `number`'s alignment section (1-based): its item of the `online.alignment` list, the last item for
+    every later round."""
+    alignments = online["alignment"]
+    return alignments[min(number, len(alignments)) - 1]
+
+
+def round_name(online: dict, index: int) -> str:
+    """Where item `index` (0-based) of online.alignment is in the config, and which rounds it sets, for messages."""
+    count = len(online["alignment"])
+    if not online["listed"]:
+        return "online.alignment (every round)"
+    rounds = f"round {index + 1}" + (" and every later round" if index == count - 1 and index + 1 < online["rounds"]
+                                     else "")
+    return f"online.alignment[{index}] ({rounds})"
+
+
+def prompt_budget(online: dict, number: int) -> int | None:
+    """The longest prompt round `number` samples from: online.max_prompt_tokens, or (null) what the round's
+    alignment.max_length leaves after max_new_tokens, so a prompt and its completion are trained as sampled."""
+    if online["max_prompt_tokens"] is not None:
+        return online["max_prompt_tokens"]
+    length = round_alignment(online, number)["max_length"]
+    return None if length is None else max(length - online["sampling"]["max_new_tokens"], 0)
+
+
+def round_sampling(online: dict, number: int) -> dict:
+    """What shapes round `number`'s samples, and only that (the generate rule's params: the judge and the
+    selection are not here, so changing them never samples again)."""
+    return {**online["sampling"], "samples_per_prompt": online["samples_per_prompt"],
+            "max_prompt_tokens": prompt_budget(online, number), "per_round": online["prompts"]["per_round"]}
 
 
 def settings(config: dict) -> dict | None:
-    """The `online` section with its defaults, checked against the alignment it trains; None when absent/empty."""
+    """The `online` section with its defaults, checked against the alignment each round trains; None when
+    absent/empty. `alignment` becomes the list of every round's full alignment section (one mapping: a list of
+    one), `listed` says whether the config gave a list."""
     from lexalign.config.loader import section_defaults
     from lexalign.config.stages import AlignConfig, run_alignment
 
@@ -31,27 +75,43 @@ def settings(config: dict) -> dict | None:
         return None
     online = section_defaults("online", section)
     online["prompts"] = section_defaults("online", {"rounds": 1, "prompts": online["prompts"]})["prompts"]
-    alignment = run_alignment(config["alignment"], online["alignment"], "online")
-    AlignConfig.from_dict(alignment)
-    online["alignment"] = alignment
+    online["listed"] = isinstance(online["alignment"], list)
+    written = online["alignment"] if online["listed"] else [online["alignment"]]
+    online["alignment"] = written
+    alignments = []
+    for index, overrides in enumerate(written):
+        where = round_name(online, index)
+        try:
+            alignment = run_alignment(config["alignment"], overrides,
+                                      where=where.split(" ")[0] if online["listed"] else "online.alignment")
+            AlignConfig.from_dict(alignment)
+        except LexAlignError as err:
+            err.details = [*err.details, f"In {where}"]
+            raise
+        alignments.append(alignment)
+    online["alignment"] = alignments
     problems = []
-    k, method = online["samples_per_prompt"], alignment["method"]
-    if online["select"] == "best_worst" and method not in PAIR_METHODS:
-        problems.append(f"select best_worst trains pairs: online.alignment.method must be one of "
-                        f"{', '.join(PAIR_METHODS)} (it is {method})")
-    if online["select"] == "ranked" and (method != "gdpo" or not 2 < alignment["group_delay_size"] <= k):
-        problems.append(f"select ranked trains GDPO on ranked groups: online.alignment needs method gdpo with "
-                        f"2 < group_delay_size <= samples_per_prompt ({k})")
+    k = online["samples_per_prompt"]
+    for index, alignment in enumerate(alignments):
+        where, method = round_name(online, index), alignment["method"]
+        if online["select"] == "best_worst" and not selects("best_worst", alignment):
+            problems.append(f"{where}: select best_worst trains pairs (or KTO's unpaired rows), which method "
+                            f"{method} does not read: use select ranked, or a pair method")
+        if online["select"] == "ranked" and not (selects("ranked", alignment)
+                                                 and alignment["group_delay_size"] <= k):
+            problems.append(f"{where}: select ranked trains GDPO on ranked groups: it needs method gdpo with "
+                            f"2 < group_delay_size <= samples_per_prompt ({k}) (it is method {method}, "
+                            f"group_delay_size {alignment['group_delay_size']})")
+        length, new = alignment["max_length"], online["sampling"]["max_new_tokens"]
+        budget = None if length is None else length - new
+        wanted = online["max_prompt_tokens"]
+        if budget is not None and (budget < 1 or (wanted is not None and wanted > budget)):
+            problems.append(f"{where}: a prompt of max_prompt_tokens ({wanted or 'none left'}) and max_new_tokens "
+                            f"({new}) must fit the round's alignment.max_length ({length}): training would cut "
+                            f"the sampled tokens")
     prompts = online["prompts"]
     if prompts["from"] == "path" and not prompts["path"]:
         problems.append("online.prompts.from is path, but online.prompts.path is not set")
-    budget = alignment["max_length"] - online["sampling"]["max_new_tokens"]
-    if online["max_prompt_tokens"] is None:
-        online["max_prompt_tokens"] = max(budget, 0)
-    if budget < 1 or online["max_prompt_tokens"] > budget:
-        problems.append(f"a prompt of max_prompt_tokens ({online['max_prompt_tokens'] or 'none left'}) and "
-                        f"max_new_tokens ({online['sampling']['max_new_tokens']}) must fit the round's "
-                        f"alignment.max_length ({alignment['max_length']}): training would cut the sampled tokens")
     if online["judge"] == "reward_model" and not (config["evaluate"]["reward_model"] or {}).get("repo_id") \
             and not (config["evaluate"]["reward_model"] or {}).get("path"):
         problems.append("online.judge reward_model reads evaluate.reward_model, which names no model")
@@ -134,11 +194,13 @@ def generate_round(model, prompts, output, number: int, sampling: dict, device: 
     report = generate(model, round_prompts(source, number, sampling["per_round"]), work,
                       Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
                       batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
-                      max_prompt_tokens=sampling["max_prompt_tokens"])
+                      max_prompt_tokens=sampling["max_prompt_tokens"], shard_prompts=sampling["shard_prompts"])
     shutil.rmtree(output, ignore_errors=True)
     work.replace(output)
     print(f"Round {number}: {report['completions']} completions of {report['kept']} prompts "
-          f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated) → {output}", flush=True)
+          f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated; "
+          f"{report['shards_generated']} of {report['shards']} shards sampled now, the others by an earlier "
+          f"attempt) → {output}", flush=True)
     return report
 
 
@@ -212,17 +274,77 @@ def select_round(generations, scores, output, report, select: dict) -> dict:
 def sampled_token_tables(train, evals, selection, layout: str) -> dict:
     """Each split's token table from the ids the selection was sampled with, in the reference step's group order
     (`reference.split_groups`), so the reference log-probs and the trainer read exactly the sampled tokens."""
-    import pyarrow as pa
+    from lexalign.trainer_data import read_selection, sampled_token_table
 
-    from lexalign.online.select import validated_token_table
-    from lexalign.reference import split_groups
+    records = read_selection(selection)
+    return {name: sampled_token_table(frame, layout, records) for name, frame in (("train", train), ("eval", evals))}
 
-    records = [json.loads(line) for line in Path(selection).read_text(encoding="utf-8").splitlines()]
-    tables = {}
-    for name, frame in (("train", train), ("eval", evals)):
-        table = validated_token_table(frame, records)
-        tables[name] = table.take(pa.array(split_groups(frame, layout).rows, type=pa.int64()))
-    return tables
+
+# --- how each round's model does against the SFT model ----------------------------------------------------------
+
+
+def held_out_prompts(prompts: dict, source, data, seed: int, count: int) -> tuple[list, bool, bool]:
+    """(prompts, whether they are rendered already, whether no round trains on them) for a round's evaluation:
+    the demo's held-out prompts; the validated preference data's eval prompts; else (a prompt file, or no eval
+    split) the first prompts of the rounds' order, which a round may have sampled (said in eval.json)."""
+    if prompts["from"] == "demo":
+        from lexalign.demo import task
+
+        return task.eval_prompts(seed, count), True, True
+    if prompts["from"] == "preference_data" and data:
+        import pandas as pd
+
+        from lexalign.tokens import CHAT_ATTR
+
+        evals = pd.read_parquet(Path(data) / "eval.parquet")
+        if len(evals):
+            chosen = sorted(set(evals["prompt"].astype(str)))
+            random.Random(seed).shuffle(chosen)
+            return chosen[:count], bool(io.read_json(Path(data) / "report.json").get(CHAT_ATTR, False)), True
+    everything = io.read_json(source)
+    return everything["prompts"][:count], everything["rendered"], False
+
+
+def evaluate_round(model, sft, reference, prompts, output, number: int, evaluate: dict, held_out: dict,
+                   reference_name: str, seed: int = 42, data=None, reward_model=None, device: str = "cpu") -> dict:
+    """Round `number`'s model against the SFT model on held-out prompts, greedy (`lexalign.evaluate`'s pieces, as
+    the evaluate step): the judge's win rate with its bootstrap interval and both models' mean judged score, the
+    answer lengths, and the Monte Carlo KL(round model ‖ the round's reference) on samples of the round model."""
+    from lexalign import judges
+    from lexalign.config.stages import EvaluateConfig
+    from lexalign.evaluate import generate_answers, kl_estimate, length_summary
+    from lexalign.models import load_causal_lm, load_tokenizer, resolve_device
+    from lexalign.online.generate import render_prompts
+
+    device = resolve_device(device)
+    cfg = EvaluateConfig.from_dict(evaluate)
+    judges.check(cfg, reward_model)  # a wrong judge fails now, not after the generations
+    texts, rendered, unseen = held_out_prompts(held_out, prompts, data, seed, cfg.num_prompts)
+    tokenizer = load_tokenizer(model)
+    texts, chat = render_prompts(tokenizer, texts, rendered)
+    policy = load_causal_lm(model, device).to(device).eval()
+    baseline = load_causal_lm(sft, device).to(device).eval()
+    answers = {name: generate_answers(m, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, chat)
+               for name, m in (("sft", baseline), ("aligned", policy))}
+    held_to = baseline if Path(reference).resolve() == Path(sft).resolve() else \
+        load_causal_lm(reference, device).to(device).eval()
+    kl = kl_estimate(policy, held_to, tokenizer, texts, cfg.max_new_tokens, seed, cfg.batch_size, chat)
+    del policy, baseline, held_to
+    sft_texts, aligned_texts = ([a["text"] for a in answers[name]] for name in ("sft", "aligned"))
+    result = {"round": number, "model": str(model), "sft": str(sft), "reference": str(reference),
+              "reference_name": reference_name, "prompts": len(texts), "held_out": unseen,
+              "decoding": {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "chat_template": chat},
+              "judge": judges.judge(cfg, texts, sft_texts, aligned_texts, chat, seed, reward_model, device),
+              "length": length_summary(answers), "kl_to_reference": kl,
+              "samples": [{"prompt": p, "sft": s, "aligned": a} for p, s, a in
+                          list(zip(texts, sft_texts, aligned_texts, strict=True))[:cfg.num_samples]]}
+    io.write_json(output, result)
+    judged = result["judge"] or {}
+    print(f"Round {number} against SFT on {len(texts)} {'held-out ' if unseen else ''}prompts: win rate "
+          f"{judged.get('win_rate')} ({judged.get('ci_low')} – {judged.get('ci_high')}), judged mean "
+          f"{judged.get('mean_reward_sft')} → {judged.get('mean_reward_aligned')}, KL to {reference_name} {kl:.4f}"
+          f" → {output}", flush=True)
+    return result
 
 
 def finish(model, rounds: list[str], output) -> dict:
@@ -239,11 +361,37 @@ def finish(model, rounds: list[str], output) -> dict:
                         "selection": io.read_json(folder / "selection.json"),
                         "preferences": {k: io.read_json(folder / "preferences" / "report.json").get(k)
                                         for k in ("kept_rows", "rejected_rows", "train_rows", "eval_rows")},
-                        "model": str(folder / "model"), "model_sha256": io.hash_path(folder / "model")})
+                        "model": str(folder / "model"), "model_sha256": io.hash_path(folder / "model"),
+                        "evaluation": round_figures(folder)["evaluation"]})
     output = Path(output)
     shutil.copytree(model, output)
     write_lineage(output, stage_record("online", {"rounds": len(rounds)}, {"model": model},
                                        extra={"rounds": history}))
-    print(f"Online: {len(rounds)} rounds; mean judged score per round: "
-          + ", ".join(f"{h['selection'].get('mean_score')}" for h in history) + f" → {output}", flush=True)
+    print(f"Online: {len(rounds)} rounds; mean judged score of each round's samples: "
+          + ", ".join(f"{h['selection'].get('mean_score')}" for h in history) + "; win rate against SFT after each: "
+          + ", ".join(f"{h['evaluation'].get('win_rate')}" for h in history) + f" → {output}", flush=True)
     return {"rounds": history}
+
+
+def round_figures(folder) -> dict:
+    """A round's figures from its files, for the report and the lineage: its samples (generations/report.json,
+    selection.json: sampled from the model the round started from) and its model's evaluation (eval.json)."""
+    folder = Path(folder)
+    generated = io.read_json(folder / "generations" / "report.json")
+    selection = io.read_json(folder / "selection.json")
+    evaluation = io.read_json(folder / "eval.json") if (folder / "eval.json").is_file() else {}
+    judged, length = evaluation.get("judge") or {}, evaluation.get("length") or {}
+    return {"samples": {"policy": generated["policy"], "completions": generated["completions"],
+                        "mean_tokens": generated.get("mean_completion_tokens"),
+                        "truncated": generated["truncated"], "mean_score": selection.get("mean_score"),
+                        "selected": selection.get("selected"), "ties": selection.get("ties"),
+                        "temperature": generated["sampling"]["temperature"]},
+            "evaluation": {"judge": judged.get("name"), "prompts": evaluation.get("prompts"),
+                           "held_out": evaluation.get("held_out"), "win_rate": judged.get("win_rate"),
+                           "ci_low": judged.get("ci_low"), "ci_high": judged.get("ci_high"),
+                           "mean_score_sft": judged.get("mean_reward_sft"),
+                           "mean_score": judged.get("mean_reward_aligned"),
+                           "sft_mean_tokens": length.get("sft_mean_tokens"),
+                           "mean_tokens": length.get("aligned_mean_tokens"),
+                           "kl_to_reference": evaluation.get("kl_to_reference"),
+                           "reference": evaluation.get("reference_name")}}

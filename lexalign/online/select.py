@@ -109,25 +109,14 @@ def ranked(rows: list[dict], group_size: int, keep_truncated: bool = False) -> t
 
 def validated_token_table(frame, records: list[dict]):
     """The token table of a validated split (`frame`, in its row order) of the selection `records` written as
-    JSON Lines in their order: each row's ids found by its `source_row` (the record's 1-based line) and its
-    texts (validation merges responses whose texts are equal, so a group may have lost one)."""
-    from lexalign.errors import LexAlignError
+    JSON Lines in their order: each row's ids found by its `source_row` (`lexalign.trainer_data.sampled_ids`),
+    its responses in the validated row's order, with its scores."""
+    from lexalign.trainer_data import sampled_ids
 
     out = []
-    for row in frame.to_dict("records"):
-        record = records[int(row["source_row"]) - 1]
-        if "chosen_ids" in record:
-            texts, ids = [record["chosen"], record["rejected"]], [record["chosen_ids"], record["rejected_ids"]]
-            wanted = [row["chosen"], row["rejected"]]
-        else:
-            texts, ids, wanted = record["responses"], record["completion_ids"], list(row["responses"])
-        by_text = {}
-        for text, seq in zip(texts, ids, strict=True):
-            by_text.setdefault(text, seq)
-        if row["prompt"] != record["prompt"] or any(t not in by_text for t in wanted):
-            raise LexAlignError(f"Validated row {row['source_row']} does not match the round's selection",
-                                hint="Validate the selection's own JSON Lines, written in the selection's order")
-        out.append({"prompt_ids": record["prompt_ids"], "completion_ids": [by_text[t] for t in wanted],
+    for (prompt_ids, by_text, wanted), row in zip(sampled_ids(frame, records), frame.to_dict("records"),
+                                                  strict=True):
+        out.append({"prompt_ids": prompt_ids, "completion_ids": [by_text[t] for t in wanted],
                     "scores": [float(v) for v in row["scores"]]})
     return token_table(out)
 

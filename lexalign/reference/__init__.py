@@ -42,4 +42,14 @@ methods read without any reference file.
 from lexalign.reference.keys import check_key, compute_dtype, read_key, reference_key  # noqa: F401
 from lexalign.reference.layout import TRUNCATION_MODE, layout_for, split_groups  # noqa: F401
 from lexalign.reference.scoring import compute_reference, is_current, load_reference  # noqa: F401
-from lexalign.trainer_data import tokenized_dataset, trainer_dataset  # noqa: F401
+
+
+def __getattr__(name: str):
+    """`reference.tokenized_dataset` and `reference.trainer_dataset`, from `lexalign.trainer_data` when first asked:
+    trainer_data imports this package's modules, so importing it here would make whichever is imported first
+    find the other half-initialised."""
+    if name in ("tokenized_dataset", "trainer_dataset"):
+        from lexalign import trainer_data
+
+        return getattr(trainer_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

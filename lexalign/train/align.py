@@ -41,6 +41,13 @@ class AlignJob(TrainingJob):
     """Where the tokenizer is, when not beside the model (model.base_model)."""
     reference_path: Path | None = None
     """Precomputed reference log-probs (`lexalign.reference`); None computes them online."""
+    reference_model_path: Path | None = None
+    """The model the reference file's log-probs are of, when not the model training starts from (an online round
+    with `reference: sft` starts from the previous round's model and is held to the SFT model): the file's key is
+    checked against it. None: `model_path`."""
+    sampled: list[dict] | None = None
+    """An online round's selection records (`lexalign.trainer_data.read_selection`): without a reference file (the
+    reference-free methods) the trainer reads their sampled ids, never the text tokenized again."""
     sft_path: Path | None = None
     """The SFT model's full weights (set by setup; differs from model_path when that is an adapter alone)."""
     resume_command: str = "lexalign align --config <config>"
@@ -60,7 +67,7 @@ class AlignJob(TrainingJob):
         if self.cfg.reference_free:
             return {"reference_model": {"path": None, "note": f"{self.cfg.method} is reference-free: no reference "
                                                               "model"}}
-        return {"reference_model": reference_model(self.model_path)}
+        return {"reference_model": reference_model(self.reference_model_path or self.model_path)}
 
     def setup(self):
         return setup(self)
@@ -131,9 +138,10 @@ def reference_datasets(job: AlignJob, device: str):
         for name, frame in (("train", job.train), ("eval", job.eval)):
             check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)
     path = _reference_file(job.reference_path)
-    expected = reference.reference_key(job.model_path, job.tokenizer_path or job.model_path, splits, layout,
-                                       cfg.max_length, TRUNCATION_MODE, cfg.load_in_4bit,
-                                       reference.compute_dtype(device, cfg.load_in_4bit))
+    expected = reference.reference_key(job.reference_model_path or job.model_path,
+                                       job.tokenizer_path or job.model_path, splits, layout, cfg.max_length,
+                                       TRUNCATION_MODE, cfg.load_in_4bit, reference.compute_dtype(device,
+                                                                                                  cfg.load_in_4bit))
     reference.check_key(path, reference.read_key(path), expected)
     tables = reference.load_reference(path)
     print(f"Reference log-probs: {path} ({tables['train'].num_rows} train, {tables['eval'].num_rows} eval groups)",
@@ -146,8 +154,12 @@ def tokenized_datasets(job: AlignJob, tokenizer):
     from lexalign import reference
 
     layout = reference.layout_for(job.cfg.method, job.cfg.group_delay_size)
-    train = reference.tokenized_dataset(tokenizer, job.train, layout, "train")
-    evaluation = reference.tokenized_dataset(tokenizer, job.eval, layout, "eval") if len(job.eval) else None
+    if job.sampled is not None:
+        print(f"Tokens: the ids sampled in the online round ({len(job.sampled)} selected), not the text encoded "
+              "again", flush=True)
+    train = reference.tokenized_dataset(tokenizer, job.train, layout, "train", sampled=job.sampled)
+    evaluation = reference.tokenized_dataset(tokenizer, job.eval, layout, "eval", sampled=job.sampled) \
+        if len(job.eval) else None
     return train, evaluation
 
 
@@ -179,6 +191,11 @@ def setup(job: AlignJob):
     if not method.needs_reference and job.reference_path:
         raise LexAlignError(f"method {method.name} is reference-free: it reads no reference log-probs",
                             f"Given: {job.reference_path}", hint="Align without a reference file")
+    if job.reference_model_path and not job.reference_path and method.needs_reference:
+        # Without the file TRL's reference is the model training starts from: not the one asked for.
+        raise LexAlignError(f"The reference model {job.reference_model_path} differs from the model training starts "
+                            f"from ({job.model_path}): its log-probs must come from a reference file",
+                            hint="Compute them with the reference step (an online round's reference job)")
     device = models.resolve_device(job.device)
     # The reference file is checked before any model is loaded.
     precomputed = reference_datasets(job, device) if job.reference_path else None
