@@ -519,61 +519,6 @@ def test_lexalign_validate_warns_when_kto_weights_miss_the_balance_and_the_dry_r
     assert "orpo (orpo_lambda 0.2, LoRA)" in dry.output and "no reference model (orpo is reference-free)" in dry.output
 
 
-# --- the pipeline: a sweep of every method from one SFT model and one validated dataset -----------------
-
-
-NEW_RUNS = {
-    "orpo": {"method": "orpo", "orpo_lambda": 0.2},
-    "kto": {"method": "kto", "beta": 0.2, "desirable_weight": 1.2},
-    "simpo": {"method": "simpo", "beta": 2.0, "gamma": 1.0},
-    "cpo": {"method": "cpo", "cpo_alpha": 0.5},
-}
-
-
-@pytest.mark.slow
-def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(demo_run, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from workflow import edit_config, planned_jobs, snakemake
-
-    workdir = tmp_path / "copy"
-    shutil.copytree(demo_run, workdir, symlinks=True)
-    # Benchmarks off for the new runs (they have tests of their own; evaluate never reads this key).
-    edit_config(workdir, "evaluate", "lm_eval", {"tasks": []})
-    # A reference-free run: its align and evaluate only (no reference, no validation, no SFT).
-    edit_config(workdir, "runs", "orpo", {**NEW_RUNS["orpo"], "max_steps": 3, "logging_steps": 1})
-    result = snakemake(workdir, "-n", "--cores", "1", "sweep")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "sweep": 1}
-    # KTO's rows are scored once by the reference step; SimPO and CPO need none either.
-    for name, run in NEW_RUNS.items():
-        edit_config(workdir, "runs", name, {**run, "max_steps": 3, "logging_steps": 1})
-    result = snakemake(workdir, "-n", "--cores", "1", "sweep", "results/report.html")
-    assert planned_jobs(result.stdout) == {"reference": 1, "align_run": 4, "evaluate_run": 4, "sweep": 1,
-                                           "report": 1}
-    assert "results/reference/preferences/unpaired-max64.parquet" in result.stdout
-
-    result = snakemake(workdir, "--cores", "2", "sweep", "results/report.html")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name, run in NEW_RUNS.items():
-        model_dir = workdir / "results/runs" / name / "model"
-        assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "llama"
-        lineage = json.loads((model_dir / "lineage.json").read_text())
-        assert lineage["config"]["method"] == run["method"]
-        assert [r["step"] for r in logged(model_dir)] == [1, 2, 3]  # a few steps each
-        log = (workdir / "logs/align" / f"{name}.log").read_text()
-        assert "Epoch 1/1: [" in log
-        evaluation = json.loads((workdir / "results/runs" / name / "eval.json").read_text())
-        assert evaluation["pairs"] == json.loads((workdir / "results/eval/aligned.json").read_text())["pairs"]
-    assert "Reference log-probs: results/reference/preferences/unpaired-max64.parquet" in \
-        (workdir / "logs/align/kto.log").read_text()
-    assert sorted(p.name for p in (workdir / "results/reference/preferences").glob("*.parquet")) == \
-        ["pairs-max64.parquet", "unpaired-max64.parquet"]
-    page = (workdir / "results/report.html").read_text()
-    for name, run in {**NEW_RUNS, "gdpo-k4": {"method": "gdpo"}, "aligned": {"method": "dpo"}}.items():
-        assert f"<tr><td>{name}</td><td>{run['method']}</td>" in page
-
-
 # --- the pipeline on unpaired rows (TRL's unpaired format) ------------------------------------------------
 
 

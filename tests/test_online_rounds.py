@@ -171,7 +171,11 @@ def test_the_demo_rounds_end_to_end(demo_rounds):
     assert lineage["rounds"][1]["policy"].endswith("round-1/model")  # round 2 sampled from round 1's model
     assert lineage["rounds"][0]["policy"].endswith("models/base")
     assert all(h["evaluation"]["win_rate"] is not None for h in lineage["rounds"])
-    print("judged polite rate per round:", [h["selection"]["mean_score"] for h in lineage["rounds"]])
+    polite = [h["selection"]["mean_score"] for h in lineage["rounds"]]
+    print("judged polite rate of each round's samples:", polite)
+    # Alignment works from prompts alone: round 1's model samples polite answers far more often than SFT did
+    # (4.2% → 62.7% on this machine; BENCHMARKS.md, "Online rounds on the demo").
+    assert polite[1] >= polite[0] + 0.25, polite
 
 
 @pytest.mark.slow

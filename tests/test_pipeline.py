@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from workflow import PLANTED_TOKEN, SNAKEMAKE, copy_workflow, edit_config, planned_jobs, snakemake  # noqa: F401
 
@@ -208,3 +209,68 @@ def test_a_second_run_on_the_same_results_is_refused_while_the_first_runs(tmp_pa
         output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-2000:]
     assert (workdir / "results/models/sft/model.safetensors").is_file()
+
+
+# --- a sweep of every method from one SFT model and one validated dataset -------------------------------------
+
+
+NEW_RUNS = {
+    "orpo": {"method": "orpo", "orpo_lambda": 0.2},
+    "kto": {"method": "kto", "beta": 0.2, "desirable_weight": 1.2},
+    "simpo": {"method": "simpo", "beta": 2.0, "gamma": 1.0},
+    "cpo": {"method": "cpo", "cpo_alpha": 0.5},
+}
+TRAINED = ("orpo", "kto")
+"""Run for real: one reference-free method and the one that reads unpaired rows. SimPO and CPO are planned only
+(the same reference-free trainer as ORPO; tests/test_methods.py trains each)."""
+
+
+@pytest.mark.slow
+def test_a_sweep_mixes_every_method_and_reference_free_runs_plan_no_reference(demo_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(demo_run, workdir, symlinks=True)
+    # Benchmarks off for the new runs (they have tests of their own; evaluate never reads this key).
+    edit_config(workdir, "evaluate", "lm_eval", {"tasks": []})
+    # A reference-free run: its align and evaluate only (no reference, no validation, no SFT).
+    edit_config(workdir, "runs", "orpo", {**NEW_RUNS["orpo"], "max_steps": 3, "logging_steps": 1})
+    result = snakemake(workdir, "-n", "--cores", "1", "sweep")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert planned_jobs(result.stdout) == {"align_run": 1, "evaluate_run": 1, "sweep": 1}
+    # KTO's rows are scored once by the reference step; SimPO and CPO need none either.
+    for name, run in NEW_RUNS.items():
+        edit_config(workdir, "runs", name, {**run, "max_steps": 3, "logging_steps": 1})
+    result = snakemake(workdir, "-n", "--cores", "1", "sweep", "results/report.html")
+    assert planned_jobs(result.stdout) == {"reference": 1, "align_run": 4, "evaluate_run": 4, "sweep": 1,
+                                           "report": 1}
+    assert "results/reference/preferences/unpaired-max64.parquet" in result.stdout
+
+    targets = [f"results/runs/{name}/eval.json" for name in TRAINED]
+    result = snakemake(workdir, "--cores", "2", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in TRAINED:
+        run = NEW_RUNS[name]
+        model_dir = workdir / "results/runs" / name / "model"
+        assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "llama"
+        lineage = json.loads((model_dir / "lineage.json").read_text())
+        assert lineage["config"]["method"] == run["method"]
+        metrics = (model_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in metrics if '"loss"' in line] == [1, 2, 3]  # a few steps each
+        log = (workdir / "logs/align" / f"{name}.log").read_text()
+        assert "Epoch 1/1: [" in log
+        evaluation = json.loads((workdir / "results/runs" / name / "eval.json").read_text())
+        assert evaluation["pairs"] == json.loads((workdir / "results/eval/aligned.json").read_text())["pairs"]
+    assert "Reference log-probs: results/reference/preferences/unpaired-max64.parquet" in \
+        (workdir / "logs/align/kto.log").read_text()
+    assert sorted(p.name for p in (workdir / "results/reference/preferences").glob("*.parquet")) == \
+        ["pairs-max64.parquet", "unpaired-max64.parquet"]
+    # The report of the sweep so far: the trained runs beside the demo's own (SimPO and CPO not run yet).
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    config["runs"] = {name: run for name, run in config["runs"].items() if name not in NEW_RUNS or name in TRAINED}
+    (workdir / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = snakemake(workdir, "--cores", "1", "results/report.html")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    page = (workdir / "results/report.html").read_text()
+    for name, method in {**{n: NEW_RUNS[n]["method"] for n in TRAINED}, "gdpo-k4": "gdpo", "aligned": "dpo"}.items():
+        assert f"<tr><td>{name}</td><td>{method}</td>" in page
