@@ -56,21 +56,29 @@ def main() -> None:
             workdir = copy_workflow(Path(tmp))
             print("One real run first: snakemake --cores 2 results/aligned ...", flush=True)
             timed([snakemake, "--cores", "2"], workdir)
+        empty = Path(tmp) / "empty-workflow"
+        empty.mkdir()
+        (empty / "Snakefile").write_text('rule all:\n    input: "present.txt"\n')
+        (empty / "present.txt").write_text("")
         commands = {
             "snakemake --cores 1 results/aligned (no-op)": ([snakemake, "--cores", "1", "results/aligned"],
                                                             "Nothing to be done"),
             "snakemake --cores 1 (no-op, every target)": ([snakemake, "--cores", "1"], "Nothing to be done"),
             "snakemake --version": ([snakemake, "--version"], None),
+            # Snakemake's own cost of a run with nothing to do, whatever the workflow: a Snakefile of one rule
+            # whose input exists. What a no-op plan costs beyond this is the workflow's (its parsing, config, DAG).
+            "snakemake --cores 1 (empty Snakefile)": ([snakemake, "--cores", "1"], "Nothing to be done", empty),
             "lexalign --help": ([lexalign, "--help"], "Usage"),
             "python -c pass": ([sys.executable, "-c", "pass"], None),
         }
-        for cmd, expect in commands.values():  # warm the file cache
-            timed(cmd, workdir, expect)
+        for cmd, expect, *where in commands.values():  # warm the file cache
+            timed(cmd, where[0] if where else workdir, expect)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
         for r in range(args.repeats):
             names = list(commands)
             for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name].append(timed(*commands[name][:1], workdir, commands[name][1]))
+                cmd, expect, *where = commands[name]
+                times[name].append(timed(cmd, where[0] if where else workdir, expect))
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"\nStart-up costs ({cores} cores, no GPU; median of {args.repeats}, by turns)")
@@ -79,6 +87,8 @@ def main() -> None:
         print(f"  {name:<44} wall {wall:6.2f} s   cpu {cpu:6.2f} s")
     for ours, base in (("snakemake --cores 1 results/aligned (no-op)", "snakemake --version"),
                        ("snakemake --cores 1 (no-op, every target)", "snakemake --version"),
+                       ("snakemake --cores 1 (empty Snakefile)", "snakemake --version"),
+                       ("snakemake --cores 1 results/aligned (no-op)", "snakemake --cores 1 (empty Snakefile)"),
                        ("lexalign --help", "python -c pass")):
         (w1, c1), (w0, c0) = median[ours], median[base]
         print(f"  {ours} / {base}: wall {w1 / w0:.2f}x (+{w1 - w0:.2f} s), cpu {c1 / c0:.2f}x (+{c1 - c0:.2f} s)")

@@ -12,6 +12,7 @@ a message (in the log and on the terminal) and exit status 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -74,10 +75,15 @@ def rule_sources(rule: str) -> list[Path]:
     """The files a rule runs, its `code` input: its step's sources (lexalign.code_inputs) and the rule's script.
     The script is among them by content: Snakemake's own `code` trigger would compare its modification time,
     which every reinstall of the package renews."""
+    return list(_step_files(step_of(rule)))
+
+
+@functools.cache  # several rules run one step (align, align_run, online_align): a plan walks each step once
+def _step_files(step: str) -> tuple[Path, ...]:
     from lexalign.code_inputs import step_sources
     from lexalign.workflow_files import workflow_root
 
-    return [*step_sources(step_of(rule)), workflow_root() / SCRIPT]
+    return (*step_sources(step), workflow_root() / SCRIPT)
 
 
 def step_of(rule: str) -> str:

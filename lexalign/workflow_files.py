@@ -12,6 +12,7 @@ module when Snakemake parses it.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -60,9 +61,13 @@ def examples() -> dict[str, Path]:
 def code_path(path: str | Path) -> str:
     """A source file as a rule input: relative to the working directory when it lies inside it (a checkout, or
     a copy of it, that moves is not 'changed input'), else absolute (the installed package's modules)."""
-    path = Path(path).resolve()
-    cwd = Path.cwd().resolve()
-    return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
+    return _code_path(str(path), os.getcwd())
+
+
+@functools.cache  # a plan asks for each module once per rule that can run it: ~900 times, ~80 files
+def _code_path(path: str, cwd: str) -> str:
+    resolved, here = Path(path).resolve(), Path(cwd).resolve()
+    return os.path.relpath(resolved, here) if resolved.is_relative_to(here) else str(resolved)
 
 
 def copy_workflow(dest: Path, repo: Path = REPO) -> Path:
