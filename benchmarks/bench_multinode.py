@@ -77,9 +77,12 @@ def main() -> None:
             run.mkdir()
             spec = {**arguments, "output": str(run / "model"), "checkpoint_dir": str(run / "checkpoints")}
             (run / "arguments.json").write_text(json.dumps(spec))
-            script = (f"import json; from lexalign import launch; "
-                      f"launch.run_on_nodes('align', json.load(open('arguments.json')), {nodes}, 1, "
-                      f"{{'mpi': 'srun', 'cpus_per_task': 1}}, log_dir='.')")
+            if nodes == 1:  # as the align rule runs one node × one process: the step in the job's own process
+                script = "import json; from lexalign import stages; stages.align(**json.load(open('arguments.json')))"
+            else:
+                script = (f"import json; from lexalign import launch; "
+                          f"launch.run_on_nodes('align', json.load(open('arguments.json')), {nodes}, 1, "
+                          f"{{'mpi': 'srun', 'cpus_per_task': 1}}, log_dir='.')")
             env = {**cluster.env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
             # As the SLURM executor runs an `mpi` rule: the script on the allocation's first node, undivided.
             cmd = cluster.in_ctl(["sbatch", "--wait", f"--nodes={nodes}", f"--ntasks={nodes}", "--cpus-per-task=1",
