@@ -78,12 +78,27 @@ def rule_sources(rule: str) -> list[Path]:
     return list(_step_files(step_of(rule)))
 
 
-@functools.cache  # several rules run one step (align, align_run, online_align): a plan walks each step once
 def _step_files(step: str) -> tuple[Path, ...]:
-    from lexalign.code_inputs import step_sources
     from lexalign.workflow_files import workflow_root
 
-    return (*step_sources(step), workflow_root() / SCRIPT)
+    return (*_step_sources()[step], workflow_root() / SCRIPT)
+
+
+@functools.cache  # a plan asks for each of its ~25 rules' files: the package's imports are read once
+def _step_sources() -> dict[str, tuple[Path, ...]]:
+    """Every step's source files (lexalign.code_inputs), kept between plans while the package is unchanged
+    (lexalign.plan_cache: reading the imports of every step costs more than the rest of the workflow's
+    parsing)."""
+    from lexalign.plan_cache import PACKAGE_DIR, remembered
+
+    def derive():
+        from lexalign.code_inputs import ROOT, step_sources
+
+        return {step: [str(path.relative_to(ROOT)) for path in step_sources(step)]
+                for step in sorted(set(STEP_OF_RULE.values()))}
+
+    relative = remembered("code-inputs", None, derive)
+    return {step: tuple(PACKAGE_DIR / path for path in paths) for step, paths in relative.items()}
 
 
 def step_of(rule: str) -> str:

@@ -19,7 +19,7 @@ rule align:
         trust_remote_code=config["model"]["trust_remote_code"],
         # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir=f"{RESULTS}/checkpoints/aligned",
-        tracking=tracking_params(config["alignment"], "aligned"),
+        tracking=tracking_params("aligned"),
     conda:
         conda_env()
     log:
@@ -46,7 +46,7 @@ use rule align as align_run with:
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
         checkpoint_dir=lambda wc: f"{RESULTS}/checkpoints/runs/{wc.run}",
-        tracking=lambda wc: tracking_params(run_alignment(wc.run), wc.run),
+        tracking=lambda wc: tracking_params(wc.run),
     log:
         f"{LOGS}/align/{{run}}.log",
     benchmark:

@@ -11,43 +11,25 @@ min_version("9.0")
 _checkout = Path(workflow.current_basedir).parent
 if (_checkout / "lexalign" / "__init__.py").is_file():
     sys.path.insert(0, str(_checkout))
-from lexalign.config.loader import validate_config  # noqa: E402
 from lexalign.errors import LexAlignError  # noqa: E402
+from lexalign.planning import checked_config  # noqa: E402
 from lexalign.workflow_files import code_path  # noqa: E402
 from lexalign.reference.layout import SETTING_PATTERN, parse_setting  # noqa: E402
 
-# The same schema as the CLI: fills defaults, turns `1e-5` strings into numbers,
-# and names the key, the value found and what is expected on an error.
 try:
-    config.update(validate_config(config, "pipeline", source="the pipeline config"))
-    from lexalign.config.stages import AlignConfig, FinetuneConfig
-
-    FinetuneConfig.from_dict(config["finetune"])
-    AlignConfig.from_dict(config["alignment"])
-    # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
-    # base method's own keys behind: lexalign.config.stages.run_alignment), checked in full; a key the run's
-    # method does not use is named in a warning and set back to its default, as under alignment.
-    from lexalign.config.stages import run_alignment
-
-    RUNS = {}
-    for name, overrides in config["runs"].items():
-        try:
-            RUNS[name] = run_alignment(config["alignment"], overrides, name)
-            AlignConfig.from_dict(RUNS[name])
-        except LexAlignError as err:
-            err.details = [*err.details, f"In the sweep run runs.{name}"]
-            raise
-    from lexalign.config.stages import EvaluateConfig
-
-    EvaluateConfig.from_dict(config["evaluate"])
-    # Every local path, before any job is planned (a dry run included).
+    # The config checked against its schema, each stage's section, sweep run and online round in full
+    # (lexalign/planning.py): kept between plans, so a plan with nothing new imports no schema validator.
+    # snakemake.utils.validate would read the same schema again.
+    _checked = checked_config(config)
+    config.update(_checked["config"])
+    RUNS = _checked["runs"]
+    ONLINE = _checked["online"]
+    # Every local path, before any job is planned (a dry run included): never kept, the files may have moved.
     from lexalign.paths import check_pipeline_paths
 
     check_pipeline_paths(config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
-# validate_config is the config schema's check (lexalign/schemas/config.schema.yaml): snakemake.utils.validate
-# would read the same schema again, find nothing new and cost a fifth of a no-op plan (bench_startup.py).
 
 # Say it on every run, the dry run included: these settings let a model run code here.
 for _key in ("trust_remote_code", "allow_pickle"):
@@ -81,10 +63,9 @@ def local_input(section):
 
 
 def source_params(section):
-    """Where a download comes from (lexalign.config.loader.download_source): only what changes what is fetched."""
-    from lexalign.config.loader import download_source
-
-    return download_source(config[section])
+    """Where a download comes from (lexalign.config.loader.download_source): only what changes what is fetched
+    (model, sft_data, preference_data, reward_model)."""
+    return _checked["sources"][section]
 
 
 def sft_model():
@@ -97,12 +78,11 @@ def training_seed():
     return config["seed"]
 
 
-def tracking_params(section, run):
-    """Where a training run reports in its experiment trackers (lexalign.tracking.pipeline_tracking): the experiment
-    every run of this pipeline shares and the run's name; None without a tracker but TensorBoard."""
-    from lexalign.tracking import pipeline_tracking
-
-    return pipeline_tracking(config, section, run)
+def tracking_params(run):
+    """Where a training run reports in its experiment trackers (lexalign.tracking.pipeline_tracking): the
+    experiment every run of this pipeline shares and the run's name (sft, aligned, a sweep run, online-round-<r>);
+    None without a tracker but TensorBoard."""
+    return _checked["tracking"][run]
 
 
 def run_alignment(run):
@@ -190,9 +170,7 @@ def reward_model_input():
 
 def reward_model_source():
     """Where the reward model comes from (its source keys only, as for the model)."""
-    from lexalign.config.loader import download_source
-
-    return download_source(config["evaluate"]["reward_model"])
+    return source_params("reward_model")
 
 
 def reward_model_local_input():

@@ -35,7 +35,7 @@ rule finetune:
         allow_pickle=config["model"]["allow_pickle"],
         # Outside the output: Snakemake deletes a failed job's outputs, checkpoints must survive.
         checkpoint_dir=f"{RESULTS}/checkpoints/sft",
-        tracking=tracking_params(config["finetune"], "sft"),
+        tracking=tracking_params("sft"),
     conda:
         conda_env()
     log:

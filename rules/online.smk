@@ -136,7 +136,7 @@ use rule align as online_align with:
         seed=training_seed(),
         trust_remote_code=config["model"]["trust_remote_code"],
         checkpoint_dir=lambda wc: f"{RESULTS}/checkpoints/online/round-{wc.r}",
-        tracking=lambda wc: tracking_params(online_alignment(wc), f"online-round-{wc.r}"),
+        tracking=lambda wc: tracking_params(f"online-round-{wc.r}"),
     log:
         f"{LOGS}/online/round-{{r}}/align.log",
     benchmark:

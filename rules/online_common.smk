@@ -6,20 +6,10 @@
 # samples from round r's model. Every output is a file of the DAG, so raising `rounds` plans only the new
 # rounds, and the judge, a wildcard of the scores file, replans the scores and after, never the generations.
 # Without an `online` section no rule here is defined and the offline pipeline's plan is unchanged.
-from lexalign.online.rounds import round_alignment as _round_alignment  # noqa: E402
-from lexalign.online.rounds import round_sampling as _round_sampling  # noqa: E402
-from lexalign.online.rounds import settings as _online_settings  # noqa: E402
-
-try:
-    ONLINE = _online_settings(config)
-except LexAlignError as err:
-    raise WorkflowError(err.render()) from None
-
 ONLINE_ROUND = f"{RESULTS}/online/round-{{r}}"
-# The rules read the settings as they are parsed; without an online section they read placeholder settings and
-# are never planned (no target asks for results/online/).
-_ON = ONLINE or _online_settings({**config, "online": {"rounds": 1, "judge": "demo", "alignment": {"method": "dpo"},
-                                                       "sampling": {"max_new_tokens": 1}}})
+# The rules read the settings as they are parsed (ONLINE, checked with the config in common.smk); without an
+# online section they read placeholder settings and are never planned (no target asks for results/online/).
+_ON = ONLINE or _checked["online_placeholder"]
 
 
 def online_targets():
@@ -36,7 +26,9 @@ def online_evaluations():
 def online_alignment(wc):
     """Round r's alignment section (online.alignment: one for every round, or a list, one per round): each
     round's jobs read only their own, so changing round 2's replans round 2's align and what follows."""
-    return _round_alignment(_ON, int(wc.r))
+    from lexalign.online.rounds import round_alignment
+
+    return round_alignment(_ON, int(wc.r))
 
 
 def online_policy(wc):
@@ -70,7 +62,9 @@ def online_reference_input(wc):
 
 def online_sampling(wc):
     """What shapes round r's samples, and only that: the judge and the selection are not here."""
-    return _round_sampling(_ON, int(wc.r))
+    from lexalign.online.rounds import round_sampling
+
+    return round_sampling(_ON, int(wc.r))
 
 
 def online_validation(wc):

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lexalign"
 LAYERS = [
     # 0. Words and plain helpers: no model, no data read.
     ["lexalign", "lexalign.errors", "lexalign.methods", "lexalign.io", "lexalign.groups", "lexalign.tokens",
-     "lexalign.formats", "lexalign.lineage", "lexalign.code_inputs", "lexalign.demo", "lexalign.workflow_files"],
+     "lexalign.formats", "lexalign.lineage", "lexalign.code_inputs", "lexalign.demo", "lexalign.workflow_files",
+     "lexalign.plan_cache"],
     # 1. Configs, checked against the schema.
     ["lexalign.config"],
     # 2. Data: paths, reading and validating datasets, the Hub, trackers.
@@ -30,7 +31,7 @@ LAYERS = [
     # 5. One function per pipeline step.
     ["lexalign.stages"],
     # 6. Entry points: the command line, and what runs a Snakemake rule.
-    ["lexalign.cli", "lexalign.launch", "lexalign.workflow", "lexalign.project"],
+    ["lexalign.cli", "lexalign.launch", "lexalign.workflow", "lexalign.project", "lexalign.planning"],
 ]
 
 

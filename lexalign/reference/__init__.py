@@ -39,17 +39,21 @@ the two dataset builders live in `lexalign.trainer_data`, which the reference-fr
 methods read without any reference file.
 """
 
-from lexalign.reference.keys import check_key, compute_dtype, read_key, reference_key  # noqa: F401
-from lexalign.reference.layout import TRUNCATION_MODE, layout_for, split_groups  # noqa: F401
-from lexalign.reference.scoring import compute_reference, is_current, load_reference  # noqa: F401
+_NAMES = {"check_key": "keys", "compute_dtype": "keys", "read_key": "keys", "reference_key": "keys",
+          "TRUNCATION_MODE": "layout", "layout_for": "layout", "split_groups": "layout",
+          "compute_reference": "scoring", "is_current": "scoring", "load_reference": "scoring",
+          "tokenized_dataset": "trainer_data", "trainer_dataset": "trainer_data"}
+"""What align reads as `reference.X`, and the module that holds it."""
 
 
 def __getattr__(name: str):
-    """`reference.tokenized_dataset` and `reference.trainer_dataset`, from `lexalign.trainer_data` when first asked:
-    trainer_data imports this package's modules, so importing it here would make whichever is imported first
-    find the other half-initialised."""
-    if name in ("tokenized_dataset", "trainer_dataset"):
-        from lexalign import trainer_data
+    """`reference.X` from its module when first asked: the Snakefile's planning imports `layout` alone (the
+    file names), which must not import the scoring pass; and trainer_data imports this package's modules, so
+    importing it here would make whichever is imported first find the other half-initialised."""
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from lexalign import trainer_data
+    from lexalign.reference import keys, layout, scoring
 
-        return getattr(trainer_data, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = {"keys": keys, "layout": layout, "scoring": scoring, "trainer_data": trainer_data}[_NAMES[name]]
+    return getattr(module, name)
