@@ -102,6 +102,8 @@ def snakemake(workdir: Path, targets: list[str], cores: int) -> float:
         raise SystemExit(f"snakemake {' '.join(targets)} failed in {workdir}:\n{result.stderr[-4000:]}")
     jobs = [line.split()[1].rstrip(":") for line in result.stderr.splitlines() + result.stdout.splitlines()
             if line.startswith(("rule ", "localrule "))]
+    if workdir.name != "base" and {"finetune", "download_model"} & set(jobs):
+        raise SystemExit(f"{workdir.name} trained its own SFT model: the arms must share the base one")
     print(f"  {workdir.name}: {len(jobs)} jobs in {wall:.0f} s ({', '.join(sorted(set(jobs)))})", flush=True)
     return wall
 
@@ -113,7 +115,8 @@ def trained_steps(model: Path) -> int:
 
 
 def sample_scores(model: Path, out: Path, prompts: list[str], samples: int, max_new_tokens: int, seed: int):
-    """(per prompt: the demo judge's score of each sampled answer, per prompt: each answer's token count)."""
+    """(per prompt: the demo judge's score of each sampled answer, per prompt: each answer's token count,
+    the share of answers cut at max_new_tokens)."""
     from lexalign.demo import task
     from lexalign.online.generate import Sampling, generate, read_generations
 
@@ -123,7 +126,8 @@ def sample_scores(model: Path, out: Path, prompts: list[str], samples: int, max_
     rows = sorted(read_generations(out).to_pylist(), key=lambda r: r["row"])
     assert len(rows) == len(prompts), "a held-out prompt was skipped"
     return ([[float(task.judge(c)) for c in r["completions"]] for r in rows],
-            [[len(ids) for ids in r["completion_ids"]] for r in rows])
+            [[len(ids) for ids in r["completion_ids"]] for r in rows],
+            mean(t for r in rows for t in r["truncated"]))
 
 
 def kl_to_sft(model: Path, sft: Path, prompts: list[str], max_new_tokens: int, seed: int, repeats: int) -> float:
@@ -161,8 +165,12 @@ def main() -> None:
     args = parser.parse_args()
     print("Command:", shlex.join([Path(sys.executable).name, *sys.argv]), flush=True)
 
+    from transformers.utils import logging
+
     from lexalign.demo import task
-    from lexalign.judges import compare
+    from lexalign.judges import bootstrap_interval, compare
+
+    logging.disable_progress_bar()  # a bar per model loaded
 
     arms = configs(args.steps_per_round, args.rounds)
     seed = arms["base"]["seed"]
@@ -196,10 +204,11 @@ def main() -> None:
 
         print(f"Sampling {args.samples} answers to each of {len(held_out)} held-out prompts from each model ...",
               flush=True)
-        scores, lengths, kl = {}, {}, {}
+        scores, lengths, capped, kl = {}, {}, {}, {}
         for name, model in models.items():
-            scores[name], lengths[name] = sample_scores(model, root / "samples" / name.replace(" ", "-"), held_out,
-                                                        args.samples, max_new_tokens, seed)
+            folder = root / "samples" / name.replace(" ", "-").replace(",", "")
+            scores[name], lengths[name], capped[name] = sample_scores(model, folder, held_out, args.samples,
+                                                                      max_new_tokens, seed)
             if name != "SFT":
                 kl[name] = kl_to_sft(model, models["SFT"], held_out, max_new_tokens, seed, args.kl_repeats)
         steps = {arm: (trained_steps(models[arm]) if arm == "offline DPO" else
@@ -223,7 +232,8 @@ def main() -> None:
           f"seed {seed}; sampled figures: {args.samples} answers × {len(held_out)} held-out prompts = {n} per model, "
           f"T = 1, {max_new_tokens} new tokens; bootstrap 95% CI over prompts")
     header = (f"{'model':<24} {'optimizer steps':<16} {'sampled polite rate':<22} {'sampled win rate vs SFT':<24} "
-              f"{'Δ polite vs offline':<22} {'greedy win rate vs SFT':<24} {'KL to SFT':>9} {'tokens':>7}")
+              f"{'Δ polite vs offline':<22} {'greedy win rate vs SFT':<24} {'KL to SFT':>9} {'tokens':>7} "
+              f"{'capped':>7}")
     print(header)
     print("-" * len(header))
     for name in models:
@@ -234,8 +244,6 @@ def main() -> None:
              else str(sum(steps[arm][:int(name[-1])]))))
         diff = "—"
         if name in ARMS[1:]:
-            from lexalign.judges import bootstrap_interval
-
             delta = [a - b for a, b in zip(polite[name], polite["offline DPO"], strict=True)]
             low, high = bootstrap_interval(delta, seed)
             diff = f"{100 * mean(delta):+5.1f} ({100 * low:+.1f}–{100 * high:+.1f})"
@@ -244,16 +252,23 @@ def main() -> None:
             f"{100 * judged['win_rate']:.0f}% ({100 * judged['ci_low']:.0f}–{100 * judged['ci_high']:.0f})"
         print(f"{name:<24} {step:<16} {interval(polite[name], seed):<22} "
               f"{interval(wins[name], seed) if name in wins else '—':<24} {diff:<22} {greedy_text:<24} "
-              f"{kl[name] if name in kl else 0:9.2f} {mean(x for per in lengths[name] for x in per):7.1f}")
-    print("\nThe online arms' training samples (each round's samples, drawn from the model the round starts from, "
-          "64 prompts × 16): judged polite rate, selected pairs/groups (ties / all tied dropped)")
+              f"{kl[name] if name in kl else 0:9.2f} {mean(x for per in lengths[name] for x in per):7.1f} "
+              f"{100 * capped[name]:6.0f}%")
+    print(f"\nA step: {arms['base']['alignment']['batch_size']} pairs (DPO: 2 sequences each) or groups (GDPO: "
+          f"{GDPO['group_delay_size']} each), lr {arms['base']['alignment']['learning_rate']} decaying linearly to 0 "
+          f"over each job's steps, no warm-up; references: SFT (offline), the previous round's model (online). "
+          f"tokens: mean sampled answer length, its end id included; capped: cut at {max_new_tokens} tokens")
+    online = arms["online DPO"]["online"]
+    print(f"\nThe online arms' training samples (each round's, drawn from the model the round starts from, "
+          f"{online['prompts']['per_round']} prompts × {online['samples_per_prompt']}): judged polite rate, "
+          f"selected pairs/groups (ties / all tied dropped)")
     for arm, selections in rounds.items():
         print(f"  {arm}: " + "; ".join(
             f"round {r}: {100 * s['mean_score']:.1f}% polite, {s['selected']} selected "
             f"({s.get('ties', 0) + s.get('all_tied', 0)} tied, {s.get('too_few', 0)} too few distinct)"
             for r, s in enumerate(selections, start=1)))
-    print("\nWall time of each arm's snakemake (2 cores): " + ", ".join(f"{a} {w:.0f} s" for a, w in walls.items())
-          + f"; the whole benchmark {total:.0f} s")
+    print(f"\nWall time of each arm's snakemake ({args.cores} cores): "
+          + ", ".join(f"{a} {w:.0f} s" for a, w in walls.items()) + f"; the whole benchmark {total:.0f} s")
 
 
 if __name__ == "__main__":
