@@ -234,3 +234,45 @@ def test_the_demo_rounds_replan_as_the_issue_says(demo_rounds, tmp_path):
     # Round 1's generations stay; round 2's are replanned only because round 1's model will change.
     assert replanned.get("online_generate") == 1 and "online_prompts" not in replanned
     assert replanned["online_score"] == 2 and replanned["online_align"] == 2
+
+
+# --- prompts held out of the rounds, for their evaluation ------------------------------------------------------
+
+
+def test_a_prompt_file_sets_prompts_aside_that_no_round_samples(tmp_path):
+    from lexalign.errors import LexAlignError
+    from lexalign.online.rounds import held_out_prompts, round_prompts, write_prompts
+
+    source = tmp_path / "prompts.jsonl"
+    texts = [f"Question {i}?" for i in range(23)] + ["Question 0?"]  # one duplicate
+    source.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
+    section = {"from": "path", "path": str(source), "prompt_field": "instruction", "held_out": None}
+    out = tmp_path / "out.json"
+    assert write_prompts(out, section, seed=3) == {"prompts": 21, "held_out": 2}  # a tenth of 23 distinct
+    written = json.loads(out.read_text())
+    held, sampled = written["held_out"], written["prompts"]
+    assert set(held).isdisjoint(sampled) and set(held) | set(sampled) == set(texts)
+    every_round = {p for number in range(1, 8) for p in round_prompts(written, number, per_round=5)}
+    assert every_round == set(sampled)  # seven rounds of 5 cycle through the 21, never into the 2
+    assert held_out_prompts({"from": "path"}, out, None, seed=3, count=64) == (held, False, True)
+
+    # held_out 0: nothing set aside, and the evaluation says its prompts may have been trained on.
+    write_prompts(out, {**section, "held_out": 0}, seed=3)
+    assert held_out_prompts({"from": "path"}, out, None, seed=3, count=4)[2] is False
+    with pytest.raises(LexAlignError, match="online.prompts.held_out is 23") as err:
+        write_prompts(out, {**section, "held_out": 23}, seed=3)
+    assert "Lower online.prompts.held_out" in err.value.render()
+
+
+def test_preference_data_with_an_eval_split_sets_nothing_aside(tmp_path):
+    from lexalign.online.rounds import write_prompts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"prompt": ["a", "b", "c"]}).to_parquet(data / "train.parquet")
+    (data / "report.json").write_text("{}")
+    section = {"from": "preference_data", "path": None, "prompt_field": "prompt", "held_out": None}
+    pd.DataFrame({"prompt": ["z"]}).to_parquet(data / "eval.parquet")
+    assert write_prompts(tmp_path / "a.json", section, seed=0, data=data) == {"prompts": 3, "held_out": 0}
+    pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(data / "eval.parquet")  # no eval split
+    assert write_prompts(tmp_path / "b.json", section, seed=0, data=data) == {"prompts": 2, "held_out": 1}

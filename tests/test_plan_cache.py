@@ -14,7 +14,7 @@ import yaml
 
 from lexalign import plan_cache
 from lexalign.plan_cache import package_digest, remembered
-from tests.workflow import copy_workflow, snakemake
+from workflow import copy_workflow, snakemake
 
 
 def test_a_value_is_computed_once_for_the_same_inputs_and_its_warnings_said_every_time(tmp_path, capsys):

@@ -163,10 +163,34 @@ def write_prompts(output: str | Path, prompts: dict, seed: int, data: str | Path
     random.Random(seed).shuffle(distinct)
     if not distinct:
         raise LexAlignError(f"No prompts in the online prompt source ({prompts['from']})")
-    io.write_json(output, {"rendered": rendered, "prompts": distinct})
-    print(f"Online prompts: {len(distinct)} distinct ({len(texts)} read) from {prompts['from']} → {output}",
-          flush=True)
-    return {"prompts": len(distinct)}
+    count = held_out_count(prompts, len(distinct)) if _needs_held_out(prompts, data) else 0
+    if count >= len(distinct):
+        raise LexAlignError(f"online.prompts.held_out is {count}, but the prompt source has {len(distinct)} distinct "
+                            "prompts: none would be left to sample", hint="Lower online.prompts.held_out")
+    sampled, held = distinct[:len(distinct) - count], distinct[len(distinct) - count:]
+    io.write_json(output, {"rendered": rendered, "prompts": sampled, "held_out": held})
+    print(f"Online prompts: {len(sampled)} distinct to sample ({len(texts)} read) from {prompts['from']}"
+          f"{f', {len(held)} more held out for evaluation' if held else ''} → {output}", flush=True)
+    return {"prompts": len(sampled), "held_out": len(held)}
+
+
+def _needs_held_out(prompts: dict, data) -> bool:
+    """A source without held-out prompts of its own: a prompt file, or preference data with no eval split."""
+    if prompts["from"] == "path":
+        return True
+    if prompts["from"] == "preference_data" and data:
+        import pandas as pd
+
+        return not len(pd.read_parquet(Path(data) / "eval.parquet", columns=["prompt"]))
+    return False
+
+
+def held_out_count(prompts: dict, distinct: int) -> int:
+    """How many of `distinct` prompts are set aside for evaluation: online.prompts.held_out, or (null) a tenth,
+    at least one of two or more."""
+    if prompts.get("held_out") is not None:
+        return prompts["held_out"]
+    return max(distinct // 10, 1) if distinct >= 2 else 0
 
 
 def round_prompts(prompts: dict, number: int, per_round: int | None) -> list:
@@ -286,7 +310,8 @@ def sampled_token_tables(train, evals, selection, layout: str) -> dict:
 def held_out_prompts(prompts: dict, source, data, seed: int, count: int) -> tuple[list, bool, bool]:
     """(prompts, whether they are rendered already, whether no round trains on them) for a round's evaluation:
     the demo's held-out prompts; the validated preference data's eval prompts; else (a prompt file, or no eval
-    split) the first prompts of the rounds' order, which a round may have sampled (said in eval.json)."""
+    split) the prompts write_prompts set aside (online.prompts.held_out), or with none set aside the first
+    prompts of the rounds' order, which a round may have sampled (said in eval.json)."""
     if prompts["from"] == "demo":
         from lexalign.demo import task
 
@@ -302,6 +327,8 @@ def held_out_prompts(prompts: dict, source, data, seed: int, count: int) -> tupl
             random.Random(seed).shuffle(chosen)
             return chosen[:count], bool(io.read_json(Path(data) / "report.json").get(CHAT_ATTR, False)), True
     everything = io.read_json(source)
+    if everything.get("held_out"):  # set aside by write_prompts: no round sampled them
+        return everything["held_out"][:count], everything["rendered"], True
     return everything["prompts"][:count], everything["rendered"], False
 
 
