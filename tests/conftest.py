@@ -49,6 +49,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_reward_model(out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random-weight (seeded) sequence-classification reward model with the tokenizer of `tokenizer_dir`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def preference_file(tmp_path) -> Path:
     from lexalign.demo import task
