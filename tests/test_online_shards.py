@@ -20,8 +20,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, write_reward_model
-from test_online_score import Counting, generations
+from conftest import REPO, Counting, online_rows, write_reward_model
 
 from lexalign import stages
 from lexalign.config.loader import validate_config
@@ -125,7 +124,7 @@ def test_two_processes_sample_the_tokens_of_one(runs):
     report = json.loads((two / "report.json").read_text())
     assert (report["shards"], report["shards_generated"], report["processes"]) == (SHARDS, SHARDS, PROCESSES)
     for rank in range(PROCESSES):  # shard n is process n % 2's
-        assert f"[process {rank}/{PROCESSES}] sampled {SHARDS // PROCESSES} of the {SHARDS} shards" in runs["log"]
+        assert f"[rank {rank}/{PROCESSES}] sampled {SHARDS // PROCESSES} of the {SHARDS} shards" in runs["log"]
     assert f"{SHARDS} of {SHARDS} shards sampled now by {PROCESSES} processes" in runs["log"]
     assert not (two.parent / ".generations-work").exists()
 
@@ -166,7 +165,7 @@ def test_two_processes_score_what_one_scores_each_score_asked_once(runs):
 def test_a_score_cached_by_a_killed_process_is_never_asked_again(tmp_path):
     """Process 1 of a killed attempt had cached two scores in its own file: the rerun (one process here) reads
     them, asks the judge only for the others, and folds that file into the cache."""
-    rows, cache = generations(n=3), tmp_path / "scores.jsonl"
+    rows, cache = online_rows(n=3), tmp_path / "scores.jsonl"
     first = Counting(DemoJudge())
     score_completions(rows[:1], first, cache)  # the main process's file
     ScoreCache(cache, rank=1).put(dict(zip(("a", "b"), (0.5, 0.25), strict=True)))

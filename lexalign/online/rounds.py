@@ -207,7 +207,7 @@ def generate_round(model, prompts, output, number: int, sampling: dict, device: 
     made = 0
     if shard.world > 1:
         own = run((shard.rank, shard.world))
-        print(f"[process {shard.rank}/{shard.world}] sampled {own['shards_generated']} of the {own['shards']} "
+        print(f"[rank {shard.rank}/{shard.world}] sampled {own['shards_generated']} of the {own['shards']} "
               "shards", flush=True)
         # The barrier: every process's shards are on disk (and how many each made, for the report).
         counts = shard.gather({"shards": {"rows": [shard.rank], "values": [own["shards_generated"]]}},
