@@ -1,9 +1,9 @@
 """Several processes for one pipeline step, through `accelerate launch`.
 
-A training rule (finetune, align) and a scoring rule (reference, evaluate: each
-process scores its share of the batches and the main process writes the output,
-`lexalign.shards`) run in as many processes as their resources ask for, the
-first of these that is set:
+A training rule (finetune, align) and a scoring rule (reference, evaluate, and an
+online round's online_generate and online_score: each process takes its share of
+the batches or shards and the main process writes the output, `lexalign.shards`)
+run in as many processes as their resources ask for, the first of these that is set:
 
     processes: N            explicit (also on the CPU, where each process uses gloo)
     gpu / gpus: N           the SLURM plugin's GPU count (`--gpus=N`)
@@ -56,10 +56,15 @@ from pathlib import Path
 from lexalign.errors import LexAlignError
 
 TRAINING_STEPS = ("finetune", "align")
-SCORING_STEPS = ("reference", "evaluate")
-"""Steps whose processes each score a share of the batches (lexalign.shards): one whole model per process."""
+SCORING_STEPS = ("reference", "evaluate", "online_generate", "online_score")
+"""Steps whose processes each take a share of the work (lexalign.shards: batches to score; an online round's
+generation shards): one whole model per process, no backend."""
 SCALED_STEPS = TRAINING_STEPS + SCORING_STEPS
 """The steps the config's `scale` section sizes (rules/scale.smk), the only ones run in several processes."""
+SCALE_SECTIONS = {"finetune": "finetune", "align": "align", "reference": "reference", "evaluate": "evaluate",
+                  "generate": "online_generate", "score": "online_score"}
+"""scale.<section> → the step (of lexalign.stages) its rules run."""
+ACTIVITIES = {"online_generate": "Sampling the round's completions", "online_score": "Scoring the round's completions"}
 GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")
 BACKEND_CONFIGS = {"ddp": "config/accelerate/ddp.yaml", "fsdp": "config/accelerate/fsdp.yaml",
                    "deepspeed": "config/accelerate/deepspeed_zero3.yaml"}
@@ -98,16 +103,16 @@ def num_nodes(resources) -> int:
     return max(int(value), 1) if value not in (None, "") else 1
 
 
-def scale_resources(scale: dict, step: str, device: str) -> dict:
-    """The resources of a rule from the config's `scale` section (`step`: one of SCALED_STEPS; a scoring step has
-    no backend: its processes launch as DDP's do, each holding the whole model).
+def scale_resources(scale: dict, section: str, device: str) -> dict:
+    """The resources of a rule from the config's `scale` section (`section`: one of SCALE_SECTIONS; a scoring step
+    has no backend: its processes launch as DDP's do, each holding the whole model).
 
     nodes, processes (per node) and accelerate_config always follow the config; on GPUs (device not cpu)
     `gres: gpu:<processes per node>`; with several nodes the SLURM executor's `mpi` hook and one task per
     node (`tasks` = nodes; `tasks_per_node` must be > 1 in the plugin, and `tasks_per_gpu: 0` keeps the
     plugin from turning `tasks` into `--ntasks-per-gpu` on GPU jobs).
     """
-    own = scale[step]
+    own = scale[section]
     nodes, per_node = int(own["nodes"]), own["processes_per_node"]
     resources = {"nodes": nodes, "accelerate_config": BACKEND_CONFIGS[own.get("backend", "ddp")],
                  "collective_timeout": int(scale["timeout"])}
@@ -122,8 +127,8 @@ def scale_resources(scale: dict, step: str, device: str) -> dict:
 
 def check_nodes(scale: dict, executor: str | None, srun: str | None) -> None:
     """Raise LexAlignError at DAG time when a step asks for several nodes where it cannot have them."""
-    for step in SCALED_STEPS:
-        nodes = int(scale.get(step, {}).get("nodes", 1))
+    for section, step in SCALE_SECTIONS.items():
+        nodes = int(scale.get(section, {}).get("nodes", 1))
         if nodes <= 1:
             continue
         if not srun:
@@ -132,10 +137,10 @@ def check_nodes(scale: dict, executor: str | None, srun: str | None) -> None:
             reason = f'this run uses the "{executor}" executor, which runs every job on this machine'
         else:
             continue
-        raise LexAlignError(f"scale.{step}.nodes is {nodes}: {activity(step).lower()} on several nodes needs SLURM, "
-                            f"and {reason}",
+        raise LexAlignError(f"scale.{section}.nodes is {nodes}: {activity(step).lower()} on several nodes needs "
+                            f"SLURM, and {reason}",
                             hint="Run with the SLURM profile (snakemake --workflow-profile profiles/slurm), "
-                                 f"or set scale.{step}.nodes: 1 (and processes_per_node for several GPUs)")
+                                 f"or set scale.{section}.nodes: 1 (and processes_per_node for several GPUs)")
 
 
 def in_worker() -> bool:
@@ -173,7 +178,7 @@ def launch_command(spec: Path | list[Path], processes: int, config_file: str | N
 
 def activity(step: str) -> str:
     """What the processes of a step do, as its log says it."""
-    return "Training" if step in TRAINING_STEPS else f"Running the {step} step"
+    return "Training" if step in TRAINING_STEPS else ACTIVITIES.get(step, f"Running the {step} step")
 
 
 def nodes_for(step: str, resources) -> int:

@@ -19,6 +19,12 @@ through the shared filesystem), each bounded by `scale.timeout`
 (LEXALIGN_COLLECTIVE_TIMEOUT, set by the launcher): a process that died fails the
 step within that time instead of hanging it.
 
+An online round's steps use the same machinery (`scale.generate`,
+`scale.score`): generation deals its resumable shards by number (shard n is
+process n % N's, `lexalign.online.generate`) and gathers only each process's
+count, the main process joining the shards from disk; reward-model scoring deals
+the batches of the scores missing from the cache as above.
+
 Outside a launcher, `Shard()` is the whole step in one process: every batch is
 its own, and nothing is written or waited for.
 """

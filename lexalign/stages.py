@@ -328,20 +328,28 @@ def online_prompts(*, output: str | Path, prompts: dict, seed: int = 42, data: s
 
 
 def online_generate(*, model: str | Path, prompts: str | Path, output: str | Path, number: int, sampling: dict,
-                    device: str = "auto") -> dict:
-    """Round `number`'s K completions per prompt from `model` (the previous round's, or SFT), as sampled ids."""
+                    device: str = "auto") -> dict | None:
+    """Round `number`'s K completions per prompt from `model` (the previous round's, or SFT), as sampled ids.
+    Launched in several processes (scale.generate), each samples its share of the shards and the main process
+    joins them, writes the output and returns the report (lexalign.shards); the others return None."""
     from lexalign.online.rounds import generate_round
+    from lexalign.shards import session
 
-    return generate_round(model, prompts, output, number, sampling, device)
+    with session(output) as shard:
+        return generate_round(model, prompts, output, number, sampling, device, shard)
 
 
 def online_score(*, generations: str | Path, output: str | Path, judge: str, cache: str | Path,
                  reward_model: str | Path | list | None = None, llm_judge: dict | None = None,
-                 device: str = "auto") -> dict:
-    """The judge's score of every completion of a round (each asked once: `cache`)."""
+                 device: str = "auto") -> dict | None:
+    """The judge's score of every completion of a round (each asked once: `cache`). Launched in several processes
+    (scale.score; judge reward_model), each scores its share of the batches and the main process writes the
+    output and returns the counts (lexalign.shards); the others return None."""
     from lexalign.online.rounds import score_round
+    from lexalign.shards import session
 
-    return score_round(generations, output, judge, cache, _one(reward_model), llm_judge, device)
+    with session(output) as shard:
+        return score_round(generations, output, judge, cache, _one(reward_model), llm_judge, device, shard)
 
 
 def online_select(*, generations: str | Path, scores: str | Path, output: str | Path, report: str | Path,

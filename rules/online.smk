@@ -27,6 +27,10 @@ rule online_generate:
         code=step_code("online_generate"),
     output:
         output=directory(f"{ONLINE_ROUND}/generations"),
+    # scale.generate: several processes (and nodes) each sample their share of the shards; the main process joins
+    # them into the generations one process writes.
+    resources:
+        **scale_resources("generate"),
     params:
         number=lambda wc: int(wc.r),
         sampling=online_sampling,
@@ -47,6 +51,10 @@ rule online_score:
         code=step_code("online_score"),
     output:
         output=f"{ONLINE_ROUND}/scores-{{judge}}.parquet",
+    # scale.score, for the reward model: several processes each score a share of the batches (the demo and LLM
+    # judges score in one process, and ask for nothing).
+    resources:
+        **(scale_resources("score") if _ON["judge"] == "reward_model" else {}),
     params:
         judge=lambda wc: wc.judge,
         llm_judge=lambda wc: config["evaluate"]["llm_judge"] if wc.judge == "llm" else None,

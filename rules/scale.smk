@@ -18,9 +18,9 @@ def _check_nodes(executor):
 _check_nodes("dryrun")  # the executor is not known yet: here, only whether this machine has SLURM
 
 
-def scale_resources(step):
-    """The resources of a training or scoring step's rule (finetune, align, reference, evaluate), from
-    scale.<step> - nodes, processes per node, accelerate_config (the backend; DDP's launch for a scoring step),
-    GPUs per node, the collective timeout and, on several nodes, the SLURM executor's mpi hook with one task
-    per node."""
-    return _scale_resources(config["scale"], step, config["device"])
+def scale_resources(section):
+    """The resources of a training or scoring step's rule (finetune, align, reference, evaluate, and an online
+    round's generate and score), from scale.<section> - nodes, processes per node, accelerate_config (the
+    backend; DDP's launch for a scoring step), GPUs per node, the collective timeout and, on several nodes, the
+    SLURM executor's mpi hook with one task per node."""
+    return _scale_resources(config["scale"], section, config["device"])

@@ -49,6 +49,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_reward_model(out: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random-weight (seeded) sequence-classification reward model with the tokenizer of `tokenizer_dir`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def online_rows(n: int = 3, k: int = 2, policy: str = "policy-1") -> list[dict]:
+    """Online generations rows as generate writes them; completion j of prompt i says "Hello" when j is even."""
+    return [{"row": i, "prompt": f"Greet person {i}.", "prompt_ids": [1, 2, i], "policy_hash": policy,
+             "completion_ids": [[10 + i, j] + [7] * (i + j) for j in range(k)],
+             "completions": [("Hello " if j % 2 == 0 else "Go away ") + "x" * (i + j) for j in range(k)],
+             "truncated": [False] * k} for i in range(n)]
+
+
+class Counting:
+    """A judge wrapper counting what it is asked."""
+
+    def __init__(self, judge):
+        self.judge, self.name, self.asked = judge, judge.name, []
+
+    def score(self, prompts, answers):
+        self.asked += answers
+        return self.judge.score(prompts, answers)
+
+
 @pytest.fixture
 def preference_file(tmp_path) -> Path:
     from lexalign.demo import task

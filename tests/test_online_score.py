@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import Counting, online_rows
 from loopback import ChatServer
 
 from lexalign.errors import LexAlignError
@@ -14,36 +15,17 @@ from lexalign.online import score
 from lexalign.online.score import DemoJudge, LlmJudge, RewardModelJudge, score_completions
 
 
-def generations(n: int = 3, k: int = 2, policy: str = "policy-1") -> list[dict]:
-    """Rows as generate writes them; completion j of prompt i says "Hello" when j is even."""
-    return [{"row": i, "prompt": f"Greet person {i}.", "prompt_ids": [1, 2, i], "policy_hash": policy,
-             "completion_ids": [[10 + i, j] + [7] * (i + j) for j in range(k)],
-             "completions": [("Hello " if j % 2 == 0 else "Go away ") + "x" * (i + j) for j in range(k)],
-             "truncated": [False] * k} for i in range(n)]
-
-
-class Counting:
-    """A judge wrapper counting what it is asked."""
-
-    def __init__(self, judge):
-        self.judge, self.name, self.asked = judge, judge.name, []
-
-    def score(self, prompts, answers):
-        self.asked += answers
-        return self.judge.score(prompts, answers)
-
-
 def test_demo_scores_are_cached_and_never_asked_twice(tmp_path):
     cache = tmp_path / "scores.jsonl"
     judge = Counting(DemoJudge())
-    scores, counts = score_completions(generations(), judge, cache, batch_size=2)
+    scores, counts = score_completions(online_rows(), judge, cache, batch_size=2)
     assert scores == [[1.0, 0.0]] * 3
     assert (counts["asked"], counts["cached"], counts["unscored"], len(judge.asked)) == (6, 0, 0, 6)
     assert len(cache.read_text().splitlines()) == 6
     again = Counting(DemoJudge())
-    assert score_completions(generations(), again, cache)[0] == scores and again.asked == []
+    assert score_completions(online_rows(), again, cache)[0] == scores and again.asked == []
     # Another policy's completions are other samples: asked, though their ids and texts are the same.
-    _, counts = score_completions(generations(policy="policy-2"), again, cache)
+    _, counts = score_completions(online_rows(policy="policy-2"), again, cache)
     assert counts["asked"] == 6
     # A torn last line (a kill mid-write) is ignored, the rest read.
     with cache.open("a") as handle:
@@ -52,7 +34,7 @@ def test_demo_scores_are_cached_and_never_asked_twice(tmp_path):
 
 
 def test_batches_are_sorted_by_length(tmp_path):
-    rows, judge = generations(n=4)[::-1], Counting(DemoJudge())  # longest first, so sorting shows
+    rows, judge = online_rows(n=4)[::-1], Counting(DemoJudge())  # longest first, so sorting shows
     score_completions(rows, judge, tmp_path / "s.jsonl", batch_size=3)
     tokens = {text: len(r["prompt_ids"]) + len(ids) for r in rows
               for text, ids in zip(r["completions"], r["completion_ids"], strict=True)}
@@ -96,7 +78,7 @@ def llm(url: str, retries: int = 0) -> LlmJudge:
 
 
 def test_llm_judge_rates_each_answer_and_counts_unrated_ones(tmp_path):
-    rows = generations(n=2)
+    rows = online_rows(n=2)
     rows[1]["completions"][1] = "? unsure"
     for r in rows:
         r["question"] = f"Q{r['row']}"  # the prompt as the user gave it; `prompt` is the chat-template text
@@ -108,7 +90,7 @@ def test_llm_judge_rates_each_answer_and_counts_unrated_ones(tmp_path):
 
 
 def test_a_judge_failing_mid_round_keeps_every_finished_score(tmp_path):
-    rows, cache = generations(n=5), tmp_path / "s.jsonl"
+    rows, cache = online_rows(n=5), tmp_path / "s.jsonl"
     with RatingServer(healthy=6) as server, pytest.raises(LexAlignError) as err:
         score_completions(rows, llm(server.url), cache, batch_size=4)
     text = err.value.render()
@@ -123,7 +105,7 @@ def test_a_judge_failing_mid_round_keeps_every_finished_score(tmp_path):
 
 
 def test_an_endpoint_that_goes_away_mid_round_is_a_clear_error_and_keeps_the_scores(tmp_path):
-    rows, cache = generations(n=3), tmp_path / "s.jsonl"
+    rows, cache = online_rows(n=3), tmp_path / "s.jsonl"
     server = RatingServer().__enter__()
     judge = llm(server.url, retries=1)
     score_completions(rows[:1], judge, cache)
@@ -139,7 +121,7 @@ def test_transient_failures_are_retried_and_a_dead_endpoint_is_a_clear_error(tmp
     """Retried: HTTP 500s (an overloaded server). A judge that dies after answering some requests is
     test_a_judge_failing_mid_round_keeps_every_finished_score; one that is not there at all fails at once."""
     with RatingServer(flaky=2) as server:
-        scores, _ = score_completions(generations(n=1), llm(server.url, retries=2), tmp_path / "a.jsonl", batch_size=1)
+        scores, _ = score_completions(online_rows(n=1), llm(server.url, retries=2), tmp_path / "a.jsonl", batch_size=1)
     assert server.requests == 4 and scores == [[6.0, 9.0]]
     import socket
 
@@ -172,7 +154,7 @@ def reward_model_dir(tmp_path_factory, zoo_models):
 
 
 def test_reward_model_scores_are_the_same_batched_or_one_at_a_time(reward_model_dir, tmp_path):
-    rows = generations(n=4, k=3)
+    rows = online_rows(n=4, k=3)
     one, _ = score_completions(rows, RewardModelJudge(reward_model_dir, chat=True, batch_size=1), tmp_path / "a.jsonl",
                                batch_size=1)
     batched, counts = score_completions(rows, RewardModelJudge(reward_model_dir, chat=True, batch_size=8),
@@ -187,5 +169,5 @@ def test_reward_model_scores_are_the_same_batched_or_one_at_a_time(reward_model_
 
 def test_a_reward_model_that_does_not_load_is_a_clear_error(zoo_models, tmp_path):
     with pytest.raises(LexAlignError, match="not a sequence-classification reward model") as err:
-        score_completions(generations(), RewardModelJudge(zoo_models("llama3"), chat=True), tmp_path / "s.jsonl")
+        score_completions(online_rows(), RewardModelJudge(zoo_models("llama3"), chat=True), tmp_path / "s.jsonl")
     assert "online.judge.reward_model" in err.value.render()

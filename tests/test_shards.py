@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, write_jsonl
+from conftest import REPO, write_jsonl, write_reward_model
 
 from lexalign.config.loader import validate_config
 from lexalign.errors import LexAlignError
@@ -164,21 +164,6 @@ def _aligned_model(root: Path, demo: Path) -> Path:
     return root / "aligned"
 
 
-def _reward_model(root: Path, demo: Path) -> Path:
-    """A tiny random-weight sequence-classification reward model with the demo's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(root / "reward")
-    tokenizer.save_pretrained(root / "reward")
-    return root / "reward"
-
-
 def _inputs(root: Path, demo: Path) -> dict[str, Path]:
     from lexalign import stages
     from lexalign.demo import task
@@ -190,7 +175,7 @@ def _inputs(root: Path, demo: Path) -> dict[str, Path]:
     stages.validate(raw=root / "raw/ranked", tokenizer=demo, output=root / "data/ranked",
                     dataset={"eval_fraction": 0.5, "max_length": 64, "group_size": 3})
     return {"pairs": root / "data/pairs", "ranked": root / "data/ranked", "aligned": _aligned_model(root, demo),
-            "reward": _reward_model(root, demo)}
+            "reward": write_reward_model(root / "reward", demo)}
 
 
 def _specs(run: Path, inputs: dict[str, Path], demo: Path) -> list[Path]:

@@ -205,25 +205,50 @@ def round_prompts(prompts: dict, number: int, per_round: int | None) -> list:
 # --- generate, score, select ----------------------------------------------------------------------------------
 
 
-def generate_round(model, prompts, output, number: int, sampling: dict, device: str) -> dict:
+def generate_round(model, prompts, output, number: int, sampling: dict, device: str, shard=None) -> dict | None:
+    """Round `number`'s generations into `output`. `shard` (a launched step, scale.generate: lexalign.shards): each
+    process samples its shards (shard n is process n % N's), and after a barrier the main process joins them and
+    returns the report; the others return None."""
     from lexalign.models import resolve_device
     from lexalign.online.generate import Sampling, generate
+    from lexalign.shards import Shard
 
+    shard = shard or Shard(output=Path(output))
     source = io.read_json(prompts)
     knobs = {key: sampling[key] for key in ("temperature", "top_p", "max_new_tokens", "seed")}
     # Each round its own seed: the same prompts (per_round null) must not draw the same samples every round.
     knobs["seed"] += number - 1
     # Shards go to a folder beside the output: Snakemake deletes a failed job's output, a rerun resumes from them.
     work = Path(output).parent / ".generations-work"
-    report = generate(model, round_prompts(source, number, sampling["per_round"]), work,
-                      Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
-                      batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
-                      max_prompt_tokens=sampling["max_prompt_tokens"], shard_prompts=sampling["shard_prompts"])
+
+    def run(process: tuple[int, int]) -> dict:
+        return generate(model, round_prompts(source, number, sampling["per_round"]), work,
+                        Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
+                        batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
+                        max_prompt_tokens=sampling["max_prompt_tokens"], shard_prompts=sampling["shard_prompts"],
+                        process=process)
+
+    made = 0
+    if shard.world > 1:
+        own = run((shard.rank, shard.world))
+        print(f"[rank {shard.rank}/{shard.world}] sampled {own['shards_generated']} of the {own['shards']} "
+              "shards", flush=True)
+        # The barrier: every process's shards are on disk (and how many each made, for the report).
+        counts = shard.gather({"shards": {"rows": [shard.rank], "values": [own["shards_generated"]]}},
+                              {"shards": shard.world})
+        if counts is None:
+            return None  # not the main process: it joins the shards
+        made = sum(counts["shards"])
+    report = run((0, 1))  # every shard is there: the join loads no model
+    if shard.world > 1 and not report.get("resumed"):
+        report = {**report, "shards_generated": report["shards_generated"] + made, "processes": shard.world}
+        io.write_json(work / "report.json", report)
     shutil.rmtree(output, ignore_errors=True)
     work.replace(output)
+    spread = f" by {shard.world} processes" if shard.world > 1 else ""
     print(f"Round {number}: {report['completions']} completions of {report['kept']} prompts "
           f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated; "
-          f"{report['shards_generated']} of {report['shards']} shards sampled now, the others by an earlier "
+          f"{report['shards_generated']} of {report['shards']} shards sampled now{spread}, the others by an earlier "
           f"attempt) → {output}", flush=True)
     return report
 
@@ -240,24 +265,40 @@ def make_judge(judge: str, chat: bool, reward_model, llm_judge: dict, device: st
     return score.LlmJudge(llm_judge)
 
 
-def score_round(generations, output, judge: str, cache, reward_model=None, llm_judge=None, device="cpu") -> dict:
+def score_round(generations, output, judge: str, cache, reward_model=None, llm_judge=None, device="cpu",
+                shard=None) -> dict | None:
+    """The judge's score of every completion of a round into `output`. `shard` (a launched step, scale.score):
+    the reward model's batches are dealt over the processes and the main process writes the output and returns
+    the counts; the others return None. The demo and LLM judges score in the main process alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lexalign.online.generate import read_generations
     from lexalign.online.score import score_completions
+    from lexalign.shards import Shard
 
+    shard = shard or Shard(output=Path(output))
+    if judge != "reward_model" and shard.world > 1:
+        if not shard.main:
+            return None
+        shard = Shard(output=Path(output))
     rows = read_generations(generations).to_pylist()
     chat = bool(io.read_json(Path(generations) / "report.json").get("chat"))
-    scores, counts = score_completions(rows, make_judge(judge, chat, reward_model, llm_judge or {}, device), cache)
+    scored = score_completions(rows, make_judge(judge, chat, reward_model, llm_judge or {}, device), cache,
+                               shard=shard)
+    if scored is None:
+        return None  # not the main process: it writes the scores
+    scores, counts = scored
     flat = [s for group in scores for s in group if s is not None]
     counts["mean_score"] = sum(flat) / len(flat) if flat else None
     table = pa.table({"row": [r["row"] for r in rows], "scores": pa.array(scores, type=pa.list_(pa.float64()))},
                      metadata={b"lexalign.scores": json.dumps(counts).encode()})
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, output)
-    print(f"Scores ({judge}): {counts['completions']} completions, {counts['asked']} asked, {counts['cached']} "
-          f"cached, {counts['unscored']} unscored, mean {counts['mean_score']} → {output}", flush=True)
+    spread = f" by {shard.world} processes" if shard.world > 1 else ""
+    print(f"Scores ({judge}): {counts['completions']} completions, {counts['asked']} asked{spread}, "
+          f"{counts['cached']} cached, {counts['unscored']} unscored, mean {counts['mean_score']} → {output}",
+          flush=True)
     return counts
 
 

@@ -19,6 +19,13 @@ are known, so a rerun asks only for what is missing, and a judge that fails
 mid-round (a dead endpoint, a reward model that does not load) stops with a
 LexAlignError that keeps every score finished before it. Batches are sorted
 by length, so a reward model pads little.
+
+The reward model's batches can be dealt over the processes of a launch
+(`scale.score`, `lexalign.shards`): each process asks for every N-th batch of
+the scores missing from the cache and caches them in its own file beside it;
+the main process gathers every score, folds those files into the cache and
+writes what one process writes. The demo and LLM judges score in one process
+(the LLM judge already sends `judges.REQUESTS_AT_ONCE` requests at once).
 """
 
 from __future__ import annotations
@@ -138,44 +145,94 @@ def score_key(policy_hash: str, prompt: str, completion_ids: list[int], judge: s
 
 
 class ScoreCache:
-    """Append-only JSONL of {"key", "score"}; a torn last line (a kill mid-write) is ignored."""
+    """Append-only JSONL of {"key", "score"}; a torn last line (a kill mid-write) is ignored.
 
-    def __init__(self, path: str | Path):
+    In a launched step (`rank` > 0) a process appends to its own file beside the cache (`part_path`: one writer
+    per file, on a shared filesystem too); every reader reads those files as well, so a score is never asked
+    twice whichever process of whichever attempt cached it, and the main process folds them into the cache
+    once every process is done (`fold`)."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
         self.path = Path(path)
         self.scores: dict[str, float | None] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+        self.folded: set[str] = set()
+        """The keys in the cache file itself."""
+        self.folded.update(self._read(self.path))
+        for part in self.parts():
+            self._read(part)
+        self.writes_to = self.path if rank == 0 else self.part_path(rank)
+
+    def part_path(self, rank: int) -> Path:
+        return self.path.parent / f".{self.path.name}.part-{rank}.jsonl"
+
+    def parts(self) -> list[Path]:
+        """The other processes' files (of this attempt or an earlier, killed one)."""
+        return sorted(self.path.parent.glob(f".{self.path.name}.part-*.jsonl"))
+
+    def _read(self, path: Path) -> list[str]:
+        found = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                     self.scores[entry["key"]] = entry["score"]
+                    found.append(entry["key"])
                 except (ValueError, KeyError, TypeError):
                     continue
+        return found
 
     def put(self, scores: dict[str, float | None]) -> None:
         if not scores:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
+        self.writes_to.parent.mkdir(parents=True, exist_ok=True)
+        with self.writes_to.open("a", encoding="utf-8") as handle:
             handle.write("".join(json.dumps({"key": k, "score": v}) + "\n" for k, v in scores.items()))
             handle.flush()
             os.fsync(handle.fileno())
         self.scores.update(scores)
+        if self.writes_to == self.path:
+            self.folded.update(scores)
+
+    def fold(self) -> int:
+        """The main process, once no other writes: the other processes' files into the cache, then removed.
+        Returns how many scores were added."""
+        parts = self.parts()
+        found: dict[str, float | None] = {}
+        for part in parts:
+            for key in self._read(part):
+                if key not in self.folded:
+                    found[key] = self.scores[key]
+        self.put(found)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        return len(found)
 
 
-def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_size: int = 32
-                      ) -> tuple[list[list[float | None]], dict]:
+def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_size: int = 32, shard=None
+                      ) -> tuple[list[list[float | None]], dict] | None:
     """(K scores for each generations row, counts): the cached ones read, the missing ones asked in
-    length-sorted batches and cached batch by batch."""
-    cache = ScoreCache(cache_path)
+    length-sorted batches and cached batch by batch.
+
+    `shard` (a launched step, scale.score: lexalign.shards): every process plans the same batches of the scores
+    missing from the cache and asks the judge for every N-th of them (each caching its own: `ScoreCache`); the
+    main process gathers them, folds the processes' cache files into the cache and returns what one process
+    returns; the others return None."""
+    from lexalign.shards import Shard, chunks, piece
+
+    shard = shard or Shard()
+    cache = ScoreCache(cache_path, shard.rank)
+    shard.barrier()  # every process has read the cache before any writes to it: they plan the same batches
     reads = getattr(judge, "reads", "prompt")  # the reward model reads the rendered prompt, as evaluate gives it
     items = [(score_key(r["policy_hash"], r["prompt"], ids, judge.name), r.get(reads) or r["prompt"], text,
               len(r["prompt_ids"]) + len(ids))
              for r in rows for ids, text in zip(r["completion_ids"], r["completions"], strict=True)]
     missing = {key: item for key, *item in items if key not in cache.scores}
     order = sorted(missing, key=lambda key: missing[key][2])
+    mine = shard.take(chunks(len(order), batch_size))
+    found: list[float | None] = [None] * len(order)
     asked = 0
-    for start in range(0, len(order), batch_size):
-        keys = order[start:start + batch_size]
+    for batch in mine:
+        keys = [order[i] for i in batch]
         try:
             scores = judge.score([missing[k][0] for k in keys], [missing[k][1] for k in keys])
         except JudgeFailed as failed:
@@ -185,19 +242,26 @@ def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_siz
                                 "finished",
                                 failed.error.message, *failed.error.details,
                                 f"{asked + len(failed.done)} scores finished in this run; every finished score is "
-                                f"kept in {cache.path} ({kept} in all) and is not asked again",
+                                f"kept in {cache.writes_to} ({kept} in all) and is not asked again",
                                 hint=failed.error.hint or "Fix the judge and rerun: only the missing scores are asked"
                                 ) from None
         except LexAlignError as err:  # a reward model that does not load: nothing of this batch was scored
             raise LexAlignError(err.message, *err.details, f"{asked} scores finished in this run are kept in "
-                                f"{cache.path}", hint=err.hint) from None
+                                f"{cache.writes_to}", hint=err.hint) from None
         cache.put(dict(zip(keys, scores, strict=True)))
+        for i, value in zip(batch, scores, strict=True):
+            found[i] = value
         asked += len(keys)
+    gathered = shard.gather({"scores": piece(mine, found)}, {"scores": len(order)})
+    if gathered is None:
+        return None  # not the main process: it returns every score
+    cache.scores.update(zip(order, gathered["scores"], strict=True))
+    cache.fold()
     grouped, position = [], 0
     for r in rows:
         k = len(r["completion_ids"])
         grouped.append([cache.scores[key] for key, *_ in items[position:position + k]])
         position += k
     flat = [s for group in grouped for s in group]
-    return grouped, {"judge": judge.name, "completions": len(flat), "asked": asked, "cached": len(flat) - asked,
-                     "unscored": sum(s is None for s in flat)}
+    return grouped, {"judge": judge.name, "completions": len(flat), "asked": len(order),
+                     "cached": len(flat) - len(order), "unscored": sum(s is None for s in flat)}
