@@ -56,15 +56,17 @@ from pathlib import Path
 from lexalign.errors import LexAlignError
 
 TRAINING_STEPS = ("finetune", "align")
-SCORING_STEPS = ("reference", "evaluate", "online_generate", "online_score")
+SCORING_STEPS = ("reference", "evaluate", "online_generate", "online_score", "online_reference")
 """Steps whose processes each take a share of the work (lexalign.shards: batches to score; an online round's
 generation shards): one whole model per process, no backend."""
 SCALED_STEPS = TRAINING_STEPS + SCORING_STEPS
 """The steps the config's `scale` section sizes (rules/scale.smk), the only ones run in several processes."""
 SCALE_SECTIONS = {"finetune": "finetune", "align": "align", "reference": "reference", "evaluate": "evaluate",
                   "generate": "online_generate", "score": "online_score"}
-"""scale.<section> → the step (of lexalign.stages) its rules run."""
-ACTIVITIES = {"online_generate": "Sampling the round's completions", "online_score": "Scoring the round's completions"}
+"""scale.<section> → the step (of lexalign.stages) its rules run (scale.reference also sizes each online round's
+reference step, online_reference: the same pass over the sampled ids)."""
+ACTIVITIES = {"online_generate": "Sampling the round's completions", "online_score": "Scoring the round's completions",
+              "online_reference": "Scoring the round's reference log-probs"}
 GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")
 BACKEND_CONFIGS = {"ddp": "config/accelerate/ddp.yaml", "fsdp": "config/accelerate/fsdp.yaml",
                    "deepspeed": "config/accelerate/deepspeed_zero3.yaml"}

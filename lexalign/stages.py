@@ -361,20 +361,27 @@ def online_select(*, generations: str | Path, scores: str | Path, output: str | 
 
 
 def online_reference(*, model: str | Path, data: str | Path, selection: str | Path, output: str | Path,
-                     setting: dict, device: str = "auto", trust_remote_code: bool = False) -> dict:
-    """The reference log-probs of a round's validated data, of the ids that were sampled (never re-encoded)."""
+                     setting: dict, device: str = "auto", trust_remote_code: bool = False) -> dict | None:
+    """The reference log-probs of a round's validated data, of the ids that were sampled (never re-encoded).
+    Launched in several processes (scale.reference, as the offline reference step), each scores its share and
+    the main process writes the file and returns the summary; the others return None."""
     from lexalign.models import resolve_device
     from lexalign.online.rounds import sampled_token_tables
     from lexalign.reference import compute_reference
+    from lexalign.shards import session
 
     train, evals = frames(data, gated=True)
     tables = sampled_token_tables(train, evals, selection, setting["layout"])
-    summary = compute_reference(model, train, evals, output, layout=setting["layout"],
-                                max_length=setting["max_length"], truncation_mode=setting["truncation_mode"],
-                                device=resolve_device(device), load_in_4bit=setting["load_in_4bit"],
-                                trust_remote_code=trust_remote_code, token_tables=tables)
+    with session(output) as shard:
+        summary = compute_reference(model, train, evals, output, layout=setting["layout"],
+                                    max_length=setting["max_length"], truncation_mode=setting["truncation_mode"],
+                                    device=resolve_device(device), load_in_4bit=setting["load_in_4bit"],
+                                    trust_remote_code=trust_remote_code, token_tables=tables, shard=shard)
+    if summary is None:
+        return None  # not the main process: it writes the file and says so
+    spread = f" over {summary['processes']} processes" if summary["processes"] > 1 else ""
     print(f"Reference log-probs of the sampled ids: {summary['train_groups']} train + {summary['eval_groups']} eval "
-          f"groups → {output}", flush=True)
+          f"groups{spread} → {output}", flush=True)
     return summary
 
 

@@ -113,6 +113,9 @@ rule online_reference:
         code=step_code("online_reference"),
     output:
         output=f"{RESULTS}/reference/online-round-{{r}}/{{setting}}.parquet",
+    resources:
+        # The offline reference step's processes (scale.reference): the same pass, on the sampled ids.
+        **scale_resources("reference"),
     params:
         setting=lambda wc: parse_setting(wc.setting),
         device=config["device"],

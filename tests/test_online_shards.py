@@ -50,6 +50,11 @@ class Round:
         self.scores = self.folder / "scores-reward_model.parquet"
         self.cache = root / "cache" / "reward_model.jsonl"
         self.shards = self.folder / ".generations-work" / "shards"
+        self.selection, self.data = self.folder / "selection.jsonl", self.folder / "preferences"
+        self.reference = {"model": str(model), "data": str(self.data), "selection": str(self.selection),
+                          "output": str(self.folder / "reference.parquet"), "device": "cpu",
+                          "setting": {"layout": "pairs", "max_length": 64, "truncation_mode": "keep_start",
+                                      "load_in_4bit": False}}
         self.generate = {"model": str(model), "prompts": str(prompts), "output": str(self.generations),
                          "number": 1, "sampling": SAMPLING, "device": "cpu"}
         self.score = {"generations": str(self.generations), "output": str(self.scores), "judge": "reward_model",
@@ -75,6 +80,13 @@ def runs(tmp_path_factory, demo_model_dir):
     started = time.monotonic()
     stages.online_generate(**one.generate)
     stages.online_score(**one.score)
+    # The round's pairs through the existing validation, and their reference log-probs of the sampled ids.
+    stages.online_select(generations=one.generations, scores=one.scores, output=one.selection,
+                         report=one.folder / "selection.json", select={"select": "best_worst", "truncated": "keep",
+                                                                       "group_size": 2})
+    stages.validate(raw=one.selection, tokenizer=demo_model_dir, output=one.data,
+                    dataset={"eval_fraction": 0.25, "max_length": 64}, pairs_only=True)
+    stages.online_reference(**one.reference)
     alone = time.monotonic() - started
 
     # Killed: SIGKILL to the launcher and its processes (each in a session of its own) once a shard is on disk,
@@ -99,7 +111,11 @@ def runs(tmp_path_factory, demo_model_dir):
     log = root / "launch.log"
     started = time.monotonic()
     with log.open("w") as handle:
-        status = run_launcher(launch_command([*two.specs(), *resumed.specs(["generate"])], PROCESSES,
+        # Two processes also score the reference log-probs of one's validated round (scale.reference).
+        reference = {**one.reference, "output": str(two.folder / "reference.parquet")}
+        two.folder.mkdir(parents=True, exist_ok=True)
+        reference_spec = write_spec("online_reference", reference, root / "reference.json")
+        status = run_launcher(launch_command([*two.specs(), reference_spec, *resumed.specs(["generate"])], PROCESSES,
                                              threads=PROCESSES), env=_env(), stdout=handle, stderr=handle,
                               timeout=300)
     text = log.read_text()
@@ -236,3 +252,14 @@ def test_the_rules_take_their_resources_from_scale(tmp_path, judge):
         assert (score["processes"], score["collective_timeout"]) == ("3", "300")
     else:  # the LLM judge scores in one process: the entry asks for nothing
         assert "processes" not in score and "collective_timeout" not in score
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_write_the_rounds_reference_file_of_one(runs):
+    """scale.reference sizes each round's reference step too: two processes, one file, the one process's values."""
+    one = pq.read_table(runs["one"].folder / "reference.parquet")
+    two = pq.read_table(runs["two"].folder / "reference.parquet")
+    assert one.num_rows >= 8 and two.to_pylist() == one.to_pylist()
+    assert two.schema.metadata == one.schema.metadata
+    assert f"over {PROCESSES} processes" in runs["log"]
