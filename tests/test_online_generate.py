@@ -310,3 +310,60 @@ def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path
     dataset = reference.trainer_dataset(select.token_table(groups), "k4")
     assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in got]
     assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
+
+
+# --- the vllm engine ---------------------------------------------------------------------------------------------
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_has_vllm(), reason="vLLM is installed here: the GPU test below runs it")
+def test_the_vllm_engine_without_vllm_is_a_clear_error_before_any_shard(zoo_models, tmp_path):
+    out = tmp_path / "gen"
+    with pytest.raises(LexAlignError, match="online.sampling.engine is vllm, but vLLM is not installed") as err:
+        generate(zoo_models("llama3"), PROMPTS[:2], out, Sampling(samples_per_prompt=2, max_new_tokens=4),
+                 engine="vllm")
+    assert "lexalign[vllm]" in err.value.render() and "engine: hf" in err.value.render()
+    assert not out.exists()  # checked before any work
+    with pytest.raises(LexAlignError, match='Unknown generation engine "vlm"'):
+        generate(zoo_models("llama3"), PROMPTS[:2], out, Sampling(), engine="vlm")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_vllm(), reason="needs vLLM and a CUDA GPU: pip install lexalign[vllm], pytest -m gpu")
+@pytest.mark.parametrize("family", TEMPLATED)
+def test_vllm_samples_keep_their_ids_and_end_with_the_turn_end(zoo_models, tmp_path, family):
+    """What the hf engine's tests check, on vLLM's samples: the prompt ids are the template's, a finished answer
+    ends with the end id it stopped on (and holds no other), a cut one has max_new_tokens ids and is flagged, the
+    text is the ids decoded, the same seed draws the same ids, and the table is the hf engine's layout."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    path, tok = zoo_models(family), tokenizer(zoo_models(family))
+    sampling = Sampling(samples_per_prompt=3, temperature=1.0, max_new_tokens=6, seed=5)
+    generate(path, PROMPTS, tmp_path / "vllm", sampling, batch_size=2, device="cuda", engine="vllm")
+    generate(path, PROMPTS, tmp_path / "again", sampling, batch_size=2, device="cuda", engine="vllm")
+    generate(path, PROMPTS, tmp_path / "hf", sampling, batch_size=2, device="cuda")
+    got = rows(tmp_path / "vllm")
+    from transformers import AutoModelForCausalLM
+
+    stops = tokens.end_ids(AutoModelForCausalLM.from_pretrained(path), tok)  # what the hf engine stops on
+    for r in got:
+        messages = [{"role": "user", "content": PROMPTS[r["row"]]}]
+        assert r["prompt_ids"] == template_ids(tok, messages, True)
+        for ids, cut, text in zip(r["completion_ids"], r["truncated"], r["completions"], strict=True):
+            if cut:
+                assert len(ids) == sampling.max_new_tokens
+            else:
+                assert ids[-1] in stops, (family, ids)
+            assert not set(ids[:-1]) & set(stops)
+            assert text == tok.decode(ids if cut else ids[:-1], skip_special_tokens=True)
+    assert [r["completion_ids"] for r in rows(tmp_path / "again")] == [r["completion_ids"] for r in got]
+    hf = pq.read_table(tmp_path / "hf" / "generations.parquet")
+    assert pq.read_table(tmp_path / "vllm" / "generations.parquet").schema.names == hf.schema.names

@@ -17,6 +17,9 @@ context minus `max_new_tokens`) is skipped and counted, never cut.
 
 Prompts are sorted by length, longest first (an out-of-memory shows at the
 start), and generated `batch_size` at a time with the KV cache, left padded.
+With `engine="vllm"` (the `vllm` extra, a CUDA GPU) vLLM samples each batch
+instead, from the same prompt ids, with the same knobs and end ids and its own
+per-request seed; what it returns is kept as ids the same way.
 Each `shard_prompts` prompts are written to `shards/` atomically under a key
 (policy hash, sampling, batch size, the prompts' ids): a killed job rerun
 regenerates only the shards it had not finished. Each batch draws from its own
@@ -33,6 +36,7 @@ order (`row`, `prompt` (rendered), `question` (as given, for judges), `prompt_id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +56,8 @@ TIMING_KEY = b"lexalign.timing"
 """A shard's generation seconds and tokens: the report sums them over every shard, whichever attempt or
 process made it."""
 SHARD_PROMPTS = 256
+ENGINES = ("hf", "vllm")
+"""hf: transformers' generate (the default, every device); vllm: vLLM on a CUDA GPU (the `vllm` extra)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,53 @@ def sample(model, tokenizer, batch: list[list[int]], sampling: Sampling, seed: i
     return [[cut_at_end(rows[i * k + j], stops) for j in range(k)] for i in range(len(batch))]
 
 
+def check_vllm(device: str) -> None:
+    """The vllm engine can run here: vLLM installed, a CUDA device, one process (before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise LexAlignError("online.sampling.engine is vllm, but vLLM is not installed",
+                            hint='pip install "lexalign[vllm]" on a machine with a CUDA GPU, or set '
+                                 "online.sampling.engine: hf")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each launched process would take the first GPU
+        raise LexAlignError("online.sampling.engine vllm samples in one process (it batches over the whole GPU "
+                            "itself), and scale.generate launched several",
+                            hint="Set scale.generate.processes_per_node: 1, or online.sampling.engine: hf")
+    if not str(device).startswith("cuda"):
+        raise LexAlignError(f'online.sampling.engine is vllm, which needs a CUDA GPU, and the device is "{device}"',
+                            hint="Set online.sampling.engine: hf (transformers' generate runs everywhere)")
+
+
+def vllm_sampler(model_dir: Path, tokenizer, sampling: Sampling, device: str,
+                 trust_remote_code: bool = False) -> Callable[[list[list[int]], int], list[list[tuple]]]:
+    """vLLM's sampling of a batch, as `sample` returns it: K (completion ids, truncated) per prompt. The prompt
+    ids go in as ids (no second tokenization), the knobs are sample's (top_k off, no repetition penalty: never
+    the checkpoint's generation_config), the end ids are the same, and each batch draws from its own seed.
+    vLLM keeps a stop id in the completion's ids, so `cut_at_end` reads them as it reads transformers'."""
+    check_vllm(device)
+    from transformers import GenerationConfig
+    from vllm import LLM, SamplingParams
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation = None
+    stops = tokens.end_ids(type("Checkpoint", (), {"generation_config": generation})(), tokenizer)
+    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), trust_remote_code=trust_remote_code,
+              generation_config="vllm", seed=sampling.seed)
+
+    def run(batch: list[list[int]], seed: int) -> list[list[tuple]]:
+        params = SamplingParams(n=sampling.samples_per_prompt, temperature=sampling.temperature,
+                                top_p=sampling.top_p, top_k=-1, repetition_penalty=1.0,
+                                max_tokens=sampling.max_new_tokens, stop_token_ids=stops, seed=seed,
+                                detokenize=False)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        return [[cut_at_end(list(c.token_ids), stops) for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in outputs]
+
+    return run
+
+
 # --- shards ------------------------------------------------------------------------------------------
 
 
@@ -238,7 +291,7 @@ def _table(records: list[dict], meta: dict, timing: dict):
 def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling: Sampling, batch_size: int = 8,
              device: str = "cpu", rendered: bool = False, max_prompt_tokens: int | None = None,
              shard_prompts: int = SHARD_PROMPTS, on_shard: Callable[[int], None] | None = None,
-             process: tuple[int, int] = (0, 1)) -> dict:
+             process: tuple[int, int] = (0, 1), engine: str = "hf") -> dict:
     """Sample `sampling.samples_per_prompt` completions for each prompt into `out_dir` (see the module doc);
     returns the report. `on_shard(i)` is called after shard i is written (tests stop a run there).
 
@@ -253,6 +306,11 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     sampling.check()
     prompts = list(prompts)  # a pandas column indexes by label, not position
     index, count = process
+    if engine not in ENGINES:
+        raise LexAlignError(f'Unknown generation engine "{engine}"', f"Known: {', '.join(ENGINES)}",
+                            hint="Set online.sampling.engine to hf or vllm")
+    if engine == "vllm":
+        check_vllm(device)
     if batch_size < 1 or shard_prompts < 1 or not 0 <= index < count:
         raise LexAlignError(f"batch_size ({batch_size}) and shard_prompts ({shard_prompts}) must be at least 1, "
                             f"and the process index ({index}) below the process count ({count})")
@@ -271,6 +329,8 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     meta = {"format": FORMAT, "policy_hash": io.hash_path(model_dir), "sampling": asdict(sampling),
             "batch_size": batch_size, "shard_prompts": shard_prompts, "chat": chat,
             "prompts": hashlib.sha256(json.dumps([work.ids[i] for i in work.rows]).encode()).hexdigest()}
+    if engine != "hf":  # another sampler draws other samples (the hf key stays what it was)
+        meta["engine"] = engine
     meta["key"] = io.hash_object(meta)  # what the samples depend on: the weights' hash, not the folder's name
     meta["policy"] = str(model_dir)
     final, shard_dir = out_dir / "generations.parquet", out_dir / "shards"
@@ -280,7 +340,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     if final.exists() and _stored_key(final) == meta["key"]:  # finished before: the model is not even loaded
         return {**io.read_json(out_dir / "report.json"), "shards_generated": 0, "resumed": "complete"}
     shard_dir.mkdir(parents=True, exist_ok=True)
-    model, rng_state, generated = None, torch.random.get_rng_state(), 0
+    sampler, rng_state, generated = None, torch.random.get_rng_state(), 0
     shards = [work.rows[s:s + shard_prompts] for s in range(0, len(work.rows), shard_prompts)]
     try:
         for number, rows in enumerate(shards):
@@ -290,13 +350,16 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
             io.remove_stale_temporaries(path)
             if path.exists() and _stored_key(path) == meta["key"]:
                 continue  # finished by an earlier attempt
-            if model is None:  # only when some shard is missing: a join or a finished resume loads nothing
-                model = load_causal_lm(model_dir, device).to(device).eval()
+            if sampler is None:  # only when some shard is missing: a join or a finished resume loads nothing
+                if engine == "vllm":
+                    sampler = vllm_sampler(model_dir, tokenizer, sampling, device)
+                else:
+                    model = load_causal_lm(model_dir, device).to(device).eval()
+                    sampler = functools.partial(sample, model, tokenizer, sampling=sampling)
             started, records = time.perf_counter(), []
             for b, start in enumerate(range(0, len(rows), batch_size)):
                 part = rows[start:start + batch_size]
-                samples = sample(model, tokenizer, [work.ids[i] for i in part], sampling, batch_seed(
-                    sampling.seed, number, b))
+                samples = sampler([work.ids[i] for i in part], seed=batch_seed(sampling.seed, number, b))
                 records += [{**_record(i, work, group, tokenizer, meta), "question": questions[i]}
                             for i, group in zip(part, samples, strict=True)]
             timing = {"seconds": time.perf_counter() - started,

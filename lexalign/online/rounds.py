@@ -226,6 +226,7 @@ def generate_round(model, prompts, output, number: int, sampling: dict, device: 
                         Sampling(samples_per_prompt=sampling["samples_per_prompt"], **knobs),
                         batch_size=sampling["batch_size"], device=resolve_device(device), rendered=source["rendered"],
                         max_prompt_tokens=sampling["max_prompt_tokens"], shard_prompts=sampling["shard_prompts"],
+                        engine=sampling.get("engine", "hf"),
                         process=process)
 
     made = 0
