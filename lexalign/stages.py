@@ -328,15 +328,16 @@ def online_prompts(*, output: str | Path, prompts: dict, seed: int = 42, data: s
 
 
 def online_generate(*, model: str | Path, prompts: str | Path, output: str | Path, number: int, sampling: dict,
-                    device: str = "auto") -> dict | None:
-    """Round `number`'s K completions per prompt from `model` (the previous round's, or SFT), as sampled ids.
-    Launched in several processes (scale.generate), each samples its share of the shards and the main process
-    joins them, writes the output and returns the report (lexalign.shards); the others return None."""
+                    device: str = "auto", throughput: str | Path | None = None) -> dict | None:
+    """Round `number`'s K completions per prompt from `model` (the previous round's, or SFT), as sampled ids;
+    `throughput` (json, beside the rule's benchmark): its generation tokens per second. Launched in several
+    processes (scale.generate), each samples its share of the shards and the main process joins them, writes the
+    outputs and returns the report (lexalign.shards); the others return None."""
     from lexalign.online.rounds import generate_round
     from lexalign.shards import session
 
     with session(output) as shard:
-        return generate_round(model, prompts, output, number, sampling, device, shard)
+        return generate_round(model, prompts, output, number, sampling, device, shard, throughput)
 
 
 def online_score(*, generations: str | Path, output: str | Path, judge: str, cache: str | Path,

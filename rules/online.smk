@@ -27,6 +27,8 @@ rule online_generate:
         code=step_code("online_generate"),
     output:
         output=directory(f"{ONLINE_ROUND}/generations"),
+        # Generation tokens/s (Snakemake's benchmark beside it times the whole job).
+        throughput=f"{RESULTS}/benchmarks/online/round-{{r}}/generation.json",
     # scale.generate: several processes (and nodes) each sample their share of the shards; the main process joins
     # them into the generations one process writes.
     resources:

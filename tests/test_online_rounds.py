@@ -155,6 +155,9 @@ def test_the_demo_rounds_end_to_end(demo_rounds):
         assert counts["skipped_too_long"] == 0
         assert counts["selected"] + counts["ties"] + counts["too_few"] == prompts
         assert counts["truncated_dropped"] == 0  # truncated: keep
+        speed = workdir / "results" / "benchmarks" / "online" / f"round-{r}" / "generation.json"
+        speed = json.loads(speed.read_text())
+        assert speed["round"] == r and speed["tokens_per_second"] > 0 and speed["completions"] == prompts * k
         # Exactly the tokens sampled are the tokens trained: the reference file (what align reads) holds them.
         selection = [json.loads(line) for line in (folder / "selection.jsonl").read_text().splitlines()]
         reference = pq.read_table(next((workdir / "results" / "reference" / f"online-round-{r}").glob("*.parquet")))

@@ -205,7 +205,8 @@ def round_prompts(prompts: dict, number: int, per_round: int | None) -> list:
 # --- generate, score, select ----------------------------------------------------------------------------------
 
 
-def generate_round(model, prompts, output, number: int, sampling: dict, device: str, shard=None) -> dict | None:
+def generate_round(model, prompts, output, number: int, sampling: dict, device: str, shard=None,
+                   throughput=None) -> dict | None:
     """Round `number`'s generations into `output`. `shard` (a launched step, scale.generate: lexalign.shards): each
     process samples its shards (shard n is process n % N's), and after a barrier the main process joins them and
     returns the report; the others return None."""
@@ -246,6 +247,14 @@ def generate_round(model, prompts, output, number: int, sampling: dict, device: 
         io.write_json(work / "report.json", report)
     shutil.rmtree(output, ignore_errors=True)
     work.replace(output)
+    if throughput:
+        # Summed over the shards' own timings (so a resumed job counts each shard once, at the speed it ran);
+        # per process when several sampled.
+        io.write_json(throughput, {"round": number, "tokens_per_second": report["tokens_per_second"],
+                                   "seconds": report["seconds"], "completions": report["completions"],
+                                   "mean_completion_tokens": report["mean_completion_tokens"],
+                                   "engine": sampling.get("engine", "hf"), "processes": shard.world,
+                                   "shards_generated_now": report["shards_generated"], "shards": report["shards"]})
     spread = f" by {shard.world} processes" if shard.world > 1 else ""
     print(f"Round {number}: {report['completions']} completions of {report['kept']} prompts "
           f"({report['skipped_too_long']} skipped as too long, {report['truncated']} truncated; "
