@@ -50,11 +50,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_reward_model(out: Path, tokenizer_dir: Path) -> Path:
-    """A tiny random-weight (seeded) sequence-classification reward model with the tokenizer of `tokenizer_dir`."""
+    """A tiny random-weight (seeded) sequence-classification reward model with the tokenizer of `tokenizer_dir`
+    (padding with its EOS where it has no pad token, as Llama-3's)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import Counting, online_rows
+from conftest import Counting, online_rows, write_reward_model
 from loopback import ChatServer
 
 from lexalign.errors import LexAlignError
@@ -138,19 +138,7 @@ def test_transient_failures_are_retried_and_a_dead_endpoint_is_a_clear_error(tmp
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, zoo_models):
     """A tiny random-weight sequence-classification reward model (one label) with the zoo's Llama-3 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    out = tmp_path_factory.mktemp("reward-model")
-    tokenizer = AutoTokenizer.from_pretrained(zoo_models("llama3"))
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return write_reward_model(tmp_path_factory.mktemp("reward-model"), zoo_models("llama3"))
 
 
 def test_reward_model_scores_are_the_same_batched_or_one_at_a_time(reward_model_dir, tmp_path):
