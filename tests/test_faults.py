@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lexalign.demo import task
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")
-KILLS_PER_STAGE = 6  # 12 random kill points over finetune and align
+KILLS_PER_STAGE = 4  # 8 random kill points over finetune and align (suite time: each is a restart)
 SAVE_STEPS = 2
 MAX_STEPS = 120  # more than ten kills can reach: each lands 1-4 steps past a checkpoint, plus the steps a fast
 # machine runs in the 0-0.3 s before the kill (on a quiet machine the demo model runs dozens of steps a second)

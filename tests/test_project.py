@@ -216,8 +216,10 @@ def test_the_catalog_file_and_config_readme_are_there():
 # --- software environments ---------------------------------------------------------------------------
 
 
-OPTIONAL = {"liger_kernel", "liger-kernel", "mlflow-skinny", "wandb", "trackio"}
-"""Imported only when installed (guarded imports): the kernels, and the `tracking` extra's trackers."""
+OPTIONAL = {"liger_kernel", "liger-kernel", "mlflow-skinny", "wandb", "trackio", "vllm"}
+"""Imported only when installed (guarded imports): the kernels, the `tracking` extra's trackers, and the `vllm`
+extra's sampling engine (online.sampling.engine: vllm names the extra when it is missing; vLLM brings its own CUDA
+torch, so no env file pins it)."""
 
 
 def _requirement_name(requirement: str) -> str:
