@@ -47,11 +47,11 @@ dag: $(STAMP)
 # whole groups (tests/conftest.py: worker_group), so each expensive fixture is built once.
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py
+	$(BIN)/ruff check lexalign scripts tests benchmarks testkit setup.py
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25
 
 lint: $(STAMP)
-	$(BIN)/ruff check lexalign scripts tests benchmarks setup.py
+	$(BIN)/ruff check lexalign scripts tests benchmarks testkit setup.py
 	$(BIN)/snakemake --lint
 
 clean:

@@ -1,7 +1,8 @@
 """Build hook: the wheel carries the workflow (Snakefile, rules, scripts, profiles, configs, envs, report) as
 package data under lexalign/_workflow/, copied from the repository root at build time, so a `pip install`ed
 LexAlign runs its pipeline with no checkout (`lexalign workflow-path`, `lexalign init`). The root layout stays
-the one place these files are edited; the list of what is copied is lexalign/workflow_files.py's WORKFLOW_FILES."""
+the one place these files are edited; the list of what is copied is WORKFLOW_FILES of
+lexalign/pipeline/workflow_files.py."""
 
 import ast
 import shutil
@@ -14,12 +15,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _workflow_files() -> list[str]:
-    """WORKFLOW_FILES of lexalign/workflow_files.py, read without importing the package (a build has no deps)."""
-    tree = ast.parse((HERE / "lexalign" / "workflow_files.py").read_text(encoding="utf-8"))
+    """WORKFLOW_FILES of lexalign/pipeline/workflow_files.py, read without importing the package (no deps here)."""
+    tree = ast.parse((HERE / "lexalign" / "pipeline" / "workflow_files.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "WORKFLOW_FILES" for t in node.targets):
             return list(ast.literal_eval(node.value))
-    raise RuntimeError("lexalign/workflow_files.py defines no WORKFLOW_FILES")
+    raise RuntimeError("lexalign/pipeline/workflow_files.py defines no WORKFLOW_FILES")
 
 
 class BuildWithWorkflow(build_py):

@@ -65,7 +65,7 @@ def training_run(name: str, spec: dict, callback, save: bool = True):
     lora = spec["method"] == "lora"
     if name.startswith("lexalign"):
         from lexalign.config.loader import section_defaults
-        from lexalign.config.stages import AlignConfig
+        from lexalign.config.sections import AlignConfig
         from lexalign.train.align import AlignJob
 
         params = section_defaults("alignment", {
@@ -138,7 +138,7 @@ def main() -> None:
         worker(name, json.loads(Path(spec).read_text()), Path(out))
         return
 
-    from lexalign.reference import compute_reference
+    from lexalign.reference.scoring import compute_reference
 
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-align-") as tmp:

@@ -65,8 +65,8 @@ class Config:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        from lexalign.models import load_causal_lm, load_tokenizer
-        from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
+        from lexalign.models.loading import load_causal_lm, load_tokenizer
+        from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
 
         self.label, self.kind, self.k, self.prompts = label, kind, k, prompts
         device = args["device"]

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): an online round's generation (`lexalign.online.generate`) against a plain
+"""Benchmark (not a test): an online round's generation (`lexalign.generation.sampling`) against a plain
 `model.generate` loop over the same prompts, side by side in one run.
 
     .venv/bin/python benchmarks/bench_generate.py
@@ -14,7 +14,7 @@ id (the same count on both sides):
 
 * `plain`: what a script does: for each prompt, `apply_chat_template(...,
   return_tensors="pt")` and `model.generate(..., num_return_sequences=K)`;
-* `lexalign`: `lexalign.online.generate` (length-sorted, left-padded batches of
+* `lexalign`: `lexalign.generation.sampling` (length-sorted, left-padded batches of
   `--batch` prompts), the whole call timed: tokenizing, hashing the policy,
   writing the shards and the joined parquet included.
 
@@ -39,7 +39,7 @@ import common  # noqa: E402
 
 
 def prompts(model_dir: Path, n: int, longest: int, seed: int = 0) -> list[str]:
-    from lexalign.models import load_tokenizer
+    from lexalign.models.loading import load_tokenizer
 
     text = common.text_maker(load_tokenizer(model_dir), seed)
     rng = random.Random(seed)
@@ -73,7 +73,7 @@ def plain(model_dir: Path, texts: list[str], args) -> dict:
 
 
 def ours(model_dir: Path, texts: list[str], args, out: Path) -> dict:
-    from lexalign.online.generate import Sampling, generate
+    from lexalign.generation.sampling import Sampling, generate
 
     started = time.perf_counter()
     report = generate(model_dir, texts, out, Sampling(samples_per_prompt=args.samples, temperature=1.0, top_p=1.0,

@@ -7,7 +7,7 @@ TRL `DPOTrainer` script, side by side on a realistic long-tailed length mix and 
 
 Both jobs start from the same JSONL file (prompt / chosen / rejected plain text), the same SFT model (a
 Llama of `--hidden` and `--layers` with a `--vocab` vocabulary; the tokenizer is the zoo's Llama-3-style
-byte-level BPE, lexalign/demo/zoo.py) and the same hyperparameters: LoRA r 16 on q/v, batch 4 pairs, one epoch,
+byte-level BPE, testkit/zoo.py) and the same hyperparameters: LoRA r 16 on q/v, batch 4 pairs, one epoch,
 learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
 
 * `trl`: `load_dataset("json")`, `DPOTrainer(model, DPOConfig(...), peft_config=LoraConfig(...))`,
@@ -16,8 +16,8 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
   without recomputation: bf16 autocast and activation checkpointing (TRL's defaults turn both on, on a CPU
   too, which makes TRL slower here still).
 * `lexalign`: `lexalign align --config ...`: validation of the raw file, the reference log-probs once
-  (packed), DPO on padding-free batches with the lean LM head (`lexalign.packing`, `lexalign.train.packed`,
-  `lexalign.logprobs`), the adapter saved and merged.
+  (packed), DPO on padding-free batches with the lean LM head (`lexalign.models.packing`, `lexalign.train.packed`,
+  `lexalign.models.logprobs`), the adapter saved and merged.
 * `lexalign-padded` (with `--ablation`): the same with `alignment.padding_free: false`: TRL's padded
   training batches, so the packing's share of the speed-up shows apart from the lean head's and the
   reference's.
@@ -58,7 +58,7 @@ def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, s
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lexalign.demo import zoo
+    from testkit import zoo
 
     model_dir = root / f"model-{vocab}"
     if not (model_dir / "config.json").is_file():

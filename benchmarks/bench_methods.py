@@ -49,7 +49,7 @@ def training_run(name: str, spec: dict, callback):
     import pandas as pd
 
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
+    from lexalign.config.sections import AlignConfig
     from lexalign.train.align import AlignJob
 
     method = name.removesuffix("-online")
@@ -91,7 +91,7 @@ def main() -> None:
         worker(name, json.loads(Path(spec).read_text()), Path(out))
         return
 
-    from lexalign.reference import compute_reference
+    from lexalign.reference.scoring import compute_reference
 
     script = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:

@@ -3,9 +3,9 @@
     sudo .venv/bin/python benchmarks/bench_multinode.py              # 1 → 2 nodes, 1 CPU process each
     sudo .venv/bin/python benchmarks/bench_multinode.py --steps 40
 
-Brings up the cluster of lexalign/demo/slurm_cluster.py (two slurmd, each in its own network namespace on one
+Brings up the cluster of testkit/slurm_cluster.py (two slurmd, each in its own network namespace on one
 machine; root, Debian's SLURM packages), aligns the demo model on the demo pairs with DPO as the align rule
-does on several nodes (`lexalign.launch.run_on_nodes`: srun, one `accelerate launch` per node), once on one
+does on several nodes (`lexalign.pipeline.launch.run_on_nodes`: srun, one `accelerate launch` per node), once on one
 node and once on two, the same batch per process (so two nodes train twice the tokens per step), and prints
 the training tokens per second of each (tokens in the batches / Trainer's train_runtime). Both "nodes"
 share this machine's cores and network stack: the figure shows the direction only, never a cluster's
@@ -28,10 +28,10 @@ sys.path[:0] = [str(REPO)]
 
 
 def _prepare(root: Path, steps: int, batch: int) -> dict:
-    from lexalign import stages
     from lexalign.config.loader import section_defaults
     from lexalign.demo import task
     from lexalign.demo.model import write_demo_model
+    from lexalign.steps import training as stages
 
     model = root / "model"
     write_demo_model(model, seed=0)
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="per process")
     args = parser.parse_args()
 
-    from lexalign.demo import slurm_cluster as sc
+    from testkit import slurm_cluster as sc
 
     if sc.skip_reason():
         sys.exit(sc.skip_reason())

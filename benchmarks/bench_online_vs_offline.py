@@ -5,7 +5,7 @@ demo, at the same number of optimizer steps, each final model against the same S
     .venv/bin/python benchmarks/bench_online_vs_offline.py --steps-per-round 16 --keep /tmp/bench-online
 
 Every arm runs through the real pipeline (`snakemake`) in a copy of the workflow
-(`lexalign.workflow_files.copy_workflow`), with configs derived from the demo
+(`lexalign.pipeline.workflow_files.copy_workflow`), with configs derived from the demo
 config (config/config.yaml, its sweep and lm-eval tasks left out) and the online
 example (config/examples/online.yaml):
 
@@ -31,9 +31,9 @@ The greedy held-out polite rate saturates at 100% on the demo after one round, s
 the figures that compare the arms are sampled: each final model (and the SFT
 model) draws `--samples` answers at temperature 1 (as the rounds sample: the
 online example's `max_new_tokens`) to each of the 40 held-out demo prompts, with
-`lexalign.online.generate` and the same seeds for every model. The demo judge
+`lexalign.generation.sampling` and the same seeds for every model. The demo judge
 scores each answer (1: a polite greeting); the figures, each with a seeded
-bootstrap 95% interval over the 40 prompts (`lexalign.judges.bootstrap_interval`):
+bootstrap 95% interval over the 40 prompts (`lexalign.generation.judges.bootstrap_interval`):
 
 * sampled polite rate (the judge's mean score);
 * sampled win rate against SFT: answer j of the model against answer j of SFT to
@@ -42,7 +42,7 @@ bootstrap 95% interval over the 40 prompts (`lexalign.judges.bootstrap_interval`
 * the pipeline's own greedy win rate (`results/eval/aligned.json`,
   `results/online/round-R/eval.json`: the same 40 prompts, the demo judge);
 * Monte Carlo KL(model || SFT) on `--kl-repeats` samples per held-out prompt
-  (`lexalign.evaluate.kl_estimate`), and the mean sampled answer length.
+  (`lexalign.evaluation.figures.kl_estimate`), and the mean sampled answer length.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lexalign.workflow_files import copy_workflow  # noqa: E402 - this checkout's package
+from lexalign.pipeline.workflow_files import copy_workflow  # noqa: E402 - this checkout's package
 
 GDPO = {"method": "gdpo", "group_delay_size": 4, "group_delay_weight": 0.5}
 ARMS = ("offline DPO", "online DPO", "online GDPO")
@@ -118,7 +118,7 @@ def sample_scores(model: Path, out: Path, prompts: list[str], samples: int, max_
     """(per prompt: the demo judge's score of each sampled answer, per prompt: each answer's token count,
     the share of answers cut at max_new_tokens)."""
     from lexalign.demo import task
-    from lexalign.online.generate import Sampling, generate, read_generations
+    from lexalign.generation.sampling import Sampling, generate, read_generations
 
     generate(model, prompts, out, Sampling(samples_per_prompt=samples, temperature=1.0, top_p=1.0,
                                            max_new_tokens=max_new_tokens, seed=seed),
@@ -131,9 +131,9 @@ def sample_scores(model: Path, out: Path, prompts: list[str], samples: int, max_
 
 
 def kl_to_sft(model: Path, sft: Path, prompts: list[str], max_new_tokens: int, seed: int, repeats: int) -> float:
-    from lexalign.evaluate import kl_estimate
-    from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.online.generate import render_prompts
+    from lexalign.evaluation.figures import kl_estimate
+    from lexalign.generation.sampling import render_prompts
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model)
     texts, chat = render_prompts(tokenizer, prompts * repeats, True)
@@ -147,7 +147,7 @@ def mean(values) -> float:
 
 
 def interval(per_prompt: list[float], seed: int) -> str:
-    from lexalign.judges import bootstrap_interval
+    from lexalign.generation.judges import bootstrap_interval
 
     low, high = bootstrap_interval(per_prompt, seed)
     return f"{100 * mean(per_prompt):5.1f}% ({100 * low:.1f}–{100 * high:.1f})"
@@ -168,7 +168,7 @@ def main() -> None:
     from transformers.utils import logging
 
     from lexalign.demo import task
-    from lexalign.judges import bootstrap_interval, compare
+    from lexalign.generation.judges import bootstrap_interval, compare
 
     logging.disable_progress_bar()  # a bar per model loaded
 

@@ -1,7 +1,7 @@
 """Padding-free vs padded reference log-probs on a long-tailed length mix, side by side in one run.
 
 The reference step (`lexalign.reference.scoring.group_logps`) scores every response once; here it scores the same
-pairs packed by a token budget (`lexalign.packing`) and in the padded batches of the trainers' collator
+pairs packed by a token budget (`lexalign.models.packing`) and in the padded batches of the trainers' collator
 (batch 4 pairs = 8 sequences, TRL's DataCollatorForPreference shape), in turns, each in a process of its
 own so peak memory is its own. Lengths follow the realistic mix of issue #17: log-normal prompts (median
 ≈ 50 tokens) and responses (median ≈ 100), tails to 650. Two vocabularies: 32k and 150k.
@@ -68,7 +68,7 @@ def padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation_
     import pyarrow.compute as pc
     import torch
 
-    from lexalign.train.gdpo import DataCollatorForRankedPreference
+    from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference
 
     n = tokens.num_rows
     completions = tokens.column("completion_ids")

@@ -60,7 +60,7 @@ def align_job(spec: dict, name: str, callback):
     import pandas as pd
 
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
+    from lexalign.config.sections import AlignConfig
     from lexalign.train.align import AlignJob
 
     kind, method = name.split("-")
@@ -86,7 +86,7 @@ def worker(name: str, spec: dict, out: Path) -> None:
     from trl import DPOTrainer  # noqa: F401  (imported before the baseline, as the align step has it)
 
     if name == "refstep":  # the reference step, in its own process as in the pipeline
-        from lexalign.reference import compute_reference
+        from lexalign.reference.scoring import compute_reference
 
         frame = pd.read_parquet(spec["data"])
         started = (time.process_time(), time.perf_counter())
@@ -117,7 +117,7 @@ def tokenize_worker(name: str, spec: dict, out: Path) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from lexalign.methods import Layout
-    from lexalign.models import load_tokenizer
+    from lexalign.models.loading import load_tokenizer
     from lexalign.reference import cache as tokens_cache
     from lexalign.reference.layout import split_groups
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from lexalign.workflow_files import copy_workflow  # noqa: E402 - this checkout's package, as the benchmark times it
+from lexalign.pipeline.workflow_files import copy_workflow  # noqa: E402 - this checkout's package, as the benchmark times it
 
 
 def timed(cmd: list[str], cwd: Path, expect: str | None = None) -> tuple[float, float]:

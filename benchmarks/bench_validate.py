@@ -101,8 +101,8 @@ def _phase(name: str, path: Path, out: Path, tokenizer: str | None, tokenize_row
         result["seconds"] = time.perf_counter() - start
         result["rows"] = table.num_rows
     elif name in ("checks", "validate"):
-        from lexalign.config.stages import DatasetConfig
-        from lexalign.data.preference import check_only, validate_to_dir
+        from lexalign.config.sections import DatasetConfig
+        from lexalign.data.validation import check_only, validate_to_dir
 
         cfg = DatasetConfig(path=str(path))
         start = time.perf_counter()

@@ -59,7 +59,7 @@ def make_pairs(model_dir: Path, rows: int, prompt_tokens: int, seq_len: int, see
     """Prompt/chosen/rejected rows whose prompt + completion reach `seq_len` tokens (then truncated)."""
     import pandas as pd
 
-    from lexalign.models import load_tokenizer
+    from lexalign.models.loading import load_tokenizer
 
     text = text_maker(load_tokenizer(model_dir), seed)
     return pd.DataFrame([{"prompt": text(prompt_tokens), "chosen": text(seq_len), "rejected": text(seq_len)}
@@ -104,13 +104,13 @@ def plain_trl_settings(device: str, lora: bool) -> tuple[dict, dict]:
     picks on `device` (models.load_causal_lm, runtime.gpu_defaults), so both sides compute the same."""
     import torch
 
-    from lexalign import models
+    from lexalign.models import loading as models
     from lexalign.train import runtime
 
     bf16_weights = device == "cuda" and torch.cuda.is_bf16_supported() and lora
     load = {"dtype": torch.bfloat16 if bf16_weights else torch.float32,
             "attn_implementation": models.attention_implementation(device)}
-    from lexalign.kernels import liger_installed
+    from lexalign.models.kernels import liger_installed
 
     # Liger the way a TRL user switches it on (LexAlign applies the same layer kernels as the model loads).
     return load, {"use_cpu": device == "cpu", **runtime.gpu_defaults(device),

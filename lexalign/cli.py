@@ -14,7 +14,7 @@ import click
 
 from lexalign import __version__, methods
 from lexalign.config.loader import load_config
-from lexalign.errors import LexAlignError, warn
+from lexalign.core.errors import LexAlignError, warn
 
 CONFIG = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
                       help="YAML config file (see config/*.example).")
@@ -75,7 +75,7 @@ def download(config_path: str, dry_run: bool, verbose: bool, only: str | None) -
     is checked and kept. Private or gated repos need `hf auth login` or HF_TOKEN.
     --dry-run lists the files and their total size without downloading.
     """
-    from lexalign.download import download_all
+    from lexalign.hub.sources import download_all
 
     cfg = load_config(config_path, "download")
     if verbose:
@@ -96,7 +96,7 @@ def download(config_path: str, dry_run: bool, verbose: bool, only: str | None) -
 @VERBOSE
 def finetune(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
     """Supervised fine-tuning (LoRA, QLoRA or full) of a model on SFT data."""
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     cfg = load_config(config_path, "finetune")
     _check_paths(cfg, config_path, "lexalign download --config config/downloads.yaml", dry_run=dry_run)
@@ -119,7 +119,7 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
 def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True, dry_run: bool = False) -> None:
     """The config's model, tokenizer and dataset paths, before anything loads. A dry run only warns:
     its plan may name a model an earlier step has yet to make."""
-    from lexalign.paths import require_data, require_model
+    from lexalign.core.paths import require_data, require_model
 
     if dry_run:
         try:
@@ -137,7 +137,7 @@ def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = Tr
 
 def _dataset_for(cfg: dict) -> dict:
     """The dataset section as validation needs it: GDPO with K > 2 wants groups of K responses."""
-    from lexalign.config.stages import response_group_size
+    from lexalign.config.sections import response_group_size
 
     k = response_group_size(cfg["alignment"])
     return {**cfg["dataset"], "group_size": k} if k else cfg["dataset"]
@@ -154,7 +154,7 @@ def _method_keys(a: dict) -> str:
 
 def _kto_weights(cfg: dict) -> dict | None:
     """The weights of a method that reads unpaired rows (KTO's), for validation to report the rows' balance
-    under them (lexalign.data.preference.kto_balance)."""
+    under them (lexalign.data.validation.kto_balance)."""
     a = cfg["alignment"]
     m = methods.of(a)
     return {"alignment": {key: a[key] for key in m.keys}} if m.reads_unpaired else None
@@ -170,7 +170,7 @@ def _align_paths(cfg: dict) -> tuple[str, str]:
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the validated data.")
 def validate(config_path: str, output: str) -> None:
     """Check a preference dataset; write train/eval parquet, rejects.jsonl and report.json."""
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     cfg = load_config(config_path, "align")
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
@@ -188,9 +188,9 @@ def validate(config_path: str, output: str) -> None:
 @VERBOSE
 def align(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
     """Align a fine-tuned model on preference data: DPO, GDPO, KTO, ORPO, SimPO or CPO."""
-    from lexalign import stages
-    from lexalign.config.stages import AlignConfig
-    from lexalign.data.preference import is_validated_dir
+    from lexalign.config.sections import AlignConfig
+    from lexalign.data.validation import is_validated_dir
+    from lexalign.steps import training as stages
 
     cfg = load_config(config_path, "align")
     AlignConfig.from_dict(cfg["alignment"])  # semantic checks before anything loads
@@ -226,8 +226,8 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
     """The reference model's log-probs, computed once by the pipeline's reference step (its code and its token
     cache) into the checkpoint folder, and reused while model, tokenizer, data and settings are unchanged: no
     reference forward pass runs in any training step, and full fine-tuning holds one model."""
-    from lexalign import stages
     from lexalign.reference.layout import parse_setting, setting_name
+    from lexalign.steps import training as stages
 
     name = setting_name(cfg["alignment"])
     path = Path(checkpoints) / "reference" / f"{name}.parquet"
@@ -239,7 +239,7 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
 
 
 def _judges() -> list[str]:
-    from lexalign.config.stages import JUDGES
+    from lexalign.config.sections import JUDGES
 
     return list(JUDGES)
 
@@ -256,14 +256,14 @@ def _judges() -> list[str]:
 def evaluate(ctx: click.Context, config_path: str, output: str, judge: str, num_prompts: int,
              device: str | None) -> None:
     """Compare the aligned model (alignment.output_dir) with its SFT reference (model.path)."""
-    from lexalign import stages
-    from lexalign.config.stages import EvaluateConfig
-    from lexalign.data.preference import is_validated_dir
+    from lexalign.config.sections import EvaluateConfig
+    from lexalign.data.validation import is_validated_dir
+    from lexalign.steps import training as stages
 
     cfg = load_config(config_path, "align")
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     out, checkpoints = _align_paths(cfg)
-    from lexalign.paths import require_model
+    from lexalign.core.paths import require_model
 
     require_model(out, f"lexalign align --config {config_path}", key="alignment.output_dir")
     data = cfg["dataset"]["path"]
@@ -309,8 +309,8 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
     (YAML metadata, the eval table, the training configuration, the lineage); an adapter-only folder goes up as
     a PEFT adapter. The token comes from `hf auth login` or HF_TOKEN and is never printed.
     """
-    from lexalign import stages
     from lexalign.hub.push import evaluation_for
+    from lexalign.steps import training as stages
 
     found = evaluation or evaluation_for(Path(model_dir))
     if found is None:
@@ -331,7 +331,7 @@ def init(directory: str, example: str, force: bool) -> None:
     Then: cd DIRECTORY && snakemake --cores 1. Results, logs and checkpoints land in
     DIRECTORY; no LexAlign code is copied there.
     """
-    from lexalign.project import init_project
+    from lexalign.pipeline.project import init_project
 
     written = init_project(directory, example, force)
     click.echo(f"Wrote a LexAlign project ({example} example) in {directory}:")
@@ -348,7 +348,7 @@ def init(directory: str, example: str, force: bool) -> None:
 @click.option("--root", is_flag=True, help="Print the workflow's folder instead of its Snakefile.")
 def workflow_path(root: bool) -> None:
     """Print where the installed workflow's Snakefile is (for `module` or `snakemake -s`)."""
-    from lexalign.workflow_files import snakefile, workflow_root
+    from lexalign.pipeline.workflow_files import snakefile, workflow_root
 
     click.echo(str(workflow_root() if root else snakefile()))
 

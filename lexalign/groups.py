@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from lexalign.errors import LexAlignError, warn
+from lexalign.core.errors import LexAlignError, warn
 
 if TYPE_CHECKING:  # annotations only: the reference step's file names are read at planning time, light
     import pandas as pd

@@ -1,4 +1,4 @@
-# Step 4: preference alignment of the SFT model; the primary run and the sweep runs. → lexalign.stages.align
+# Step 4: preference alignment of the SFT model; the primary run and the sweep runs. → lexalign.steps.training.align
 
 
 rule align:

@@ -17,21 +17,21 @@ gc.freeze()
 _checkout = Path(workflow.current_basedir).parent
 if (_checkout / "lexalign" / "__init__.py").is_file():
     sys.path.insert(0, str(_checkout))
-from lexalign.errors import LexAlignError  # noqa: E402
-from lexalign.planning import checked_config  # noqa: E402
-from lexalign.workflow_files import code_path  # noqa: E402
+from lexalign.core.errors import LexAlignError  # noqa: E402
+from lexalign.pipeline.plan import checked_config  # noqa: E402
+from lexalign.pipeline.workflow_files import code_path  # noqa: E402
 from lexalign.reference.layout import SETTING_PATTERN, parse_setting  # noqa: E402
 
 try:
     # The config checked against its schema, each stage's section, sweep run and online round in full
-    # (lexalign/planning.py): kept between plans, so a plan with nothing new imports no schema validator.
+    # (lexalign/pipeline/plan.py): kept between plans, so a plan with nothing new imports no schema validator.
     # snakemake.utils.validate would read the same schema again.
     _checked = checked_config(config)
     config.update(_checked["config"])
     RUNS = _checked["runs"]
     ONLINE = _checked["online"]
     # Every local path, before any job is planned (a dry run included): never kept, the files may have moved.
-    from lexalign.paths import check_pipeline_paths
+    from lexalign.pipeline.plan import check_pipeline_paths
 
     check_pipeline_paths(config)
 except LexAlignError as err:
@@ -47,11 +47,11 @@ LOGS = "logs"
 
 
 def step_code(rule):
-    """The source files the rule's step can run (lexalign/code_inputs.py: the import closure of its function in
-    lexalign/stages.py, and the rule's script), in the lexalign this workflow imports: a checkout's, or the
+    """The source files the rule's step can run (lexalign/pipeline/code_inputs.py: the import closure of its function in
+    lexalign/steps/training.py, and the rule's script), in the lexalign this workflow imports: a checkout's, or the
     installed package's. Snakemake compares their checksums, so editing one, or upgrading LexAlign to a version
     that changed one, reruns the step, and only the steps that can run it."""
-    from lexalign.workflow import rule_sources
+    from lexalign.pipeline.rules import rule_sources
 
     return [code_path(path) for path in rule_sources(rule)]
 
@@ -85,7 +85,7 @@ def training_seed():
 
 
 def tracking_params(run):
-    """Where a training run reports in its experiment trackers (lexalign.tracking.pipeline_tracking): the
+    """Where a training run reports in its experiment trackers (lexalign.train.tracking.pipeline_tracking): the
     experiment every run of this pipeline shares and the run's name (sft, aligned, a sweep run, online-round-<r>);
     None without a tracker but TensorBoard."""
     return _checked["tracking"][run]

@@ -1,4 +1,4 @@
-# Step 1: models and datasets from the demo, a local path or the Hub. → lexalign.stages.download
+# Step 1: models and datasets from the demo, a local path or the Hub. → lexalign.steps.training.download
 
 localrules: download_model, download_data
 

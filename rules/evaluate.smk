@@ -1,6 +1,6 @@
-# Step 5: did alignment work? Each run against its SFT reference, on the same held-out data. → lexalign.stages.evaluate
+# Step 5: did alignment work? Each run against its SFT reference, on the same held-out data. → lexalign.steps.training.evaluate
 # scale.evaluate (every run's evaluation: evaluate_run inherits the resources): several processes each score a
-# share of the batches; the main process writes the same json (lexalign.shards).
+# share of the batches; the main process writes the same json (lexalign.core.shares).
 
 
 rule evaluate:
@@ -54,7 +54,7 @@ use rule evaluate as evaluate_run with:
 
 
 # The judge's reward model (evaluate.judge: reward_model), fetched like the model: a local folder is
-# hard-linked, a Hub repo downloaded (the only online step besides the downloads). → lexalign.stages.download
+# hard-linked, a Hub repo downloaded (the only online step besides the downloads). → lexalign.steps.training.download
 localrules: download_reward_model
 
 
@@ -78,7 +78,7 @@ rule download_reward_model:
 
 # Benchmarks (evaluate.lm_eval): EleutherAI's lm-evaluation-harness on the SFT model once, then on each
 # aligned model, whose result pairs both. Rules of their own: changing evaluate.lm_eval reruns only these
-# (and the report). In the DAG only when evaluate.lm_eval.tasks lists tasks. → lexalign.stages.lm_eval
+# (and the report). In the DAG only when evaluate.lm_eval.tasks lists tasks. → lexalign.steps.training.lm_eval
 rule lm_eval_sft:
     input:
         lm_eval_task_files(),

@@ -1,4 +1,4 @@
-# Step 2: supervised fine-tuning of the base model. → lexalign.stages.prepare_sft, lexalign.stages.finetune
+# Step 2: supervised fine-tuning of the base model. → lexalign.steps.training.prepare_sft, lexalign.steps.training.finetune
 
 
 rule prepare_sft_data:

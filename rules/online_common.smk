@@ -1,6 +1,6 @@
 # On-policy rounds: the settings and helpers rules/online.smk reads (kept apart: Snakemake's lint wants
 # rules and functions in separate files).
-# On-policy alignment in rounds (the config's `online` section; docs/online-plan.md). → lexalign.stages.online_*
+# On-policy alignment in rounds (the config's `online` section; docs/online-plan.md). → lexalign.steps.training.online_*
 # Round r: sample K completions per prompt from policy(r), judge them, select pairs (or ranked groups), validate
 # them with the existing rule, the reference log-probs of the sampled ids, align with the existing rule. Round r+1
 # samples from round r's model. Every output is a file of the DAG, so raising `rounds` plans only the new
@@ -26,7 +26,7 @@ def online_evaluations():
 def online_alignment(wc):
     """Round r's alignment section (online.alignment: one for every round, or a list, one per round): each
     round's jobs read only their own, so changing round 2's replans round 2's align and what follows."""
-    from lexalign.online.rounds import round_alignment
+    from lexalign.steps.rounds import round_alignment
 
     return round_alignment(_ON, int(wc.r))
 
@@ -62,7 +62,7 @@ def online_reference_input(wc):
 
 def online_sampling(wc):
     """What shapes round r's samples, and only that: the judge and the selection are not here."""
-    from lexalign.online.rounds import round_sampling
+    from lexalign.steps.rounds import round_sampling
 
     return round_sampling(_ON, int(wc.r))
 

@@ -1,4 +1,4 @@
-# Step 7: publish a run's model to the Hugging Face Hub, as one commit with its model card. → lexalign.stages.publish
+# Step 7: publish a run's model to the Hugging Face Hub, as one commit with its model card. → lexalign.steps.training.publish
 # Part of the pipeline only when publish.repo_id is set (rule all asks for it then); the token comes from
 # `hf auth login` or HF_TOKEN, never from the config.
 

@@ -1,10 +1,10 @@
 # Step 3b: the reference (SFT) model's log-probabilities of every validated response, computed once.
-# → lexalign.stages.reference
+# → lexalign.steps.training.reference
 # Align reads them: no reference pass in any epoch, no second model for full fine-tuning. The file is
 # keyed by the data, the layout (DPO pairs or GDPO's K), max_length and 4-bit loading, so a change of
 # beta or loss_type, or a sweep run on the same SFT model, reuses it.
 # scale.reference: several processes (and nodes) each score a share of the batches; the main process writes
-# the same file (lexalign.shards).
+# the same file (lexalign.core.shares).
 
 
 rule reference:

@@ -1,5 +1,5 @@
 # Step 6: one report comparing every run (results/report.html), plots marked for `snakemake --report`.
-# → lexalign.stages.report
+# → lexalign.steps.training.report
 
 
 report: "../report/workflow.rst"

@@ -1,4 +1,4 @@
-# Step 3: validate the preference data (the gate before alignment). → lexalign.stages.validate
+# Step 3: validate the preference data (the gate before alignment). → lexalign.steps.training.validate
 
 
 rule validate_preferences:

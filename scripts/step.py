@@ -1,4 +1,4 @@
-"""Every rule's script: run the rule's step (lexalign/stages.py) with its inputs, outputs and params by name."""
+"""Every rule's script: run the rule's step (lexalign/steps/training.py) with its inputs, outputs and params by name."""
 
 import sys
 from pathlib import Path
@@ -16,6 +16,6 @@ else:
     except ImportError:
         sys.path.append(str(_root.parent.parent))
 
-from lexalign.workflow import run_rule  # noqa: E402
+from lexalign.pipeline.rules import run_rule  # noqa: E402
 
 run_rule(snakemake)  # noqa: F821

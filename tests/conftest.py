@@ -36,7 +36,7 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_model_dir):
-    from lexalign.models import load_tokenizer
+    from lexalign.models.loading import load_tokenizer
 
     return load_tokenizer(demo_model_dir)
 
@@ -99,7 +99,7 @@ def sft_model_dir(tmp_path_factory, demo_model_dir) -> Path:
     import pandas as pd
 
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import FinetuneConfig
+    from lexalign.config.sections import FinetuneConfig
     from lexalign.demo import task
     from lexalign.train.finetune import FinetuneJob
 
@@ -133,9 +133,9 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def zoo_models(tmp_path_factory):
-    """Tiny random-weight models of real families (lexalign/demo/zoo.py): `zoo_models("llama3") -> Path`, each family
+    """Tiny random-weight models of real families (testkit/zoo.py): `zoo_models("llama3") -> Path`, each family
     built once per session, on first use."""
-    from lexalign.demo import zoo
+    from testkit import zoo
 
     built: dict[str, Path] = {}
 
@@ -202,11 +202,11 @@ def signal_at(step: int, sig=None):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A two-node SLURM cluster on this machine (lexalign/demo/slurm_cluster.py), brought up once for the
+    """A two-node SLURM cluster on this machine (testkit/slurm_cluster.py), brought up once for the
     session's SLURM tests and torn down after them, network namespaces included."""
     import shutil
 
-    from lexalign.demo import slurm_cluster as sc
+    from testkit import slurm_cluster as sc
 
     if sc.skip_reason():
         pytest.skip(sc.skip_reason())

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lexalign.config.loader import section_defaults
-from lexalign.config.stages import DPO_LOSS_TYPES, AlignConfig
+from lexalign.config.sections import DPO_LOSS_TYPES, AlignConfig
 from lexalign.demo import task
 from lexalign.train.align import AlignJob, dpo_arguments
 
@@ -84,7 +84,7 @@ def test_reference_is_the_sft_model_loss_starts_at_log2(tmp_path, sft_model_dir,
 @pytest.mark.slow
 def test_an_sft_adapter_is_merged_so_the_reference_is_not_the_base(tmp_path, demo_model_dir):
     """SFT saved as an adapter alone: the reference must be base+adapter, not the base."""
-    from lexalign.config.stages import FinetuneConfig
+    from lexalign.config.sections import FinetuneConfig
     from lexalign.train.finetune import FinetuneJob
 
     sft = FinetuneJob(

@@ -14,11 +14,12 @@ import pytest
 import yaml
 from conftest import REPO
 
-from lexalign import code_inputs, stages
-from lexalign.config import stages as config_stages
+from lexalign.config import sections as config_stages
 from lexalign.config.loader import SCHEMA_PATH, _resolve
-from lexalign.errors import LexAlignError
-from lexalign.workflow import STEP_OF_RULE
+from lexalign.core.errors import LexAlignError
+from lexalign.pipeline import code_inputs
+from lexalign.pipeline.rules import STEP_OF_RULE
+from lexalign.steps import training as stages
 from workflow import snakemake
 
 PACKAGE = REPO / "lexalign"

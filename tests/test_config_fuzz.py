@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lexalign.config.loader import _root_schema, validate_config
-from lexalign.config.stages import AlignConfig, FinetuneConfig
-from lexalign.errors import LexAlignError
+from lexalign.config.sections import AlignConfig, FinetuneConfig
+from lexalign.core.errors import LexAlignError
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["1e-5", "auto", "dpo", "gdpo", "lora", "sigmoid", ""]))

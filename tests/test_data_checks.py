@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from fixtures.data.helpers import pair, pairs, run, write_jsonl
 
-from lexalign.config.stages import DatasetConfig
+from lexalign.config.sections import DatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data import jsonl
 from lexalign.data.load import piece_records
-from lexalign.data.preference import validate_preferences
-from lexalign.errors import LexAlignError
+from lexalign.data.validation import validate_preferences
 
 
 def _reasons(result) -> dict[int, str]:

@@ -10,9 +10,9 @@ from fixtures.data.helpers import accounted, pairs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lexalign.config.stages import DatasetConfig
-from lexalign.data.preference import validate_preferences
-from lexalign.errors import LexAlignError
+from lexalign.config.sections import DatasetConfig
+from lexalign.core.errors import LexAlignError
+from lexalign.data.validation import validate_preferences
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

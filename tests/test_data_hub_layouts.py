@@ -28,11 +28,11 @@ from fixtures.data.helpers import pairs, run
 from hub_server import HubServer
 
 from lexalign.config.loader import download_source, section_defaults
-from lexalign.config.stages import DatasetConfig, SftDatasetConfig
+from lexalign.config.sections import DatasetConfig, SftDatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data.jsonl import read_jsonl
 from lexalign.data.load import data_files, detect_format
 from lexalign.data.sft import prepare_sft
-from lexalign.errors import LexAlignError
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {(r["prompt"], r["chosen"], r["rejected"]) for r in pairs(20)}
@@ -449,7 +449,7 @@ def test_new_keys_have_schema_defaults_matching_the_dataclasses(section, cls):
 
 
 def test_local_download_copies_only_the_data_dir(tmp_path):
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     root = write_files(tmp_path / "hh-rlhf", hh_rlhf_files())
     section = section_defaults("dataset", {"source": "local", "path": str(root), "data_dir": "helpful-base",
@@ -476,7 +476,7 @@ def hub_download(tmp_path: Path, hub: HubServer, section: dict, out: Path) -> su
                 "PYTHONPATH": str(REPO)})
     code = ("import json, sys\n"
             "from lexalign import stages\n"
-            "from lexalign.errors import exit_on_error\n"
+            "from lexalign.core.errors import exit_on_error\n"
             "exit_on_error(stages.download)(source=json.loads(sys.argv[1]), output=sys.argv[2], "
             "kind='preference_data')\n")
     return subprocess.run([sys.executable, "-c", code, json.dumps(download_source(section)), str(out)], cwd=tmp_path,

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from fixtures.data.helpers import pair, pairs, write_jsonl
 
-from lexalign.config.stages import DatasetConfig
+from lexalign.config.sections import DatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data.common import write_split_outputs
-from lexalign.data.preference import gate, is_validated_dir, summary, validate_preferences, validate_to_dir
-from lexalign.errors import LexAlignError
+from lexalign.data.validation import gate, is_validated_dir, summary, validate_preferences, validate_to_dir
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_failed_validation_leaves_no_output(tmp_path, demo_tokenizer):
 
 
 def test_stage_validate_end_to_end(tmp_path, messy, demo_model_dir):
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     report = stages.validate(raw=messy, tokenizer=demo_model_dir, output=tmp_path / "out",
                              dataset={"path": "ignored", "eval_fraction": 0.2})

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from fixtures.data.helpers import pairs, run, write_jsonl
 
-from lexalign.config.stages import DatasetConfig
+from lexalign.config.sections import DatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data.ranking import rank
-from lexalign.errors import LexAlignError
 from lexalign.groups import select_indices
 
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from fixtures.data.helpers import run, write_jsonl
 
+from lexalign.core.errors import LexAlignError
 from lexalign.data.shapes import Rejected, implicit_prompt
-from lexalign.errors import LexAlignError
 
 
 def _all(result) -> list[dict]:

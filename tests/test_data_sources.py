@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from fixtures.data.helpers import pair, pairs, run, write_jsonl
 
-from lexalign.config.stages import DatasetConfig
+from lexalign.config.sections import DatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data.load import data_files, detect_format, read_records
-from lexalign.errors import LexAlignError
 
 
 def _texts(result) -> set[tuple[str, str, str]]:

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from lexalign.config.loader import load_config
-from lexalign.config.stages import SourceConfig
-from lexalign.errors import LexAlignError
+from lexalign.config.sections import SourceConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.hub import manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_manifest_detects_missing_resized_and_changed_files(tmp_path):
 
 
 def test_redact_removes_the_token_and_token_shaped_strings(monkeypatch):
-    from lexalign.hub.errors import redact
+    from lexalign.hub.failures import redact
 
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz012345")
     text = "failed with hf_abcdefghijklmnopqrstuvwxyz012345 and api_org_ZZZZZZZZZZZZZZZZ"
@@ -108,9 +108,9 @@ def test_redact_removes_the_token_and_token_shaped_strings(monkeypatch):
 
 
 def test_every_step_after_download_runs_offline(monkeypatch):
-    """Rules run with HF_HUB_OFFLINE=1 for every step but download (lexalign/workflow.py)."""
-    from lexalign import stages
-    from lexalign.workflow import ONLINE_STEPS, STEP_OF_RULE, run_rule
+    """Rules run with HF_HUB_OFFLINE=1 for every step but download (lexalign/pipeline/rules.py)."""
+    from lexalign.pipeline.rules import ONLINE_STEPS, STEP_OF_RULE, run_rule
+    from lexalign.steps import training as stages
 
     seen = {}
 

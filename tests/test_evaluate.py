@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lexalign.evaluate import kl_estimate, preference_metrics, sequence_logps
-from lexalign.models import load_causal_lm
+from lexalign.evaluation.figures import kl_estimate, preference_metrics, sequence_logps
+from lexalign.models.loading import load_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,15 @@ import shutil
 
 import pytest
 
-from lexalign.errors import LexAlignError
+from lexalign.core.errors import LexAlignError
 from workflow import copy_workflow, edit_config, planned_jobs, snakemake
 
 # --- the validation report: is the longer answer the preferred one? ---------------------------------
 
 
 def test_validation_reports_how_often_the_chosen_answer_is_the_longer_one(tmp_path):
-    from lexalign.config.stages import DatasetConfig
-    from lexalign.data.preference import summary, validate_preferences
+    from lexalign.config.sections import DatasetConfig
+    from lexalign.data.validation import summary, validate_preferences
 
     rows = [{"prompt": f"q{i}", "chosen": "x" * c, "rejected": "y" * r}
             for i, (c, r) in enumerate([(5, 1), (4, 2), (3, 3), (1, 2)])]
@@ -50,7 +50,7 @@ def test_the_demo_task_data_are_the_held_out_prompts():
 
 
 def test_an_unknown_task_is_named_before_any_model_loads(tmp_path):
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     output = tmp_path / "lm_eval.json"
     with pytest.raises(LexAlignError, match="evaluate.lm_eval.tasks") as err:
@@ -75,7 +75,7 @@ def _run_dir(root, name, loss, points):
 def test_losses_of_different_methods_get_panels_of_their_own(tmp_path):
     from PIL import Image
 
-    from lexalign.report import loss_kind, plot_curves
+    from lexalign.evaluation.report import loss_kind, plot_curves
 
     runs = {"sigmoid": _run_dir(tmp_path, "a", {"method": "dpo", "loss_type": ["sigmoid"]}, [(1, 0.69), (2, 0.6)]),
             "ipo": _run_dir(tmp_path, "b", {"method": "dpo", "loss_type": ["ipo"]}, [(5, 25.0)]),

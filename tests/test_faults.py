@@ -161,9 +161,9 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_output(tiny_disk):
     import pandas as pd
 
+    from lexalign.core.errors import LexAlignError
+    from lexalign.core.io import write_json
     from lexalign.data.common import write_split_outputs
-    from lexalign.errors import LexAlignError
-    from lexalign.io import write_json
 
     def result(rows: int, width: int) -> dict:
         frame = pd.DataFrame({"prompt": [os.urandom(width).hex() for _ in range(rows)],

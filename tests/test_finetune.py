@@ -12,9 +12,9 @@ from conftest import signal_at
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lexalign.config.loader import section_defaults
-from lexalign.config.stages import FinetuneConfig
+from lexalign.config.sections import FinetuneConfig
+from lexalign.core.errors import LexAlignError, TrainingInterrupted
 from lexalign.demo import task
-from lexalign.errors import LexAlignError, TrainingInterrupted
 from lexalign.train.finetune import FinetuneJob
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lexalign.losses.gdpo import (
+from lexalign.methods.gdpo import (
     gdpo_loss,
     group_loss,
     kendall_tau,

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from lexalign.core.errors import LexAlignError
 from lexalign.demo import task
-from lexalign.errors import LexAlignError
 from lexalign.groups import ranked_groups, select_indices
-from lexalign.train.gdpo import DataCollatorForRankedPreference, GDPOConfig, GDPOTrainer, ranked_dataset
+from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference, GDPOConfig, GDPOTrainer, ranked_dataset
 
 
 def base_args(tmp_path, **overrides) -> dict:
@@ -123,7 +123,7 @@ def test_collator_lays_out_k_responses_response_major():
 
 def test_config_errors_have_the_training_issue_messages():
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
+    from lexalign.config.sections import AlignConfig
 
     with pytest.raises(LexAlignError, match=r"group_delay_size must be >= 2 \(got: 1\)"):
         AlignConfig.from_dict(section_defaults("alignment", {"method": "gdpo", "group_delay_size": 1}))
@@ -140,7 +140,7 @@ def dpo_reference(sft_model_dir, demo_model_dir, tmp_path_factory):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     tmp = tmp_path_factory.mktemp("dpo")
     tokenizer = load_tokenizer(sft_model_dir)
@@ -162,7 +162,7 @@ def dpo_reference(sft_model_dir, demo_model_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_k2_loss_equals_trl_dpo_sigmoid_loss(weight, dpo_reference, sft_model_dir, demo_model_dir, tmp_path):
-    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     dpo_loss, dpo_metrics, dpo_batch = dpo_reference
     trainer = GDPOTrainer(
@@ -196,7 +196,7 @@ def test_k2_lora_training_follows_trl_dpo_step_for_step(sft_model_dir, tmp_path)
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     def lora():
         return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -225,7 +225,7 @@ def test_k2_lora_training_follows_trl_dpo_step_for_step(sft_model_dir, tmp_path)
 
 def align_job(tmp_path, sft_model_dir, frame, eval_frame=None, **params):
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
+    from lexalign.config.sections import AlignConfig
     from lexalign.train.align import AlignJob
 
     values = {"method": "gdpo", "learning_rate": 5e-3, "batch_size": 4, "gradient_accumulation_steps": 1,
@@ -267,7 +267,7 @@ def test_training_k2_starts_at_log2_and_changes_the_model(use_lora, sft_model_di
     before, after = state_dict(sft_model_dir), state_dict(out)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "training left every parameter unchanged"
-    from lexalign.lineage import read_lineage
+    from lexalign.core.lineage import read_lineage
 
     record = read_lineage(out)
     assert record["stage"] == "align" and record["config"]["method"] == "gdpo"
@@ -301,7 +301,7 @@ def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir
     """All K·B sequences go through the backbone twice per step: with grad (policy), without (reference)."""
     from peft import LoraConfig
 
-    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(sft_model_dir, "cpu")
     calls = []

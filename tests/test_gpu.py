@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from lexalign import models
 from lexalign.config.loader import section_defaults
-from lexalign.config.stages import AlignConfig, FinetuneConfig
+from lexalign.config.sections import AlignConfig, FinetuneConfig
 from lexalign.demo import task
+from lexalign.models import loading as models
 from lexalign.train import runtime
 
 pytestmark = [
@@ -69,7 +69,7 @@ def align_job(tmp_path: Path, model: Path, train: pd.DataFrame, reference: Path 
 def test_the_defaults_switch_on(demo_model_dir):
     from transformers.models.llama import modeling_llama
 
-    from lexalign.kernels import liger_installed
+    from lexalign.models.kernels import liger_installed
 
     defaults = runtime.gpu_defaults("cuda")
     assert defaults["bf16"] == torch.cuda.is_bf16_supported()
@@ -149,17 +149,18 @@ def test_gdpo_k4_on_the_gpu(tmp_path, sft_model_dir):
 
 @pytest.mark.parametrize("layout, method", [("pairs", "dpo"), ("k4", "gdpo")])
 def test_reference_file_on_the_gpu_matches_the_cpu_and_online(tmp_path, sft_model_dir, layout, method):
-    from lexalign import reference
+    from lexalign.reference.keys import read_key
+    from lexalign.reference.scoring import compute_reference, load_reference
 
     frame = pd.DataFrame(task.preference_rows(0, 32) if layout == "pairs" else task.ranked_rows(0, 32))
     files = {}
     for device in ("cpu", "cuda"):
         files[device] = tmp_path / device / "reference.parquet"
-        reference.compute_reference(sft_model_dir, frame, frame.iloc[:0], files[device], layout=layout,
+        compute_reference(sft_model_dir, frame, frame.iloc[:0], files[device], layout=layout,
                                     max_length=64, device=device)
-    cpu, gpu = (torch.tensor(reference.load_reference(f)["train"].column("ref_logps").to_pylist())
+    cpu, gpu = (torch.tensor(load_reference(f)["train"].column("ref_logps").to_pylist())
                 for f in (files["cpu"], files["cuda"]))
-    assert reference.read_key(files["cuda"])["dtype"] in ("bfloat16", "float32")
+    assert read_key(files["cuda"])["dtype"] in ("bfloat16", "float32")
     # bf16 weights and matmuls: summed log-probs of ~30 tokens agree to about 1%.
     assert torch.allclose(gpu, cpu, rtol=2e-2, atol=0.5), (gpu - cpu).abs().max()
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hub_server import assert_clean_error, model_entry
 
-from lexalign.errors import LexAlignError
-from lexalign.io import safe_relative_path
+from lexalign.core.errors import LexAlignError
+from lexalign.core.io import safe_relative_path
 
 
 @pytest.mark.parametrize("name", ["../escape.txt", "a/../../b", "/etc/passwd", "C:\\\\evil.dll", "..\\\\up.bin", ""])
@@ -30,8 +30,8 @@ def test_a_hub_repo_listing_a_path_outside_its_folder_is_refused(tmp_path, hub, 
 
 
 def test_a_local_source_with_a_link_outside_is_refused(tmp_path):
-    from lexalign.config.stages import SourceConfig
-    from lexalign.download import fetch
+    from lexalign.config.sections import SourceConfig
+    from lexalign.hub.sources import fetch
 
     src = tmp_path / "model"
     src.mkdir()
@@ -58,7 +58,7 @@ def pickle_only_model(tmp_path, demo_model_dir):
 
 
 def test_pickle_weights_are_refused_unless_allowed(pickle_only_model):
-    from lexalign.models import load_causal_lm
+    from lexalign.models.loading import load_causal_lm
 
     with pytest.raises(LexAlignError) as err:
         load_causal_lm(pickle_only_model, "cpu")

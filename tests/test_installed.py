@@ -124,13 +124,13 @@ def test_reinstalling_the_same_wheel_reruns_nothing(user):
 
 
 def test_an_upgrade_reruns_exactly_the_steps_whose_code_changed(user, tmp_path):
-    # lexalign/report.py is run by the report step alone (its code inputs, lexalign/code_inputs.py).
+    # lexalign/evaluation/report.py is run by the report step alone (its code inputs, lexalign/pipeline/code_inputs.py).
     module = user.source / "lexalign" / "report.py"
     module.write_text(module.read_text() + "\n# changed in the next release\n")
     upgrade = _build_wheel(user.source, tmp_path / "wheel-2")
     user.pip("--force-reinstall", "--no-deps", upgrade)
     plan = user.plan()
     assert planned_jobs(plan.stdout) == {"report": 1, "all": 1}, plan.stdout[-3000:]
-    assert "site-packages/lexalign/report.py" in plan.stdout  # the reason names the installed file
+    assert "site-packages/lexalign/evaluation/report.py" in plan.stdout  # the reason names the installed file
     user.run(user.bin / "snakemake", "--cores", "2", "results/report.html", timeout=600)
     assert "Nothing to be done" in user.plan().stdout

@@ -10,8 +10,9 @@ import socket
 import pytest
 from loopback import ChatServer
 
-from lexalign import judges, stages
-from lexalign.errors import LexAlignError
+from lexalign.core.errors import LexAlignError
+from lexalign.generation import judges
+from lexalign.steps import training as stages
 
 PLANTED_KEY = "sk-PlantedJudgeKeyForLeakTests0123456789"
 
@@ -168,7 +169,7 @@ def _evaluate(validated, demo_model_dir, sft_model_dir, output, reward_model=Non
 
 def test_reward_model_judge_scores_both_answers_to_each_held_out_prompt(validated, demo_model_dir, sft_model_dir,
                                                                          reward_model_dir, tmp_path):
-    from lexalign.models import load_reward_model
+    from lexalign.models.loading import load_reward_model
 
     result = _evaluate(validated, demo_model_dir, sft_model_dir, tmp_path / "eval.json", reward_model=[str(
         reward_model_dir)], judge="reward_model", reward_model_source={"path": str(reward_model_dir)})
@@ -198,7 +199,7 @@ def test_reward_model_judge_scores_both_answers_to_each_held_out_prompt(validate
 
 
 def test_a_causal_lm_as_reward_model_is_refused_by_name(demo_model_dir):
-    from lexalign.models import load_reward_model
+    from lexalign.models.loading import load_reward_model
 
     with pytest.raises(LexAlignError, match="evaluate.reward_model is not a sequence-classification") as err:
         load_reward_model(demo_model_dir, "cpu")
@@ -237,7 +238,7 @@ def test_a_judge_that_fails_leaves_no_eval_json(validated, demo_model_dir, sft_m
     ({"judge": "llm", "llm_judge": {"base_url": "http://x/v1"}}, "evaluate.llm_judge.model"),
 ])
 def test_a_judge_without_its_settings_is_refused_by_name(settings, key):
-    from lexalign.config.stages import EvaluateConfig
+    from lexalign.config.sections import EvaluateConfig
 
     with pytest.raises(LexAlignError, match=re.escape(key)):
         EvaluateConfig.from_dict(settings)

@@ -1,11 +1,12 @@
-"""Kernel patches stay on the model they were applied to (lexalign.kernels), checked on the CPU
+"""Kernel patches stay on the model they were applied to (lexalign.models.kernels), checked on the CPU
 with a stand-in for Liger's process-wide patching; tests/test_gpu.py runs Liger itself on a GPU."""
 
 from __future__ import annotations
 
 import torch
 
-from lexalign import kernels, models
+from lexalign.models import kernels
+from lexalign.models import loading as models
 from lexalign.train import runtime
 
 

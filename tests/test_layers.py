@@ -1,7 +1,7 @@
 """Layered imports: a module imports only from its own layer or below, function-level imports included.
 
-Read with `ast` (never imported), as `lexalign.code_inputs` reads them: an upward import makes a cheap edit rerun
-an expensive step (the reference step's code inputs once held the GDPO trainer and every loss)."""
+Read with `ast` (never imported), as `lexalign.pipeline.code_inputs` reads them: an upward import makes a cheap edit
+rerun an expensive step (the reference step's code inputs once held the GDPO trainer and every loss)."""
 
 from __future__ import annotations
 
@@ -13,25 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "lexalign"
 
 LAYERS = [
-    # 0. Words and plain helpers: no model, no data read.
-    ["lexalign", "lexalign.errors", "lexalign.methods", "lexalign.io", "lexalign.groups", "lexalign.tokens",
-     "lexalign.formats", "lexalign.lineage", "lexalign.code_inputs", "lexalign.demo", "lexalign.workflow_files",
-     "lexalign.plan_cache"],
+    # 0. Words, plain helpers and pure functions: errors, atomic files, lineage, the tokenization rule (lexalign.core);
+    #    the method registry and its losses (lexalign.methods); the demo's task and model. No dataset is read here.
+    ["lexalign", "lexalign.core", "lexalign.methods", "lexalign.demo"],
     # 1. Configs, checked against the schema.
     ["lexalign.config"],
-    # 2. Data: paths, reading and validating datasets, the Hub, trackers.
-    ["lexalign.paths", "lexalign.data", "lexalign.hub", "lexalign.tracking"],
-    # 3. Models and the numerics on them: loading, kernels, the lean head, packing, the losses; a scoring step's
-    #    batches over several processes.
-    ["lexalign.models", "lexalign.kernels", "lexalign.logprobs", "lexalign.packing", "lexalign.losses",
-     "lexalign.judges", "lexalign.harness", "lexalign.shards"],
-    # 4. The steps' work: the reference pass, the trainer data, the trainers, evaluation, downloads, reports.
-    ["lexalign.reference", "lexalign.trainer_data", "lexalign.train", "lexalign.evaluate", "lexalign.download",
-     "lexalign.report", "lexalign.online"],
-    # 5. One function per pipeline step.
-    ["lexalign.stages"],
-    # 6. Entry points: the command line, and what runs a Snakemake rule.
-    ["lexalign.cli", "lexalign.launch", "lexalign.workflow", "lexalign.project", "lexalign.planning"],
+    # 2. Data and where it comes from: reading and validating datasets, the Hub, local and demo sources.
+    ["lexalign.data", "lexalign.hub"],
+    # 3. Models and the numerics on them: loading, kernels, the lean head, packing.
+    ["lexalign.models"],
+    # 4. Passes over a model: the reference log-probs; sampling, judging and selecting completions.
+    ["lexalign.reference", "lexalign.generation"],
+    # 5. Training and evaluating a model.
+    ["lexalign.train", "lexalign.evaluation"],
+    # 6. One function per pipeline step.
+    ["lexalign.steps"],
+    # 7. Entry points: the command line, and the Snakemake-facing layer (a rule's step, planning, init, launch).
+    ["lexalign.cli", "lexalign.pipeline"],
 ]
 
 
@@ -82,15 +80,15 @@ def test_no_module_imports_from_a_layer_above_its_own(path):
 def test_the_layer_check_sees_function_level_imports(tmp_path):
     """The check can fail: an import inside a function is found, and placed by its layer."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from lexalign.train.gdpo import ranked_dataset\n"
+    source.write_text("def f():\n    from lexalign.train.gdpo_trainer import ranked_dataset\n"
                       "    from lexalign import reference\n")
-    assert imports(source) == [(2, "lexalign.train.gdpo"), (3, "lexalign.reference")]
-    assert layer_of("lexalign.train.gdpo") > layer_of("lexalign.models") > layer_of("lexalign.config")
+    assert imports(source) == [(2, "lexalign.train.gdpo_trainer"), (3, "lexalign.reference")]
+    assert layer_of("lexalign.train.gdpo_trainer") > layer_of("lexalign.models.loading") > layer_of("lexalign.config")
 
 
 def test_the_reference_step_runs_no_trainer_or_loss():
     """Editing a loss or a trainer reruns align jobs only: none is among the reference step's code inputs."""
-    from lexalign.code_inputs import step_sources
+    from lexalign.pipeline.code_inputs import step_sources
 
     files = [str(p.relative_to(ROOT)) for p in step_sources("reference", ROOT)]
     assert files and not [f for f in files if f.startswith(("train/", "losses/"))], files

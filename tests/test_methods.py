@@ -15,9 +15,9 @@ import torch
 from conftest import signal_at, write_jsonl
 
 from lexalign.config.loader import _root_schema, section_defaults, validate_config
-from lexalign.config.stages import METHOD_KEYS, METHODS, AlignConfig, run_alignment
+from lexalign.config.sections import METHOD_KEYS, METHODS, AlignConfig, run_alignment
+from lexalign.core.errors import LexAlignError, TrainingInterrupted
 from lexalign.demo import task
-from lexalign.errors import LexAlignError, TrainingInterrupted
 
 
 def log_sigmoid(x: float) -> float:
@@ -215,7 +215,7 @@ def test_the_pipeline_names_a_key_of_another_method_when_it_plans_the_dag(tmp_pa
 
 
 def test_simpo_orpo_and_cpo_losses_by_hand():
-    from lexalign.losses.reference_free import chosen_nll, cpo_loss, orpo_loss, simpo_loss
+    from lexalign.methods.reference_free import chosen_nll, cpo_loss, orpo_loss, simpo_loss
 
     # SimPO: -log σ(β·(mean_w - mean_l) - γ) with β = 2, γ = 1: margins 1 and -1 give log(1 + e^-1), log(1 + e^3).
     simpo = simpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), beta=2.0, gamma=1.0)
@@ -235,10 +235,10 @@ def test_simpo_orpo_and_cpo_losses_by_hand():
 @pytest.fixture(scope="module")
 def policy_logps(sft_model_dir):
     """Summed log-probs and token counts of the first 8 demo pairs under the SFT model (the policy at step 0),
-    computed apart from any trainer (lexalign.evaluate.sequence_logps)."""
-    from lexalign import tokens
-    from lexalign.evaluate import sequence_logps
-    from lexalign.models import load_causal_lm, load_tokenizer
+    computed apart from any trainer (lexalign.evaluation.figures.sequence_logps)."""
+    from lexalign.core import tokens
+    from lexalign.evaluation.figures import sequence_logps
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     frame = pairs(8)
     model, tokenizer = load_causal_lm(sft_model_dir, "cpu").eval(), load_tokenizer(sft_model_dir)
@@ -302,8 +302,8 @@ def test_pairs_are_split_into_a_desirable_and_an_undesirable_row_with_mismatched
 
 
 def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balance(tmp_path, demo_model_dir):
-    from lexalign import stages
-    from lexalign.data.preference import kto_balance, label_balance
+    from lexalign.data.validation import kto_balance, label_balance
+    from lexalign.steps import training as stages
 
     rows = [{"question": r["prompt"], "answer": r["chosen"] if i % 3 else r["rejected"], "thumbs_up": i % 3 != 0}
             for i, r in enumerate(task.preference_rows(0, 60))]
@@ -340,9 +340,10 @@ def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balan
 def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path, zoo_models):
     """Conversational unpaired rows (TRL's format: prompt and completion as messages) are rendered by the model's
     template, and KTO's ids are exactly apply_chat_template's: one BOS, the end-of-turn token, nothing added."""
-    from lexalign import reference, stages
-    from lexalign.models import load_tokenizer
-    from lexalign.tokens import CHAT_ATTR
+    from lexalign.core.tokens import CHAT_ATTR
+    from lexalign.models.loading import load_tokenizer
+    from lexalign.steps import training as stages
+    from lexalign.train.trainer_data import tokenized_dataset
 
     model = zoo_models("llama3")
     rows = [{"prompt": [{"role": "user", "content": f"Greet {name}."}],
@@ -355,7 +356,7 @@ def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path
     train = pd.read_parquet(tmp_path / "data" / "train.parquet")
     train.attrs[CHAT_ATTR] = stages.data_is_chat(tmp_path / "data")  # as the align step reads it
     tokenizer = load_tokenizer(model)
-    dataset = reference.tokenized_dataset(tokenizer, train, "unpaired", "train")
+    dataset = tokenized_dataset(tokenizer, train, "unpaired", "train")
     for row, example in zip(rows, dataset, strict=True):
         want = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
         want = list(want["input_ids"] if isinstance(want, dict) else want)
@@ -365,17 +366,18 @@ def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path
 
 @pytest.mark.slow
 def test_kto_reference_scores_every_row_and_its_kl_completion_as_trl_does(tmp_path, sft_model_dir):
-    from lexalign import reference
-    from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.train.kto import KTOConfig, LexAlignKTOTrainer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
+    from lexalign.reference.scoring import compute_reference, load_reference
+    from lexalign.train.kto_trainer import KTOConfig, LexAlignKTOTrainer
+    from lexalign.train.trainer_data import tokenized_dataset
 
     frame = pairs(8)
     out = tmp_path / "unpaired-max64.parquet"
-    reference.compute_reference(sft_model_dir, frame, frame.iloc[:0], out, layout="unpaired", max_length=64)
-    table = reference.load_reference(out)["train"]
+    compute_reference(sft_model_dir, frame, frame.iloc[:0], out, layout="unpaired", max_length=64)
+    table = load_reference(out)["train"]
     assert table.num_rows == 16  # every pair, split in two
     tokenizer = load_tokenizer(sft_model_dir)
-    dataset = reference.tokenized_dataset(tokenizer, frame, "unpaired", "train")
+    dataset = tokenized_dataset(tokenizer, frame, "unpaired", "train")
     trainer = LexAlignKTOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=tokenizer,
                                  args=KTOConfig(output_dir=str(tmp_path / "kto"), max_length=64, use_cpu=True,
                                                 bf16=False, report_to=[], per_device_train_batch_size=8),
@@ -393,11 +395,11 @@ def test_kto_loss_at_step_0_is_the_hand_worked_value(tmp_path, sft_model_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lexalign import reference
+    from lexalign.reference.scoring import compute_reference
 
     frame = pairs(8)
     path = tmp_path / "unpaired-max64.parquet"
-    reference.compute_reference(sft_model_dir, frame, frame.iloc[:0], path, layout="unpaired", max_length=64)
+    compute_reference(sft_model_dir, frame, frame.iloc[:0], path, layout="unpaired", max_length=64)
     table = pq.read_table(path)
     delta = [0.8, -0.4, 2.0, 1.0, -1.5, -3.0, 0.2, 0.6] * 2  # policy minus reference, per completion
     epsilon = [0.3, 0.1, -0.2, 0.5, 0.4, 0.0, 0.2, 0.1] * 2  # the same for the KL completions

@@ -1,7 +1,7 @@
 """Alignment on two SLURM nodes through profiles/slurm: the same model as one node, a job that spans both,
 resumes across nodes, and a dead process on one node that fails the whole job in bounded time.
 
-The session's cluster (lexalign/demo/slurm_cluster.py): two slurmd, each in its own network namespace, joined to the
+The session's cluster (testkit/slurm_cluster.py): two slurmd, each in its own network namespace, joined to the
 controller's namespace by veth pairs on a private subnet. The demo (finetune.method none: the demo model is
 aligned as it is) runs with `scale.align: {nodes: 2, processes_per_node: 1}` on the CPU (gloo), twice:
 
@@ -34,8 +34,8 @@ import yaml
 from conftest import REPO, write_jsonl
 
 from lexalign.demo import task
-from lexalign.demo.slurm_cluster import fit_profile, jobs_of, skip_reason
-from lexalign.demo.slurm_cluster import wait_for as _wait
+from testkit.slurm_cluster import fit_profile, jobs_of, skip_reason
+from testkit.slurm_cluster import wait_for as _wait
 from workflow import SNAKEMAKE, copy_workflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
@@ -93,7 +93,7 @@ def _worker(rank: int, node: str) -> int | None:
         except OSError:
             continue
         if (f"RANK={rank}".encode() in env and f"SLURMD_NODENAME={node}".encode() in env
-                and b"LOCAL_RANK=0" in env and b"lexalign.launch" in cmdline and b"--node" not in cmdline):
+                and b"LOCAL_RANK=0" in env and b"lexalign.pipeline.launch" in cmdline and b"--node" not in cmdline):
             return int(proc.name)
     return None
 
@@ -202,7 +202,7 @@ def one_node(two_nodes, tmp_path_factory):
     """The same alignment, inputs and global batch on one node in two processes (accelerate launch, gloo), as
     the align rule runs it with `scale.align: {nodes: 1, processes_per_node: 2}`."""
     from lexalign.config.loader import validate_config
-    from lexalign.launch import launch_command, run_launcher, write_spec
+    from lexalign.pipeline.launch import launch_command, run_launcher, write_spec
 
     workdir, root = two_nodes["workdir"], tmp_path_factory.mktemp("one-node")
     config = validate_config(yaml.safe_load((workdir / "config/config.yaml").read_text()), "pipeline")

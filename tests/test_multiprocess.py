@@ -1,7 +1,7 @@
 """Training in several processes: `accelerate launch --num_processes 2` on the CPU (gloo).
 
 SFT, DPO and GDPO run the way a pipeline rule with `processes: 2` (or `gpu: 2`)
-runs them: a spec of the step, `accelerate launch ... -m lexalign.launch SPEC`.
+runs them: a spec of the step, `accelerate launch ... -m lexalign.pipeline.launch SPEC`.
 Two processes at per-device batch B must log the same losses, step for step,
 as one process at batch 2B (the same global batch), and write one model.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_jsonl
 
-from lexalign.launch import launch_command, load_spec, num_processes, run_launcher, write_spec
+from lexalign.pipeline.launch import launch_command, load_spec, num_processes, run_launcher, write_spec
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -49,7 +49,7 @@ def test_launch_command_uses_torchrun_or_the_named_config(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
     assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "2"
-    assert cmd[-3:] == ["-m", "lexalign.launch", str(tmp_path / "spec.json")]
+    assert cmd[-3:] == ["-m", "lexalign.pipeline.launch", str(tmp_path / "spec.json")]
     config = REPO / "config/accelerate/fsdp.yaml"
     cmd = launch_command([tmp_path / "a.json", tmp_path / "b.json"], 4, config_file=str(config), port=29999)
     assert cmd[cmd.index("--config_file") + 1] == str(config) and "--multi_gpu" not in cmd
@@ -77,15 +77,15 @@ def test_shipped_accelerate_configs_load(name):
 
 
 def _spec(path: Path, step: str, arguments: dict) -> Path:
-    """A launch spec as lexalign.launch writes it: the step and its arguments by name."""
+    """A launch spec as lexalign.pipeline.launch writes it: the step and its arguments by name."""
     return write_spec(step, arguments, path)
 
 
 def _cases(root: Path, model: Path) -> dict[str, dict]:
     """Each stage's step, params (but the batch size) and inputs, on the demo model and data."""
-    from lexalign import stages
     from lexalign.config.loader import section_defaults
     from lexalign.demo import task
+    from lexalign.steps import training as stages
 
     write_jsonl(root / "raw/sft/train.jsonl", task.sft_rows(0, 64))
     stages.prepare_sft(raw=root / "raw/sft", output=root / "data/sft", data={"eval_fraction": 0.0001}, seed=0)
@@ -132,7 +132,7 @@ def _losses(model_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_model_dir):
     """Every case trained once in one process (in here) and once in two (one `accelerate launch` for all)."""
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     root = tmp_path_factory.mktemp("multiprocess")
     cases = _cases(root, demo_model_dir)

@@ -1,4 +1,4 @@
-"""Online rounds' sampling (lexalign/online/generate.py), token for token on the zoo's real chat families: the
+"""Online rounds' sampling (lexalign/generation/sampling.py), token for token on the zoo's real chat families: the
 prompt ids are the chat template's, left padding changes nothing, completions keep their sampled ids and end
 with the end id the model stopped on, truncation is flagged, the trainer's rows are those ids, and a killed job
 resumes where it stopped."""
@@ -11,11 +11,12 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from lexalign import reference, tokens
-from lexalign.demo.zoo import FAMILIES, TRAITS
-from lexalign.errors import LexAlignError
-from lexalign.online import select
-from lexalign.online.generate import Sampling, cut_at_end, generate, render_prompts
+from lexalign.core import tokens
+from lexalign.core.errors import LexAlignError
+from lexalign.generation import selection as select
+from lexalign.generation.sampling import Sampling, cut_at_end, generate, render_prompts
+from lexalign.train.trainer_data import trainer_dataset
+from testkit.zoo import FAMILIES, TRAITS
 
 TEMPLATED = [f for f in FAMILIES if TRAITS[f]["has_template"]]
 # Different lengths, so batches are left padded; the second is the longest and goes first.
@@ -53,7 +54,7 @@ def test_prompt_ids_are_the_chat_templates(zoo_models, family):
 
 
 def test_judges_read_the_question_as_given():
-    from lexalign.online.generate import question
+    from lexalign.generation.sampling import question
 
     assert question("Hi there") == "Hi there"
     assert question([{"role": "user", "content": "Hi"}]) == "Hi"
@@ -69,7 +70,7 @@ def test_batched_left_padded_sampling_is_token_for_token_unpadded_greedy(zoo_mod
     is tested below."""
     import torch
 
-    from lexalign.models import load_causal_lm
+    from lexalign.models.loading import load_causal_lm
 
     path = tmp_path / "model"
     ends = tokens.end_ids(_generation(zoo_models(family)), tokenizer(zoo_models(family)))
@@ -169,14 +170,14 @@ def test_an_answer_ends_with_the_turn_end_and_trains_on_exactly_the_sampled_ids(
     judged[0]["completion_ids"] = [[turn_end], [5, turn_end], [6, 7, turn_end]]  # distinct answers to rank
     judged[1]["completion_ids"] = [[turn_end], [8, turn_end], [9, turn_end]]
     pairs, _ = select.best_worst(judged)
-    dataset = reference.trainer_dataset(select.token_table(pairs), "pairs")
+    dataset = trainer_dataset(select.token_table(pairs), "pairs")
     for example, r in zip(dataset, judged, strict=True):
         assert example["prompt_ids"] + example["chosen_ids"] == r["prompt_ids"] + r["completion_ids"][0]
         assert example["prompt_ids"] + example["rejected_ids"] == r["prompt_ids"] + r["completion_ids"][2]
     groups, _ = select.ranked(judged, 3)
-    dataset = reference.trainer_dataset(select.token_table(groups), "k3")
+    dataset = trainer_dataset(select.token_table(groups), "k3")
     assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in judged]
-    # ... and the text path (lexalign.tokens) tokenizes the same row the same way where the text round-trips.
+    # ... and the text path (lexalign.core.tokens) tokenizes the same row the same way where the text round-trips.
     text = [tok.decode(c, skip_special_tokens=False) for c in judged[0]["completion_ids"]]
     if TRAITS[family]["has_template"]:
         prompt_ids, completion_ids = tokens.tokenize_groups(tok, [got[0]["prompt"]], [text[:1]], chat=True)
@@ -238,7 +239,7 @@ def test_a_killed_job_resumes_where_it_stopped_with_the_same_output(zoo_models, 
     assert rows(tmp_path / "resumed") == rows(tmp_path / "whole")
     # A finished run is not generated again (the model is not even loaded); another seed is another sample.
     with monkeypatch.context() as patch:
-        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+        patch.setattr("lexalign.models.loading.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
         again = generate(path, prompts, tmp_path / "whole", sampling, batch_size=2, shard_prompts=2)
     assert again["shards_generated"] == 0 and again["key"] == whole["key"]
     generate(path, prompts, tmp_path / "other", Sampling(samples_per_prompt=3, temperature=1.3, max_new_tokens=5,
@@ -259,7 +260,8 @@ def test_several_processes_share_the_shards_and_one_joins_them(zoo_models, tmp_p
         assert part["joined"] is False and not (tmp_path / "shared" / "generations.parquet").exists()
     assert written == {0: [0, 2, 4], 1: [1, 3]}
     with monkeypatch.context() as patch:
-        patch.setattr("lexalign.models.load_causal_lm", lambda *a, **k: pytest.fail("the join loaded the model"))
+        patch.setattr("lexalign.models.loading.load_causal_lm",
+                      lambda *a, **k: pytest.fail("the join loaded the model"))
         joined = generate(path, prompts, tmp_path / "shared", sampling, batch_size=1, shard_prompts=1)
     assert joined["shards_generated"] == 0 and joined["tokens_per_second"] > 0
     assert rows(tmp_path / "shared") == rows(tmp_path / "alone")
@@ -307,7 +309,7 @@ def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path
     judged = [{**r, "scores": [3.0, 2.0, 1.0, 0.0], "truncated": [False] * 4} for r in got]
     groups, counts = select.ranked(judged, 4)
     assert counts["selected"] == 3
-    dataset = reference.trainer_dataset(select.token_table(groups), "k4")
+    dataset = trainer_dataset(select.token_table(groups), "k4")
     assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in got]
     assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
 

@@ -187,7 +187,7 @@ def test_the_report_shows_each_round_as_its_files_say(demo_rounds, demo_run, tmp
     (selection.json, generations/report.json, eval.json), and its plot."""
     import re
 
-    from lexalign.report import build_report
+    from lexalign.evaluation.report import build_report
 
     results = demo_run / "results"
     rounds = [demo_rounds / "results" / "online" / f"round-{r}" for r in (1, 2)]
@@ -243,8 +243,8 @@ def test_the_demo_rounds_replan_as_the_issue_says(demo_rounds, tmp_path):
 
 
 def test_a_prompt_file_sets_prompts_aside_that_no_round_samples(tmp_path):
-    from lexalign.errors import LexAlignError
-    from lexalign.online.rounds import held_out_prompts, round_prompts, write_prompts
+    from lexalign.core.errors import LexAlignError
+    from lexalign.steps.rounds import held_out_prompts, round_prompts, write_prompts
 
     source = tmp_path / "prompts.jsonl"
     texts = [f"Question {i}?" for i in range(23)] + ["Question 0?"]  # one duplicate
@@ -268,7 +268,7 @@ def test_a_prompt_file_sets_prompts_aside_that_no_round_samples(tmp_path):
 
 
 def test_preference_data_with_an_eval_split_sets_nothing_aside(tmp_path):
-    from lexalign.online.rounds import write_prompts
+    from lexalign.steps.rounds import write_prompts
 
     data = tmp_path / "data"
     data.mkdir()

@@ -1,4 +1,4 @@
-"""Per-completion scores for a round (lexalign/online/score.py): the demo judge, a reward model in length-sorted
+"""Per-completion scores for a round (lexalign/generation/scoring.py): the demo judge, a reward model in length-sorted
 batches, an LLM judge on a loopback endpoint with retries; every score cached, none asked twice, none lost when
 the judge fails part-way."""
 
@@ -10,9 +10,9 @@ import pytest
 from conftest import Counting, online_rows, write_reward_model
 from loopback import ChatServer
 
-from lexalign.errors import LexAlignError
-from lexalign.online import score
-from lexalign.online.score import DemoJudge, LlmJudge, RewardModelJudge, score_completions
+from lexalign.core.errors import LexAlignError
+from lexalign.generation import scoring as score
+from lexalign.generation.scoring import DemoJudge, LlmJudge, RewardModelJudge, score_completions
 
 
 def test_demo_scores_are_cached_and_never_asked_twice(tmp_path):

@@ -1,4 +1,4 @@
-"""Selection of the round's preference data from K judged completions (lexalign/online/select.py), worked by
+"""Selection of the round's preference data from K judged completions (lexalign/generation/selection.py), worked by
 hand: which completion is chosen, rejected or ranked where, and every dropped one counted."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from lexalign import reference
-from lexalign.errors import LexAlignError
-from lexalign.online import select
+from lexalign.core.errors import LexAlignError
+from lexalign.generation import selection as select
+from lexalign.train.trainer_data import trainer_dataset
 
 
 def judged(row: int, scores: list, truncated: list | None = None, ids: list | None = None) -> dict:
@@ -72,11 +72,11 @@ def test_ranked_by_hand():
 
 def test_token_tables_are_what_the_trainers_read():
     pairs, _ = select.best_worst([judged(0, [0.0, 1.0]), judged(1, [1.0, 0.0])])
-    dataset = reference.trainer_dataset(select.token_table(pairs), "pairs")
+    dataset = trainer_dataset(select.token_table(pairs), "pairs")
     assert dataset.to_list() == [{"prompt_ids": [100], "chosen_ids": [0, 1], "rejected_ids": [0, 0]},
                                  {"prompt_ids": [101], "chosen_ids": [1, 0], "rejected_ids": [1, 1]}]
     groups, _ = select.ranked([judged(0, [0.0, 2.0, 1.0])], group_size=3)
-    dataset = reference.trainer_dataset(select.token_table(groups), "k3")
+    dataset = trainer_dataset(select.token_table(groups), "k3")
     assert dataset.to_list() == [{"prompt_ids": [100], "completion_ids": [[0, 1], [0, 2], [0, 0]],
                                   "scores": [2.0, 1.0, 0.0]}]
     assert select.token_table([]).num_rows == 0
@@ -91,7 +91,7 @@ def _write_jsonl(path, records, keep):
 def test_the_existing_validation_reads_both_layouts(tmp_path, demo_model_dir):
     """The selection's rows, written as they are (ids and scores beside the text), pass the existing validation:
     best_worst as `pairs`, ranked as `ranked` groups of K (its report counts them)."""
-    from lexalign import stages
+    from lexalign.steps import training as stages
 
     rows = [judged(i, [float((i + j) % 4) for j in range(4)]) for i in range(12)]
     for r in rows:  # distinct texts per prompt, so validation sees distinct responses
@@ -120,7 +120,7 @@ def _check_tokens(data, records, layout, completions):
     seen = 0
     for split in ("train", "eval"):
         frame = pd.read_parquet(data / f"{split}.parquet")
-        dataset = reference.trainer_dataset(select.validated_token_table(frame, records), layout)
+        dataset = trainer_dataset(select.validated_token_table(frame, records), layout)
         for example in dataset or []:
             record = by_prompt[example["prompt_ids"][0]]
             got = [example["chosen_ids"], example["rejected_ids"]] if layout == "pairs" else example["completion_ids"]

@@ -1,7 +1,7 @@
 """An online round's generation and reward-model scoring in several processes (`scale.generate`, `scale.score`).
 
 The steps run as a rule with those entries runs them: `accelerate launch --num_processes 2` on the CPU (gloo),
-each process sampling its shards or scoring its share of the batches (lexalign.shards), the main process joining
+each process sampling its shards or scoring its share of the batches (lexalign.core.shares), the main process joining
 them. Compared with one process: the same generations (token for token, and byte for byte the same parquet) and
 the same scores; a two-process generation killed mid-way resumes from the shards its processes finished; a score
 cached by any process of a killed attempt is never asked again. And what the two entries ask Snakemake for.
@@ -22,11 +22,18 @@ import pytest
 import yaml
 from conftest import REPO, Counting, online_rows, write_reward_model
 
-from lexalign import stages
 from lexalign.config.loader import validate_config
-from lexalign.errors import LexAlignError
-from lexalign.launch import check_nodes, launch_command, processes_for, run_launcher, scale_resources, write_spec
-from lexalign.online.score import DemoJudge, RewardModelJudge, ScoreCache, score_completions
+from lexalign.core.errors import LexAlignError
+from lexalign.generation.scoring import DemoJudge, RewardModelJudge, ScoreCache, score_completions
+from lexalign.pipeline.launch import (
+    check_nodes,
+    launch_command,
+    processes_for,
+    run_launcher,
+    scale_resources,
+    write_spec,
+)
+from lexalign.steps import training as stages
 from workflow import copy_workflow, snakemake
 
 PROCESSES = 2
@@ -185,7 +192,7 @@ def test_a_score_cached_by_a_killed_process_is_never_asked_again(tmp_path):
     first = Counting(DemoJudge())
     score_completions(rows[:1], first, cache)  # the main process's file
     ScoreCache(cache, rank=1).put(dict(zip(("a", "b"), (0.5, 0.25), strict=True)))
-    from lexalign.online.score import score_key
+    from lexalign.generation.scoring import score_key
 
     done = {score_key(r["policy_hash"], r["prompt"], r["completion_ids"][0], "demo"): 1.0 for r in rows[1:]}
     ScoreCache(cache, rank=1).put(done)

@@ -136,12 +136,12 @@ def test_a_reference_free_round_trains_on_the_sampled_ids(rounds_run, tmp_path, 
     assert "Tokens: the ids sampled in the online round" in (workdir / "logs" / "online" / "round-2" /
                                                               "align.log").read_text()
     # What the align step builds from the rule's inputs is what its trainer reads: the sampled ids.
-    from lexalign import stages
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
-    from lexalign.models import load_tokenizer
+    from lexalign.config.sections import AlignConfig
+    from lexalign.models.loading import load_tokenizer
+    from lexalign.steps import training as stages
     from lexalign.train.align import AlignJob, tokenized_datasets
-    from lexalign.trainer_data import read_selection
+    from lexalign.train.trainer_data import read_selection
 
     train, evals = stages.frames(folder / "preferences")
     job = AlignJob(model_path=folder / "model", train=train, eval=evals, output_dir=tmp_path / "unused",
@@ -198,9 +198,9 @@ def test_a_generation_killed_mid_way_resumes_from_its_shards(rounds_run, tmp_pat
     report = json.loads((workdir / target / "report.json").read_text())
     assert report["shards"] == 8 and report["shards_generated"] == 8 - len(kept)
     # An uninterrupted run of the same step with the rule's arguments.
-    from lexalign import stages
     from lexalign.config.loader import validate_config
-    from lexalign.online.rounds import round_sampling, settings
+    from lexalign.steps import training as stages
+    from lexalign.steps.rounds import round_sampling, settings
 
     resolved = settings(validate_config(yaml.safe_load((workdir / "config" / "config.yaml").read_text()), "pipeline"))
     whole = tmp_path / "whole" / "generations"

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from lexalign import packing
+from lexalign.models import packing
 
 FAMILIES = ["llama3", "qwen2", "gemma", "gpt2", "phi3", "gpt_neox"]
 
@@ -15,7 +15,7 @@ FAMILIES = ["llama3", "qwen2", "gemma", "gpt2", "phi3", "gpt_neox"]
 def _model(zoo_models, family):
     from trl.trainer.utils import add_fused_lm_head
 
-    from lexalign.models import load_causal_lm
+    from lexalign.models.loading import load_causal_lm
 
     model = load_causal_lm(zoo_models(family), "cpu").eval()
     add_fused_lm_head(model)
@@ -89,7 +89,7 @@ def test_the_reference_step_packed_equals_padded(zoo_models, family):
     import pyarrow as pa
 
     from lexalign.reference.scoring import group_logps
-    from lexalign.train.gdpo import DataCollatorForRankedPreference
+    from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference
 
     model = _model(zoo_models, family)
     rng = random.Random(2)

@@ -1,7 +1,7 @@
 """Padding-free training and the lean LM head: the same losses and gradients as the padded computation.
 
 DPO, GDPO and the reference-free trainers run the policy on packed rows (lexalign/train/packed.py) and take
-log-probs from the lean head (lexalign/logprobs.py). Both must be invisible in the numbers: on real
+log-probs from the lean head (lexalign/models/logprobs.py). Both must be invisible in the numbers: on real
 architectures (Llama-3, Qwen2, Gemma-2 with its logit soft-capping, GPT-2 with absolute positions) the loss
 and every gradient equal TRL's padded batch with the full log-softmax, to 1e-5.
 """
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from lexalign import logprobs, packing
+from lexalign.models import logprobs, packing
 
 FAMILIES = ["llama3", "qwen2", "gemma", "gpt2"]
 
@@ -55,7 +55,7 @@ def test_packed_rows_hold_every_sequence_once_and_unpack_to_the_padded_shape():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_lean_head_equals_the_full_log_softmax(zoo_models, family, monkeypatch):
     """Values and gradients, with tiles small enough that every row and the vocabulary span several."""
-    from lexalign.models import load_causal_lm
+    from lexalign.models.loading import load_causal_lm
 
     monkeypatch.setattr(logprobs, "TOKEN_TILE", 7)
     monkeypatch.setattr(logprobs, "VOCAB_TILE", 96)
@@ -137,8 +137,8 @@ def test_dpo_on_packed_rows_has_the_padded_loss_and_gradients(zoo_models, family
     from datasets import Dataset
     from trl import DPOConfig
 
-    from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.train.dpo import LexAlignDPOTrainer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
+    from lexalign.train.dpo_trainer import LexAlignDPOTrainer
 
     path = zoo_models(family)
     tokenizer = load_tokenizer(path)
@@ -159,9 +159,9 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
     from datasets import Dataset
     from peft import LoraConfig
 
-    from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer
-    from lexalign.train.reference_free import ReferenceFreeConfig, ReferenceFreeTrainer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
+    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
+    from lexalign.train.reference_free_trainer import ReferenceFreeConfig, ReferenceFreeTrainer
 
     path = zoo_models("llama3")
     tokenizer = load_tokenizer(path)
@@ -197,7 +197,7 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): pytest -m gpu there")
 def test_the_lean_head_on_cuda_equals_the_full_log_softmax(zoo_models):
     """On CUDA the lean head hands the scored positions to TRL's Triton kernel: the same values and gradients."""
-    from lexalign.models import load_causal_lm
+    from lexalign.models.loading import load_causal_lm
 
     model = load_causal_lm(zoo_models("gemma"), "cuda", train_all_weights=True).to("cuda")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""What a plan keeps between runs (lexalign/plan_cache.py, lexalign/planning.py): the checked config and the code
-inputs, recomputed whenever the config or any package file changes, never a failure, and the warnings said on
-every run."""
+"""What a plan keeps between runs (lexalign/pipeline/plan_cache.py, lexalign/pipeline/plan.py): the checked
+config and the code inputs, recomputed whenever the config or any package file changes, never a failure, and the
+warnings said on every run."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 import yaml
 
-from lexalign import plan_cache
-from lexalign.plan_cache import package_digest, remembered
+from lexalign.pipeline import plan_cache
+from lexalign.pipeline.plan_cache import package_digest, remembered
 from workflow import copy_workflow, snakemake
 
 
@@ -56,7 +56,7 @@ def test_the_package_digest_follows_every_source_file_but_not_bytecode(tmp_path)
     (root / "__pycache__").mkdir(exist_ok=True)
     (root / "__pycache__" / "x.pyc").write_bytes(b"\0")
     assert digest(root) == before
-    schema = next((root / "schemas").glob("*.yaml"))
+    schema = next((root / "config").glob("*.yaml"))
     schema.write_text(schema.read_text() + "\n")
     after_schema = digest(root)
     module = root / "online" / "score.py"

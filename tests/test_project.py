@@ -19,11 +19,11 @@ import tomllib
 import yaml
 from conftest import REPO
 
-from lexalign import code_inputs, workflow_files
 from lexalign.config.annotated import render_config
 from lexalign.config.loader import _resolve, _root_schema, load_yaml, validate_config
 from lexalign.methods import key_owner
-from lexalign.workflow import STEP_OF_RULE, rule_sources
+from lexalign.pipeline import code_inputs, workflow_files
+from lexalign.pipeline.rules import STEP_OF_RULE, rule_sources
 from workflow import copy_workflow, planned_jobs, snakemake
 
 LEXALIGN = str(Path(sys.executable).parent / "lexalign")
@@ -149,7 +149,7 @@ def test_code_paths_are_relative_inside_the_working_directory_and_absolute_outsi
     inside.parent.mkdir()
     inside.write_text("")
     monkeypatch.chdir(tmp_path)
-    assert workflow_files.code_path(inside) == "lexalign/stages.py"
+    assert workflow_files.code_path(inside) == "lexalign/steps/training.py"
     outside = REPO / "lexalign" / "stages.py"
     assert workflow_files.code_path(outside) == str(outside)
 

@@ -158,7 +158,7 @@ def test_an_adapter_only_output_is_pushed_as_a_peft_adapter(tmp_path, hub, push,
     Hub repo, with the base model's license."""
     import pandas as pd
 
-    from lexalign.config.stages import FinetuneConfig
+    from lexalign.config.sections import FinetuneConfig
     from lexalign.demo import task
     from lexalign.train.finetune import FinetuneJob
 
@@ -194,7 +194,7 @@ def test_the_card_carries_base_model_datasets_license_the_eval_table_and_the_lin
     interval, the training configuration, the sources with the commits they resolved to."""
     from huggingface_hub import ModelCard
 
-    from lexalign.lineage import model_card, wilson_interval
+    from lexalign.core.lineage import model_card, wilson_interval
 
     def download(kind, repo_id, commit, **extra):
         return {"stage": "download", "config": {"kind": kind, "source": "hub", "repo_id": repo_id,
@@ -263,7 +263,7 @@ def test_the_base_models_license_is_recorded_at_download(tmp_path, hub, cli):
     assert rc == 0, err
     lineage = json.loads((tmp_path / "base/lineage.json").read_text())
     assert lineage["license"] == "apache-2.0"
-    from lexalign.lineage import card_metadata
+    from lexalign.core.lineage import card_metadata
 
     child = {"stage": "align", "config": {"method": "gdpo"}, "parents": {"model": lineage}}
     assert card_metadata(child) | {"tags": None} == {

@@ -4,7 +4,7 @@ The oracle is the model's own `apply_chat_template(messages, tokenize=True)`:
 every step must train on, score and generate from exactly those ids (BOS once,
 the template's own end-of-turn token, nothing appended). Plain-text families
 (GPT-2, GPT-NeoX) get BOS once where the tokenizer adds one and EOS once.
-The models are lexalign/demo/zoo.py's tiny random-weight ones; one pipeline run per
+The models are testkit/zoo.py's tiny random-weight ones; one pipeline run per
 family is shared by the tests below.
 """
 
@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lexalign import stages, tokens
-from lexalign.demo import zoo
+from lexalign.core import tokens
+from lexalign.steps import training as stages
+from testkit import zoo
 
 pytestmark = pytest.mark.slow
 
@@ -209,7 +210,7 @@ def test_scoring_in_evaluate_matches_the_reference_step(family, family_runs):
     """evaluate's log-probs of the SFT model are the reference step's, on the same template tokens."""
     from transformers import AutoModelForCausalLM
 
-    from lexalign.evaluate import sequence_logps
+    from lexalign.evaluation.figures import sequence_logps
 
     run = family_runs(family)
     tokenizer = _tokenizer(run["model"])
@@ -287,7 +288,7 @@ def test_sft_labels_keep_the_end_token_when_pad_is_eos(family, shape, zoo_models
     """Phi-3's pad token is its EOS (and GPT-2 has none, so EOS pads): padding must not mask the real end
     token out of SFT's labels, or the model never learns to stop."""
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import FinetuneConfig
+    from lexalign.config.sections import FinetuneConfig
     from lexalign.train.finetune import FinetuneJob
 
     model = zoo_models(family)

@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from lexalign import reference
+from lexalign.core.errors import LexAlignError
 from lexalign.demo import task
-from lexalign.errors import LexAlignError
 from lexalign.reference import cache
+from lexalign.reference.keys import read_key
+from lexalign.reference.layout import split_groups
+from lexalign.reference.scoring import compute_reference, load_reference
 
 TRICKY = [  # tokens merging across the prompt/response boundary, a response already ending with EOS
     {"prompt": "User: Please greet Zoe. ", "chosen": "Hello Zoe!", "rejected": " Go away."},
@@ -50,19 +52,19 @@ def test_tokens_are_trl_dpo_tokens(demo_tokenizer, tmp_path):
     frame = pairs()
     config = DPOConfig(output_dir=str(tmp_path), max_length=None, use_cpu=True)
     expected = _trl_tokens(DPOTrainer, config, demo_tokenizer, Dataset.from_pandas(frame, preserve_index=False))
-    prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, reference.split_groups(frame, "pairs"))
+    prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, split_groups(frame, "pairs"))
     assert prompt_ids == expected["prompt_ids"]
     assert [c[0] for c in completion_ids] == expected["chosen_ids"]
     assert [c[1] for c in completion_ids] == expected["rejected_ids"]
 
 
 def test_tokens_are_gdpo_tokens(demo_tokenizer, tmp_path):
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
+    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
 
     frame = groups()
     config = GDPOConfig(output_dir=str(tmp_path), max_length=None, group_delay_size=4, use_cpu=True)
     expected = _trl_tokens(GDPOTrainer, config, demo_tokenizer, ranked_dataset(frame, 4))
-    found = reference.split_groups(frame, "k4")
+    found = split_groups(frame, "k4")
     prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, found)
     assert prompt_ids == expected["prompt_ids"]
     assert completion_ids == expected["completion_ids"]
@@ -75,14 +77,14 @@ def test_groups_keep_their_rows_and_count_the_dropped():
         {"prompt": "b", "responses": ["b1", "b2"], "scores": [1, 0]},
         {"prompt": "c", "responses": ["c2", "c1", "c3", "c4"], "scores": [2.0, 3.0, 1.0, 0.0]},
     ])
-    found = reference.split_groups(frame, "k4")
+    found = split_groups(frame, "k4")
     assert found.rows == [0, 2] and found.dropped == 1
     assert found.responses[1] == ["c1", "c2", "c3", "c4"]
 
 
 def test_parallel_batched_tokens_equal_one_by_one(demo_tokenizer, monkeypatch):
     texts = [row["prompt"] + row["chosen"] for row in task.preference_rows(0, 64)] * 4
-    from lexalign import tokens
+    from lexalign.core import tokens
 
     monkeypatch.setattr(tokens, "PARALLEL_MIN_TEXTS", 1)
     batched = tokens.encode(demo_tokenizer, texts, workers=2, chunk=100)
@@ -90,7 +92,7 @@ def test_parallel_batched_tokens_equal_one_by_one(demo_tokenizer, monkeypatch):
 
 
 def test_tokens_are_cached_by_content(demo_tokenizer, tmp_path, monkeypatch):
-    found = reference.split_groups(pairs(), "pairs")
+    found = split_groups(pairs(), "pairs")
     table, hit = cache.cached_tokens(demo_tokenizer, "tok", found, tmp_path / "cache")
     assert not hit and len(list((tmp_path / "cache").glob("*.parquet"))) == 1
     assert table.column("prompt_ids").to_pylist() == cache.tokenize_groups(demo_tokenizer, found)[0]
@@ -104,13 +106,13 @@ def test_tokens_are_cached_by_content(demo_tokenizer, tmp_path, monkeypatch):
     assert hit and again.equals(table)
     # Other texts, or another tokenizer: a new entry.
     assert not cache.cached_tokens(demo_tokenizer, "other", found, tmp_path / "cache")[1]
-    changed = reference.split_groups(pairs().assign(chosen=lambda f: f.chosen + "!"), "pairs")
+    changed = split_groups(pairs().assign(chosen=lambda f: f.chosen + "!"), "pairs")
     assert not cache.cached_tokens(demo_tokenizer, "tok", changed, tmp_path / "cache")[1]
     assert len(list((tmp_path / "cache").glob("*.parquet"))) == 3
 
 
 def test_tokens_in_chunks_equal_tokens_at_once(demo_tokenizer):
-    found = reference.split_groups(pairs(), "pairs")
+    found = split_groups(pairs(), "pairs")
     table = cache.token_table(demo_tokenizer, found, chunk=5)
     prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, found)
     assert table.column("prompt_ids").to_pylist() == prompt_ids
@@ -122,7 +124,7 @@ def test_tokens_in_chunks_equal_tokens_at_once(demo_tokenizer):
 
 def align_job(tmp_path: Path, model: Path, train: pd.DataFrame, ref: Path | None = None, **params):
     from lexalign.config.loader import section_defaults
-    from lexalign.config.stages import AlignConfig
+    from lexalign.config.sections import AlignConfig
     from lexalign.train.align import AlignJob
 
     values = {"learning_rate": 5e-3, "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 3,
@@ -144,7 +146,7 @@ def align_job(tmp_path: Path, model: Path, train: pd.DataFrame, ref: Path | None
 
 def compute(tmp_path: Path, model: Path, frame: pd.DataFrame, layout: str, max_length: int = 64) -> Path:
     out = tmp_path / "reference" / f"{layout}.parquet"
-    reference.compute_reference(model, frame, frame.iloc[:6], out, layout=layout, max_length=max_length,
+    compute_reference(model, frame, frame.iloc[:6], out, layout=layout, max_length=max_length,
                                 cache_dir=tmp_path / "cache")
     return out
 
@@ -152,11 +154,11 @@ def compute(tmp_path: Path, model: Path, frame: pd.DataFrame, layout: str, max_l
 def test_file_holds_every_group_and_its_key(demo_model_dir, tmp_path):
     frame = groups(12)
     out = compute(tmp_path, demo_model_dir, frame, "k4")
-    tables = reference.load_reference(out)
+    tables = load_reference(out)
     assert tables["train"].num_rows == 12 and tables["eval"].num_rows == 6
     assert tables["train"].column("row").to_pylist() == list(range(12))
     assert all(len(v) == 4 and all(x < 0 for x in v) for v in tables["train"].column("ref_logps").to_pylist())
-    key = reference.read_key(out)
+    key = read_key(out)
     assert key["layout"] == "k4" and key["max_length"] == 64 and key["truncation_mode"] == "keep_start"
     assert set(key) >= {"model", "tokenizer", "data", "dtype", "key"}
 
@@ -205,11 +207,11 @@ def test_dpo_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lexalign.models import load_causal_lm, load_tokenizer
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     frame = pairs()
     out = compute(tmp_path, sft_model_dir, frame, "pairs")
-    train = reference.load_reference(out)["train"]
+    train = load_reference(out)["train"]
     # TRL's own reference pass over the same data gives the same values.
     trl = DPOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=load_tokenizer(sft_model_dir),
                      args=DPOConfig(output_dir=str(tmp_path / "trl"), max_length=64, precompute_ref_log_probs=True,
@@ -244,12 +246,12 @@ def test_dpo_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
 @pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
-    from lexalign.models import load_causal_lm, load_tokenizer
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer, ranked_dataset
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
+    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
 
     frame = groups(16)
     out = compute(tmp_path, sft_model_dir, frame, "k4")
-    ours = torch.tensor(reference.load_reference(out)["train"].column("ref_logps").to_pylist())
+    ours = torch.tensor(load_reference(out)["train"].column("ref_logps").to_pylist())
     # The online reference pass of GDPO's trainer, batch by batch.
     gdpo = GDPOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=load_tokenizer(sft_model_dir),
                        args=GDPOConfig(output_dir=str(tmp_path / "gdpo"), max_length=64, group_delay_size=4,

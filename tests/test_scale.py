@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from lexalign.config.loader import validate_config
-from lexalign.errors import LexAlignError
-from lexalign.launch import check_nodes, launch_command, num_nodes, num_processes, scale_resources
+from lexalign.core.errors import LexAlignError
+from lexalign.pipeline.launch import check_nodes, launch_command, num_nodes, num_processes, scale_resources
 from workflow import SNAKEMAKE, copy_workflow
 
 REPO = Path(__file__).resolve().parent.parent

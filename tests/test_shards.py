@@ -20,10 +20,17 @@ import yaml
 from conftest import REPO, write_jsonl, write_reward_model
 
 from lexalign.config.loader import validate_config
-from lexalign.errors import LexAlignError
-from lexalign.launch import check_nodes, launch_command, processes_for, run_launcher, scale_resources, write_spec
-from lexalign.packing import budget_batches
-from lexalign.shards import Shard, chunks, deal, piece, restore, write_part
+from lexalign.core.errors import LexAlignError
+from lexalign.core.shares import Shard, chunks, deal, piece, restore, write_part
+from lexalign.models.packing import budget_batches
+from lexalign.pipeline.launch import (
+    check_nodes,
+    launch_command,
+    processes_for,
+    run_launcher,
+    scale_resources,
+    write_spec,
+)
 
 # --- the row split (pure) ----------------------------------------------------------------------------
 
@@ -165,8 +172,8 @@ def _aligned_model(root: Path, demo: Path) -> Path:
 
 
 def _inputs(root: Path, demo: Path) -> dict[str, Path]:
-    from lexalign import stages
     from lexalign.demo import task
+    from lexalign.steps import training as stages
 
     write_jsonl(root / "raw/pairs/train.jsonl", task.preference_rows(0, 64))
     stages.validate(raw=root / "raw/pairs", tokenizer=demo, output=root / "data/pairs",
@@ -179,7 +186,7 @@ def _inputs(root: Path, demo: Path) -> dict[str, Path]:
 
 
 def _specs(run: Path, inputs: dict[str, Path], demo: Path) -> list[Path]:
-    """One run's specs (as lexalign.launch writes them): every reference file, then the evaluation."""
+    """One run's specs (as lexalign.pipeline.launch writes them): every reference file, then the evaluation."""
     run.mkdir()
     specs = []
     for name, (data, setting) in REFERENCE_SETTINGS.items():
@@ -199,8 +206,8 @@ def _specs(run: Path, inputs: dict[str, Path], demo: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_model_dir):
     """Every spec run once in this process and once in two launched processes (one `accelerate launch`)."""
-    from lexalign import stages
-    from lexalign.launch import load_spec
+    from lexalign.pipeline.launch import load_spec
+    from lexalign.steps import training as stages
 
     root = tmp_path_factory.mktemp("shards")
     inputs = _inputs(root, demo_model_dir)
@@ -297,9 +304,9 @@ def test_a_process_that_fails_fails_the_step_at_once_with_its_message(tmp_path, 
     """A model without weights: the first process to find it stops, the launcher ends the other (wherever it
     is: loading, or waiting at a barrier), and the step fails with that process's message, long before a
     barrier's timeout."""
-    from lexalign import stages
     from lexalign.demo import task
-    from lexalign.launch import run_in_processes
+    from lexalign.pipeline.launch import run_in_processes
+    from lexalign.steps import training as stages
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LEXALIGN_COLLECTIVE_TIMEOUT", "600")  # run_in_processes sets it: restored afterwards

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import signal_at
 
-from lexalign import tracking
 from lexalign.config.loader import validate_config
-from lexalign.config.stages import AlignConfig, FinetuneConfig
-from lexalign.errors import LexAlignError
+from lexalign.config.sections import AlignConfig, FinetuneConfig
+from lexalign.core.errors import LexAlignError
+from lexalign.train import tracking
 
 EXPERIMENT = f"exp-polite-{os.getpid()}"
 RUNS = {"aligned": 0.1, "beta-0.3": 0.3}
@@ -54,8 +54,8 @@ class Listener:
 def tracked(tmp_path_factory, demo_model_dir):
     """Validate the demo's preferences, align twice (two runs of one pipeline: beta 0.1 and 0.3, two steps each,
     a metric every step) reporting to all three trackers, and evaluate the first."""
-    from lexalign import stages
     from lexalign.demo import task
+    from lexalign.steps import training as stages
 
     root = tmp_path_factory.mktemp("tracking")
     listener = Listener()
@@ -201,8 +201,8 @@ def test_an_interrupted_sft_run_resumes_into_the_same_tracker_run(tracked, tmp_p
     import pandas as pd
     from mlflow import MlflowClient
 
+    from lexalign.core.errors import TrainingInterrupted
     from lexalign.demo import task
-    from lexalign.errors import TrainingInterrupted
     from lexalign.train.finetune import FinetuneJob
 
     uri = f"sqlite:///{tracked['root']}/mlflow.db"

@@ -16,11 +16,11 @@ import pytest
 import trl
 from trl.trainer import dpo_trainer, kto_trainer
 
-from lexalign import logprobs
 from lexalign.config.loader import section_defaults
-from lexalign.config.stages import AlignConfig
+from lexalign.config.sections import AlignConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.demo import task
-from lexalign.errors import LexAlignError
+from lexalign.models import logprobs
 from lexalign.train import trl_seam
 
 VERSION = trl.__version__
@@ -56,7 +56,7 @@ def test_an_internal_with_other_parameters_is_named_with_what_changed(monkeypatc
 
 def test_a_trainer_is_refused_before_it_is_built_when_trl_changed(monkeypatch, demo_tokenizer, tmp_path):
     """The check runs first, in __init__: no model is needed to see it fail."""
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer
+    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
 
     monkeypatch.setattr(dpo_trainer, "hash_module", lambda module, seed: "")
     with pytest.raises(LexAlignError, match=rf"TRL {VERSION}: trl.trainer.dpo_trainer.hash_module has changed"):

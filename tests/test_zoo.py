@@ -1,4 +1,4 @@
-"""The zoo (lexalign/demo/zoo.py): each tiny family loads like a real checkpoint and has the real family's traits.
+"""The zoo (testkit/zoo.py): each tiny family loads like a real checkpoint and has the real family's traits.
 
 These tests pin the traits LexAlign has to cope with (doubled BOS, no BOS, no pad, pad == eos, byte fallback,
 a template that raises on or drops a system turn, several end-of-generation ids, ...), so a change to the zoo
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from lexalign.demo import zoo
-from lexalign.demo.zoo import FAMILIES, TRAITS
+from testkit import zoo
+from testkit.zoo import FAMILIES, TRAITS
 
 TEMPLATED = [f for f in FAMILIES if TRAITS[f]["has_template"]]
 SENTENCEPIECE = [f for f in FAMILIES if TRAITS[f]["kind"] == "sentencepiece"]

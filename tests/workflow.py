@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from lexalign.workflow_files import WORKFLOW_FILES, copy_workflow  # noqa: F401 - the tests' one import
+from lexalign.pipeline.workflow_files import WORKFLOW_FILES, copy_workflow  # noqa: F401 - the tests' one import
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -1,7 +1,7 @@
 """Configuration: YAML loading, schema validation, and one dataclass per stage."""
 
 from lexalign.config.loader import load_config, load_yaml, validate_config
-from lexalign.config.stages import (
+from lexalign.config.sections import (
     AlignConfig,
     DatasetConfig,
     EvaluateConfig,

@@ -1,4 +1,4 @@
-"""Load YAML safely and validate it against the schemas in `lexalign/schemas/`.
+"""Load YAML safely and validate it against the schema beside it, `config.schema.yaml`.
 
 The pipeline (`rules/common.smk`) and the CLI use the same schema file, so a
 key means the same thing in both. Errors name the file, the key, the value
@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from lexalign import methods
-from lexalign.errors import LexAlignError, warn
+from lexalign.core.errors import LexAlignError, warn
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 # PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string, not a float.
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lexalign.io import atomic_dir, write_json
+from lexalign.core.io import atomic_dir, write_json
 
 # Longest text kept in a reject record's `data` (a broken multi-megabyte line is cut, and says so).
 MAX_REJECT_TEXT = 100_000

@@ -15,8 +15,8 @@ import lzma
 import zlib
 from pathlib import Path
 
-from lexalign.errors import LexAlignError
-from lexalign.formats import COMPRESSIONS
+from lexalign.core.errors import LexAlignError
+from lexalign.core.formats import COMPRESSIONS
 
 _BUFFER = 1 << 20
 

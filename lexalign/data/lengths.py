@@ -1,6 +1,6 @@
 """Token lengths with the model's tokenizer: prompt plus each response, measured as the trainer sees them.
 
-The trainers' sequences follow `lexalign.tokens`: chat-rendered texts as the
+The trainers' sequences follow `lexalign.core.tokens`: chat-rendered texts as the
 template wrote them, plain text with the tokenizer's prefix (BOS) and EOS once;
 a row's length is the longest of its prompt + response sequences. Whole batches go through
 the fast tokenizer at once (`encode_batch_fast`, on all cores unless
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lexalign import tokens
+from lexalign.core import tokens
+from lexalign.core.errors import LexAlignError
 from lexalign.data.common import reject
-from lexalign.errors import LexAlignError
 
 # Texts per tokenizer call: enough for every core, few enough that the encodings stay small.
 ENCODE_BATCH = 4096
@@ -35,7 +35,7 @@ class LengthCheck:
         if backend is not None and (backend.truncation is not None or backend.padding is not None):
             backend = None  # lengths would be cut or padded: use the tokenizer's own call
         self.backend = backend
-        # What the trainers add around each text (lexalign.tokens): BOS ids before it, EOS after it (plain text).
+        # What the trainers add around each text (lexalign.core.tokens): BOS ids before it, EOS after it (plain text).
         self.prefix, self.eos = tokens.added_tokens(tokenizer, chat)
         self.lengths: list[np.ndarray] = []
         self.over = 0

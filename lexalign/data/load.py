@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from lexalign.data import layout
+from lexalign.core.errors import LexAlignError
+from lexalign.core.formats import FORMATS, unsupported_format
+from lexalign.data import splits as layout
 from lexalign.data.common import Piece, reject
 from lexalign.data.compressed import compression, inner_suffix, open_text, read_all, read_head
 from lexalign.data.jsonl import read_jsonl
-from lexalign.errors import LexAlignError
-from lexalign.formats import FORMATS, unsupported_format
 
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
                ".parquet": "parquet", ".arrow": "arrow"}

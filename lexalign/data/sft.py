@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from lexalign.config.stages import SftDatasetConfig
+from lexalign.config.sections import SftDatasetConfig
+from lexalign.core.errors import LexAlignError
 from lexalign.data.common import in_eval_split, reject_record
-from lexalign.data.layout import resolve_data_dir
 from lexalign.data.load import read_records
-from lexalign.errors import LexAlignError
+from lexalign.data.splits import resolve_data_dir
 
 
 def detect_shape(rows: list[dict], cfg: SftDatasetConfig) -> str:

@@ -20,7 +20,7 @@
   first and stable; when only an order is given the scores are K-1, …, 0.
 
 A row that cannot be normalised is rejected with a reason code (see
-`lexalign.data.preference`).
+`lexalign.data.validation`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lexalign.errors import LexAlignError
+from lexalign.core.errors import LexAlignError
 from lexalign.groups import order_best_first, select_indices
 from lexalign.methods import Layout
 

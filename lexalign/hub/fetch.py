@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lexalign.errors import LexAlignError, warn
+from lexalign.core.errors import LexAlignError, warn
+from lexalign.core.io import safe_relative_path
 from lexalign.hub import manifest
-from lexalign.hub.errors import endpoint, hub_error, is_network_error, is_offline, offline_error
-from lexalign.io import safe_relative_path
+from lexalign.hub.failures import endpoint, hub_error, is_network_error, is_offline, offline_error
 
 # With safetensors weights selected, these other weight formats (PyTorch pickles,
 # TensorFlow, Flax, Rust) are duplicates of the same tensors and are not fetched.
@@ -108,7 +108,7 @@ def make_plan(source, repo_type: str, data_dir: str | None = None) -> Plan:
     for name in entries:  # a hostile repo must not write outside its folder
         safe_relative_path(name, f"{source.repo_id} (revision {source.revision})")
     if data_dir and not any(name.startswith(f"{data_dir}/") for name in entries):
-        from lexalign.data.layout import folders_of, missing_data_dir
+        from lexalign.data.splits import folders_of, missing_data_dir
 
         raise missing_data_dir(data_dir, f"{source.repo_id} (revision {source.revision})", folders_of(list(entries)))
     allow = _pattern_list(source.allow_patterns)

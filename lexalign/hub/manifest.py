@@ -11,8 +11,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from lexalign.io import read_json, write_json
-from lexalign.lineage import LINEAGE_FILE
+from lexalign.core.io import read_json, write_json
+from lexalign.core.lineage import LINEAGE_FILE
 
 MANIFEST_FILE = ".lexalign-download.json"
 # Files LexAlign writes into a download folder; a repo's own files of these names are not fetched.

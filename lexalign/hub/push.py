@@ -1,7 +1,7 @@
 """`lexalign push` and the publish rule: a model folder to the Hugging Face Hub, as one commit.
 
 What goes up: the safetensors weights (with their index when sharded), config.json, generation_config.json,
-the tokenizer's files, lineage.json, and a model card written for the Hub (`lexalign.lineage.model_card`:
+the tokenizer's files, lineage.json, and a model card written for the Hub (`lexalign.core.lineage.model_card`:
 YAML metadata, the eval table, the training configuration, the lineage). A folder holding a PEFT adapter
 alone goes up as an adapter: adapter_config.json (pointing at the base model's Hub repo when the lineage
 knows it) and adapter_model.safetensors. Nothing else: no pickles, no metrics, no tracking.json.
@@ -9,7 +9,7 @@ knows it) and adapter_model.safetensors. Nothing else: no pickles, no metrics, n
 Everything is one `HfApi.create_commit`: the large files are uploaded first, then one commit request adds
 every file at once. The Hub applies a commit whole or not at all, so a failed upload leaves the repo as it
 was. The token is read by `huggingface_hub` (HF_TOKEN, or the Hub CLI's stored login) and sent only in
-request headers; no message here carries it (`lexalign.hub.errors.redact`).
+request headers; no message here carries it (`lexalign.hub.failures.redact`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-from lexalign.errors import LexAlignError, warn
-from lexalign.hub.errors import current_token, endpoint, is_network_error, redact, repo_url
-from lexalign.paths import lone_adapter
+from lexalign.core.errors import LexAlignError, warn
+from lexalign.core.paths import lone_adapter
+from lexalign.hub.failures import current_token, endpoint, is_network_error, redact, repo_url
 
 WEIGHTS = ("*.safetensors", "*.safetensors.index.json")
 CONFIGS = ("config.json", "generation_config.json", "adapter_config.json")
@@ -151,8 +151,8 @@ def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str 
     `revision` (created from main when missing), as one commit; return what was committed."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
-    from lexalign.io import read_json
-    from lexalign.lineage import card_metadata, model_card, read_lineage
+    from lexalign.core.io import read_json
+    from lexalign.core.lineage import card_metadata, model_card, read_lineage
 
     model_dir = Path(model_dir)
     files = files_to_publish(model_dir)

@@ -14,11 +14,11 @@ group the trainer sees:
 - `split` (train | eval) and `row`, the row's position in the validated split;
 - `prompt_ids`, `completion_ids` (K lists, best first) and `scores` (K): the
   tokens exactly as the trainers read them (LexAlign's one tokenization rule,
-  `lexalign.tokens`);
+  `lexalign.core.tokens`);
 - `ref_logps` (K): the reference's summed log-probability of each response,
   truncated as the trainers' collator truncates (keep_start to `max_length`),
   computed on padding-free packed batches with LexAlign's lean log-prob head
-  (`lexalign.packing`, `lexalign.logprobs`).
+  (`lexalign.models.packing`, `lexalign.models.logprobs`).
 
 A layout is `pairs` (chosen, rejected: K = 2), `k<K>` (GDPO's ranked groups) or
 `unpaired` (KTO: one completion per row with its label, and the KL term's
@@ -29,31 +29,9 @@ own.
 
 One module per concern: `layout` (the groups of a split, pure), `keys` (what the
 log-probs depend on, and the file's name), `cache` (tokenization, cached by
-content), `scoring` (the forward pass and the file). The trainers' datasets are
-built from the file by `lexalign.trainer_data`.
+content), `scoring` (the forward pass and the file).
 
 Every one of them imports pandas, pyarrow and torch inside its functions only,
 so reading the file names (`layout`, for Snakemake's planning) loads nothing
-heavy. The names below are what align reads as `reference.X` (lexalign.train.align);
-the two dataset builders live in `lexalign.trainer_data`, which the reference-free
-methods read without any reference file.
+heavy. The trainers' datasets are built from the file by `lexalign.train.trainer_data`.
 """
-
-_NAMES = {"check_key": "keys", "compute_dtype": "keys", "read_key": "keys", "reference_key": "keys",
-          "TRUNCATION_MODE": "layout", "layout_for": "layout", "split_groups": "layout",
-          "compute_reference": "scoring", "is_current": "scoring", "load_reference": "scoring",
-          "tokenized_dataset": "trainer_data", "trainer_dataset": "trainer_data"}
-"""What align reads as `reference.X`, and the module that holds it."""
-
-
-def __getattr__(name: str):
-    """`reference.X` from its module when first asked: the Snakefile's planning imports `layout` alone (the
-    file names), which must not import the scoring pass; and trainer_data imports this package's modules, so
-    importing it here would make whichever is imported first find the other half-initialised."""
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from lexalign import trainer_data
-    from lexalign.reference import keys, layout, scoring
-
-    module = {"keys": keys, "layout": layout, "scoring": scoring, "trainer_data": trainer_data}[_NAMES[name]]
-    return getattr(module, name)

@@ -1,4 +1,4 @@
-"""The groups' tokens, by LexAlign's one tokenization rule (`lexalign.tokens`), cached between runs.
+"""The groups' tokens, by LexAlign's one tokenization rule (`lexalign.core.tokens`), cached between runs.
 
 Tokenization is batched (the fast tokenizer's Rust batch encoder, parallel over
 the cores for large batches) and cached under a content key
@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from lexalign import tokens
+from lexalign.core import tokens
 from lexalign.reference.keys import FORMAT, groups_hash
 from lexalign.reference.layout import Groups
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lexalign.errors import LexAlignError
-from lexalign.paths import TOKENIZER_FILES, adapter_base, lone_adapter
+from lexalign.core.errors import LexAlignError
+from lexalign.core.paths import TOKENIZER_FILES, adapter_base, lone_adapter
 from lexalign.reference.layout import Groups
 
 FORMAT = 2
@@ -44,7 +44,7 @@ def groups_hash(groups: Groups, with_scores: bool = True) -> str:
 
 
 def _files_hash(paths: list[Path]) -> str:
-    from lexalign.io import sha256_file
+    from lexalign.core.io import sha256_file
 
     digest = hashlib.sha256()
     for path in paths:

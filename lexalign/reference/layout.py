@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lexalign import methods, tokens
+from lexalign import methods
+from lexalign.core import tokens
 from lexalign.methods import Layout
 
 TRUNCATION_MODE = "keep_start"
@@ -57,7 +58,7 @@ class Groups:
     dropped: int = 0
     """Rows with fewer than K responses (GDPO drops them)."""
     chat: bool = False
-    """The texts were rendered by the model's chat template (`lexalign.tokens`: no special tokens added)."""
+    """The texts were rendered by the model's chat template (`lexalign.core.tokens`: no special tokens added)."""
 
     def __len__(self) -> int:
         return len(self.rows)

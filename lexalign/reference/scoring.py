@@ -1,13 +1,13 @@
 """The reference pass: the SFT model's summed log-probability of every response, written to the reference file.
 
-Sequences are scored padding-free (`lexalign.packing`: packed into rows of at
+Sequences are scored padding-free (`lexalign.models.packing`: packed into rows of at
 most a token budget, attention kept within each sequence) with the lean
-log-prob head (`lexalign.logprobs`), which never holds the [tokens x vocabulary]
+log-prob head (`lexalign.models.logprobs`), which never holds the [tokens x vocabulary]
 logits; each sequence is truncated as the trainers' collator truncates it.
 
 In several processes (`scale.reference`) each scores its share of the packed
 batches and the main process writes the file from all of them
-(`lexalign.shards`): the same file, value for value, as one process writes.
+(`lexalign.core.shares`): the same file, value for value, as one process writes.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lexalign.errors import LexAlignError
-from lexalign.paths import adapter_base, lone_adapter
+from lexalign.core.errors import LexAlignError
+from lexalign.core.paths import adapter_base, lone_adapter
+from lexalign.core.shares import Shard, piece
 from lexalign.reference.cache import cached_tokens
 from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key, tokenizer_hash
 from lexalign.reference.layout import TRUNCATION_MODE, group_size, split_groups
-from lexalign.shards import Shard, piece
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,13 +68,13 @@ def reference_sequences(tokens, max_length: int | None, truncation_mode: str = T
 
 def scored_piece(model, tokens, max_length: int | None, truncation_mode: str, device: str, autocast_dtype,
                  token_budget: int | None, shard: Shard) -> dict:
-    """This process's share of the summed log-probs of a token table's responses (`lexalign.shards`: rows are
+    """This process's share of the summed log-probs of a token table's responses (`lexalign.core.shares`: rows are
     group * K + response), in packed batches of at most `token_budget` tokens: every architecture LexAlign has run
-    takes packed input (`lexalign.packing.PACKED_UNSUPPORTED` is empty), so there is no padded path to fall
+    takes packed input (`lexalign.models.packing.PACKED_UNSUPPORTED` is empty), so there is no padded path to fall
     back to."""
     import torch
 
-    from lexalign import packing
+    from lexalign.models import packing
 
     if not packing.supports_packing(model):
         raise LexAlignError(f"The reference step cannot score a {model.config.model_type} model: its attention "
@@ -93,8 +93,8 @@ def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trus
     """The reference model as align's policy starts: the SFT weights (an adapter alone merged into its base)."""
     from trl.trainer.utils import disable_dropout_in_model
 
-    from lexalign import models
-    from lexalign.logprobs import add_lean_lm_head
+    from lexalign.models import loading as models
+    from lexalign.models.logprobs import add_lean_lm_head
 
     path = models.require_model(model_path, "lexalign finetune --config config/finetune.yaml")
     if lone_adapter(path):
@@ -119,7 +119,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
                       shard: Shard | None = None) -> dict | None:
     """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary.
 
-    `shard` (a launched step, `lexalign.shards`): this process scores its share of the batches, and the main
+    `shard` (a launched step, `lexalign.core.shares`): this process scores its share of the batches, and the main
     process gathers them into the file one process writes and returns the summary (the others None)."""
     import torch
 
@@ -163,7 +163,7 @@ def token_tables_of(splits: dict, tokenizer_path: Path, trust_remote_code: bool,
     tokens; else tokenized, or read from the cache), and the splits the cache answered."""
     if token_tables is not None:
         return {name: token_tables[name] for name in splits}, []
-    from lexalign import models
+    from lexalign.models import loading as models
 
     tokenizer = models.load_tokenizer(tokenizer_path, trust_remote_code)
     tokenizer_key = tokenizer_hash(tokenizer_path)

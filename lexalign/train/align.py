@@ -1,5 +1,5 @@
 """The align step: DPO through TRL's DPOTrainer (GDPO through ours), KTO through TRL's KTOTrainer, and the
-reference-free ORPO, SimPO and CPO through `lexalign.train.reference_free`, starting from the SFT model.
+reference-free ORPO, SimPO and CPO through `lexalign.train.reference_free_trainer`, starting from the SFT model.
 
 The reference model is always the SFT model: with `use_lora` a fresh adapter is
 trained on top of the (merged) SFT weights and TRL computes the reference with
@@ -23,11 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lexalign import methods, models
-from lexalign.config.stages import AlignConfig
-from lexalign.errors import LexAlignError
-from lexalign.io import atomic_dir
-from lexalign.reference import TRUNCATION_MODE
+from lexalign import methods
+from lexalign.config.sections import AlignConfig
+from lexalign.core.errors import LexAlignError
+from lexalign.core.io import atomic_dir
+from lexalign.models import loading as models
+from lexalign.reference.layout import TRUNCATION_MODE
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
 from lexalign.train.job import TrainingJob
@@ -46,7 +47,7 @@ class AlignJob(TrainingJob):
     with `reference: sft` starts from the previous round's model and is held to the SFT model): the file's key is
     checked against it. None: `model_path`."""
     sampled: list[dict] | None = None
-    """An online round's selection records (`lexalign.trainer_data.read_selection`): without a reference file (the
+    """An online round's selection records (`lexalign.train.trainer_data.read_selection`): without a reference file (the
     reference-free methods) the trainer reads their sampled ids, never the text tokenized again."""
     sft_path: Path | None = None
     """The SFT model's full weights (set by setup; differs from model_path when that is an adapter alone)."""
@@ -86,7 +87,7 @@ def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
 
 def reference_model(model_path: Path) -> dict:
     """What the reference (the model alignment starts from and is held close to) is, for lineage and the card."""
-    from lexalign.lineage import read_lineage
+    from lexalign.core.lineage import read_lineage
 
     stage = (read_lineage(model_path) or {}).get("stage")
     sft = stage == "finetune"
@@ -127,38 +128,42 @@ def load_policy(job: AlignJob, device: str):
 
 def reference_datasets(job: AlignJob, device: str):
     """Train and eval datasets from the job's reference file, checked against the job's inputs."""
-    from lexalign import reference
+    from lexalign.reference.keys import check_key, compute_dtype, read_key, reference_key
+    from lexalign.reference.layout import layout_for, split_groups
+    from lexalign.reference.scoring import load_reference
+    from lexalign.train.trainer_data import trainer_dataset
 
     cfg = job.cfg
-    layout = reference.layout_for(cfg.method, cfg.group_delay_size)
-    splits = {"train": reference.split_groups(job.train, layout), "eval": reference.split_groups(job.eval, layout)}
+    layout = layout_for(cfg.method, cfg.group_delay_size)
+    splits = {"train": split_groups(job.train, layout), "eval": split_groups(job.eval, layout)}
     if methods.method(cfg.method).group_size(cfg.group_delay_size) is not None:  # ranked groups of K
         from lexalign.groups import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
             check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)
     path = _reference_file(job.reference_path)
-    expected = reference.reference_key(job.reference_model_path or job.model_path,
+    expected = reference_key(job.reference_model_path or job.model_path,
                                        job.tokenizer_path or job.model_path, splits, layout, cfg.max_length,
-                                       TRUNCATION_MODE, cfg.load_in_4bit, reference.compute_dtype(device,
+                                       TRUNCATION_MODE, cfg.load_in_4bit, compute_dtype(device,
                                                                                                   cfg.load_in_4bit))
-    reference.check_key(path, reference.read_key(path), expected)
-    tables = reference.load_reference(path)
+    check_key(path, read_key(path), expected)
+    tables = load_reference(path)
     print(f"Reference log-probs: {path} ({tables['train'].num_rows} train, {tables['eval'].num_rows} eval groups)",
           flush=True)
-    return reference.trainer_dataset(tables["train"], layout), reference.trainer_dataset(tables["eval"], layout)
+    return trainer_dataset(tables["train"], layout), trainer_dataset(tables["eval"], layout)
 
 
 def tokenized_datasets(job: AlignJob, tokenizer):
     """Train and eval datasets tokenized for the trainer, the reference computed online."""
-    from lexalign import reference
+    from lexalign.reference.layout import layout_for
+    from lexalign.train.trainer_data import tokenized_dataset
 
-    layout = reference.layout_for(job.cfg.method, job.cfg.group_delay_size)
+    layout = layout_for(job.cfg.method, job.cfg.group_delay_size)
     if job.sampled is not None:
         print(f"Tokens: the ids sampled in the online round ({len(job.sampled)} selected), not the text encoded "
               "again", flush=True)
-    train = reference.tokenized_dataset(tokenizer, job.train, layout, "train", sampled=job.sampled)
-    evaluation = reference.tokenized_dataset(tokenizer, job.eval, layout, "eval", sampled=job.sampled) \
+    train = tokenized_dataset(tokenizer, job.train, layout, "train", sampled=job.sampled)
+    evaluation = tokenized_dataset(tokenizer, job.eval, layout, "eval", sampled=job.sampled) \
         if len(job.eval) else None
     return train, evaluation
 
@@ -172,14 +177,14 @@ def _reference_file(path: Path) -> Path:
 
 def check_data(job: AlignJob) -> None:
     """Unpaired rows (prompt, completion, label) carry no preference between two answers: only KTO reads them."""
-    from lexalign.data.preference import is_unpaired, needs_pairs_error
+    from lexalign.data.validation import is_unpaired, needs_pairs_error
 
     if is_unpaired(job.train) and methods.method(job.cfg.method).layout is not methods.Layout.UNPAIRED:
         raise needs_pairs_error(f'alignment.method "{job.cfg.method}"', "the training split")
 
 
 def setup(job: AlignJob):
-    from lexalign.config.stages import METHODS
+    from lexalign.config.sections import METHODS
 
     if job.cfg.method not in METHODS:
         raise LexAlignError(f'alignment.method "{job.cfg.method}" is not available in this version',
@@ -215,11 +220,11 @@ def setup(job: AlignJob):
 
 
 def setup_dpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """TRL's DPOTrainer (`lexalign.train.dpo`), on data tokenized here, by LexAlign's rule (lexalign.tokens),
-    never by TRL from rendered chat text."""
+    """TRL's DPOTrainer (`lexalign.train.dpo_trainer`), on data tokenized here, by LexAlign's rule
+    (lexalign.core.tokens), never by TRL from rendered chat text."""
     from trl import DPOConfig
 
-    from lexalign.train.dpo import LexAlignDPOTrainer
+    from lexalign.train.dpo_trainer import LexAlignDPOTrainer
 
     train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
     args = {**dpo_arguments(job, device, evaluation is not None), "precompute_ref_log_probs": precomputed is not None}
@@ -239,7 +244,7 @@ def check_gdpo_options(cfg: AlignConfig) -> None:
 
 def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
     """GDPO's trainer: DPO's arguments and machinery, K ranked responses per prompt."""
-    from lexalign.train.gdpo import GDPOConfig, GDPOTrainer
+    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
 
     cfg = job.cfg
     k = cfg.group_delay_size
@@ -268,8 +273,8 @@ def training_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
 
 
 def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """ORPO, SimPO or CPO: DPO's machinery with one model, no reference (`lexalign.train.reference_free`)."""
-    from lexalign.train.reference_free import ReferenceFreeConfig, ReferenceFreeTrainer
+    """ORPO, SimPO or CPO: DPO's machinery with one model, no reference (`lexalign.train.reference_free_trainer`)."""
+    from lexalign.train.reference_free_trainer import ReferenceFreeConfig, ReferenceFreeTrainer
 
     cfg = job.cfg
     train, evaluation = tokenized_datasets(job, tokenizer)
@@ -284,11 +289,11 @@ def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt
 
 
 def setup_kto(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """KTO through TRL's KTOTrainer on rows LexAlign tokenized (`lexalign.train.kto`), the reference log-probs
+    """KTO through TRL's KTOTrainer on rows LexAlign tokenized (`lexalign.train.kto_trainer`), the reference log-probs
     of every completion and KL completion read from the reference file when there is one."""
-    from lexalign.data.preference import label_balance
-    from lexalign.errors import warn
-    from lexalign.train.kto import KTOConfig, LexAlignKTOTrainer
+    from lexalign.core.errors import warn
+    from lexalign.data.validation import label_balance
+    from lexalign.train.kto_trainer import KTOConfig, LexAlignKTOTrainer
 
     cfg = job.cfg
     train, evaluation = precomputed or tokenized_datasets(job, tokenizer)

@@ -146,7 +146,7 @@ class InterruptCallback(TrainerCallback):
 
 
 class TrackingCallback(TrainerCallback):
-    """Reports the run to MLflow, W&B and Trackio (a `lexalign.tracking.Session`): the runs start as training
+    """Reports the run to MLflow, W&B and Trackio (a `lexalign.train.tracking.Session`): the runs start as training
     begins (or reopen when it resumes from a checkpoint), every logged metric goes to them at its step; the
     training job closes them once the model is saved. With several processes, the main one reports."""
 

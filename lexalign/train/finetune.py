@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lexalign import models
-from lexalign.errors import LexAlignError
+from lexalign.core.errors import LexAlignError
+from lexalign.models import loading as models
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
 from lexalign.train.job import TrainingJob

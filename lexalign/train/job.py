@@ -13,11 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from lexalign import tracking
-from lexalign.config.stages import TrainingConfig
-from lexalign.io import atomic_dir, hash_object, hash_path, write_json
-from lexalign.lineage import stage_record, write_lineage, write_model_card
-from lexalign.train import runtime
+from lexalign.config.sections import TrainingConfig
+from lexalign.core.io import atomic_dir, hash_object, hash_path, write_json
+from lexalign.core.lineage import stage_record, write_lineage, write_model_card
+from lexalign.train import runtime, tracking
 from lexalign.train.callbacks import ConfigHashCallback, InterruptCallback, ProgressCallback, TrackingCallback
 
 
@@ -53,9 +52,9 @@ class TrainingJob:
     """More TrainerCallbacks (for the Python API: custom logging, early stopping, fault injection)."""
     tracking: dict | None = None
     """Where the run reports in the experiment trackers of `cfg.report_to`: {experiment, run} (the pipeline's,
-    lexalign.tracking.pipeline_tracking); None: experiment `lexalign`, the output folder's name as the run."""
+    lexalign.train.tracking.pipeline_tracking); None: experiment `lexalign`, the output folder's name as the run."""
     session: Any = field(default=None, init=False, repr=False)
-    """The tracker runs (lexalign.tracking.Session), once the callbacks are built."""
+    """The tracker runs (lexalign.train.tracking.Session), once the callbacks are built."""
 
     stage = "train"
 

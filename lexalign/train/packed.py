@@ -5,7 +5,7 @@ loss from a right-padded batch: `model(**padded, labels=labels,
 fused_lm_head=True)`, then per-token log-probabilities of shape [N, L - 1]
 summed per sequence. `padding_free_model` hands the loss a stand-in for the
 model that runs the batch's sequences repacked into fewer rows
-(`lexalign.packing.pack_rows`: position_ids restart per sequence, so attention
+(`lexalign.models.packing.pack_rows`: position_ids restart per sequence, so attention
 stays within each) and returns the per-token outputs in the padded batch's
 shape. The trainer's loss, metrics and gradients are unchanged (equal to the
 padded computation, tests/test_padding_free_training.py); the model computes only the real
@@ -17,7 +17,7 @@ reference file) keeps its padded pass.
 
 from __future__ import annotations
 
-from lexalign import packing
+from lexalign.models import packing
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 

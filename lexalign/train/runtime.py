@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lexalign.config.stages import TrainingConfig
-from lexalign.errors import LexAlignError, TrainingInterrupted, warn
-from lexalign.models import _installed, merged_model
-from lexalign.shards import COLLECTIVE_TIMEOUT_ENV  # scale.timeout: TrainingArguments.ddp_timeout here
+from lexalign.config.sections import TrainingConfig
+from lexalign.core.errors import LexAlignError, TrainingInterrupted, warn
+from lexalign.core.shares import COLLECTIVE_TIMEOUT_ENV  # scale.timeout: TrainingArguments.ddp_timeout here
+from lexalign.models.loading import _installed, merged_model
 from lexalign.train.callbacks import CONFIG_HASH_FILE
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -111,8 +111,8 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
 
 def tensorboard_reporting(cfg: TrainingConfig, checkpoint_dir: Path) -> list[str]:
     """transformers' report_to: TensorBoard only (report_to: [tensorboard], or tensorboard: true). MLflow, W&B
-    and Trackio are reported to by LexAlign itself (lexalign.tracking, TrackingCallback)."""
-    from lexalign.tracking import selected
+    and Trackio are reported to by LexAlign itself (lexalign.train.tracking, TrackingCallback)."""
+    from lexalign.train.tracking import selected
 
     if "tensorboard" not in selected(cfg):
         return []

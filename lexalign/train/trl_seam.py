@@ -7,7 +7,7 @@ goes through TRL internals, and every one of them is named here:
 - private methods our subclasses override (`_prepare_dataset`, ...): if TRL
   renames one, our override is silently never called;
 - module globals swapped while a trainer is built (`add_fused_lm_head`, for the
-  lean LM head of `lexalign.logprobs`; `hash_module`, skipped when the reference
+  lean LM head of `lexalign.models.logprobs`; `hash_module`, skipped when the reference
   log-probs are precomputed): if TRL stops calling them through its module, the
   swap silently does nothing;
 - helpers and private state the trainers read (`_metrics`, `_tp_size`, ...).
@@ -25,7 +25,7 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 
-from lexalign.errors import LexAlignError
+from lexalign.core.errors import LexAlignError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def _module(name: str) -> tuple[Internal, ...]:
     """The globals the lean head and the skipped hash swap in a trainer module (dpo_trainer, kto_trainer)."""
     return (
         Internal(name, "add_fused_lm_head", ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
-                 "swapped for the lean LM head while the trainer is built (lexalign.logprobs.lean_heads)"),
+                 "swapped for the lean LM head while the trainer is built (lexalign.models.logprobs.lean_heads)"),
         Internal(name, "hash_module", ("module",),
                  "swapped for a constant while a trainer is built on precomputed reference log-probs"),
     )
@@ -64,7 +64,7 @@ SHARED = (
     Internal("trl.trainer.utils", "FusedCausalLMOutput", None, "what the lean head returns"),
     Internal("trl.kernels", "ChunkedLogProbFunction.forward",
              ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
-              "logit_scale", "outputs"), "the lean head's kernel on accelerators (lexalign.logprobs)"),
+              "logit_scale", "outputs"), "the lean head's kernel on accelerators (lexalign.models.logprobs)"),
 )
 DPO = (*SHARED, *_module(DPO_MODULE),
        Internal(DPO_MODULE, "DPOTrainer._prepare_dataset", _DATASET, "overridden: data arrive tokenized by LexAlign"),
@@ -138,15 +138,15 @@ class BuildRecord:
     module: str
     installs: list = field(default_factory=list)
     """The models TRL installed its fused head on (through our swap: each got the lean head, or TRL's where the
-    lean head does not apply, `lexalign.logprobs.lean_heads`)."""
+    lean head does not apply, `lexalign.models.logprobs.lean_heads`)."""
 
     def require(self) -> None:
         """Fail when TRL built the trainer without calling `add_fused_lm_head` through its module: the lean
         head would silently not be there (TRL's own head gives the same numbers, slower)."""
         if not self.installs:
             raise _fail(f"{self.module}.add_fused_lm_head was not called while the trainer was built",
-                        "LexAlign installs its lean LM head (lexalign/logprobs.py) through that global; without it "
-                        "TRL's own head would run")
+                        "LexAlign installs its lean LM head (lexalign/models/logprobs.py) through that global; "
+                        "without it TRL's own head would run")
 
 
 @contextlib.contextmanager
@@ -154,7 +154,7 @@ def building(module_name: str, precomputed: bool):
     """While a TRL trainer is built: the lean head for TRL's fused head, and, on precomputed reference
     log-probs, no hash of every weight (TRL keys a cache with it that is never read when the datasets carry
     the log-probs; hashing a large model takes seconds to minutes)."""
-    from lexalign.logprobs import lean_heads
+    from lexalign.models.logprobs import lean_heads
 
     module = importlib.import_module(module_name)
     record = BuildRecord(module_name)

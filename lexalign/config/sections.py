@@ -1,0 +1,475 @@
+"""One config dataclass per stage, built from a schema-validated mapping.
+
+Defaults live in `lexalign/config/config.schema.yaml` (one place, shared with
+Snakemake's `validate`); these classes give each field a type and a meaning,
+and hold the checks a JSON schema cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from lexalign import methods
+from lexalign.config.loader import resolve_source, section_defaults, unused_keys
+from lexalign.core.errors import LexAlignError
+from lexalign.core.formats import FORMATS, unsupported_format
+
+# Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+METHODS = methods.NAMES
+"""Every alignment method (lexalign.methods)."""
+REFERENCE_FREE = tuple(m.name for m in methods.METHODS.values() if not m.needs_reference)
+"""Methods with no reference model: no reference step, one model in memory."""
+METHOD_KEYS = {key: m.name for m in methods.METHODS.values() for key in m.keys}
+"""The alignment keys that belong to one method (lexalign.methods; the schema's `x-method` marks agree). Written
+under another method they are named in a warning and set back to their defaults (`unused_keys`)."""
+
+
+class _FromDict:
+    SECTION: ClassVar[str | None] = None
+    """The schema section (`$defs` of lexalign/config/config.schema.yaml) this class is built from."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The config from a mapping, checked against the schema section: its defaults filled in, its bounds
+        held, and an unknown key an error that names it (never dropped without a word)."""
+        if cls.SECTION:
+            data = section_defaults(cls.SECTION, data)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LexAlignError(f'Unknown key "{unknown[0]}" in the {cls.SECTION or cls.__name__} config',
+                                f"Allowed keys: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass
+class SourceConfig(_FromDict):
+    """Where a model or a dataset comes from: one shape for the demo, a local path and the Hub.
+
+    Used by `lexalign download` (the `models:` and `datasets:` lists of
+    config/downloads.yaml) and by the pipeline's download rules.
+    """
+
+    SECTION: ClassVar[str | None] = "source"
+
+    source: str | None = None
+    """`demo` (built offline), `local` (a path on disk) or `hub` (a Hugging Face repo); by default
+    the one the keys name (`resolve_source`: repo_id → hub, path → local, neither → demo)."""
+    repo_id: str | None = None
+    """Hub repo id (`owner/name`), for `source: hub`."""
+    path: str | None = None
+    """File or folder copied into place, for `source: local` (the way to work offline)."""
+    revision: str = "main"
+    """Hub branch, tag or commit; the commit it resolves to is recorded in lineage.json."""
+    repo_type: str | None = None
+    """`model` or `dataset`; by default `model` for a model and `dataset` for data."""
+    allow_patterns: list[str] | str | None = None
+    """Only files matching one of these glob patterns are fetched (e.g. `["*.json", "*.safetensors"]`)."""
+    ignore_patterns: list[str] | str | None = None
+    """Files matching one of these glob patterns are skipped."""
+    skip_duplicate_weights: bool = True
+    """When a model's selected files include safetensors weights, skip the same weights in other
+    formats (*.bin, *.pt, *.pth, *.h5, *.msgpack, *.ckpt, *.ot)."""
+    output: str | None = None
+    """Where the download lands (`lexalign download`; default results/downloads/<models|datasets>/<name>)."""
+    name: str | None = None
+    """Short name: the default output folder, and what `lexalign download --only` selects."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a model. Off unless you trust the repo."""
+    allow_pickle: bool = False
+    """Load pickle-based weights (.bin, .pt) when a model has no safetensors. Pickles can run code."""
+
+    def __post_init__(self):
+        self.source = resolve_source(self.to_dict(), self.name or "source")
+        if self.source == "hub" and not self.repo_id:
+            raise LexAlignError('source "hub" needs a "repo_id"', hint='Add e.g. repo_id: "gpt2"')
+        if self.source == "hub" and not str(self.revision or "").strip():
+            raise LexAlignError(f'source "hub" ({self.repo_id}) needs a non-empty "revision"',
+                                hint="Use a branch (main), a tag or a commit")
+        if self.source == "local" and not self.path:
+            raise LexAlignError('source "local" needs a "path"', hint="Add path: ./my-model")
+
+    def hub_repo_type(self, kind: str) -> str:
+        """The repo type to ask the Hub for: the configured one, else from what is fetched."""
+        return self.repo_type or ("model" if kind == "model" else "dataset")
+
+
+@dataclass
+class DatasetConfig(_FromDict):
+    """A preference dataset and how to read it (validated by `lexalign validate` and the validate rule).
+
+    Shapes read: prompt/chosen/rejected strings; chat messages (chosen and
+    rejected as {role, content} lists, with or without a prompt); transcripts
+    with an implicit prompt (Anthropic HH-RLHF); ranked responses, in order or
+    with scores (raw UltraFeedback `completions`). See `lexalign.data.shapes`.
+    """
+
+    SECTION: ClassVar[str | None] = "dataset"
+
+    path: str | None
+    """File or folder with the data: JSON, JSON Lines, CSV/TSV, Parquet, a `datasets` save_to_disk folder,
+    or a Hub dataset as the download step lands it."""
+    format: str = "auto"
+    """auto, json, jsonl, csv, tsv, parquet or arrow; auto detects from the extension and, for JSON, the content."""
+    prompt_field: str = "prompt"
+    """Column with the prompt (a string or chat messages); may be absent when chosen/rejected hold it."""
+    chosen_field: str = "chosen"
+    """Column with the preferred response (a string, or chat messages)."""
+    rejected_field: str = "rejected"
+    """Column with the dispreferred response (a string, or chat messages)."""
+    responses_field: str = "responses"
+    """Ranked data: column with a list of responses, best first, or scored (strings, or objects such as
+    UltraFeedback's `completions` with `response` and `overall_score`). Used when chosen/rejected are absent."""
+    scores_field: str = "scores"
+    """Ranked data: column with one score per response (higher is better); when absent, scores come from
+    the response objects, or the list order is the ranking."""
+    completion_field: str = "completion"
+    """Unpaired data (KTO): column with the response (a string, or chat messages), judged by `label_field`."""
+    label_field: str = "label"
+    """Unpaired data (KTO): column saying whether the completion is desirable (true) or not (false)."""
+    group_size: int | None = None
+    """Responses per prompt: None for pairs (DPO); K >= 2 for GDPO (from alignment.group_delay_size). Ranked
+    groups keep the best, the worst and evenly spaced ones between; smaller groups are rejected; pairs are
+    grouped by prompt into rankings (K > 2)."""
+    train_split: str = "train"
+    """Split used for training: the files named after it (`train.jsonl.gz`, every shard of
+    `data/train-0000N-of-0000M.parquet`, `data/train_prefs-….parquet`) or in a folder of that name."""
+    eval_split: str | None = None
+    """An existing eval split (e.g. `test_prefs`); when absent, `eval_fraction` of prompts are held out."""
+    eval_fraction: float = 0.1
+    """Share of prompts held out for evaluation (split by prompt: no prompt leaks)."""
+    data_dir: str | None = None
+    """A sub-folder of the dataset (`helpful-base` of Anthropic/hh-rlhf) to read instead of all of it; on the
+    Hub only that folder is downloaded."""
+    max_length: int = 512
+    """Longest prompt + response, in tokens of the model's tokenizer."""
+    length_policy: str = "drop"
+    """What happens to longer rows: drop (to rejects), truncate (the responses), or fail (the share is
+    reported whichever is chosen)."""
+    max_reject_fraction: float = 0.5
+    """Validation fails (stopping the pipeline) when more than this share of rows is rejected."""
+    source: str | None = None
+    """Where the data comes from (pipeline only): demo, local or hub, by default from the keys given."""
+    repo_id: str | None = None
+    """Hub dataset repo id, for `source: hub` (pipeline only)."""
+    revision: str = "main"
+    """Hub branch, tag or commit (pipeline only)."""
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise unsupported_format(self.format)
+        if self.length_policy not in ("drop", "truncate", "fail"):
+            raise LexAlignError(f'Unknown length_policy "{self.length_policy}"', "Supported: drop, truncate, fail")
+        if self.eval_split and self.eval_split == self.train_split:
+            raise LexAlignError(f'eval_split "{self.eval_split}" is the train split',
+                                hint="Use another split, or remove eval_split to hold out eval_fraction of prompts")
+
+
+@dataclass
+class SftDatasetConfig(_FromDict):
+    """Supervised fine-tuning data: plain text, prompt/completion, or chat messages."""
+
+    SECTION: ClassVar[str | None] = "sft_dataset"
+
+    path: str | None
+    """File or folder with the data."""
+    format: str = "auto"
+    """auto, json, jsonl, csv, tsv or parquet."""
+    text_field: str = "text"
+    """Column with plain text (language modelling on the whole text)."""
+    prompt_field: str = "prompt"
+    """Column with the prompt (loss on the completion only)."""
+    completion_field: str = "completion"
+    """Column with the completion."""
+    messages_field: str = "messages"
+    """Column with chat messages ({role, content} lists)."""
+    train_split: str = "train"
+    """Split used for training: the files named after it, or in a folder of that name."""
+    eval_split: str | None = None
+    """An existing eval split (e.g. `test_sft`); when absent, `eval_fraction` of rows are held out."""
+    eval_fraction: float = 0.05
+    """Share of rows held out for evaluation during training."""
+    data_dir: str | None = None
+    """A sub-folder of the dataset to read instead of all of it; on the Hub only that folder is downloaded."""
+    source: str | None = None
+    """Where the data comes from (pipeline only): demo, local or hub, by default from the keys given."""
+    repo_id: str | None = None
+    """Hub dataset repo id (pipeline only)."""
+    revision: str = "main"
+    """Hub branch, tag or commit (pipeline only)."""
+
+    def __post_init__(self):
+        if self.eval_split and self.eval_split == self.train_split:
+            raise LexAlignError(f'eval_split "{self.eval_split}" is the train split',
+                                hint="Use another split, or remove eval_split to hold out eval_fraction of rows")
+
+
+@dataclass
+class TrainingConfig(_FromDict):
+    """Hyperparameters shared by every training stage."""
+
+    learning_rate: float
+    """Peak learning rate of AdamW."""
+    batch_size: int
+    """Per-device batch size (TRL: per_device_train_batch_size)."""
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step; effective batch = batch_size × this × processes."""
+    num_epochs: float
+    """Passes over the training data (TRL: num_train_epochs)."""
+    warmup_steps: int
+    """Linear warm-up steps of the learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    save_steps: int
+    """A resumable checkpoint every this many optimizer steps."""
+    logging_steps: int
+    """Metrics are logged every this many steps."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides num_epochs)."""
+    eval_steps: int | None = None
+    """Evaluate on the eval split every this many steps (default: at the end of each epoch)."""
+    seed: int | None = None
+    """Training seed (default: the pipeline seed)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "auto"
+    """Modules that get LoRA adapters: `auto` (per architecture), `all-linear`, or a list of names."""
+    tensorboard: bool = False
+    """Also log every metric to TensorBoard, under the run's checkpoint folder (a synonym of listing it in
+    report_to)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers the run reports to: tensorboard, mlflow, wandb, trackio (lexalign.train.tracking)."""
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """Supervised fine-tuning: LoRA, QLoRA (4-bit) or full."""
+
+    SECTION: ClassVar[str | None] = "finetune"
+
+    method: str = "lora"
+    """lora, qlora (4-bit NF4 base through bitsandbytes) or full."""
+    merge: bool = True
+    """Merge the adapter into the saved model; false saves the PEFT adapter alone."""
+    max_length: int = 512
+    """Sequences are truncated to this many tokens."""
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+@dataclass
+class AlignConfig(TrainingConfig):
+    """Preference alignment: DPO (TRL's DPOTrainer), GDPO (listwise), KTO (TRL's KTOTrainer), or the
+    reference-free ORPO, SimPO and CPO (`lexalign.train.reference_free_trainer`)."""
+
+    SECTION: ClassVar[str | None] = "alignment"
+
+    method: str = "dpo"
+    """dpo, gdpo, kto, orpo, simpo or cpo."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (SFT) model; higher stays closer."""
+    loss_type: list[str] | str = "sigmoid"
+    """A TRL DPO loss, or a list of them mixed with `loss_weights`."""
+    loss_weights: list[float] | None = None
+    """Weights of the losses in `loss_type` (default: 1 each)."""
+    label_smoothing: float = 0.0
+    """Probability a preference label is flipped (robust, exo_pair)."""
+    max_length: int | None = 512
+    """Prompt + response tokens kept; longer sequences are truncated at the end."""
+    padding_free: bool = True
+    """Train on packed batches (no padding computed); false keeps TRL's padded batches."""
+    group_delay_size: int = 4
+    """GDPO: K, the number of ranked responses per prompt."""
+    group_delay_weight: float = 0.5
+    """GDPO: w, the weight of the Plackett-Luce group term (1 - w weighs the pairwise term)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable rows' loss."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable rows' loss."""
+    gamma: float = 0.5
+    """SimPO: the target reward margin γ (SimPO's β is `beta`)."""
+    orpo_lambda: float = 0.1
+    """ORPO: λ, the weight of the odds-ratio term beside the chosen answers' NLL."""
+    cpo_alpha: float = 1.0
+    """CPO: the weight of the NLL term on the chosen answers."""
+    use_lora: bool = True
+    """Train a LoRA adapter (merged into the output) instead of every weight."""
+    load_in_4bit: bool = False
+    """QLoRA: hold the SFT weights in 4-bit NF4 while training the adapter (needs use_lora)."""
+    output_dir: str | None = None
+    """Where the aligned model is written."""
+    checkpoint_dir: str | None = None
+    """Where resumable checkpoints go; must lie outside output_dir."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LexAlignError(f'Unknown alignment.method "{self.method}"', f"Supported: {', '.join(METHODS)}")
+        self.loss_type = _as_list(self.loss_type)
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if unknown:
+            raise LexAlignError(
+                f'Unknown loss_type "{unknown[0]}"', f"Supported: {', '.join(DPO_LOSS_TYPES)}"
+            )
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise LexAlignError(
+                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types",
+                hint="Give one weight per entry of loss_type",
+            )
+        if self.load_in_4bit and not self.use_lora:
+            raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
+        self._drop_unused_keys()
+        if methods.of({"method": self.method}).reads_unpaired and self.batch_size < 2:
+            raise LexAlignError(f"method {self.method} needs batch_size >= 2 (got: 1)",
+                                "KTO's KL term compares each row with another row's completion in the same batch",
+                                hint="Set batch_size: 2 or more")
+
+    def _drop_unused_keys(self) -> None:
+        """For a mapping built in code (the loader and run_alignment see the keys as written, before this): a key
+        the method does not use, set away from its default, is named in a warning and set back to it."""
+        defaults = section_defaults("alignment")
+        changed = {}
+        for key in (*METHOD_KEYS, "beta"):
+            value, default = getattr(self, key), defaults[key]
+            if key == "loss_type":
+                value, default = list(value), _as_list(default)
+            if value != default:
+                changed[key] = value
+        for key in unused_keys(changed, self.method):
+            setattr(self, key, _as_list(defaults[key]) if key == "loss_type" else defaults[key])
+
+    @property
+    def reference_free(self) -> bool:
+        """ORPO, SimPO and CPO: no reference model, no reference step."""
+        return not methods.of({"method": self.method}).needs_reference
+
+
+def _llm_judge_defaults() -> dict:
+    return {"base_url": None, "model": None, "api_key_env": None, "timeout": 60}
+
+
+def _lm_eval_defaults() -> dict:
+    return {"tasks": [], "limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": False}
+
+
+JUDGES = ("none", "demo", "reward_model", "llm")
+
+
+@dataclass
+class EvaluateConfig(_FromDict):
+    """Evaluation of an aligned model against its SFT reference."""
+
+    SECTION: ClassVar[str | None] = "evaluate"
+
+    judge: str = "none"
+    """Who compares the SFT and the aligned answers: `none`, `demo` (the polite-greeting rule), `reward_model`
+    (`reward_model` scores both) or `llm` (a pairwise judge at `llm_judge`); each gives a win rate."""
+    num_prompts: int = 200
+    """Held-out prompts for the KL estimate and the judge (greedy decoding)."""
+    num_samples: int = 16
+    """Held-out prompts whose SFT and aligned answers are kept side by side (and their lengths compared)."""
+    max_new_tokens: int = 256
+    """Tokens generated per prompt."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    reward_model: dict = field(default_factory=dict)
+    """judge reward_model: a sequence-classification model, as a source (repo_id or path)."""
+    llm_judge: dict = field(default_factory=_llm_judge_defaults)
+    """judge llm: an OpenAI-compatible endpoint (base_url, model, api_key_env: the variable with the key, timeout)."""
+    lm_eval: dict = field(default_factory=_lm_eval_defaults)
+    """lm-evaluation-harness benchmarks (tasks, limit, num_fewshot, batch_size, apply_chat_template)."""
+
+    def __post_init__(self):
+        if self.judge == "reward_model" and not (self.reward_model.get("repo_id") or self.reward_model.get("path")):
+            raise LexAlignError('evaluate.judge is "reward_model" but evaluate.reward_model names no model',
+                                hint="Set evaluate.reward_model.repo_id (a Hub repo) or evaluate.reward_model.path "
+                                     "(a local folder) to a sequence-classification reward model")
+        if self.judge == "llm":
+            for key in ("base_url", "model"):
+                if not self.llm_judge.get(key):
+                    raise LexAlignError(f'evaluate.judge is "llm" but evaluate.llm_judge.{key} is not set',
+                                        hint="Set evaluate.llm_judge.base_url (an OpenAI-compatible endpoint, "
+                                             "e.g. http://localhost:8000/v1) and evaluate.llm_judge.model")
+
+
+@dataclass
+class TrackingConfig(_FromDict):
+    """How training runs are grouped in the experiment trackers (the pipeline's `tracking:` section)."""
+
+    SECTION: ClassVar[str | None] = "tracking"
+
+    experiment: str | None = None
+    """The MLflow experiment, Trackio project and W&B group every run of the pipeline reports to; by default
+    one name per pipeline (lexalign.train.tracking.default_experiment)."""
+
+
+@dataclass
+class PublishConfig(_FromDict):
+    """Publishing a model folder to the Hugging Face Hub (the publish rule, `lexalign push`)."""
+
+    SECTION: ClassVar[str | None] = "publish"
+
+    repo_id: str | None = None
+    """The Hub model repo, owner/name; unset, the pipeline publishes nothing."""
+    private: bool = False
+    """Create the repo private; an existing public repo is refused rather than published to."""
+    revision: str = "main"
+    """The branch the commit goes to (created from main when missing)."""
+    run: str = "aligned"
+    """Which run the pipeline publishes: aligned (the primary run) or a sweep run's name."""
+    commit_message: str | None = None
+    """The commit's title (default: Upload <the model card's title> with LexAlign)."""
+
+
+def response_group_size(alignment: dict) -> int | None:
+    """The K responses per prompt an alignment reads from validation: ranked groups of K (GDPO with K > 2), else
+    None (pairs, or KTO's rows). lexalign.methods decides (Method.group_size)."""
+    return methods.of(alignment).group_size(alignment.get("group_delay_size", 2))
+
+
+def needs_reference(alignment: dict) -> bool:
+    """Whether an alignment reads reference log-probs (DPO, GDPO, KTO) or has no reference (ORPO, SimPO, CPO)."""
+    return methods.of(alignment).needs_reference
+
+
+def run_alignment(base: dict, overrides: dict, name: str | None = None, where: str | None = None) -> dict:
+    """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
+    filled. A run that changes the method leaves behind (back to their defaults) the base's keys its method
+    does not use, so a KTO base with desirable_weight and beta can sweep an ORPO run. A key the run gives
+    itself that its method does not use is named in a warning and set back to its default, as under alignment
+    (unused_keys), whatever its value. `name`: the run's, for messages; `where`: the overrides' place in the config
+    when they are no sweep run's (`online.alignment`), named in the messages of a bad key."""
+    merged = dict(base)
+    method = overrides.get("method", base.get("method", methods.DEFAULT))
+    defaults = section_defaults("alignment")
+    if method != base.get("method", methods.DEFAULT):  # the base's keys its method used, this run's does not
+        behind = [key for key, owner in METHOD_KEYS.items() if owner != method]
+        for key in behind + ([] if methods.method(method).uses_beta else ["beta"]):
+            if key in merged:
+                merged[key] = defaults[key]
+    merged.update(overrides)
+    alignment = section_defaults("alignment", merged, where=where)
+    where = where or (f"runs.{name}" if name else "run")
+    for key in unused_keys(overrides, alignment["method"], where=where,
+                           method_key=f"{where}.method" if "method" in overrides else "alignment.method"):
+        alignment[key] = defaults[key]
+    return alignment

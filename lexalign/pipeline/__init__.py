@@ -1,0 +1,1 @@
+"""The Snakemake-facing layer (TODO)."""

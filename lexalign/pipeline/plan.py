@@ -1,0 +1,100 @@
+"""The config as the workflow plans with it: checked, completed, and kept between plans.
+
+rules/common.smk calls `checked_config` as Snakemake reads the workflow (every run, dry run and cluster job). It
+is a function of the config as given and of this package only, so its result is kept (lexalign.pipeline.plan_cache): a
+plan with nothing new imports no schema validator. Living in the package, not in the rules, its code is part of
+the cache's key: editing it recomputes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lexalign.core.errors import LexAlignError
+from lexalign.core.paths import require_data, require_model
+from lexalign.pipeline.plan_cache import remembered
+
+ONLINE_PLACEHOLDER = {"rounds": 1, "judge": "demo", "alignment": {"method": "dpo"}, "sampling": {"max_new_tokens": 1}}
+"""The online settings the online rules read without an online section (they are never planned then)."""
+
+
+def checked_config(given: dict) -> dict:
+    """For the pipeline config `given` (kept between plans): `config` checked and completed, the sweep `runs`
+    (name → alignment section), the `online` settings (None without the section) or the `online_placeholder`,
+    each download's `sources` (section → what it fetches) and each training run's `tracking` (run → where it
+    reports: lexalign.train.tracking.pipeline_tracking)."""
+    return remembered("config", given, lambda: _check(given))
+
+
+def _check(given: dict) -> dict:
+    """The schema (lexalign/config/config.schema.yaml) fills defaults, turns `1e-5` strings into numbers and
+    names the key, the value found and what is expected on an error, as the CLI does; then each stage's section,
+    each sweep run and the online section are checked in full."""
+    from lexalign.config.loader import validate_config
+    from lexalign.config.sections import AlignConfig, EvaluateConfig, FinetuneConfig, run_alignment
+    from lexalign.steps.rounds import settings
+
+    config = validate_config(given, "pipeline", source="the pipeline config")
+    FinetuneConfig.from_dict(config["finetune"])
+    AlignConfig.from_dict(config["alignment"])
+    EvaluateConfig.from_dict(config["evaluate"])
+    # Each sweep run: the alignment section with the run's overrides (a run that changes the method leaves the
+    # base method's own keys behind: lexalign.config.sections.run_alignment), checked in full; a key the run's
+    # method does not use is named in a warning and set back to its default, as under alignment.
+    runs = {}
+    for name, overrides in config["runs"].items():
+        try:
+            runs[name] = run_alignment(config["alignment"], overrides, name)
+            AlignConfig.from_dict(runs[name])
+        except LexAlignError as err:
+            err.details = [*err.details, f"In the sweep run runs.{name}"]
+            raise
+    # The online section (every round's alignment checked); without one, placeholder settings.
+    online = settings(config)
+    return {"config": config, "runs": runs, "online": online,
+            "online_placeholder": None if online else settings({**config, "online": ONLINE_PLACEHOLDER}),
+            "sources": _sources(config), "tracking": _tracking(config, runs, online)}
+
+
+def _sources(config: dict) -> dict:
+    """What each download fetches (lexalign.config.loader.download_source: its source keys only, so changing a
+    field name or a split downloads nothing again)."""
+    from lexalign.config.loader import download_source
+
+    sections = {name: config[name] for name in ("model", "sft_data", "preference_data")}
+    return {name: download_source(section) for name, section in
+            {**sections, "reward_model": config["evaluate"]["reward_model"]}.items()}
+
+
+def _tracking(config: dict, runs: dict, online: dict | None) -> dict:
+    """Each training run's trackers: SFT (`sft`), the primary alignment (`aligned`), each sweep run, each online
+    round (`online-round-<r>`)."""
+    from lexalign.steps.rounds import round_alignment
+    from lexalign.train.tracking import pipeline_tracking
+
+    sections = {"sft": config["finetune"], "aligned": config["alignment"], **runs}
+    if online:
+        sections.update((f"online-round-{r}", round_alignment(online, r)) for r in range(1, online["rounds"] + 1))
+    return {run: pipeline_tracking(config, section, run) for run, section in sections.items()}
+
+
+def check_pipeline_paths(config: dict) -> None:
+    """Every local path of the pipeline config, before the DAG is built (a missing one stops it here)."""
+    produced = "Fix model.path in config/config.yaml, or give model.repo_id to download it from the Hub"
+    model = config["model"]
+    if model.get("source") == "local":
+        require_model(Path(model["path"]).expanduser(), produced, key="model.path")
+    evaluate = config.get("evaluate") or {}
+    reward = evaluate.get("reward_model") or {}
+    if evaluate.get("judge") == "reward_model" and reward.get("path") and not reward.get("repo_id"):
+        require_model(Path(reward["path"]).expanduser(), "Fix evaluate.reward_model.path in config/config.yaml",
+                      key="evaluate.reward_model.path")
+    sections = ["preference_data"] + (["sft_data"] if config["finetune"]["method"] != "none" else [])
+    for name in sections:
+        section = config.get(name) or {}
+        if section.get("source") == "local":
+            path = require_data(section.get("path"), f"{name}.path", f"Fix {name}.path in config/config.yaml")
+            if section.get("data_dir"):
+                from lexalign.data.splits import resolve_data_dir
+
+                resolve_data_dir(path, section["data_dir"])

@@ -1,0 +1,74 @@
+"""ORPO, SimPO and CPO: the reference-free methods, through LexAlign's preference trainer (on TRL's DPOTrainer).
+
+Everything but the loss is shared (`lexalign.train.preference_trainer`: PEFT wrapping,
+the lean LM head, the pair collator with its chosen rows then rejected rows,
+padding-free batches, metrics, checkpoints, resume, logging); the losses are
+pure functions in `lexalign.methods.reference_free`, found by method name in its
+`LOSSES`. There is no reference model: the trainer is built with
+`precompute_ref_log_probs` and nothing to precompute, so DPOTrainer neither
+loads a second model for full fine-tuning nor runs a reference pass, and each
+step is one forward pass of the policy over the 2·B sequences.
+
+Data arrive tokenized by LexAlign (`lexalign.reference.tokenized_dataset`:
+prompt_ids, chosen_ids, rejected_ids), never by TRL from rendered chat text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from lexalign.methods.reference_free import LOSSES, PairLogps
+from lexalign.train.preference_trainer import PreferenceStep, PreferenceTrainer
+
+
+@dataclass
+class ReferenceFreeConfig(DPOConfig):
+    """DPOConfig plus the method and its own keys. `beta` is SimPO's and CPO's β (ORPO's λ is `orpo_lambda`)."""
+
+    method: str = field(default="simpo", metadata={"help": "A reference-free method: orpo, simpo or cpo."})
+    loss_keys: dict | None = field(default=None, metadata={
+        "help": "The method's own keys (lexalign.methods: Method.keys), e.g. SimPO's {'gamma': 0.5}."})
+
+
+class ReferenceFreeTrainer(PreferenceTrainer):
+    """ORPO, SimPO or CPO (`args.method`) on pre-tokenized pairs, with one model and no reference."""
+
+    _tag_names = ["trl", "lexalign"]
+    _name = "ReferenceFree"
+    _paper = {}
+    unsupported = {**PreferenceTrainer.unsupported, "sync_ref_model": lambda args: args.sync_ref_model}
+    signature_columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def __init__(self, model, args: ReferenceFreeConfig, train_dataset=None, eval_dataset=None,
+                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None,
+                 padding_free_batches: bool = True):
+        if not isinstance(args, ReferenceFreeConfig):
+            raise TypeError("ReferenceFreeTrainer needs a ReferenceFreeConfig")
+        if args.method not in LOSSES:
+            raise ValueError(f"method must be one of {', '.join(LOSSES)} (got: {args.method})")
+        self.method, self.loss_fn = args.method, LOSSES[args.method]
+        # Nothing to precompute, and no reference model: DPOTrainer loads none when log-probs are precomputed.
+        args.precompute_ref_log_probs = True
+        super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, peft_config=peft_config, padding_free_batches=padding_free_batches)
+
+    def describe(self, args) -> str:
+        return args.method
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" not in dataset.column_names:
+            raise ValueError(f"{dataset_name}: {self.method} reads data tokenized by LexAlign "
+                             "(lexalign.reference.tokenized_dataset: prompt_ids, chosen_ids, rejected_ids)")
+        return self._drop_fully_truncated(dataset, args)
+
+    def preference_loss(self, logps, shift_mask, inputs, model_kwargs, labels) -> PreferenceStep:
+        """The method's loss (`lexalign.methods.reference_free`) from the policy's summed log-probs."""
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # chosen rows, then rejected rows
+        chosen_lengths, rejected_lengths = shift_mask.sum(dim=1).chunk(2, dim=0)
+        result, metrics = self.loss_fn(PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths),
+                                    self.beta, self.args.loss_keys or {})
+        return PreferenceStep(result.loss, 2, result.chosen_rewards, result.rejected_rewards, chosen_logps,
+                              rejected_logps, {"loss/preference": result.preference, **metrics})
