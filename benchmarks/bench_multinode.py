@@ -31,14 +31,14 @@ def _prepare(root: Path, steps: int, batch: int) -> dict:
     from lexalign.config.loader import section_defaults
     from lexalign.demo import task
     from lexalign.demo.model import write_demo_model
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     model = root / "model"
     write_demo_model(model, seed=0)
     raw = root / "raw/train.jsonl"
     raw.parent.mkdir(parents=True)
     raw.write_text("".join(json.dumps(row) + "\n" for row in task.preference_rows(0, 256)))
-    stages.validate(raw=raw.parent, tokenizer=model, output=root / "data", dataset={"eval_fraction": 0.05,
+    inputs.validate(raw=raw.parent, tokenizer=model, output=root / "data", dataset={"eval_fraction": 0.05,
                                                                                      "max_length": 64})
     alignment = section_defaults("alignment", {"max_steps": steps, "batch_size": batch, "logging_steps": 1,
                                                "save_steps": 10_000, "max_length": 64, "learning_rate": 1e-3})
@@ -78,9 +78,10 @@ def main() -> None:
             spec = {**arguments, "output": str(run / "model"), "checkpoint_dir": str(run / "checkpoints")}
             (run / "arguments.json").write_text(json.dumps(spec))
             if nodes == 1:  # as the align rule runs one node × one process: the step in the job's own process
-                script = "import json; from lexalign import stages; stages.align(**json.load(open('arguments.json')))"
+                script = ("import json; from lexalign.steps.training import align; "
+                          "align(**json.load(open('arguments.json')))")
             else:
-                script = (f"import json; from lexalign import launch; "
+                script = (f"import json; from lexalign.pipeline import launch; "
                           f"launch.run_on_nodes('align', json.load(open('arguments.json')), {nodes}, 1, "
                           f"{{'mpi': 'srun', 'cpus_per_task': 1}}, log_dir='.')")
             env = {**cluster.env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

@@ -96,7 +96,7 @@ def download(config_path: str, dry_run: bool, verbose: bool, only: str | None) -
 @VERBOSE
 def finetune(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
     """Supervised fine-tuning (LoRA, QLoRA or full) of a model on SFT data."""
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs, training
 
     cfg = load_config(config_path, "finetune")
     _check_paths(cfg, config_path, "lexalign download --config config/downloads.yaml", dry_run=dry_run)
@@ -109,8 +109,8 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
                                    f"{cfg['finetune']['method']} fine-tune {cfg['model']['path']} on {device} → {out}",
                                    f"checkpoints every {cfg['finetune']['save_steps']} steps → {checkpoints}"])
         return
-    stages.prepare_sft(raw=cfg["dataset"]["path"], output=data_dir, data=cfg["dataset"], seed=cfg["seed"])
-    stages.finetune(model=cfg["model"]["path"], data=data_dir, output=out, finetune=cfg["finetune"],
+    inputs.prepare_sft(raw=cfg["dataset"]["path"], output=data_dir, data=cfg["dataset"], seed=cfg["seed"])
+    training.finetune(model=cfg["model"]["path"], data=data_dir, output=out, finetune=cfg["finetune"],
                     checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
                     trust_remote_code=cfg["model"]["trust_remote_code"], allow_pickle=cfg["model"]["allow_pickle"],
                     resume=resume, verbose=verbose)
@@ -170,12 +170,12 @@ def _align_paths(cfg: dict) -> tuple[str, str]:
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the validated data.")
 def validate(config_path: str, output: str) -> None:
     """Check a preference dataset; write train/eval parquet, rejects.jsonl and report.json."""
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     cfg = load_config(config_path, "align")
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
-    stages.validate(raw=cfg["dataset"]["path"], tokenizer=tokenizer, output=output, dataset=_dataset_for(cfg),
+    inputs.validate(raw=cfg["dataset"]["path"], tokenizer=tokenizer, output=output, dataset=_dataset_for(cfg),
                     seed=cfg["seed"], trust_remote_code=cfg["model"]["trust_remote_code"],
                     kto_weights=_kto_weights(cfg))
 
@@ -189,8 +189,8 @@ def validate(config_path: str, output: str) -> None:
 def align(config_path: str, device: str | None, resume: str | None, dry_run: bool, verbose: bool) -> None:
     """Align a fine-tuned model on preference data: DPO, GDPO, KTO, ORPO, SimPO or CPO."""
     from lexalign.config.sections import AlignConfig
-    from lexalign.data.validation import is_validated_dir
-    from lexalign.steps import training as stages
+    from lexalign.data.validated import is_validated_dir
+    from lexalign.steps import inputs, training
 
     cfg = load_config(config_path, "align")
     AlignConfig.from_dict(cfg["alignment"])  # semantic checks before anything loads
@@ -212,11 +212,11 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
         return
     tokenizer = cfg["model"]["base_model"] or cfg["model"]["path"]
     if validated != data:
-        stages.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
+        inputs.validate(raw=data, tokenizer=tokenizer, output=validated, dataset=_dataset_for(cfg), seed=cfg["seed"],
                         trust_remote_code=cfg["model"]["trust_remote_code"])
     reference = _reference_once(cfg, validated, checkpoints, device) if methods.of(cfg["alignment"]).needs_reference \
         else None
-    stages.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
+    training.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
                  checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
                  trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
                  resume=resume, verbose=verbose, resume_command=f"lexalign align --config {config_path}")
@@ -227,11 +227,11 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
     cache) into the checkpoint folder, and reused while model, tokenizer, data and settings are unchanged: no
     reference forward pass runs in any training step, and full fine-tuning holds one model."""
     from lexalign.reference.layout import parse_setting, setting_name
-    from lexalign.steps import training as stages
+    from lexalign.steps import training
 
     name = setting_name(cfg["alignment"])
     path = Path(checkpoints) / "reference" / f"{name}.parquet"
-    stages.reference(model=cfg["model"]["path"], data=validated, output=path, setting=parse_setting(name),
+    training.reference(model=cfg["model"]["path"], data=validated, output=path, setting=parse_setting(name),
                      device=device, trust_remote_code=cfg["model"]["trust_remote_code"],
                      tokenizer=cfg["model"]["base_model"] or cfg["model"]["path"],
                      cache_dir=str(Path(checkpoints) / "cache"), reuse=True)
@@ -257,8 +257,8 @@ def evaluate(ctx: click.Context, config_path: str, output: str, judge: str, num_
              device: str | None) -> None:
     """Compare the aligned model (alignment.output_dir) with its SFT reference (model.path)."""
     from lexalign.config.sections import EvaluateConfig
-    from lexalign.data.validation import is_validated_dir
-    from lexalign.steps import training as stages
+    from lexalign.data.validated import is_validated_dir
+    from lexalign.steps import inputs, results
 
     cfg = load_config(config_path, "align")
     _check_paths(cfg, config_path, "lexalign finetune --config config/finetune.yaml")
@@ -283,9 +283,9 @@ def evaluate(ctx: click.Context, config_path: str, output: str, judge: str, num_
         from lexalign.config.loader import download_source
 
         source = settings.reward_model
-        reward_model = source.get("path") if not source.get("repo_id") else stages.download(
+        reward_model = source.get("path") if not source.get("repo_id") else inputs.download(
             output=Path("results/models/reward"), source=download_source(source), kind="model", seed=cfg["seed"])
-    result = stages.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
+    result = results.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
                              evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"],
                              reward_model=reward_model, device=device or cfg["device"])
     click.echo(json.dumps({k: v for k, v in result.items() if k not in ("generation", "samples")}, indent=2))
@@ -310,13 +310,13 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
     a PEFT adapter. The token comes from `hf auth login` or HF_TOKEN and is never printed.
     """
     from lexalign.hub.push import evaluation_for
-    from lexalign.steps import training as stages
+    from lexalign.steps import results
 
     found = evaluation or evaluation_for(Path(model_dir))
     if found is None:
         warn(f"No evaluation found for {model_dir}: the card will have no eval table",
              "Pass --eval results/eval/aligned.json (lexalign evaluate writes it).")
-    stages.publish(model=model_dir, evaluation=str(found) if found else None,
+    results.publish(model=model_dir, evaluation=str(found) if found else None,
                    publish={"repo_id": repo_id, "private": private, "revision": revision, "commit_message": message})
 
 

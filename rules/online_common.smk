@@ -26,7 +26,7 @@ def online_evaluations():
 def online_alignment(wc):
     """Round r's alignment section (online.alignment: one for every round, or a list, one per round): each
     round's jobs read only their own, so changing round 2's replans round 2's align and what follows."""
-    from lexalign.steps.rounds import round_alignment
+    from lexalign.config.online import round_alignment
 
     return round_alignment(_ON, int(wc.r))
 
@@ -62,7 +62,7 @@ def online_reference_input(wc):
 
 def online_sampling(wc):
     """What shapes round r's samples, and only that: the judge and the selection are not here."""
-    from lexalign.steps.rounds import round_sampling
+    from lexalign.config.online import round_sampling
 
     return round_sampling(_ON, int(wc.r))
 

@@ -75,6 +75,23 @@ def online_rows(n: int = 3, k: int = 2, policy: str = "policy-1") -> list[dict]:
              "truncated": [False] * k} for i in range(n)]
 
 
+def selected_token_table(records: list[dict]):
+    """The token table (prompt_ids, completion_ids best first, scores) of an online round's selected pairs or
+    groups, straight from their sampled ids: what the trainers read of them (trainer_data.trainer_dataset)."""
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    if records and "chosen_ids" in records[0]:
+        completions = [[r["chosen_ids"], r["rejected_ids"]] for r in records]
+        scores = [[r["chosen_score"], r["rejected_score"]] for r in records]
+    else:
+        completions = [r["completion_ids"] for r in records]
+        scores = [r["scores"] for r in records]
+    return pa.table({"prompt_ids": pa.array([r["prompt_ids"] for r in records], type=ids),
+                     "completion_ids": pa.array(completions, type=pa.list_(ids)),
+                     "scores": pa.array(scores, type=pa.list_(pa.float64()))})
+
+
 class Counting:
     """A judge wrapper counting what it is asked."""
 

@@ -14,12 +14,12 @@ import pytest
 import yaml
 from conftest import REPO
 
+from lexalign import steps
 from lexalign.config import sections as config_stages
 from lexalign.config.loader import SCHEMA_PATH, _resolve
 from lexalign.core.errors import LexAlignError
 from lexalign.pipeline import code_inputs
 from lexalign.pipeline.rules import STEP_OF_RULE
-from lexalign.steps import training as stages
 from workflow import snakemake
 
 PACKAGE = REPO / "lexalign"
@@ -93,7 +93,7 @@ def test_every_rule_passes_its_step_exactly_its_arguments():
     rules = _rule_fields()
     assert set(rules) == set(STEP_OF_RULE), "a rule without a step, or a step without a rule"
     for rule, names in rules.items():
-        step = stages.STEPS[STEP_OF_RULE[rule]]
+        step = steps.step_function(STEP_OF_RULE[rule])
         parameters = inspect.signature(step).parameters
         assert all(p.kind is p.KEYWORD_ONLY for p in parameters.values()), f"{step.__name__}: keyword-only"
         given = names - {"code"}
@@ -104,7 +104,7 @@ def test_every_rule_passes_its_step_exactly_its_arguments():
 
 def test_a_step_called_with_a_wrong_name_is_refused():
     with pytest.raises(LexAlignError, match="wrong arguments") as err:
-        stages.run("evaluate", aligned="a", reference="r", data="d", output="o", evaluate={}, beta=0.1, bta=1)
+        steps.run("evaluate", aligned="a", reference="r", data="d", output="o", evaluate={}, beta=0.1, bta=1)
     assert "Unknown: bta" in err.value.render()
 
 
@@ -182,10 +182,14 @@ def graph_upstream_planned(rule: str, planned: set[str], graph: dict[str, set[st
 def test_the_closure_follows_imports_inside_functions():
     align = {str(p.relative_to(PACKAGE)) for p in code_inputs.step_sources("align", PACKAGE)}
     evaluate = {str(p.relative_to(PACKAGE)) for p in code_inputs.step_sources("evaluate", PACKAGE)}
-    # Imported inside functions only: the trainer (stages.align), the model loader (evaluate → models).
-    assert {"train/align.py", "train/gdpo.py", "losses/gdpo.py", "models.py", "tokens.py", "workflow.py"} <= align
-    assert {"evaluate.py", "models.py", "tokens.py", "demo/task.py"} <= evaluate
-    assert "train/align.py" not in evaluate and "report.py" not in align and "cli.py" not in align
+    # Imported inside functions only: the trainer (the align step), the model loader (evaluate → models).
+    assert {"train/align.py", "train/gdpo_trainer.py", "methods/gdpo.py", "models/loading.py", "core/tokens.py",
+            "pipeline/rules.py", "steps/training.py"} <= align
+    assert {"evaluation/figures.py", "models/loading.py", "core/tokens.py", "demo/task.py",
+            "steps/results.py"} <= evaluate
+    assert "train/align.py" not in evaluate and "evaluation/report.py" not in align and "cli.py" not in align
+    # A step's code is its own phase's module, not the others'.
+    assert "steps/results.py" not in align and "steps/training.py" not in evaluate
 
 
 # --- one source of truth for configuration --------------------------------------------------------

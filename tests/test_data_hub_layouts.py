@@ -449,35 +449,35 @@ def test_new_keys_have_schema_defaults_matching_the_dataclasses(section, cls):
 
 
 def test_local_download_copies_only_the_data_dir(tmp_path):
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     root = write_files(tmp_path / "hh-rlhf", hh_rlhf_files())
     section = section_defaults("dataset", {"source": "local", "path": str(root), "data_dir": "helpful-base",
                                            "eval_split": "test"})
     out = tmp_path / "raw"
-    stages.download(output=out, source=download_source(section), kind="preference_data")
+    inputs.download(output=out, source=download_source(section), kind="preference_data")
     landed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert landed == {"helpful-base/train.jsonl.gz", "helpful-base/test.jsonl.gz", "lineage.json",
                       ".lexalign-download.json"}
     assert json.loads((out / "lineage.json").read_text())["config"]["data_dir"] == "helpful-base"
     check_helpful_base(run(out, **{k: section[k] for k in ("data_dir", "eval_split")}))
     with pytest.raises(LexAlignError, match='data_dir "red-team" is not a folder of'):
-        stages.download(output=tmp_path / "raw2", source=download_source({**section, "data_dir": "red-team"}),
+        inputs.download(output=tmp_path / "raw2", source=download_source({**section, "data_dir": "red-team"}),
                         kind="preference_data")
     assert not (tmp_path / "raw2").exists()
 
 
 def hub_download(tmp_path: Path, hub: HubServer, section: dict, out: Path) -> subprocess.CompletedProcess:
-    """The pipeline's download step (`stages.download` with the dataset section), in a process of its own:
+    """The pipeline's download step (`lexalign.steps.inputs.download`, the dataset section), in a process of its own:
     huggingface_hub reads HF_ENDPOINT when it is imported."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
                 "PYTHONPATH": str(REPO)})
     code = ("import json, sys\n"
-            "from lexalign import stages\n"
             "from lexalign.core.errors import exit_on_error\n"
-            "exit_on_error(stages.download)(source=json.loads(sys.argv[1]), output=sys.argv[2], "
+            "from lexalign.steps.inputs import download\n"
+            "exit_on_error(download)(source=json.loads(sys.argv[1]), output=sys.argv[2], "
             "kind='preference_data')\n")
     return subprocess.run([sys.executable, "-c", code, json.dumps(download_source(section)), str(out)], cwd=tmp_path,
                           env=env,

@@ -11,7 +11,8 @@ from fixtures.data.helpers import pair, pairs, write_jsonl
 from lexalign.config.sections import DatasetConfig
 from lexalign.core.errors import LexAlignError
 from lexalign.data.common import write_split_outputs
-from lexalign.data.validation import gate, is_validated_dir, summary, validate_preferences, validate_to_dir
+from lexalign.data.validated import gate, is_validated_dir, summary
+from lexalign.data.validation import validate_preferences, validate_to_dir
 
 
 @pytest.fixture
@@ -86,8 +87,8 @@ def test_failed_validation_leaves_no_output(tmp_path, demo_tokenizer):
 
 
 def test_stage_validate_end_to_end(tmp_path, messy, demo_model_dir):
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
-    report = stages.validate(raw=messy, tokenizer=demo_model_dir, output=tmp_path / "out",
+    report = inputs.validate(raw=messy, tokenizer=demo_model_dir, output=tmp_path / "out",
                              dataset={"path": "ignored", "eval_fraction": 0.2})
     _check_folder(tmp_path / "out", report)

@@ -8,8 +8,7 @@ from fixtures.data.helpers import pairs, run, write_jsonl
 
 from lexalign.config.sections import DatasetConfig
 from lexalign.core.errors import LexAlignError
-from lexalign.data.ranking import rank
-from lexalign.groups import select_indices
+from lexalign.data.ranking import rank, select_indices
 
 
 def _all(result) -> list[dict]:

@@ -109,15 +109,15 @@ def test_redact_removes_the_token_and_token_shaped_strings(monkeypatch):
 
 def test_every_step_after_download_runs_offline(monkeypatch):
     """Rules run with HF_HUB_OFFLINE=1 for every step but download (lexalign/pipeline/rules.py)."""
+    from lexalign import steps
     from lexalign.pipeline.rules import ONLINE_STEPS, STEP_OF_RULE, run_rule
-    from lexalign.steps import training as stages
 
     seen = {}
 
-    def record(step, **arguments):
-        seen[step] = os.environ.get("HF_HUB_OFFLINE")
+    def checked(step, arguments):
+        return lambda **_: seen.__setitem__(step, os.environ.get("HF_HUB_OFFLINE"))
 
-    monkeypatch.setattr(stages, "run", record)
+    monkeypatch.setattr(steps, "checked", checked)
     nothing = SimpleNamespace(items=lambda: {}.items())
     for rule, step in STEP_OF_RULE.items():
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -17,7 +17,8 @@ from workflow import copy_workflow, edit_config, planned_jobs, snakemake
 
 def test_validation_reports_how_often_the_chosen_answer_is_the_longer_one(tmp_path):
     from lexalign.config.sections import DatasetConfig
-    from lexalign.data.validation import summary, validate_preferences
+    from lexalign.data.validated import summary
+    from lexalign.data.validation import validate_preferences
 
     rows = [{"prompt": f"q{i}", "chosen": "x" * c, "rejected": "y" * r}
             for i, (c, r) in enumerate([(5, 1), (4, 2), (3, 3), (1, 2)])]
@@ -50,11 +51,11 @@ def test_the_demo_task_data_are_the_held_out_prompts():
 
 
 def test_an_unknown_task_is_named_before_any_model_loads(tmp_path):
-    from lexalign.steps import training as stages
+    from lexalign.steps import results
 
     output = tmp_path / "lm_eval.json"
     with pytest.raises(LexAlignError, match="evaluate.lm_eval.tasks") as err:
-        stages.lm_eval(model=tmp_path / "no-model-needed", output=output, device="cpu",
+        results.lm_eval(model=tmp_path / "no-model-needed", output=output, device="cpu",
                        lm_eval={"tasks": ["lexalign_demo_polite", "hellaswagg"]})
     assert 'lm-eval knows no task "hellaswagg"' in err.value.message
     assert "hellaswag" in err.value.render()  # the close match

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lexalign.core.errors import LexAlignError
+from lexalign.data.ranking import ranked_groups, select_indices
 from lexalign.demo import task
-from lexalign.groups import ranked_groups, select_indices
 from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference, GDPOConfig, GDPOTrainer, ranked_dataset
 
 

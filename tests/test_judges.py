@@ -12,7 +12,7 @@ from loopback import ChatServer
 
 from lexalign.core.errors import LexAlignError
 from lexalign.generation import judges
-from lexalign.steps import training as stages
+from lexalign.steps import inputs, results
 
 PLANTED_KEY = "sk-PlantedJudgeKeyForLeakTests0123456789"
 
@@ -134,7 +134,7 @@ def validated(tmp_path_factory, demo_model_dir):
     raw = root / "raw" / "train.jsonl"
     raw.parent.mkdir()
     raw.write_text("".join(json.dumps(row) + "\n" for row in task.preference_rows(0, 120)))
-    stages.validate(raw=raw, tokenizer=demo_model_dir, output=root / "data",
+    inputs.validate(raw=raw, tokenizer=demo_model_dir, output=root / "data",
                     dataset={"eval_fraction": 0.3, "max_length": 64})
     return root / "data"
 
@@ -161,7 +161,7 @@ def _evaluate(validated, demo_model_dir, sft_model_dir, output, reward_model=Non
     """The evaluate step with the SFT model as the aligned one and the demo's base model as the reference."""
     if reward_model_source:
         settings["reward_model"] = reward_model_source
-    return stages.evaluate(aligned=sft_model_dir, reference=demo_model_dir, data=validated, output=output, beta=0.1,
+    return results.evaluate(aligned=sft_model_dir, reference=demo_model_dir, data=validated, output=output, beta=0.1,
                            reward_model=reward_model,
                            evaluate={"num_prompts": 6, "num_samples": 4, "max_new_tokens": 8, "batch_size": 4,
                                      **settings})

@@ -92,7 +92,7 @@ def test_the_reference_step_runs_no_trainer_or_loss():
 
     files = [str(p.relative_to(ROOT)) for p in step_sources("reference", ROOT)]
     assert files and not [f for f in files if f.startswith(("train/", "losses/"))], files
-    assert "reference/scoring.py" in files and "methods.py" in files
+    assert "reference/scoring.py" in files and "methods/__init__.py" in files
 
 
 def test_benchmarks_import_nothing_from_the_tests():

@@ -302,15 +302,15 @@ def test_pairs_are_split_into_a_desirable_and_an_undesirable_row_with_mismatched
 
 
 def test_validation_reads_unpaired_rows_with_mapped_fields_and_reports_the_balance(tmp_path, demo_model_dir):
-    from lexalign.data.validation import kto_balance, label_balance
-    from lexalign.steps import training as stages
+    from lexalign.data.validated import kto_balance, label_balance
+    from lexalign.steps import inputs
 
     rows = [{"question": r["prompt"], "answer": r["chosen"] if i % 3 else r["rejected"], "thumbs_up": i % 3 != 0}
             for i, r in enumerate(task.preference_rows(0, 60))]
     rows += [{"question": "User: Hi\nAssistant:", "answer": " Hello", "thumbs_up": "maybe"},
              {"question": "User: Hi\nAssistant:", "answer": " Hello", "thumbs_up": "TRUE"}]
     write_jsonl(tmp_path / "raw" / "train.jsonl", rows)
-    report = stages.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=tmp_path / "data",
+    report = inputs.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=tmp_path / "data",
                              dataset={"prompt_field": "question", "completion_field": "answer",
                                       "label_field": "thumbs_up", "max_length": 64, "eval_fraction": 0.2})
     assert report["shape"] == "unpaired" and report["reject_reasons"].get("bad_label") == 1
@@ -341,8 +341,9 @@ def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path
     """Conversational unpaired rows (TRL's format: prompt and completion as messages) are rendered by the model's
     template, and KTO's ids are exactly apply_chat_template's: one BOS, the end-of-turn token, nothing added."""
     from lexalign.core.tokens import CHAT_ATTR
+    from lexalign.data.validated import is_chat
     from lexalign.models.loading import load_tokenizer
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
     from lexalign.train.trainer_data import tokenized_dataset
 
     model = zoo_models("llama3")
@@ -350,11 +351,11 @@ def test_chat_rows_in_trls_unpaired_format_get_the_templates_own_tokens(tmp_path
              "completion": [{"role": "assistant", "content": f"Hello {name}!" if good else f"Go away {name}."}],
              "label": good} for name in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo") for good in (True, False)]
     write_jsonl(tmp_path / "raw" / "train.jsonl", rows)
-    report = stages.validate(raw=tmp_path / "raw", tokenizer=model, output=tmp_path / "data",
+    report = inputs.validate(raw=tmp_path / "raw", tokenizer=model, output=tmp_path / "data",
                              dataset={"max_length": 256, "eval_fraction": 0.0})
     assert report["shape"] == "unpaired" and report["chat_template"] and report["train_rows"] == 12
     train = pd.read_parquet(tmp_path / "data" / "train.parquet")
-    train.attrs[CHAT_ATTR] = stages.data_is_chat(tmp_path / "data")  # as the align step reads it
+    train.attrs[CHAT_ATTR] = is_chat(tmp_path / "data")  # as the align step reads it
     tokenizer = load_tokenizer(model)
     dataset = tokenized_dataset(tokenizer, train, "unpaired", "train")
     for row, example in zip(rows, dataset, strict=True):

@@ -85,12 +85,12 @@ def _cases(root: Path, model: Path) -> dict[str, dict]:
     """Each stage's step, params (but the batch size) and inputs, on the demo model and data."""
     from lexalign.config.loader import section_defaults
     from lexalign.demo import task
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     write_jsonl(root / "raw/sft/train.jsonl", task.sft_rows(0, 64))
-    stages.prepare_sft(raw=root / "raw/sft", output=root / "data/sft", data={"eval_fraction": 0.0001}, seed=0)
+    inputs.prepare_sft(raw=root / "raw/sft", output=root / "data/sft", data={"eval_fraction": 0.0001}, seed=0)
     write_jsonl(root / "raw/pairs/train.jsonl", task.preference_rows(0, 64))
-    stages.validate(raw=root / "raw/pairs", tokenizer=model, output=root / "data/pairs",
+    inputs.validate(raw=root / "raw/pairs", tokenizer=model, output=root / "data/pairs",
                     dataset={"eval_fraction": 0.1, "max_length": 64})
     common = {"max_steps": STEPS, "logging_steps": 1, "save_steps": 1000, "max_length": 64, "lora_dropout": 0.0,
               "warmup_steps": 0, "gradient_accumulation_steps": 1}
@@ -101,7 +101,7 @@ def _cases(root: Path, model: Path) -> dict[str, dict]:
                 root / "data/pairs"),
     }
     write_jsonl(root / "raw/ranked/train.jsonl", task.ranked_rows(0, 64, 3))
-    stages.validate(raw=root / "raw/ranked", tokenizer=model, output=root / "data/ranked",
+    inputs.validate(raw=root / "raw/ranked", tokenizer=model, output=root / "data/ranked",
                     dataset={"eval_fraction": 0.1, "max_length": 64, "group_size": 3})
     gdpo = section_defaults("alignment", {**common, "learning_rate": 1e-3, "beta": 0.1, "method": "gdpo",
                                           "group_delay_size": 3})
@@ -132,14 +132,14 @@ def _losses(model_dir: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_model_dir):
     """Every case trained once in one process (in here) and once in two (one `accelerate launch` for all)."""
-    from lexalign.steps import training as stages
+    from lexalign import steps
 
     root = tmp_path_factory.mktemp("multiprocess")
     cases = _cases(root, demo_model_dir)
     one, two = _specs(root, cases, 1), _specs(root, cases, PROCESSES)
     for spec in one.values():
         step, arguments = load_spec(spec)
-        stages.run(step, **arguments)
+        steps.run(step, **arguments)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = root / "launch.log"

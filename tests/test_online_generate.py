@@ -10,10 +10,11 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import selected_token_table
 
 from lexalign.core import tokens
 from lexalign.core.errors import LexAlignError
-from lexalign.generation import selection as select
+from lexalign.generation import selection
 from lexalign.generation.sampling import Sampling, cut_at_end, generate, render_prompts
 from lexalign.train.trainer_data import trainer_dataset
 from testkit.zoo import FAMILIES, TRAITS
@@ -169,13 +170,13 @@ def test_an_answer_ends_with_the_turn_end_and_trains_on_exactly_the_sampled_ids(
     judged = [{**r, "scores": [2.0, 1.0, 0.0], "truncated": [False] * 3} for r in got]
     judged[0]["completion_ids"] = [[turn_end], [5, turn_end], [6, 7, turn_end]]  # distinct answers to rank
     judged[1]["completion_ids"] = [[turn_end], [8, turn_end], [9, turn_end]]
-    pairs, _ = select.best_worst(judged)
-    dataset = trainer_dataset(select.token_table(pairs), "pairs")
+    pairs, _ = selection.best_worst(judged)
+    dataset = trainer_dataset(selected_token_table(pairs), "pairs")
     for example, r in zip(dataset, judged, strict=True):
         assert example["prompt_ids"] + example["chosen_ids"] == r["prompt_ids"] + r["completion_ids"][0]
         assert example["prompt_ids"] + example["rejected_ids"] == r["prompt_ids"] + r["completion_ids"][2]
-    groups, _ = select.ranked(judged, 3)
-    dataset = trainer_dataset(select.token_table(groups), "k3")
+    groups, _ = selection.ranked(judged, 3)
+    dataset = trainer_dataset(selected_token_table(groups), "k3")
     assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in judged]
     # ... and the text path (lexalign.core.tokens) tokenizes the same row the same way where the text round-trips.
     text = [tok.decode(c, skip_special_tokens=False) for c in judged[0]["completion_ids"]]
@@ -307,9 +308,9 @@ def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path
         drifted += sum(again[0] != sampled for again, sampled in zip(completion_ids, r["completion_ids"], strict=True))
     assert drifted > 0
     judged = [{**r, "scores": [3.0, 2.0, 1.0, 0.0], "truncated": [False] * 4} for r in got]
-    groups, counts = select.ranked(judged, 4)
+    groups, counts = selection.ranked(judged, 4)
     assert counts["selected"] == 3
-    dataset = trainer_dataset(select.token_table(groups), "k4")
+    dataset = trainer_dataset(selected_token_table(groups), "k4")
     assert [e["completion_ids"] for e in dataset] == [r["completion_ids"] for r in got]
     assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
 

@@ -85,7 +85,8 @@ def _planned_reference_model(workdir, round_number: int) -> str:
     jobs = [job for job in _jobs(result.stdout) if job["rule"] == "online_reference"
             and job.get("wildcards", "").startswith(f"r={round_number},")]
     assert len(jobs) == 1, result.stdout[-3000:]
-    models = [path for path in jobs[0]["input"].split(", ") if "/models/" in path or path.endswith("/model")]
+    models = [path for path in jobs[0]["input"].split(", ") if path.startswith("results/")
+              and ("/models/" in path or path.endswith("/model"))]
     assert len(models) == 1, jobs[0]["input"]
     return models[0]
 
@@ -244,14 +245,16 @@ def test_the_demo_rounds_replan_as_the_issue_says(demo_rounds, tmp_path):
 
 def test_a_prompt_file_sets_prompts_aside_that_no_round_samples(tmp_path):
     from lexalign.core.errors import LexAlignError
-    from lexalign.steps.rounds import held_out_prompts, round_prompts, write_prompts
+    from lexalign.generation.prompts import held_out_prompts, round_prompts
+    from lexalign.steps.rounds import online_prompts
 
     source = tmp_path / "prompts.jsonl"
     texts = [f"Question {i}?" for i in range(23)] + ["Question 0?"]  # one duplicate
     source.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
     section = {"from": "path", "path": str(source), "prompt_field": "instruction", "held_out": None}
     out = tmp_path / "out.json"
-    assert write_prompts(out, section, seed=3) == {"prompts": 21, "held_out": 2}  # a tenth of 23 distinct
+    # A tenth of 23 distinct prompts held out.
+    assert online_prompts(output=out, prompts=section, seed=3) == {"prompts": 21, "held_out": 2}
     written = json.loads(out.read_text())
     held, sampled = written["held_out"], written["prompts"]
     assert set(held).isdisjoint(sampled) and set(held) | set(sampled) == set(texts)
@@ -260,15 +263,15 @@ def test_a_prompt_file_sets_prompts_aside_that_no_round_samples(tmp_path):
     assert held_out_prompts({"from": "path"}, out, None, seed=3, count=64) == (held, False, True)
 
     # held_out 0: nothing set aside, and the evaluation says its prompts may have been trained on.
-    write_prompts(out, {**section, "held_out": 0}, seed=3)
+    online_prompts(output=out, prompts={**section, "held_out": 0}, seed=3)
     assert held_out_prompts({"from": "path"}, out, None, seed=3, count=4)[2] is False
     with pytest.raises(LexAlignError, match="online.prompts.held_out is 23") as err:
-        write_prompts(out, {**section, "held_out": 23}, seed=3)
+        online_prompts(output=out, prompts={**section, "held_out": 23}, seed=3)
     assert "Lower online.prompts.held_out" in err.value.render()
 
 
 def test_preference_data_with_an_eval_split_sets_nothing_aside(tmp_path):
-    from lexalign.steps.rounds import write_prompts
+    from lexalign.steps.rounds import online_prompts
 
     data = tmp_path / "data"
     data.mkdir()
@@ -276,6 +279,8 @@ def test_preference_data_with_an_eval_split_sets_nothing_aside(tmp_path):
     (data / "report.json").write_text("{}")
     section = {"from": "preference_data", "path": None, "prompt_field": "prompt", "held_out": None}
     pd.DataFrame({"prompt": ["z"]}).to_parquet(data / "eval.parquet")
-    assert write_prompts(tmp_path / "a.json", section, seed=0, data=data) == {"prompts": 3, "held_out": 0}
+    written = online_prompts(output=tmp_path / "a.json", prompts=section, seed=0, data=data)
+    assert written == {"prompts": 3, "held_out": 0}
     pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(data / "eval.parquet")  # no eval split
-    assert write_prompts(tmp_path / "b.json", section, seed=0, data=data) == {"prompts": 2, "held_out": 1}
+    written = online_prompts(output=tmp_path / "b.json", prompts=section, seed=0, data=data)
+    assert written == {"prompts": 2, "held_out": 1}

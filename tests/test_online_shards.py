@@ -33,7 +33,7 @@ from lexalign.pipeline.launch import (
     scale_resources,
     write_spec,
 )
-from lexalign.steps import training as stages
+from lexalign.steps import inputs, rounds
 from workflow import copy_workflow, snakemake
 
 PROCESSES = 2
@@ -85,15 +85,15 @@ def runs(tmp_path_factory, demo_model_dir):
     reward = write_reward_model(root / "reward", demo_model_dir)
     one, two, resumed = (Round(root / name, demo_model_dir, prompts, reward) for name in ("one", "two", "resumed"))
     started = time.monotonic()
-    stages.online_generate(**one.generate)
-    stages.online_score(**one.score)
+    rounds.online_generate(**one.generate)
+    rounds.online_score(**one.score)
     # The round's pairs through the existing validation, and their reference log-probs of the sampled ids.
-    stages.online_select(generations=one.generations, scores=one.scores, output=one.selection,
+    rounds.online_select(generations=one.generations, scores=one.scores, output=one.selection,
                          report=one.folder / "selection.json", select={"select": "best_worst", "truncated": "keep",
                                                                        "group_size": 2})
-    stages.validate(raw=one.selection, tokenizer=demo_model_dir, output=one.data,
+    inputs.validate(raw=one.selection, tokenizer=demo_model_dir, output=one.data,
                     dataset={"eval_fraction": 0.25, "max_length": 64}, pairs_only=True)
-    stages.online_reference(**one.reference)
+    rounds.online_reference(**one.reference)
     alone = time.monotonic() - started
 
     # Killed: SIGKILL to the launcher and its processes (each in a session of its own) once a shard is on disk,

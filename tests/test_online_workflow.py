@@ -138,12 +138,12 @@ def test_a_reference_free_round_trains_on_the_sampled_ids(rounds_run, tmp_path, 
     # What the align step builds from the rule's inputs is what its trainer reads: the sampled ids.
     from lexalign.config.loader import section_defaults
     from lexalign.config.sections import AlignConfig
+    from lexalign.data.validated import read_validated
     from lexalign.models.loading import load_tokenizer
-    from lexalign.steps import training as stages
     from lexalign.train.align import AlignJob, tokenized_datasets
     from lexalign.train.trainer_data import read_selection
 
-    train, evals = stages.frames(folder / "preferences")
+    train, evals = read_validated(folder / "preferences")
     job = AlignJob(model_path=folder / "model", train=train, eval=evals, output_dir=tmp_path / "unused",
                    checkpoint_dir=tmp_path / "unused-checkpoints",
                    cfg=AlignConfig.from_dict(section_defaults("alignment", {"method": "simpo", "max_length": 64})),
@@ -199,12 +199,12 @@ def test_a_generation_killed_mid_way_resumes_from_its_shards(rounds_run, tmp_pat
     assert report["shards"] == 8 and report["shards_generated"] == 8 - len(kept)
     # An uninterrupted run of the same step with the rule's arguments.
     from lexalign.config.loader import validate_config
-    from lexalign.steps import training as stages
-    from lexalign.steps.rounds import round_sampling, settings
+    from lexalign.config.online import round_sampling, settings
+    from lexalign.steps import rounds
 
     resolved = settings(validate_config(yaml.safe_load((workdir / "config" / "config.yaml").read_text()), "pipeline"))
     whole = tmp_path / "whole" / "generations"
-    stages.online_generate(model=workdir / "results" / "models" / "base", output=whole, number=1, device="cpu",
+    rounds.online_generate(model=workdir / "results" / "models" / "base", output=whole, number=1, device="cpu",
                            prompts=workdir / "results" / "online" / "prompts.json",
                            sampling=round_sampling(resolved, 1))
     resumed = pq.read_table(workdir / target / "generations.parquet")

@@ -59,10 +59,10 @@ def test_the_package_digest_follows_every_source_file_but_not_bytecode(tmp_path)
     schema = next((root / "config").glob("*.yaml"))
     schema.write_text(schema.read_text() + "\n")
     after_schema = digest(root)
-    module = root / "online" / "score.py"
+    module = root / "generation" / "scoring.py"
     module.write_text(module.read_text() + "\n# edited\n")
     assert len({before, after_schema, digest(root)}) == 3
-    module.rename(root / "online" / "scored.py")  # a rename alone changes what imports find
+    module.rename(root / "generation" / "scored.py")  # a rename alone changes what imports find
     assert digest(root) not in {before, after_schema}
 
 
@@ -118,13 +118,13 @@ def test_an_edited_import_changes_the_kept_code_inputs(workflow_copy):
     assert snakemake(workflow_copy, "-n").returncode == 0
     kept = workflow_copy / ".snakemake" / "lexalign" / "code-inputs.json"
     before = json.loads(kept.read_text())["value"]
-    assert "judges.py" not in before["publish"]
+    assert "generation/judges.py" not in before["publish"]
     module = workflow_copy / "lexalign" / "hub" / "__init__.py"
     original = module.read_text()
-    module.write_text(original + "\n\ndef _probe():\n    from lexalign import judges  # noqa: F401\n")
+    module.write_text(original + "\n\ndef _probe():\n    from lexalign.generation import judges  # noqa: F401\n")
     try:
         assert snakemake(workflow_copy, "-n").returncode == 0
         after = json.loads(kept.read_text())["value"]
-        assert "judges.py" in after["publish"]
+        assert "generation/judges.py" in after["publish"]
     finally:
         module.write_text(original)

@@ -145,12 +145,12 @@ def test_every_rule_lists_its_script_among_its_code_inputs():
 
 
 def test_code_paths_are_relative_inside_the_working_directory_and_absolute_outside(tmp_path, monkeypatch):
-    inside = tmp_path / "lexalign" / "stages.py"
-    inside.parent.mkdir()
+    inside = tmp_path / "lexalign" / "steps" / "training.py"
+    inside.parent.mkdir(parents=True)
     inside.write_text("")
     monkeypatch.chdir(tmp_path)
     assert workflow_files.code_path(inside) == "lexalign/steps/training.py"
-    outside = REPO / "lexalign" / "stages.py"
+    outside = REPO / "lexalign" / "steps" / "training.py"
     assert workflow_files.code_path(outside) == str(outside)
 
 

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from lexalign.core import tokens
-from lexalign.steps import training as stages
+from lexalign.data.validated import read_validated
+from lexalign.steps import inputs, results, training
 from testkit import zoo
 
 pytestmark = pytest.mark.slow
@@ -76,15 +77,15 @@ def run_family(family: str, model: Path, root: Path) -> dict:
         dataset = section_defaults("dataset", {"path": str(raw), "max_length": 256, "eval_fraction": 0.25,
                                                "group_size": group})
         data[name] = root / "data" / name
-        stages.validate(raw=raw, tokenizer=model, output=data[name], dataset=dataset)
+        inputs.validate(raw=raw, tokenizer=model, output=data[name], dataset=dataset)
     out = {"rows": rows, "model": model, "data": data}
     for method, layout, k in (("dpo", "pairs", 2), ("gdpo", "k4", 4)):
         ref = root / "reference" / f"{layout}.parquet"
-        stages.reference(model=model, data=data[layout], output=ref, setting={"layout": layout, "max_length": 256})
+        training.reference(model=model, data=data[layout], output=ref, setting={"layout": layout, "max_length": 256})
         params = section_defaults("alignment", {**ALIGN, "method": method, "group_delay_size": k})
-        aligned = stages.align(model=model, data=data[layout], output=root / method, alignment=params,
+        aligned = training.align(model=model, data=data[layout], output=root / method, alignment=params,
                                checkpoint_dir=root / "checkpoints" / method, reference=ref, device="cpu")
-        result = stages.evaluate(aligned=aligned, reference=model, data=data["pairs"], output=root / f"{method}.json",
+        result = results.evaluate(aligned=aligned, reference=model, data=data["pairs"], output=root / f"{method}.json",
                                  evaluate={"judge": "none", "num_prompts": 4, "max_new_tokens": 6}, beta=0.1)
         out[method] = {"reference": ref, "aligned": aligned, "eval": result}
     return out
@@ -139,7 +140,7 @@ def _reference_rows(run: dict, layout: str) -> pd.DataFrame:
 
 
 def _validated(run: dict, layout: str) -> pd.DataFrame:
-    train, evals = stages.frames(run["data"][layout])
+    train, evals = read_validated(run["data"][layout])
     return pd.concat([train.assign(split="train", row=range(len(train))),
                       evals.assign(split="eval", row=range(len(evals)))])
 

@@ -173,13 +173,13 @@ def _aligned_model(root: Path, demo: Path) -> Path:
 
 def _inputs(root: Path, demo: Path) -> dict[str, Path]:
     from lexalign.demo import task
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     write_jsonl(root / "raw/pairs/train.jsonl", task.preference_rows(0, 64))
-    stages.validate(raw=root / "raw/pairs", tokenizer=demo, output=root / "data/pairs",
+    inputs.validate(raw=root / "raw/pairs", tokenizer=demo, output=root / "data/pairs",
                     dataset={"eval_fraction": 0.5, "max_length": 64})
     write_jsonl(root / "raw/ranked/train.jsonl", task.ranked_rows(0, 40, 3))
-    stages.validate(raw=root / "raw/ranked", tokenizer=demo, output=root / "data/ranked",
+    inputs.validate(raw=root / "raw/ranked", tokenizer=demo, output=root / "data/ranked",
                     dataset={"eval_fraction": 0.5, "max_length": 64, "group_size": 3})
     return {"pairs": root / "data/pairs", "ranked": root / "data/ranked", "aligned": _aligned_model(root, demo),
             "reward": write_reward_model(root / "reward", demo)}
@@ -206,8 +206,8 @@ def _specs(run: Path, inputs: dict[str, Path], demo: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_model_dir):
     """Every spec run once in this process and once in two launched processes (one `accelerate launch`)."""
+    from lexalign import steps
     from lexalign.pipeline.launch import load_spec
-    from lexalign.steps import training as stages
 
     root = tmp_path_factory.mktemp("shards")
     inputs = _inputs(root, demo_model_dir)
@@ -215,7 +215,7 @@ def runs(tmp_path_factory, demo_model_dir):
     started = time.monotonic()
     for spec in one:
         step, arguments = load_spec(spec)
-        stages.run(step, **arguments)
+        steps.run(step, **arguments)
     alone = time.monotonic() - started
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LEXALIGN_COLLECTIVE_TIMEOUT": "120"}
@@ -306,13 +306,13 @@ def test_a_process_that_fails_fails_the_step_at_once_with_its_message(tmp_path, 
     barrier's timeout."""
     from lexalign.demo import task
     from lexalign.pipeline.launch import run_in_processes
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LEXALIGN_COLLECTIVE_TIMEOUT", "600")  # run_in_processes sets it: restored afterwards
     data = tmp_path / "data"
     write_jsonl(tmp_path / "raw/train.jsonl", task.preference_rows(0, 16))
-    stages.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=data, dataset={"eval_fraction": 0.25})
+    inputs.validate(raw=tmp_path / "raw", tokenizer=demo_model_dir, output=data, dataset={"eval_fraction": 0.25})
     empty = tmp_path / "no-weights"
     empty.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):

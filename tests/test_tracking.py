@@ -55,7 +55,7 @@ def tracked(tmp_path_factory, demo_model_dir):
     """Validate the demo's preferences, align twice (two runs of one pipeline: beta 0.1 and 0.3, two steps each,
     a metric every step) reporting to all three trackers, and evaluate the first."""
     from lexalign.demo import task
-    from lexalign.steps import training as stages
+    from lexalign.steps import inputs, results, training
 
     root = tmp_path_factory.mktemp("tracking")
     listener = Listener()
@@ -71,14 +71,15 @@ def tracked(tmp_path_factory, demo_model_dir):
         raw.parent.mkdir()
         raw.write_text("".join(json.dumps(row) + "\n" for row in task.preference_rows(0, 64)))
         data = root / "validated"
-        stages.validate(raw=raw, tokenizer=demo_model_dir, output=data, dataset={"path": str(raw), "max_length": 64})
+        inputs.validate(raw=raw, tokenizer=demo_model_dir, output=data, dataset={"path": str(raw), "max_length": 64})
         for run, beta in RUNS.items():
-            stages.align(model=demo_model_dir, data=data, output=root / run, checkpoint_dir=root / "checkpoints" / run,
-                         device="cpu", tracking={"experiment": EXPERIMENT, "run": run},
-                         alignment={"beta": beta, "max_steps": 2, "logging_steps": 1, "batch_size": 8,
-                                    "gradient_accumulation_steps": 1, "warmup_steps": 0, "max_length": 64,
-                                    "report_to": TRACKERS})
-        result = stages.evaluate(aligned=root / "aligned", reference=demo_model_dir, data=data,
+            training.align(model=demo_model_dir, data=data, output=root / run,
+                           checkpoint_dir=root / "checkpoints" / run,
+                           device="cpu", tracking={"experiment": EXPERIMENT, "run": run},
+                           alignment={"beta": beta, "max_steps": 2, "logging_steps": 1, "batch_size": 8,
+                                      "gradient_accumulation_steps": 1, "warmup_steps": 0, "max_length": 64,
+                                      "report_to": TRACKERS})
+        result = results.evaluate(aligned=root / "aligned", reference=demo_model_dir, data=data,
                                  output=root / "eval" / "aligned.json", beta=0.1,
                                  evaluate={"num_prompts": 4, "max_new_tokens": 4})
         yield {"root": root, "data": data, "result": result, "listener": listener,

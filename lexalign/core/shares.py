@@ -25,7 +25,7 @@ process n % N's, `lexalign.generation.sampling`) and gathers only each process's
 count, the main process joining the shards from disk; reward-model scoring deals
 the batches of the scores missing from the cache as above.
 
-Outside a launcher, `Shard()` is the whole step in one process: every batch is
+Outside a launcher, `Share()` is the whole step in one process: every batch is
 its own, and nothing is written or waited for.
 """
 
@@ -81,7 +81,7 @@ def restore(pieces: list[dict], n: int, name: str = "values") -> list:
 
 
 @dataclass
-class Shard:
+class Share:
     """This process's place in a scoring step: its rank among `world` processes, and the step's output (its
     processes' parts lie beside it)."""
 
@@ -172,13 +172,13 @@ def collective_timeout() -> int | None:
 
 
 @contextlib.contextmanager
-def session(output: str | Path) -> Iterator[Shard]:
-    """This process's Shard for a step that writes `output`. Inside a launcher (WORLD_SIZE > 1) the process group
+def session(output: str | Path) -> Iterator[Share]:
+    """This process's Share for a step that writes `output`. Inside a launcher (WORLD_SIZE > 1) the process group
     (gloo, barriers bounded by scale.timeout) is started for the step and ended after it, so a training step
     launched after it in the same processes starts its own; a GPU process uses its own GPU (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        yield Shard(output=Path(output))
+        yield Share(output=Path(output))
         return
     from datetime import timedelta
 
@@ -197,7 +197,7 @@ def session(output: str | Path) -> Iterator[Shard]:
     if torch.cuda.is_available():  # "cuda" is then this process's GPU, not the first one
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
-        yield Shard(rank=dist.get_rank(), world=dist.get_world_size(), output=Path(output))
+        yield Share(rank=dist.get_rank(), world=dist.get_world_size(), output=Path(output))
     finally:
         if started:
             dist.destroy_process_group()

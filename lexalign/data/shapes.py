@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lexalign.core.errors import LexAlignError
-from lexalign.groups import order_best_first, select_indices
+from lexalign.data.ranking import order_best_first, select_indices
 from lexalign.methods import Layout
 
 TEXT_KEYS = ("response", "text", "content", "completion", "output", "answer")

@@ -25,7 +25,7 @@ import pandas as pd
 
 from lexalign.config.sections import EvaluateConfig
 from lexalign.core import tokens
-from lexalign.core.shares import Shard, chunks, piece
+from lexalign.core.shares import Share, chunks, piece
 from lexalign.core.tokens import pad_id
 from lexalign.methods import Layout
 
@@ -56,7 +56,7 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str],
 
 
 def scored(models: dict, tokenizer, prompts: list[str], completions: list[str], chat: bool, batch_size: int,
-           shard: Shard, name: str) -> tuple[dict, dict]:
+           share: Share, name: str) -> tuple[dict, dict]:
     """Each model's `sequence_logps` of the completions, for this process's share of the batches (lexalign.core.shares):
     the pieces `<name>/<model>` and their sizes."""
     from lexalign.models import packing
@@ -64,7 +64,7 @@ def scored(models: dict, tokenizer, prompts: list[str], completions: list[str], 
     sequences, starts = held_out_sequences(tokenizer, prompts, completions, chat)
     first = next(iter(models.values()))
     device = str(next(first.parameters()).device)
-    mine = shard.take(packing.plan_batches(first, [len(s) for s in sequences], device, batch_size=batch_size))
+    mine = share.take(packing.plan_batches(first, [len(s) for s in sequences], device, batch_size=batch_size))
     pieces = {f"{name}/{label}": piece(mine, packing.sequence_logps(model, sequences, starts, device,
                                                                      batch_size=batch_size,
                                                                      pad_token_id=pad_id(tokenizer), batches=mine))
@@ -74,7 +74,7 @@ def scored(models: dict, tokenizer, prompts: list[str], completions: list[str], 
 
 def _alone(scores: tuple[dict, dict]) -> dict[str, list]:
     """The values of (pieces, sizes) scored by one process alone."""
-    return Shard().gather(*scores)
+    return Share().gather(*scores)
 
 
 def _prompt_batch(tokenizer, prompts: list[str], chat: bool, device):
@@ -92,7 +92,7 @@ def _prompt_batch(tokenizer, prompts: list[str], chat: bool, device):
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
 
 
-def held_out_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_size: int, shard: Shard
+def held_out_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_size: int, share: Share
                     ) -> tuple[dict, dict]:
     """The log-probs behind the held-out figures: of the chosen and the rejected answers (pairs), or of each
     completion (unpaired rows, KTO's data)."""
@@ -100,7 +100,7 @@ def held_out_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_siz
     pieces, sizes = {}, {}
     for side in ("completion",) if "label" in frame.columns else ("chosen", "rejected"):
         found = scored(models, tokenizer, frame["prompt"].tolist(), frame[side].tolist(), tokens.chat_rendered(frame),
-                       batch_size, shard, side)
+                       batch_size, share, side)
         pieces.update(found[0])
         sizes.update(found[1])
     return pieces, sizes
@@ -113,7 +113,7 @@ def held_out_figures(logps: dict[str, list], frame: pd.DataFrame, beta: float) -
 
 def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
     """The held-out pairs' figures, scored in this process."""
-    return preference_figures(_alone(held_out_scores(policy, reference, tokenizer, frame, batch_size, Shard())), beta)
+    return preference_figures(_alone(held_out_scores(policy, reference, tokenizer, frame, batch_size, Share())), beta)
 
 
 def preference_figures(logps: dict[str, list], beta: float) -> dict:
@@ -160,7 +160,7 @@ def ranked_groups(frame: pd.DataFrame) -> tuple[int, list[tuple]]:
     return k, [(p, r[:k], s[:k]) for p, r, s in groups if len(r) == k]
 
 
-def ranking_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_size: int, shard: Shard
+def ranking_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_size: int, share: Share
                    ) -> tuple[dict, dict]:
     """The log-probs of every response of the ranked groups of K (none below K = 3)."""
     k, groups = ranked_groups(frame)
@@ -169,7 +169,7 @@ def ranking_scores(policy, reference, tokenizer, frame: pd.DataFrame, batch_size
     prompts = [p for p, r, _ in groups for _ in r]
     responses = [y for _, r, _ in groups for y in r]
     return scored({"policy": policy, "reference": reference}, tokenizer, prompts, responses,
-                  tokens.chat_rendered(frame), batch_size, shard, "ranked")
+                  tokens.chat_rendered(frame), batch_size, share, "ranked")
 
 
 def ranking_figures(logps: dict[str, list], frame: pd.DataFrame, beta: float) -> dict:
@@ -234,13 +234,13 @@ def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
 
 
 def kl_scores(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int,
-              chat: bool, shard: Shard) -> tuple[dict, dict]:
+              chat: bool, share: Share) -> tuple[dict, dict]:
     """For each prompt, log π_aligned(y|x) − log π_SFT(y|x) of an answer y sampled from the aligned model at
     temperature 1, for this process's share of the prompt batches. Batch i samples from seed + i, so it draws
     the same answers in whichever process runs it (the global RNG is left as it was)."""
     import torch
 
-    mine = shard.take(list(enumerate(chunks(len(prompts), batch_size))))
+    mine = share.take(list(enumerate(chunks(len(prompts), batch_size))))
     diffs: list[float | None] = [None] * len(prompts)
     state = torch.random.get_rng_state()
     try:
@@ -281,7 +281,7 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
     """Monte Carlo KL(aligned ‖ SFT) per prompt, scored in this process: the mean of `kl_scores` (an unbiased
     estimate)."""
     return kl_figure(_alone(kl_scores(policy, reference, tokenizer, prompts, max_new_tokens, seed, batch_size, chat,
-                                      Shard()))["kl"])
+                                      Share()))["kl"])
 
 
 def kl_figure(diffs: list[float]) -> float:
@@ -327,7 +327,7 @@ def length_summary(answers: dict[str, list[dict]]) -> dict | None:
 
 @dataclass
 class Plan:
-    """What one evaluation scores: the same in every process of a sharded one."""
+    """What one evaluation scores: the same in every process of one launched in several."""
 
     eval_frame: pd.DataFrame
     ranked: pd.DataFrame | None
@@ -351,19 +351,19 @@ class Plan:
 
 def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
              seed: int = 42, ranked_frame: pd.DataFrame | None = None, reward_model: Path | None = None,
-             device: str = "cpu", shard: Shard | None = None) -> dict | None:
-    """Every figure of one run against its reference model. `shard` (a launched step, `lexalign.core.shares`): this
+             device: str = "cpu", share: Share | None = None) -> dict | None:
+    """Every figure of one run against its reference model. `share` (a launched step, `lexalign.core.shares`): this
     process scores its share of every batch (log-probs, sampled and greedy answers, the reward model's scores),
     and the main process returns the figures of them all, equal to one process's; the others return None."""
     from lexalign.generation import judges
     from lexalign.models.loading import require_model
 
-    shard = shard or Shard()
+    share = share or Share()
     require_model(aligned, "lexalign align --config config/align.yaml")
     require_model(reference, "lexalign finetune --config config/finetune.yaml")
     judges.check(cfg, reward_model)  # a wrong judge fails now, not after the generations
     plan = Plan.of(eval_frame, ranked_frame, cfg, beta, seed)
-    scores, mine, answers = model_scores(aligned, reference, plan, device, shard)
+    scores, mine, answers = model_scores(aligned, reference, plan, device, share)
     if device == "cuda":  # the models are gone: the reward model (judge reward_model) gets their memory
         import torch
 
@@ -372,12 +372,12 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
         rewards = judges.reward_model_rewards(reward_model, plan.prompts, *_texts(answers), plan.chat,
                                               cfg.batch_size, device, mine)
         scores.append(_named("rewards", rewards, mine))
-    values = shard.gather({k: v for pieces, _ in scores for k, v in pieces.items()},
+    values = share.gather({k: v for pieces, _ in scores for k, v in pieces.items()},
                           {k: v for _, sizes in scores for k, v in sizes.items()})
     return None if values is None else figures(values, plan, aligned, reference, reward_model, device)
 
 
-def model_scores(aligned: Path, reference: Path, plan: Plan, device: str, shard: Shard
+def model_scores(aligned: Path, reference: Path, plan: Plan, device: str, share: Share
                  ) -> tuple[list[tuple[dict, dict]], list[list[int]], tuple[list, list]]:
     """What the aligned and the reference model score, this process's share of it: the (pieces, sizes) of each
     measure, this process's generation batches, and its (SFT, aligned) answers. The models are freed on return."""
@@ -387,12 +387,12 @@ def model_scores(aligned: Path, reference: Path, plan: Plan, device: str, shard:
     policy = load_causal_lm(aligned, device).to(device).eval()
     ref = load_causal_lm(reference, device).to(device).eval()
     size = plan.cfg.batch_size
-    scores = [held_out_scores(policy, ref, tokenizer, plan.eval_frame, size, shard)]
+    scores = [held_out_scores(policy, ref, tokenizer, plan.eval_frame, size, share)]
     if plan.ranked is not None:
-        scores.append(ranking_scores(policy, ref, tokenizer, plan.ranked, size, shard))
+        scores.append(ranking_scores(policy, ref, tokenizer, plan.ranked, size, share))
     scores.append(kl_scores(policy, ref, tokenizer, plan.kl_prompts, plan.cfg.max_new_tokens, plan.seed, size,
-                            tokens.chat_rendered(plan.eval_frame), shard))
-    mine = shard.take(chunks(len(plan.prompts), size))
+                            tokens.chat_rendered(plan.eval_frame), share))
+    mine = share.take(chunks(len(plan.prompts), size))
     answers = tuple(generate_answers(model, tokenizer, plan.prompts, plan.cfg.max_new_tokens, size, plan.chat, mine)
                     for model in (ref, policy))
     scores.append(_named("answers", answers, mine))

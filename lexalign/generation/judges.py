@@ -135,7 +135,7 @@ def reward_model_judge(model_dir: str | Path, prompts: list[str], sft: list[str]
                        batch_size: int, device: str, seed: int, label: str | None = None,
                        rewards: tuple[list, list] | None = None) -> dict:
     """The judge block from the reward model's scores (`rewards`: already computed, by the processes of a
-    sharded evaluation)."""
+    evaluation in several processes)."""
     rewards = rewards or reward_model_rewards(model_dir, prompts, sft, aligned, chat, batch_size, device)
     return from_rewards(f"reward_model:{label or Path(model_dir).name}", *rewards, seed)
 
@@ -291,7 +291,7 @@ def judge(cfg, prompts: list[str], sft: list[str], aligned: list[str], chat: boo
           reward_model: str | Path | None = None, device: str = "cpu", rewards: tuple[list, list] | None = None
           ) -> dict | None:
     """The judge block for `cfg.judge` (an EvaluateConfig), or None with judge none. `rewards`: the reward
-    model's scores of both answers, when the processes of a sharded evaluation computed them already."""
+    model's scores of both answers, when the processes of an evaluation in several processes computed them already."""
     if cfg.judge == "demo":
         return demo_judge(sft, aligned, seed)
     if cfg.judge == "reward_model":

@@ -129,7 +129,7 @@ def question(prompt) -> str:
     return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in turns)
 
 
-def prompt_budget(model_dir: Path, sampling: Sampling, max_prompt_tokens: int | None) -> int | None:
+def longest_prompt(model_dir: Path, sampling: Sampling, max_prompt_tokens: int | None) -> int | None:
     """The longest prompt kept: `max_prompt_tokens`, else the model's context minus max_new_tokens."""
     from transformers import AutoConfig
 
@@ -319,7 +319,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     tokenizer = load_tokenizer(model_dir)
     texts, chat = render_prompts(tokenizer, prompts, rendered)
     ids = tokens.prompt_ids(tokenizer, texts, chat)
-    budget = prompt_budget(model_dir, sampling, max_prompt_tokens)
+    budget = longest_prompt(model_dir, sampling, max_prompt_tokens)
     work = plan(texts, ids, budget)
     questions = {i: question(prompts[i]) for i in work.rows}
     if not work.rows:

@@ -208,27 +208,27 @@ class ScoreCache:
         return len(found)
 
 
-def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_size: int = 32, shard=None
+def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_size: int = 32, share=None
                       ) -> tuple[list[list[float | None]], dict] | None:
     """(K scores for each generations row, counts): the cached ones read, the missing ones asked in
     length-sorted batches and cached batch by batch.
 
-    `shard` (a launched step, scale.score: lexalign.core.shares): every process plans the same batches of the scores
+    `share` (a launched step, scale.score: lexalign.core.shares): every process plans the same batches of the scores
     missing from the cache and asks the judge for every N-th of them (each caching its own: `ScoreCache`); the
     main process gathers them, folds the processes' cache files into the cache and returns what one process
     returns; the others return None."""
-    from lexalign.core.shares import Shard, chunks, piece
+    from lexalign.core.shares import Share, chunks, piece
 
-    shard = shard or Shard()
-    cache = ScoreCache(cache_path, shard.rank)
-    shard.barrier()  # every process has read the cache before any writes to it: they plan the same batches
+    share = share or Share()
+    cache = ScoreCache(cache_path, share.rank)
+    share.barrier()  # every process has read the cache before any writes to it: they plan the same batches
     reads = getattr(judge, "reads", "prompt")  # the reward model reads the rendered prompt, as evaluate gives it
     items = [(score_key(r["policy_hash"], r["prompt"], ids, judge.name), r.get(reads) or r["prompt"], text,
               len(r["prompt_ids"]) + len(ids))
              for r in rows for ids, text in zip(r["completion_ids"], r["completions"], strict=True)]
     missing = {key: item for key, *item in items if key not in cache.scores}
     order = sorted(missing, key=lambda key: missing[key][2])
-    mine = shard.take(chunks(len(order), batch_size))
+    mine = share.take(chunks(len(order), batch_size))
     found: list[float | None] = [None] * len(order)
     asked = 0
     for batch in mine:
@@ -252,7 +252,7 @@ def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_siz
         for i, value in zip(batch, scores, strict=True):
             found[i] = value
         asked += len(keys)
-    gathered = shard.gather({"scores": piece(mine, found)}, {"scores": len(order)})
+    gathered = share.gather({"scores": piece(mine, found)}, {"scores": len(order)})
     if gathered is None:
         return None  # not the main process: it returns every score
     cache.scores.update(zip(order, gathered["scores"], strict=True))
@@ -265,3 +265,15 @@ def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_siz
     flat = [s for group in grouped for s in group]
     return grouped, {"judge": judge.name, "completions": len(flat), "asked": len(order),
                      "cached": len(flat) - len(order), "unscored": sum(s is None for s in flat)}
+
+
+def make_judge(judge: str, chat: bool, reward_model, llm_judge: dict, device: str):
+    """The online judge `judge` (online.judge) that scores each completion: the demo's rule, a reward model, or
+    an LLM at an OpenAI-compatible endpoint (evaluate.llm_judge)."""
+    if judge == "demo":
+        return DemoJudge()
+    if judge == "reward_model":
+        from lexalign.models.loading import resolve_device
+
+        return RewardModelJudge(reward_model, chat, resolve_device(device))
+    return LlmJudge(llm_judge)

@@ -19,23 +19,22 @@ than two completions (`too_few`). Rows: `prompt`, `chosen`, `rejected`
 ids `prompt_ids`, `chosen_ids`, `rejected_ids`.
 
 `ranked` (GDPO): all the completions, best first by the judge's score, stably
-(`lexalign.groups`, the order validation and GDPO use); more than
+(`lexalign.data.ranking`, the order validation and GDPO use); more than
 `group_size` keep the best, the worst and evenly spaced ones between, fewer
 are dropped (`too_few`), every one tied is dropped (`all_tied`). Rows:
 `prompt`, `responses`, `scores` (validation's `ranked` shape) with the ids
 `prompt_ids`, `completion_ids`.
 
-`token_table` turns either into the reference step's token table (prompt_ids,
-completion_ids best first, scores) from the sampled ids, never re-encoding
-text: `lexalign.reference.trainer_dataset` reads it as it reads a tokenized split.
-`validated_token_table` does the same for the rows the existing validation kept
-(in its train or eval split), found by their `source_row`.
+The rows go through the offline validation as any preference data; the reference
+step and the trainer then read the sampled ids of the rows it kept, found by their
+`source_row` (`lexalign.train.trainer_data.sampled_token_table`), never the text
+encoded again.
 """
 
 from __future__ import annotations
 
+from lexalign.data.ranking import order_best_first, select_indices
 from lexalign.generation.judges import TIE_TOLERANCE
-from lexalign.groups import order_best_first, select_indices
 
 COUNTS = ("prompts", "unscored", "truncated_dropped", "duplicates_merged", "too_few", "ties", "all_tied", "selected")
 
@@ -105,34 +104,3 @@ def ranked(rows: list[dict], group_size: int, keep_truncated: bool = False) -> t
                     "scores": scores, "prompt_ids": list(row["prompt_ids"]),
                     "completion_ids": [list(row["completion_ids"][i]) for i in order]})
     return out, counts
-
-
-def validated_token_table(frame, records: list[dict]):
-    """The token table of a validated split (`frame`, in its row order) of the selection `records` written as
-    JSON Lines in their order: each row's ids found by its `source_row` (`lexalign.train.trainer_data.sampled_ids`),
-    its responses in the validated row's order, with its scores."""
-    from lexalign.train.trainer_data import sampled_ids
-
-    out = []
-    for (prompt_ids, by_text, wanted), row in zip(sampled_ids(frame, records), frame.to_dict("records"),
-                                                  strict=True):
-        out.append({"prompt_ids": prompt_ids, "completion_ids": [by_text[t] for t in wanted],
-                    "scores": [float(v) for v in row["scores"]]})
-    return token_table(out)
-
-
-def token_table(records: list[dict]):
-    """The reference step's token table (`lexalign.reference.token_table`'s columns, plus scores) from selected
-    pairs or groups, built from the sampled ids."""
-    import pyarrow as pa
-
-    ids = pa.list_(pa.int32())
-    if records and "chosen_ids" in records[0]:
-        completions = [[r["chosen_ids"], r["rejected_ids"]] for r in records]
-        scores = [[r["chosen_score"], r["rejected_score"]] for r in records]
-    else:
-        completions = [r["completion_ids"] for r in records]
-        scores = [r["scores"] for r in records]
-    return pa.table({"prompt_ids": pa.array([r["prompt_ids"] for r in records], type=ids),
-                     "completion_ids": pa.array(completions, type=pa.list_(ids)),
-                     "scores": pa.array(scores, type=pa.list_(pa.float64()))})

@@ -98,7 +98,7 @@ def plan_batches(model, lengths: list[int], device: str = "cpu", token_budget: i
                  batch_size: int = 16) -> list[list[int]]:
     """The batches `sequence_logps` scores sequences of these lengths in: by a token budget (DEFAULT_TOKEN_BUDGET,
     8x on CUDA) where the architecture takes packed input, else `batch_size` at a time in order. Every process of a
-    sharded step plans the same and scores its share (lexalign.core.shares)."""
+    step in several processes plans the same and scores its share (lexalign.core.shares)."""
     if supports_packing(model):
         return budget_batches(lengths, token_budget or DEFAULT_TOKEN_BUDGET * (8 if str(device).startswith("cuda")
                                                                               else 1))
@@ -111,8 +111,8 @@ def sequence_logps(model, sequences: list[list[int]], completion_starts: list[in
     """Summed log-prob of each sequence's tokens from `completion_starts[i]` on, scored without gradients.
 
     In the batches of `plan_batches` (packed, else right-padded), log-probs from the lean head
-    (`lexalign.models.logprobs`). `batches`: only these of them (a process's share of a sharded step); the other
-    sequences' values are NaN."""
+    (`lexalign.models.logprobs`). `batches`: only these of them (a process's share, lexalign.core.shares); the
+    other sequences' values are NaN."""
     import numpy as np
 
     from lexalign.models.logprobs import ensure_lean_head

@@ -1,10 +1,11 @@
 """The source files a pipeline step can run: each rule's `code` input, derived rather than listed.
 
-A step is a function of `lexalign/steps/training.py`. Its files are stages.py itself,
-the package `__init__`s on the way, and the import closure of what the
-function uses: the modules it imports (inside the function too), the modules
-behind the module-level names it reads, and the helpers of stages.py it calls;
-then, for each of those modules, every lexalign module it imports anywhere
+A step is a function of a module of `lexalign/steps/` (its phase: `PHASES` in
+`lexalign/steps/__init__.py`). Its files are that module itself, the package
+`__init__`s on the way, and the import closure of what the function uses: the
+modules it imports (inside the function too), the modules behind the module's
+module-level imports, and the helpers of its module it calls; then, for each of
+those modules, every lexalign module it imports anywhere
 (inside functions included), transitively. Editing any of these files reruns
 the step, and only the steps whose closure holds the file.
 
@@ -111,24 +112,36 @@ def module_closure(modules: set[str], root: Path = ROOT) -> set[str]:
 
 
 def _called(node: ast.AST) -> set[str]:
-    """Names called in a function (`helper(...)`), not merely read: a local `report` is not stages.report."""
+    """Names called in a function (`helper(...)`), not merely read: a local `report` is not the report step."""
     return {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
+@cache
+def step_module(step: str, root: Path = ROOT) -> str:
+    """The module of lexalign.steps that defines `step` (its PHASES, read with `ast`)."""
+    tree = _tree(root / "steps" / "__init__.py")
+    phases = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(target, "id", None) == "PHASES" for target in node.targets))
+    for phase, steps in phases.items():
+        if step in steps:
+            return f"{PACKAGE}.steps.{phase}"
+    raise KeyError(f"lexalign.steps has no step {step!r}")
+
+
 def step_modules(step: str, root: Path = ROOT) -> set[str]:
-    """The lexalign modules the step function `stages.<step>` can run."""
-    tree = _tree(root / "steps" / "training.py")
+    """The lexalign modules the step function `step` can run."""
+    module = step_module(step, root)
+    tree = _tree(_module_file(module, root))
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    if step not in functions:
-        raise KeyError(f"lexalign.steps.training has no step {step!r}")
     top_level = {}
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             top_level.update(_imported(node, root))
-    # Importing stages runs its module-level imports; its functions' imports run only in the step that calls them.
+    # Importing the module runs its module-level imports; its functions' imports run only in the step that calls
+    # them.
     modules = set(top_level.values())
     todo, done = [step], set()
-    while todo:  # the step and the helpers of stages.py it calls
+    while todo:  # the step and the helpers of its module it calls
         name = todo.pop()
         if name in done:
             continue
@@ -138,7 +151,7 @@ def step_modules(step: str, root: Path = ROOT) -> set[str]:
         for node in ast.walk(function):
             modules |= set(_imported(node, root).values())
         todo += [other for other in functions if other in used and other not in done]
-    return module_closure(modules, root) | {f"{PACKAGE}.steps.training"}
+    return module_closure(modules, root) | {module}
 
 
 BRIDGE = (f"{PACKAGE}.pipeline.rules", f"{PACKAGE}.pipeline.launch")

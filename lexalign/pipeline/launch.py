@@ -374,7 +374,7 @@ def run_node(path: str | Path) -> int:
 def main(argv: list[str] | None = None) -> None:
     """One launched process: `python -m lexalign.pipeline.launch SPEC [SPEC ...]` runs each spec in turn
     (`--node NODE.json`: one node's launcher, see run_on_nodes)."""
-    from lexalign.steps import training as stages
+    from lexalign import steps
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in argv:
         step, arguments = load_spec(path)
         try:
-            stages.run(step, **arguments)
+            steps.run(step, **arguments)
         except LexAlignError as err:
             message = err.render()
             print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr, flush=True)

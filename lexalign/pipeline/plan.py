@@ -31,8 +31,8 @@ def _check(given: dict) -> dict:
     names the key, the value found and what is expected on an error, as the CLI does; then each stage's section,
     each sweep run and the online section are checked in full."""
     from lexalign.config.loader import validate_config
+    from lexalign.config.online import settings
     from lexalign.config.sections import AlignConfig, EvaluateConfig, FinetuneConfig, run_alignment
-    from lexalign.steps.rounds import settings
 
     config = validate_config(given, "pipeline", source="the pipeline config")
     FinetuneConfig.from_dict(config["finetune"])
@@ -69,7 +69,7 @@ def _sources(config: dict) -> dict:
 def _tracking(config: dict, runs: dict, online: dict | None) -> dict:
     """Each training run's trackers: SFT (`sft`), the primary alignment (`aligned`), each sweep run, each online
     round (`online-round-<r>`)."""
-    from lexalign.steps.rounds import round_alignment
+    from lexalign.config.online import round_alignment
     from lexalign.train.tracking import pipeline_tracking
 
     sections = {"sft": config["finetune"], "aligned": config["alignment"], **runs}

@@ -111,7 +111,7 @@ def step_of(rule: str) -> str:
 def run_rule(smk) -> None:
     """Run the step of the rule `smk.rule` (Snakemake's `snakemake` object) with the rule's arguments."""
     from lexalign.pipeline import launch
-    from lexalign.steps import training as stages
+    from lexalign.steps import checked
 
     step = step_of(smk.rule)
     if step not in ONLINE_STEPS:
@@ -136,7 +136,7 @@ def run_rule(smk) -> None:
                     launch.run_in_processes(step, arguments, processes, smk.resources, getattr(smk, "threads", None),
                                             log.parent if log else None)
                 else:
-                    stages.run(step, **arguments)
+                    checked(step, arguments)(**arguments)
             except LexAlignError as err:
                 print(err.render(), file=sys.stderr, flush=True)
                 if handle:

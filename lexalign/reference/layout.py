@@ -122,7 +122,7 @@ def split_groups(frame, layout: str, chat: bool | None = None) -> Groups:
         chosen, rejected = frame["chosen"].astype(str), frame["rejected"].astype(str)
         responses = [list(pair) for pair in zip(chosen, rejected, strict=True)]
         return Groups(list(range(n)), prompts, responses, [[1.0, 0.0]] * n, chat=bool(chat))
-    from lexalign.groups import iter_ranked_groups
+    from lexalign.data.ranking import iter_ranked_groups
 
     out, dropped = Groups([], [], [], [], chat=bool(chat)), 0
     for position, group in iter_ranked_groups(frame, k) if len(frame) else ():

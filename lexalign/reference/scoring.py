@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from lexalign.core.errors import LexAlignError
 from lexalign.core.paths import adapter_base, lone_adapter
-from lexalign.core.shares import Shard, piece
+from lexalign.core.shares import Share, piece
 from lexalign.reference.cache import cached_tokens
 from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key, tokenizer_hash
 from lexalign.reference.layout import TRUNCATION_MODE, group_size, split_groups
@@ -39,9 +39,9 @@ def group_logps(model, tokens, max_length: int | None, truncation_mode: str = TR
     if not n:
         return []
     k = len(tokens.column("completion_ids")[0])
-    shard = Shard()
-    part = scored_piece(model, tokens, max_length, truncation_mode, device, autocast_dtype, token_budget, shard)
-    return _by_group(shard.gather({"logps": part}, {"logps": n * k})["logps"], n, k)
+    share = Share()
+    part = scored_piece(model, tokens, max_length, truncation_mode, device, autocast_dtype, token_budget, share)
+    return _by_group(share.gather({"logps": part}, {"logps": n * k})["logps"], n, k)
 
 
 def _by_group(flat: list[float], n: int, k: int) -> list[list[float]]:
@@ -67,7 +67,7 @@ def reference_sequences(tokens, max_length: int | None, truncation_mode: str = T
 
 
 def scored_piece(model, tokens, max_length: int | None, truncation_mode: str, device: str, autocast_dtype,
-                 token_budget: int | None, shard: Shard) -> dict:
+                 token_budget: int | None, share: Share) -> dict:
     """This process's share of the summed log-probs of a token table's responses (`lexalign.core.shares`: rows are
     group * K + response), in packed batches of at most `token_budget` tokens: every architecture LexAlign has run
     takes packed input (`lexalign.models.packing.PACKED_UNSUPPORTED` is empty), so there is no padded path to fall
@@ -80,7 +80,7 @@ def scored_piece(model, tokens, max_length: int | None, truncation_mode: str, de
         raise LexAlignError(f"The reference step cannot score a {model.config.model_type} model: its attention "
                             "ignores packed position_ids", hint="Align without the reference step (lexalign align)")
     sequences, starts = reference_sequences(tokens, max_length, truncation_mode)
-    mine = shard.take(packing.plan_batches(model, [len(s) for s in sequences], device, token_budget))
+    mine = share.take(packing.plan_batches(model, [len(s) for s in sequences], device, token_budget))
     autocast = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None \
         else contextlib.nullcontext()
     with autocast:
@@ -116,14 +116,14 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
                       device: str = "cpu", load_in_4bit: bool = False, trust_remote_code: bool = False,
                       tokenizer_path: str | Path | None = None, cache_dir: str | Path | None = None,
                       workers: int | None = None, token_tables: dict | None = None,
-                      shard: Shard | None = None) -> dict | None:
+                      share: Share | None = None) -> dict | None:
     """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary.
 
-    `shard` (a launched step, `lexalign.core.shares`): this process scores its share of the batches, and the main
+    `share` (a launched step, `lexalign.core.shares`): this process scores its share of the batches, and the main
     process gathers them into the file one process writes and returns the summary (the others None)."""
     import torch
 
-    shard = shard or Shard(output=Path(output))
+    share = share or Share(output=Path(output))
     model_path = Path(model_path)
     tokenizer_path = Path(tokenizer_path or model_path)
     k = group_size(layout)  # validates the layout, before any work
@@ -131,10 +131,10 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     dtype = compute_dtype(device, load_in_4bit)
     # The key hashes the weights: only the main process, which writes the file, needs it.
     key = reference_key(model_path, tokenizer_path, splits, layout, max_length, truncation_mode, load_in_4bit,
-                        dtype) if shard.main else None
+                        dtype) if share.main else None
     started = time.perf_counter()
     # The main process fills the token cache, then the others read it rather than all tokenizing at once.
-    with shard.main_first() if cache_dir else contextlib.nullcontext():
+    with share.main_first() if cache_dir else contextlib.nullcontext():
         tokens, cache_hits = token_tables_of(splits, tokenizer_path, trust_remote_code, cache_dir, workers,
                                              token_tables)
     tokenized = time.perf_counter() - started
@@ -142,11 +142,11 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     with contextlib.ExitStack() as stack:
         model = load_reference_model(model_path, device, load_in_4bit, trust_remote_code, stack)
         started = time.perf_counter()
-        pieces = {name: scored_piece(model, tokens[name], max_length, truncation_mode, device, autocast, None, shard)
+        pieces = {name: scored_piece(model, tokens[name], max_length, truncation_mode, device, autocast, None, share)
                   for name in splits}
         computed = time.perf_counter() - started
         del model
-    flat = shard.gather(pieces, {name: len(groups) * k for name, groups in splits.items()})
+    flat = share.gather(pieces, {name: len(groups) * k for name, groups in splits.items()})
     if flat is None:
         return None  # another process's share: the main process writes the file
     logps = {name: _by_group(flat[name], len(groups), k) for name, groups in splits.items()}
@@ -154,7 +154,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     return {"train_groups": len(splits["train"]), "eval_groups": len(splits["eval"]),
             "sequences": sum(len(g) for g in splits.values()) * k, "layout": layout,
             "tokenize_seconds": round(tokenized, 3), "token_cache": cache_hits, "forward_seconds": round(computed, 3),
-            "processes": shard.world, "key": key["key"], "output": str(output)}
+            "processes": share.world, "key": key["key"], "output": str(output)}
 
 
 def token_tables_of(splits: dict, tokenizer_path: Path, trust_remote_code: bool, cache_dir, workers,

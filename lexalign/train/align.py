@@ -137,7 +137,7 @@ def reference_datasets(job: AlignJob, device: str):
     layout = layout_for(cfg.method, cfg.group_delay_size)
     splits = {"train": split_groups(job.train, layout), "eval": split_groups(job.eval, layout)}
     if methods.method(cfg.method).group_size(cfg.group_delay_size) is not None:  # ranked groups of K
-        from lexalign.groups import check_groups
+        from lexalign.data.ranking import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
             check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)
@@ -177,7 +177,7 @@ def _reference_file(path: Path) -> Path:
 
 def check_data(job: AlignJob) -> None:
     """Unpaired rows (prompt, completion, label) carry no preference between two answers: only KTO reads them."""
-    from lexalign.data.validation import is_unpaired, needs_pairs_error
+    from lexalign.data.validated import is_unpaired, needs_pairs_error
 
     if is_unpaired(job.train) and methods.method(job.cfg.method).layout is not methods.Layout.UNPAIRED:
         raise needs_pairs_error(f'alignment.method "{job.cfg.method}"', "the training split")
@@ -292,7 +292,7 @@ def setup_kto(job: AlignJob, device: str, model, tokenizer, interrupt, precomput
     """KTO through TRL's KTOTrainer on rows LexAlign tokenized (`lexalign.train.kto_trainer`), the reference log-probs
     of every completion and KL completion read from the reference file when there is one."""
     from lexalign.core.errors import warn
-    from lexalign.data.validation import label_balance
+    from lexalign.data.validated import label_balance
     from lexalign.train.kto_trainer import KTOConfig, LexAlignKTOTrainer
 
     cfg = job.cfg

@@ -36,7 +36,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
 from lexalign.core.tokens import tokenize_groups
-from lexalign.groups import check_groups, ranked_groups
+from lexalign.data.ranking import check_groups, ranked_groups
 from lexalign.methods.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
 from lexalign.train.preference_trainer import LOSS_OPTIONS, PreferenceStep, PreferenceTrainer
 

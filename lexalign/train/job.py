@@ -115,9 +115,9 @@ class TrainingJob:
     def save(self, trainer, tokenizer) -> Path:
         """Write the model; with several processes every one gathers the weights and the main one writes."""
         accelerator = trainer.accelerator
-        # Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered by all processes together.
-        sharded = accelerator.num_processes > 1 and accelerator.distributed_type in ("FSDP", "DEEPSPEED")
-        state_dict = accelerator.get_state_dict(trainer.model) if sharded else None
+        # Weights partitioned over the processes (FSDP, DeepSpeed ZeRO-3) are gathered by all of them together.
+        partitioned = accelerator.num_processes > 1 and accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+        state_dict = accelerator.get_state_dict(trainer.model) if partitioned else None
         if accelerator.is_main_process:
             self._write(trainer, tokenizer, state_dict)
         accelerator.wait_for_everyone()
@@ -154,3 +154,16 @@ class TrainingJob:
             runtime.clear_checkpoints(self.checkpoint_dir)
             print(f"{self.title()} written to {out}", flush=True)
         return out
+
+
+def job_inputs(model, data, output, checkpoint_dir, device, seed, resume, verbose, trust_remote_code,
+               gated: bool = False) -> dict:
+    """What every TrainingJob is built from (its shared fields): the validated (or SFT) rows of `data`, read
+    (with `gated`, only past its validation report's gate), and the step's paths."""
+    from lexalign.data.validated import read_validated
+
+    train, evals = read_validated(data, gated)
+    return {"model_path": Path(model), "train": train, "eval": evals, "output_dir": Path(output),
+            "checkpoint_dir": Path(checkpoint_dir), "device": device, "seed": seed,
+            "resume": Path(resume) if resume else None, "verbose": verbose, "trust_remote_code": trust_remote_code,
+            "lineage_inputs": {"model": Path(model), "data": Path(data)}}

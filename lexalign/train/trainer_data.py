@@ -14,7 +14,7 @@ again can give other tokens.
 from __future__ import annotations
 
 from lexalign.core.errors import LexAlignError
-from lexalign.groups import check_groups
+from lexalign.data.ranking import check_groups
 from lexalign.methods import Layout, parse_layout
 from lexalign.reference.cache import token_table
 from lexalign.reference.layout import kl_partners, split_groups, unpaired_rows
