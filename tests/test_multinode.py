@@ -14,7 +14,7 @@ aligned as it is) runs with `scale.align: {nodes: 2, processes_per_node: 1}` on 
 
 The aligned model then equals that of one node running two processes (the same global batch) within 1e-4.
 The reference step runs in two processes inside its one-node job (`scale.reference.processes_per_node: 2`): a
-job's processes under SLURM, its batches shared out and gathered into one file (tests/test_shards.py shows that
+job's processes under SLURM, its batches shared out and gathered into one file (tests/test_shares.py shows that
 file equals one process's). This is the session's one pipeline through profiles/slurm: every step but the
 downloads ran as a SLURM job.
 """

@@ -191,7 +191,7 @@ def session(output: str | Path) -> Iterator[Share]:
         store, rank, world = next(dist.rendezvous("env://"))
         # A group of its own in the launcher's store: a group started again after destroy_process_group takes its
         # first one's name, and would read the addresses its first one left there (and wait for them in vain).
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"lexalign-shards-{next(_SESSIONS)}", store),
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"lexalign-shares-{next(_SESSIONS)}", store),
                                 rank=rank, world_size=world,
                                 **({"timeout": timedelta(seconds=timeout)} if timeout else {}))
     if torch.cuda.is_available():  # "cuda" is then this process's GPU, not the first one

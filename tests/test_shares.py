@@ -21,7 +21,7 @@ from conftest import REPO, write_jsonl, write_reward_model
 
 from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
-from lexalign.core.shares import Shard, chunks, deal, piece, restore, write_part
+from lexalign.core.shares import Share, chunks, deal, piece, restore, write_part
 from lexalign.models.packing import budget_batches
 from lexalign.pipeline.launch import (
     check_nodes,
@@ -61,19 +61,19 @@ def test_seven_rows_on_two_and_three_ranks_each_once_in_order(batches, world):
 
 def test_dealing_goes_on_across_the_step():
     """Batches of several lists are dealt in turn over the whole step, so one-batch lists spread too."""
-    shard = [Shard(rank=rank, world=2) for rank in range(2)]
+    shares = [Share(rank=rank, world=2) for rank in range(2)]
     for _ in range(3):
-        for s in shard:
+        for s in shares:
             s.take([[0]])
-    assert [s.dealt for s in shard] == [3, 3]
-    assert [s.take([[0], [1]]) for s in shard] == [[[1]], [[0]]]
+    assert [s.dealt for s in shares] == [3, 3]
+    assert [s.take([[0], [1]]) for s in shares] == [[[1]], [[0]]]
 
 
 def test_one_process_takes_every_batch_and_writes_nothing(tmp_path):
-    shard = Shard(output=tmp_path / "out.json")
+    share = Share(output=tmp_path / "out.json")
     batches = budget_batches([3, 9, 4], budget=10)
-    assert shard.take(batches) == batches
-    assert shard.gather({"x": piece(batches, [1.0, 2.0, 3.0])}, {"x": 3}) == {"x": [1.0, 2.0, 3.0]}
+    assert share.take(batches) == batches
+    assert share.gather({"x": piece(batches, [1.0, 2.0, 3.0])}, {"x": 3}) == {"x": [1.0, 2.0, 3.0]}
     assert not list(tmp_path.iterdir())
 
 
@@ -89,11 +89,11 @@ def test_parts_that_do_not_cover_every_row_once_are_a_clear_error(pieces, messag
 
 def test_the_main_process_gathers_the_parts_and_removes_them(tmp_path):
     output = tmp_path / "pairs-max64.parquet"
-    main, other = Shard(rank=0, world=2, output=output), Shard(rank=1, world=2, output=output)
+    main, other = Share(rank=0, world=2, output=output), Share(rank=1, world=2, output=output)
     values = [0.1 * i for i in range(5)]
     batches = chunks(5, 2)
-    for shard in (main, other):
-        write_part(shard.part_path(shard.rank), {"train": piece(shard.take(batches), values)})
+    for share in (main, other):
+        write_part(share.part_path(share.rank), {"train": piece(share.take(batches), values)})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pairs-max64.parquet.part-0-of-2.json",
                                                          ".pairs-max64.parquet.part-1-of-2.json"]
     assert main.read_parts({"train": 5}) == {"train": values}  # floats exactly: JSON keeps every bit
@@ -101,7 +101,7 @@ def test_the_main_process_gathers_the_parts_and_removes_them(tmp_path):
 
 
 def test_a_missing_part_is_named_and_no_part_is_left(tmp_path):
-    main = Shard(rank=0, world=2, output=tmp_path / "eval.json")
+    main = Share(rank=0, world=2, output=tmp_path / "eval.json")
     write_part(main.part_path(0), {"kl": piece([[0]], [0.5])})
     with pytest.raises(LexAlignError, match=r"Process 1's part is missing: .*\.eval\.json\.part-1-of-2\.json") as err:
         main.read_parts({"kl": 2})
@@ -283,7 +283,7 @@ def test_every_process_scored_a_share(runs):
 def test_two_processes_write_the_eval_json_of_one(runs):
     one = json.loads((runs["one"] / "eval/aligned.json").read_text())
     two = json.loads((runs["two"] / "eval/aligned.json").read_text())
-    # Every measure that is sharded is in it: pairs, ranked groups, the KL estimate, answers and their rewards.
+    # Every measure dealt over the processes is in it: pairs, ranked groups, the KL estimate, answers, their rewards.
     assert one["pairs"] == 32 and one["ranking_k"] == 3 and one["kl_estimate"] is not None
     assert one["decoding"]["prompts"] == 6 and one["judge"]["n"] == 6 and one["judge"]["mean_reward_sft"] is not None
     worst = _numbers_apart(one, two)
