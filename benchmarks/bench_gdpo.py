@@ -66,7 +66,7 @@ class Config:
         from trl import DPOConfig, DPOTrainer
 
         from lexalign.models.loading import load_causal_lm, load_tokenizer
-        from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
+        from lexalign.train.ranked_trainer import RankedConfig, RankedTrainer, ranked_dataset
 
         self.label, self.kind, self.k, self.prompts = label, kind, k, prompts
         device = args["device"]
@@ -90,7 +90,7 @@ class Config:
             self.trainer = DPOTrainer(model=model, args=DPOConfig(**shared), train_dataset=dataset,
                                       processing_class=tokenizer)
         else:
-            self.trainer = GDPOTrainer(model=model, args=GDPOConfig(**shared, group_delay_size=k),
+            self.trainer = RankedTrainer(model=model, args=RankedConfig(**shared, group_size=k),
                                        train_dataset=ranked_dataset(frame, k), processing_class=tokenizer)
         self.model = self.trainer.model.to(self.trainer.args.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)

@@ -68,7 +68,7 @@ def padded_group_logps(model, pad_token_id: int, tokens, max_length, truncation_
     import pyarrow.compute as pc
     import torch
 
-    from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference
+    from lexalign.train.ranked_trainer import DataCollatorForRankedPreference
 
     n = tokens.num_rows
     completions = tokens.column("completion_ids")

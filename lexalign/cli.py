@@ -136,10 +136,8 @@ def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = Tr
 
 
 def _dataset_for(cfg: dict) -> dict:
-    """The dataset section as validation needs it: GDPO with K > 2 wants groups of K responses."""
-    from lexalign.config.sections import response_group_size
-
-    k = response_group_size(cfg["alignment"])
+    """The dataset section as validation needs it: a method ranking K > 2 responses wants groups of K."""
+    k = methods.group_size(cfg["alignment"])
     return {**cfg["dataset"], "group_size": k} if k else cfg["dataset"]
 
 

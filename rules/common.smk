@@ -100,7 +100,7 @@ def preference_data(alignment):
     """Validated data for an alignment: pairs (or KTO's rows), or ranked groups of K (lexalign.methods)."""
     from lexalign import methods
 
-    return validated_data(methods.of(alignment).group_size(alignment["group_delay_size"]))
+    return validated_data(methods.group_size(alignment))
 
 
 def validated_data(k):
@@ -127,8 +127,7 @@ def ranking_data():
     uses (lexalign.methods)."""
     from lexalign import methods
 
-    sizes = [k for a in [config["alignment"], *RUNS.values()]
-             if (k := methods.of(a).group_size(a["group_delay_size"]))]
+    sizes = [k for a in [config["alignment"], *RUNS.values()] if (k := methods.group_size(a))]
     return [validated_data(max(sizes))] if sizes else []
 
 

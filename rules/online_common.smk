@@ -69,14 +69,20 @@ def online_sampling(wc):
 
 def online_validation(wc):
     """The existing validation's settings for round r's selection."""
+    from lexalign import methods
+
     alignment = online_alignment(wc)
-    ranked = {"group_size": alignment["group_delay_size"]} if _ON["select"] == "ranked" else {}
+    ranked = {"group_size": methods.of(alignment).responses(alignment)} if _ON["select"] == "ranked" else {}
     return {"eval_fraction": _ON["eval_fraction"], "max_length": alignment["max_length"], **ranked}
 
 
 def online_selection(wc):
+    """How round r's completions become training rows: pairs or ranked groups of the round's K."""
+    from lexalign import methods
+
+    alignment = online_alignment(wc)
     return {"select": _ON["select"], "truncated": _ON["truncated"],
-            "group_size": online_alignment(wc).get("group_delay_size", 2)}
+            "group_size": methods.of(alignment).responses(alignment)}
 
 
 wildcard_constraints:

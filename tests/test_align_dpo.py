@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lexalign.config.loader import section_defaults
-from lexalign.config.sections import DPO_LOSS_TYPES, AlignConfig
+from lexalign.config.sections import AlignConfig
 from lexalign.demo import task
+from lexalign.methods import DPO_LOSS_TYPES
 from lexalign.train.align import AlignJob, dpo_arguments
 
 LOG2 = math.log(2)

@@ -12,7 +12,7 @@ import torch
 from lexalign.core.errors import LexAlignError
 from lexalign.data.ranking import ranked_groups, select_indices
 from lexalign.demo import task
-from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference, GDPOConfig, GDPOTrainer, ranked_dataset
+from lexalign.train.ranked_trainer import DataCollatorForRankedPreference, RankedConfig, RankedTrainer, ranked_dataset
 
 
 def base_args(tmp_path, **overrides) -> dict:
@@ -165,10 +165,10 @@ def test_k2_loss_equals_trl_dpo_sigmoid_loss(weight, dpo_reference, sft_model_di
     from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     dpo_loss, dpo_metrics, dpo_batch = dpo_reference
-    trainer = GDPOTrainer(
+    trainer = RankedTrainer(
         model=load_causal_lm(sft_model_dir, "cpu"),
         ref_model=load_causal_lm(demo_model_dir, "cpu"),
-        args=GDPOConfig(**base_args(tmp_path), group_delay_size=2, group_delay_weight=weight),
+        args=RankedConfig(**base_args(tmp_path), group_size=2, loss_keys={"group_delay_weight": weight}),
         train_dataset=ranked_dataset(pairs_frame(), 2),
         processing_class=load_tokenizer(sft_model_dir),
     )
@@ -206,8 +206,8 @@ def test_k2_lora_training_follows_trl_dpo_step_for_step(sft_model_dir, tmp_path)
                      train_dataset=Dataset.from_pandas(pairs_frame(), preserve_index=False),
                      processing_class=load_tokenizer(sft_model_dir), peft_config=lora())
     dpo.train()
-    gdpo = GDPOTrainer(model=load_causal_lm(sft_model_dir, "cpu"),
-                       args=GDPOConfig(**args, group_delay_size=2, group_delay_weight=0.5),
+    gdpo = RankedTrainer(model=load_causal_lm(sft_model_dir, "cpu"),
+                       args=RankedConfig(**args, group_size=2, loss_keys={"group_delay_weight": 0.5}),
                        train_dataset=ranked_dataset(pairs_frame(), 2),
                        processing_class=load_tokenizer(sft_model_dir), peft_config=lora())
     gdpo.train()
@@ -305,9 +305,9 @@ def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir
 
     model = load_causal_lm(sft_model_dir, "cpu")
     calls = []
-    trainer = GDPOTrainer(
+    trainer = RankedTrainer(
         model=model,
-        args=GDPOConfig(**base_args(tmp_path, max_steps=1, per_device_train_batch_size=3), group_delay_size=4),
+        args=RankedConfig(**base_args(tmp_path, max_steps=1, per_device_train_batch_size=3), group_size=4),
         train_dataset=ranked_dataset(pd.DataFrame(task.ranked_rows(0, 6)), 4),
         processing_class=load_tokenizer(sft_model_dir),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -325,7 +325,7 @@ def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir
 
 @pytest.mark.slow
 def test_checkpoint_and_resume(sft_model_dir, tmp_path):
-    """A GDPO checkpoint (GDPOConfig, optimizer, data position) resumes where it stopped."""
+    """A GDPO checkpoint (RankedConfig, optimizer, data position) resumes where it stopped."""
     frame = pd.DataFrame(task.ranked_rows(0, 16))
     first = align_job(tmp_path, sft_model_dir, frame, max_steps=2, save_steps=1)
     trainer, _, interrupt = first.setup()

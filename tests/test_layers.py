@@ -80,10 +80,10 @@ def test_no_module_imports_from_a_layer_above_its_own(path):
 def test_the_layer_check_sees_function_level_imports(tmp_path):
     """The check can fail: an import inside a function is found, and placed by its layer."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from lexalign.train.gdpo_trainer import ranked_dataset\n"
+    source.write_text("def f():\n    from lexalign.train.ranked_trainer import ranked_dataset\n"
                       "    from lexalign import reference\n")
-    assert imports(source) == [(2, "lexalign.train.gdpo_trainer"), (3, "lexalign.reference")]
-    assert layer_of("lexalign.train.gdpo_trainer") > layer_of("lexalign.models.loading") > layer_of("lexalign.config")
+    assert imports(source) == [(2, "lexalign.train.ranked_trainer"), (3, "lexalign.reference")]
+    assert layer_of("lexalign.train.ranked_trainer") > layer_of("lexalign.models.loading") > layer_of("lexalign.config")
 
 
 def test_the_reference_step_runs_no_trainer_or_loss():

@@ -89,7 +89,7 @@ def test_the_reference_step_packed_equals_padded(zoo_models, family):
     import pyarrow as pa
 
     from lexalign.reference.scoring import group_logps
-    from lexalign.train.gdpo_trainer import DataCollatorForRankedPreference
+    from lexalign.train.ranked_trainer import DataCollatorForRankedPreference
 
     model = _model(zoo_models, family)
     rng = random.Random(2)

@@ -160,7 +160,7 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
     from peft import LoraConfig
 
     from lexalign.models.loading import load_causal_lm, load_tokenizer
-    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
+    from lexalign.train.ranked_trainer import RankedConfig, RankedTrainer
     from lexalign.train.reference_free_trainer import ReferenceFreeConfig, ReferenceFreeTrainer
 
     path = zoo_models("llama3")
@@ -174,8 +174,8 @@ def test_gdpo_and_simpo_with_lora_on_packed_rows_have_the_padded_loss_and_gradie
     def gdpo(padding_free):
         torch.manual_seed(0)
         model = load_causal_lm(path, "cpu")
-        args = GDPOConfig(**_args(tmp_path, per_device_train_batch_size=4), group_delay_size=3)
-        return GDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups),
+        args = RankedConfig(**_args(tmp_path, per_device_train_batch_size=4), group_size=3)
+        return RankedTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups),
                            processing_class=tokenizer, peft_config=lora, padding_free_batches=padding_free)
 
     _compare(gdpo, groups, "llama3 gdpo")

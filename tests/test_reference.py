@@ -59,11 +59,11 @@ def test_tokens_are_trl_dpo_tokens(demo_tokenizer, tmp_path):
 
 
 def test_tokens_are_gdpo_tokens(demo_tokenizer, tmp_path):
-    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
+    from lexalign.train.ranked_trainer import RankedConfig, RankedTrainer, ranked_dataset
 
     frame = groups()
-    config = GDPOConfig(output_dir=str(tmp_path), max_length=None, group_delay_size=4, use_cpu=True)
-    expected = _trl_tokens(GDPOTrainer, config, demo_tokenizer, ranked_dataset(frame, 4))
+    config = RankedConfig(output_dir=str(tmp_path), max_length=None, group_size=4, use_cpu=True)
+    expected = _trl_tokens(RankedTrainer, config, demo_tokenizer, ranked_dataset(frame, 4))
     found = split_groups(frame, "k4")
     prompt_ids, completion_ids = cache.tokenize_groups(demo_tokenizer, found)
     assert prompt_ids == expected["prompt_ids"]
@@ -247,14 +247,14 @@ def test_dpo_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
     from lexalign.models.loading import load_causal_lm, load_tokenizer
-    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer, ranked_dataset
+    from lexalign.train.ranked_trainer import RankedConfig, RankedTrainer, ranked_dataset
 
     frame = groups(16)
     out = compute(tmp_path, sft_model_dir, frame, "k4")
     ours = torch.tensor(load_reference(out)["train"].column("ref_logps").to_pylist())
     # The online reference pass of GDPO's trainer, batch by batch.
-    gdpo = GDPOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=load_tokenizer(sft_model_dir),
-                       args=GDPOConfig(output_dir=str(tmp_path / "gdpo"), max_length=64, group_delay_size=4,
+    gdpo = RankedTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=load_tokenizer(sft_model_dir),
+                       args=RankedConfig(output_dir=str(tmp_path / "gdpo"), max_length=64, group_size=4,
                                        use_cpu=True, bf16=False, report_to=[]),
                        train_dataset=ranked_dataset(frame, 4))
     online = []
@@ -265,10 +265,11 @@ def test_gdpo_k4_precomputed_equals_online(sft_model_dir, tmp_path, use_lora):
         online.append(gdpo._reference_logps(kwargs, labels, labels.size(1) - 1).view(4, 4).T)
     assert torch.allclose(ours, torch.cat(online), atol=1e-4)
     # And GDPO's own precompute_ref_log_probs (no file) agrees.
-    precompute = GDPOTrainer(model=load_causal_lm(sft_model_dir, "cpu"), processing_class=load_tokenizer(sft_model_dir),
-                             args=GDPOConfig(output_dir=str(tmp_path / "gdpo"), max_length=64, group_delay_size=4,
-                                             use_cpu=True, bf16=False, report_to=[], precompute_ref_log_probs=True),
-                             train_dataset=ranked_dataset(frame, 4))
+    precompute = RankedTrainer(model=load_causal_lm(sft_model_dir, "cpu"),
+                               processing_class=load_tokenizer(sft_model_dir),
+                               args=RankedConfig(output_dir=str(tmp_path / "gdpo"), max_length=64, group_size=4,
+                                                 use_cpu=True, bf16=False, report_to=[], precompute_ref_log_probs=True),
+                               train_dataset=ranked_dataset(frame, 4))
     assert torch.allclose(ours, torch.tensor(precompute.train_dataset["ref_logps"]), atol=1e-4)
     del gdpo, precompute
 

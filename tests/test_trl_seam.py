@@ -56,11 +56,11 @@ def test_an_internal_with_other_parameters_is_named_with_what_changed(monkeypatc
 
 def test_a_trainer_is_refused_before_it_is_built_when_trl_changed(monkeypatch, demo_tokenizer, tmp_path):
     """The check runs first, in __init__: no model is needed to see it fail."""
-    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
+    from lexalign.train.ranked_trainer import RankedConfig, RankedTrainer
 
     monkeypatch.setattr(dpo_trainer, "hash_module", lambda module, seed: "")
     with pytest.raises(LexAlignError, match=rf"TRL {VERSION}: trl.trainer.dpo_trainer.hash_module has changed"):
-        GDPOTrainer(model=None, args=GDPOConfig(output_dir=str(tmp_path), use_cpu=True, group_delay_size=2),
+        RankedTrainer(model=None, args=RankedConfig(output_dir=str(tmp_path), use_cpu=True, group_size=2),
                     processing_class=demo_tokenizer)
 
 

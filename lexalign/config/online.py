@@ -15,7 +15,7 @@ def selects(select: str, alignment: dict) -> bool:
     `ranked` groups of K, for a method reading ranked groups of more than 2 (GDPO)."""
     method = methods.of(alignment)
     if select == "ranked":
-        return method.group_size(alignment["group_delay_size"]) is not None
+        return method.group_size(alignment) is not None
     return method.layout is not methods.Layout.RANKED
 
 
@@ -84,11 +84,13 @@ def settings(config: dict) -> dict | None:
         if online["select"] == "best_worst" and not selects("best_worst", alignment):
             problems.append(f"{where}: select best_worst trains pairs (or KTO's unpaired rows), which method "
                             f"{method} does not read: use select ranked, or a pair method")
+        ranking = [m for m in methods.METHODS.values() if m.group_key]
         if online["select"] == "ranked" and not (selects("ranked", alignment)
-                                                 and alignment["group_delay_size"] <= k):
-            problems.append(f"{where}: select ranked trains GDPO on ranked groups: it needs method gdpo with "
-                            f"2 < group_delay_size <= samples_per_prompt ({k}) (it is method {method}, "
-                            f"group_delay_size {alignment['group_delay_size']})")
+                                                 and methods.group_size(alignment) <= k):
+            keys = " or ".join(f"{m.name} with 2 < {m.group_key} <= samples_per_prompt ({k})" for m in ranking)
+            own = methods.of(alignment).group_key
+            problems.append(f"{where}: select ranked trains on ranked groups: it needs method {keys} (it is method "
+                            f"{method}{f', {own} {alignment[own]}' if own else ''})")
         length, new = alignment["max_length"], online["sampling"]["max_new_tokens"]
         budget = None if length is None else length - new
         wanted = online["max_prompt_tokens"]

@@ -15,20 +15,8 @@ from lexalign.config.loader import resolve_source, section_defaults, unused_keys
 from lexalign.core.errors import LexAlignError
 from lexalign.core.formats import FORMATS, unsupported_format
 
-# Every loss_type TRL 1.x's DPOConfig accepts (trl/trainer/dpo_config.py).
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-
-
 METHODS = methods.NAMES
 """Every alignment method (lexalign.methods)."""
-REFERENCE_FREE = tuple(m.name for m in methods.METHODS.values() if not m.needs_reference)
-"""Methods with no reference model: no reference step, one model in memory."""
-METHOD_KEYS = {key: m.name for m in methods.METHODS.values() for key in m.keys}
-"""The alignment keys that belong to one method (lexalign.methods; the schema's `x-method` marks agree). Written
-under another method they are named in a warning and set back to their defaults (`unused_keys`)."""
 
 
 class _FromDict:
@@ -41,6 +29,10 @@ class _FromDict:
         held, and an unknown key an error that names it (never dropped without a word)."""
         if cls.SECTION:
             data = section_defaults(cls.SECTION, data)
+        return cls._build(data)
+
+    @classmethod
+    def _build(cls, data: dict[str, Any]):
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -52,8 +44,9 @@ class _FromDict:
         return asdict(self)
 
 
-def _as_list(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+def _as_list(value):
+    """A list as it is, a string as a list of one (`loss_type: sigmoid` is `[sigmoid]`), anything else as it is."""
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -279,39 +272,23 @@ class FinetuneConfig(TrainingConfig):
 
 @dataclass
 class AlignConfig(TrainingConfig):
-    """Preference alignment: DPO (TRL's DPOTrainer), GDPO (listwise), KTO (TRL's KTOTrainer), or the
-    reference-free ORPO, SimPO and CPO (`lexalign.train.reference_free_trainer`)."""
+    """Preference alignment with one of the methods of lexalign.methods: DPO (TRL's DPOTrainer), GDPO (listwise),
+    KTO (TRL's KTOTrainer), or the reference-free ORPO, SimPO and CPO.
+
+    The keys every method shares are fields; a method's own keys (`Method.keys`: DPO's `loss_type`, GDPO's
+    `group_delay_size`, SimPO's `gamma`, ...) are in `method_keys`, described in the schema, so a new method
+    needs no field here. `to_dict` gives them back side by side with the rest, as the config writes them."""
 
     SECTION: ClassVar[str | None] = "alignment"
 
     method: str = "dpo"
-    """dpo, gdpo, kto, orpo, simpo or cpo."""
+    """dpo, gdpo, kto, orpo, simpo or cpo (lexalign.methods)."""
     beta: float = 0.1
     """Strength of the pull towards the reference (SFT) model; higher stays closer."""
-    loss_type: list[str] | str = "sigmoid"
-    """A TRL DPO loss, or a list of them mixed with `loss_weights`."""
-    loss_weights: list[float] | None = None
-    """Weights of the losses in `loss_type` (default: 1 each)."""
-    label_smoothing: float = 0.0
-    """Probability a preference label is flipped (robust, exo_pair)."""
     max_length: int | None = 512
     """Prompt + response tokens kept; longer sequences are truncated at the end."""
     padding_free: bool = True
     """Train on packed batches (no padding computed); false keeps TRL's padded batches."""
-    group_delay_size: int = 4
-    """GDPO: K, the number of ranked responses per prompt."""
-    group_delay_weight: float = 0.5
-    """GDPO: w, the weight of the Plackett-Luce group term (1 - w weighs the pairwise term)."""
-    desirable_weight: float = 1.0
-    """KTO: weight of the desirable rows' loss."""
-    undesirable_weight: float = 1.0
-    """KTO: weight of the undesirable rows' loss."""
-    gamma: float = 0.5
-    """SimPO: the target reward margin γ (SimPO's β is `beta`)."""
-    orpo_lambda: float = 0.1
-    """ORPO: λ, the weight of the odds-ratio term beside the chosen answers' NLL."""
-    cpo_alpha: float = 1.0
-    """CPO: the weight of the NLL term on the chosen answers."""
     use_lora: bool = True
     """Train a LoRA adapter (merged into the output) instead of every weight."""
     load_in_4bit: bool = False
@@ -320,25 +297,32 @@ class AlignConfig(TrainingConfig):
     """Where the aligned model is written."""
     checkpoint_dir: str | None = None
     """Where resumable checkpoints go; must lie outside output_dir."""
+    method_keys: dict[str, Any] = field(default_factory=dict)
+    """Every method's own keys (lexalign.methods): this method's as written, the others at their defaults."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = section_defaults(cls.SECTION, data)
+        own = {key: data.pop(key) for key in list(data) if methods.key_owner(key)}
+        return cls._build({**data, "method_keys": own})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {**out.pop("method_keys"), **out}
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LexAlignError(f'Unknown alignment.method "{self.method}"', f"Supported: {', '.join(METHODS)}")
-        self.loss_type = _as_list(self.loss_type)
-        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
-        if unknown:
-            raise LexAlignError(
-                f'Unknown loss_type "{unknown[0]}"', f"Supported: {', '.join(DPO_LOSS_TYPES)}"
-            )
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise LexAlignError(
-                f"loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types",
-                hint="Give one weight per entry of loss_type",
-            )
         if self.load_in_4bit and not self.use_lora:
             raise LexAlignError("load_in_4bit needs use_lora: true", hint="4-bit weights cannot be trained directly")
         self._drop_unused_keys()
-        if methods.of({"method": self.method}).reads_unpaired and self.batch_size < 2:
+        for method in methods.METHODS.values():
+            if method.normalise:
+                try:
+                    self.method_keys.update(method.normalise({key: self.method_keys[key] for key in method.keys}))
+                except ValueError as err:
+                    raise LexAlignError(*map(str, err.args)) from None
+        if self.of.reads_unpaired and self.batch_size < 2:
             raise LexAlignError(f"method {self.method} needs batch_size >= 2 (got: 1)",
                                 "KTO's KL term compares each row with another row's completion in the same batch",
                                 hint="Set batch_size: 2 or more")
@@ -347,20 +331,33 @@ class AlignConfig(TrainingConfig):
         """For a mapping built in code (the loader and run_alignment see the keys as written, before this): a key
         the method does not use, set away from its default, is named in a warning and set back to it."""
         defaults = section_defaults("alignment")
-        changed = {}
-        for key in (*METHOD_KEYS, "beta"):
-            value, default = getattr(self, key), defaults[key]
-            if key == "loss_type":
-                value, default = list(value), _as_list(default)
-            if value != default:
-                changed[key] = value
-        for key in unused_keys(changed, self.method):
-            setattr(self, key, _as_list(defaults[key]) if key == "loss_type" else defaults[key])
+        written = {key: value for key, value in {**self.method_keys, "beta": self.beta}.items()
+                   if _as_list(value) != _as_list(defaults[key])}
+        for key in unused_keys(written, self.method):
+            if key == "beta":
+                self.beta = defaults[key]
+            else:
+                self.method_keys[key] = defaults[key]
+
+    @property
+    def of(self) -> methods.Method:
+        """The method's registry entry."""
+        return methods.method(self.method)
+
+    @property
+    def group_size(self) -> int | None:
+        """K when the method reads ranked groups of K (> 2), else None (lexalign.methods: Method.group_size)."""
+        return self.of.group_size(self.to_dict())
+
+    @property
+    def own_keys(self) -> dict[str, Any]:
+        """The method's own keys and their values, but K (what its loss reads)."""
+        return self.of.own_keys(self.method_keys)
 
     @property
     def reference_free(self) -> bool:
         """ORPO, SimPO and CPO: no reference model, no reference step."""
-        return not methods.of({"method": self.method}).needs_reference
+        return not self.of.needs_reference
 
 
 def _llm_judge_defaults() -> dict:
@@ -440,17 +437,6 @@ class PublishConfig(_FromDict):
     """The commit's title (default: Upload <the model card's title> with LexAlign)."""
 
 
-def response_group_size(alignment: dict) -> int | None:
-    """The K responses per prompt an alignment reads from validation: ranked groups of K (GDPO with K > 2), else
-    None (pairs, or KTO's rows). lexalign.methods decides (Method.group_size)."""
-    return methods.of(alignment).group_size(alignment.get("group_delay_size", 2))
-
-
-def needs_reference(alignment: dict) -> bool:
-    """Whether an alignment reads reference log-probs (DPO, GDPO, KTO) or has no reference (ORPO, SimPO, CPO)."""
-    return methods.of(alignment).needs_reference
-
-
 def run_alignment(base: dict, overrides: dict, name: str | None = None, where: str | None = None) -> dict:
     """A sweep run's alignment section: `base` (the alignment section) with the run's `overrides`, defaults
     filled. A run that changes the method leaves behind (back to their defaults) the base's keys its method
@@ -462,7 +448,7 @@ def run_alignment(base: dict, overrides: dict, name: str | None = None, where: s
     method = overrides.get("method", base.get("method", methods.DEFAULT))
     defaults = section_defaults("alignment")
     if method != base.get("method", methods.DEFAULT):  # the base's keys its method used, this run's does not
-        behind = [key for key, owner in METHOD_KEYS.items() if owner != method]
+        behind = [key for key, owner in methods.METHOD_KEYS.items() if owner != method]
         for key in behind + ([] if methods.method(method).uses_beta else ["beta"]):
             if key in merged:
                 merged[key] = defaults[key]

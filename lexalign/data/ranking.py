@@ -208,12 +208,14 @@ def ranked_groups(frame: pd.DataFrame, k: int) -> tuple[list[dict], int]:
 
 def check_groups(kept: int, dropped: int, total: int, k: int, split: str) -> None:
     """Warn about dropped groups (fewer than K responses); fail when a non-empty split has none left."""
+    from lexalign import methods
+
+    keys = " or ".join(f"{m.name}'s {m.group_key}" for m in methods.METHODS.values() if m.group_key)
     if dropped:
-        warn(f"GDPO: dropped {dropped} of {total} {split} groups with fewer than {k} responses "
-             f"(group_delay_size: {k})")
+        warn(f"Dropped {dropped} of {total} {split} groups with fewer than {k} responses (K = {k}: {keys})")
     if not kept and total:
         raise LexAlignError(
-            f"No {split} group has {k} ranked responses (group_delay_size: {k})",
-            hint="Use ranked data with at least that many responses per prompt, or lower group_delay_size "
+            f"No {split} group has {k} ranked responses (K = {k}: {keys})",
+            hint=f"Use ranked data with at least that many responses per prompt, or lower {keys} "
                  "(2 uses plain chosen/rejected pairs)",
         )

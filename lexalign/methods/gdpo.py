@@ -189,3 +189,13 @@ def kendall_tau(rewards: torch.Tensor, scores: torch.Tensor | None = None) -> to
     n_s = sign_s.abs().sum(dim=(1, 2))
     denominator = torch.sqrt(n_r * n_s)
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.nan)
+
+
+def gdpo(rewards: torch.Tensor, scores: torch.Tensor | None = None, *, group_delay_weight: float = 0.5
+         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GDPO as its registry entry names it (lexalign.methods: Method.loss), for the trainer of ranked groups
+    (lexalign.train.ranked_trainer): (rewards [B, K], scores [B, K], the method's own keys by name) → (the batch
+    loss, the metrics it logs beside DPO's, each [B] or a scalar)."""
+    result = gdpo_loss(rewards, group_delay_weight, scores)
+    return result.loss, {"loss/pairwise": result.pairwise, "loss/group": result.group,
+                         "rewards/top1_accuracy": top1_accuracy(rewards, scores)}

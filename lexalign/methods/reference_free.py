@@ -121,22 +121,21 @@ class PairLogps(NamedTuple):
         return chosen_nll(self.chosen, self.chosen_lengths)
 
 
-def simpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
-    return simpo_loss(*pairs.means(), beta, keys["gamma"]), {}
+# Each method's loss as its registry entry names it (lexalign.methods: Method.loss): (pairs, β, the method's own
+# keys by name) → (its PairLoss, the metrics it logs beside DPO's, each [B] or a scalar). The trainer
+# (lexalign.train.reference_free_trainer) is the same for all of them.
 
 
-def orpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+def simpo(pairs: PairLogps, beta: float, *, gamma: float) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    return simpo_loss(*pairs.means(), beta, gamma), {}
+
+
+def orpo(pairs: PairLogps, beta: float, *, orpo_lambda: float) -> tuple[PairLoss, dict[str, torch.Tensor]]:
     chosen, rejected = pairs.means()
-    result = orpo_loss(chosen, rejected, pairs.nll(), keys["orpo_lambda"])
+    result = orpo_loss(chosen, rejected, pairs.nll(), orpo_lambda)
     return result, {"nll_loss": result.nll, "log_odds_ratio": log_odds(chosen) - log_odds(rejected)}
 
 
-def cpo(pairs: PairLogps, beta: float, keys: dict) -> tuple[PairLoss, dict[str, torch.Tensor]]:
-    result = cpo_loss(pairs.chosen, pairs.rejected, pairs.nll(), beta, keys["cpo_alpha"])
+def cpo(pairs: PairLogps, beta: float, *, cpo_alpha: float) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    result = cpo_loss(pairs.chosen, pairs.rejected, pairs.nll(), beta, cpo_alpha)
     return result, {"nll_loss": result.nll}
-
-
-LOSSES = {"orpo": orpo, "simpo": simpo, "cpo": cpo}
-"""Each reference-free method (`lexalign.methods`), by name: (pairs, β, the method's own keys) → (its loss, the
-metrics it logs beside DPO's, each [B] or a scalar). A new method is its function here and its entry in
-`lexalign.methods`; the trainer (`lexalign.train.reference_free_trainer`) needs no change."""

@@ -79,9 +79,23 @@ def _string_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+# A call that resolves the method registry's references (lexalign.methods: "module:function", imported when a
+# trainer is built) runs whatever they name: the module that makes one can run every module the registry names.
+RESOLVES = re.compile(r"\.(?:trainer_setup|loss_function)\(")
+REFERENCE = re.compile(r"[\"'](lexalign(?:\.\w+)+):\w+[\"']")
+
+
+@cache
+def _registry_references(root: Path) -> frozenset[str]:
+    """The modules the method registry names by reference (its `setup` and `loss` of every method)."""
+    text = _module_file(f"{PACKAGE}.methods", root).read_text(encoding="utf-8")
+    return frozenset(match.group(1) for match in REFERENCE.finditer(text))
+
+
 @cache
 def _imports_of(path: Path, root: Path) -> frozenset[str]:
-    """The lexalign modules one file imports, anywhere in it (inside functions too)."""
+    """The lexalign modules one file imports, anywhere in it (inside functions too), and the ones it resolves from
+    the method registry."""
     text = path.read_text(encoding="utf-8")
     spans = _string_spans(text)
     found: set[str] = set()
@@ -90,6 +104,8 @@ def _imports_of(path: Path, root: Path) -> frozenset[str]:
             continue
         for node in ast.parse(match.group().strip()).body:
             found.update(_imported(node, root).values())
+    if any(not any(start < match.start() < end for start, end in spans) for match in RESOLVES.finditer(text)):
+        found |= _registry_references(root)
     return frozenset(found)
 
 

@@ -22,16 +22,16 @@ SETTING_PATTERN = rf"({methods.LAYOUT_PATTERN})-(max\d+|full)(-nf4)?"
 """A reference file's name (without .parquet): layout, max_length and 4-bit loading."""
 
 
-def layout_for(method: str, group_size: int) -> str:
-    """The reference layout `method` reads at K = `group_size` (lexalign.methods: Method.reference_layout)."""
-    return methods.method(method).reference_layout(group_size)
+def layout_for(alignment: dict) -> str:
+    """The reference layout an alignment section reads (lexalign.methods: Method.reference_layout)."""
+    return methods.of(alignment).reference_layout(alignment)
 
 
 def setting_name(alignment: dict) -> str:
     """The reference file an alignment reads: its layout, max_length and 4-bit loading."""
     length = f"max{alignment['max_length']}" if alignment["max_length"] else "full"
     quant = "-nf4" if alignment["load_in_4bit"] else ""
-    return f"{layout_for(alignment['method'], alignment['group_delay_size'])}-{length}{quant}"
+    return f"{layout_for(alignment)}-{length}{quant}"
 
 
 def parse_setting(name: str) -> dict:
@@ -41,7 +41,7 @@ def parse_setting(name: str) -> dict:
             "truncation_mode": TRUNCATION_MODE, "load_in_4bit": quant is not None}
 
 
-def group_size(layout: str) -> int:
+def responses(layout: str) -> int:
     """K, the responses scored per group of `layout` (2 for pairs and KTO's rows)."""
     return methods.parse_layout(layout)[1]
 

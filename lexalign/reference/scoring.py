@@ -25,7 +25,7 @@ from lexalign.core.paths import adapter_base, lone_adapter
 from lexalign.core.shares import Share, piece
 from lexalign.reference.cache import cached_tokens
 from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key, tokenizer_hash
-from lexalign.reference.layout import TRUNCATION_MODE, group_size, split_groups
+from lexalign.reference.layout import TRUNCATION_MODE, responses, split_groups
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,7 +126,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     share = share or Share(output=Path(output))
     model_path = Path(model_path)
     tokenizer_path = Path(tokenizer_path or model_path)
-    k = group_size(layout)  # validates the layout, before any work
+    k = responses(layout)  # validates the layout, before any work
     splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
     dtype = compute_dtype(device, load_in_4bit)
     # The key hashes the weights: only the main process, which writes the file, needs it.

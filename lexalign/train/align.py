@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lexalign import methods
-from lexalign.config.sections import AlignConfig
 from lexalign.core.errors import LexAlignError
 from lexalign.core.io import atomic_dir
 from lexalign.models import loading as models
@@ -57,7 +56,7 @@ class AlignJob(TrainingJob):
     def title(self) -> str:
         method = methods.method(self.cfg.method)
         if not method.uses_beta:  # ORPO has no beta: its own key (λ) weighs its loss
-            keys = ", ".join(f"{key}={getattr(self.cfg, key)}" for key in method.keys)
+            keys = ", ".join(f"{key}={value}" for key, value in self.cfg.own_keys.items())
             return f"Aligned model ({method.name}, {keys})"
         return f"Aligned model ({method.name}, beta={self.cfg.beta})"
 
@@ -79,9 +78,9 @@ class AlignJob(TrainingJob):
 
 def dpo_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
     """LexAlign's align config in TRL's DPOConfig terms."""
-    cfg = job.cfg
-    return {**training_arguments(job, device, has_eval), "loss_type": list(cfg.loss_type),
-            "loss_weights": cfg.loss_weights, "label_smoothing": cfg.label_smoothing,
+    keys = job.cfg.method_keys
+    return {**training_arguments(job, device, has_eval), "loss_type": list(keys["loss_type"]),
+            "loss_weights": keys["loss_weights"], "label_smoothing": keys["label_smoothing"],
             "truncation_mode": TRUNCATION_MODE}
 
 
@@ -134,13 +133,13 @@ def reference_datasets(job: AlignJob, device: str):
     from lexalign.train.trainer_data import trainer_dataset
 
     cfg = job.cfg
-    layout = layout_for(cfg.method, cfg.group_delay_size)
+    layout = layout_for(cfg.to_dict())
     splits = {"train": split_groups(job.train, layout), "eval": split_groups(job.eval, layout)}
-    if methods.method(cfg.method).group_size(cfg.group_delay_size) is not None:  # ranked groups of K
+    if cfg.group_size is not None:  # ranked groups of K
         from lexalign.data.ranking import check_groups
 
         for name, frame in (("train", job.train), ("eval", job.eval)):
-            check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_delay_size, name)
+            check_groups(len(splits[name]), splits[name].dropped, len(frame), cfg.group_size, name)
     path = _reference_file(job.reference_path)
     expected = reference_key(job.reference_model_path or job.model_path,
                                        job.tokenizer_path or job.model_path, splits, layout, cfg.max_length,
@@ -158,7 +157,7 @@ def tokenized_datasets(job: AlignJob, tokenizer):
     from lexalign.reference.layout import layout_for
     from lexalign.train.trainer_data import tokenized_dataset
 
-    layout = layout_for(job.cfg.method, job.cfg.group_delay_size)
+    layout = layout_for(job.cfg.to_dict())
     if job.sampled is not None:
         print(f"Tokens: the ids sampled in the online round ({len(job.sampled)} selected), not the text encoded "
               "again", flush=True)
@@ -184,14 +183,10 @@ def check_data(job: AlignJob) -> None:
 
 
 def setup(job: AlignJob):
-    from lexalign.config.sections import METHODS
-
-    if job.cfg.method not in METHODS:
-        raise LexAlignError(f'alignment.method "{job.cfg.method}" is not available in this version',
-                            hint=f"Use method: {', '.join(METHODS)}")
+    """The trainer of the job's method, as its registry entry builds it (lexalign.methods: Method.setup), with the
+    tokenizer and the interrupt callback; every check of the inputs comes first, the reference file before any
+    model loads."""
     method = methods.method(job.cfg.method)
-    if method.layout is methods.Layout.RANKED:
-        check_gdpo_options(job.cfg)
     check_data(job)
     if not method.needs_reference and job.reference_path:
         raise LexAlignError(f"method {method.name} is reference-free: it reads no reference log-probs",
@@ -202,61 +197,10 @@ def setup(job: AlignJob):
                             f"from ({job.model_path}): its log-probs must come from a reference file",
                             hint="Compute them with the reference step (an online round's reference job)")
     device = models.resolve_device(job.device)
-    # The reference file is checked before any model is loaded.
     precomputed = reference_datasets(job, device) if job.reference_path else None
     model, tokenizer = load_policy(job, device)
     interrupt = InterruptCallback()
-    # The trainer follows from the method's data and reference (lexalign.methods): no reference, one model and
-    # a loss of ours; unpaired rows, TRL's KTOTrainer; ranked groups, GDPO; pairs with a reference, TRL's DPO.
-    if not method.needs_reference:
-        build = setup_reference_free
-    elif method.layout is methods.Layout.UNPAIRED:
-        build = setup_kto
-    elif method.layout is methods.Layout.RANKED:
-        build = setup_gdpo
-    else:
-        build = setup_dpo
-    return build(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
-
-
-def setup_dpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """TRL's DPOTrainer (`lexalign.train.dpo_trainer`), on data tokenized here, by LexAlign's rule
-    (lexalign.core.tokens), never by TRL from rendered chat text."""
-    from trl import DPOConfig
-
-    from lexalign.train.dpo_trainer import LexAlignDPOTrainer
-
-    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
-    args = {**dpo_arguments(job, device, evaluation is not None), "precompute_ref_log_probs": precomputed is not None}
-    return LexAlignDPOTrainer(
-        model=model,
-        args=DPOConfig(**args),
-        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
-        padding_free_batches=job.cfg.padding_free,
-    )
-
-
-def check_gdpo_options(cfg: AlignConfig) -> None:
-    if list(cfg.loss_type) != ["sigmoid"] or cfg.label_smoothing:
-        raise LexAlignError("method: gdpo has its own loss; loss_type and label_smoothing are DPO options",
-                            hint="Remove loss_type/label_smoothing, or use method: dpo")
-
-
-def setup_gdpo(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """GDPO's trainer: DPO's arguments and machinery, K ranked responses per prompt."""
-    from lexalign.train.gdpo_trainer import GDPOConfig, GDPOTrainer
-
-    cfg = job.cfg
-    k = cfg.group_delay_size
-    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
-    args = {**dpo_arguments(job, device, evaluation is not None), "group_delay_size": k,
-            "group_delay_weight": cfg.group_delay_weight, "precompute_ref_log_probs": precomputed is not None}
-    return GDPOTrainer(
-        model=model,
-        args=GDPOConfig(**args),
-        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
-        padding_free_batches=cfg.padding_free,
-    )
+    return method.trainer_setup()(job, device, model, tokenizer, interrupt, precomputed), tokenizer, interrupt
 
 
 def trainer_inputs(job: AlignJob, model, tokenizer, interrupt, train, evaluation) -> dict:
@@ -272,42 +216,3 @@ def training_arguments(job: AlignJob, device: str, has_eval: bool) -> dict:
             "beta": job.cfg.beta, "max_length": job.cfg.max_length, "trust_remote_code": job.trust_remote_code}
 
 
-def setup_reference_free(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """ORPO, SimPO or CPO: DPO's machinery with one model, no reference (`lexalign.train.reference_free_trainer`)."""
-    from lexalign.train.reference_free_trainer import ReferenceFreeConfig, ReferenceFreeTrainer
-
-    cfg = job.cfg
-    train, evaluation = tokenized_datasets(job, tokenizer)
-    args = {**training_arguments(job, device, evaluation is not None), "truncation_mode": TRUNCATION_MODE,
-            "method": cfg.method, "loss_keys": {key: getattr(cfg, key) for key in methods.method(cfg.method).keys}}
-    return ReferenceFreeTrainer(
-        model=model,
-        args=ReferenceFreeConfig(**args),
-        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
-        padding_free_batches=cfg.padding_free,
-    )
-
-
-def setup_kto(job: AlignJob, device: str, model, tokenizer, interrupt, precomputed=None):
-    """KTO through TRL's KTOTrainer on rows LexAlign tokenized (`lexalign.train.kto_trainer`), the reference log-probs
-    of every completion and KL completion read from the reference file when there is one."""
-    from lexalign.core.errors import warn
-    from lexalign.data.validated import label_balance
-    from lexalign.train.kto_trainer import KTOConfig, LexAlignKTOTrainer
-
-    cfg = job.cfg
-    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
-    labels = train["label"]
-    balance = label_balance(sum(labels), len(labels) - sum(labels), cfg.desirable_weight, cfg.undesirable_weight)
-    print(f"KTO rows: {balance['desirable']} desirable, {balance['undesirable']} undesirable "
-          f"(weighted ratio {balance['weighted_ratio']:.2f})", flush=True)
-    if balance["warning"]:
-        warn(balance["warning"])
-    args = {**training_arguments(job, device, evaluation is not None),
-            "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight,
-            "precompute_ref_log_probs": precomputed is not None}
-    return LexAlignKTOTrainer(
-        model=model,
-        args=KTOConfig(**args),
-        **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
-    )

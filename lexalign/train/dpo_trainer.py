@@ -10,9 +10,10 @@ rows (`lexalign.train.packed`) and every log-prob comes from the lean LM head
 
 from __future__ import annotations
 
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 
 from lexalign.train import trl_seam
+from lexalign.train.align import dpo_arguments, tokenized_datasets, trainer_inputs
 from lexalign.train.packed import padding_free_model
 from lexalign.train.preference_trainer import TrainerPlumbing
 
@@ -34,3 +35,14 @@ class LexAlignDPOTrainer(TrainerPlumbing, DPOTrainer):
         if "prompt_ids" not in dataset.column_names:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return self._drop_fully_truncated(dataset, args)
+
+
+def setup(job, device: str, model, tokenizer, interrupt, precomputed=None) -> LexAlignDPOTrainer:
+    """DPO's trainer for an align job (lexalign.methods: DPO's `setup`): TRL's losses on data tokenized by
+    LexAlign's rule (lexalign.core.tokens), never by TRL from rendered chat text; the reference step's log-probs
+    when `precomputed` (the job's reference file) holds them."""
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
+    args = {**dpo_arguments(job, device, evaluation is not None), "precompute_ref_log_probs": precomputed is not None}
+    return LexAlignDPOTrainer(model=model, args=DPOConfig(**args),
+                              **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
+                              padding_free_batches=job.cfg.padding_free)

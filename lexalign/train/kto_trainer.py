@@ -25,9 +25,12 @@ text never gets a second BOS. Batches are sequential (KTOConfig's
 
 from __future__ import annotations
 
-from trl import KTOConfig, KTOTrainer  # noqa: F401 - KTOConfig: what setup builds the args with
+from trl import KTOConfig, KTOTrainer
 
+from lexalign.core.errors import warn
+from lexalign.data.validated import label_balance
 from lexalign.train import trl_seam
+from lexalign.train.align import tokenized_datasets, trainer_inputs, training_arguments
 from lexalign.train.preference_trainer import TrainerPlumbing
 
 
@@ -44,3 +47,22 @@ class LexAlignKTOTrainer(TrainerPlumbing, KTOTrainer):
             raise ValueError(f"{dataset_name}: KTO reads rows tokenized by LexAlign (lexalign.reference."
                              "tokenized_dataset: prompt_ids, completion_ids, KL_completion_ids, label)")
         return self._drop_fully_truncated(dataset, args)
+
+
+def setup(job, device: str, model, tokenizer, interrupt, precomputed=None) -> LexAlignKTOTrainer:
+    """KTO's trainer for an align job (lexalign.methods: KTO's `setup`): TRL's KTOTrainer on rows LexAlign
+    tokenized, the reference log-probs of every completion and KL completion read from the reference file when
+    `precomputed` holds them; the rows' label balance under the job's weights said first."""
+    keys = job.cfg.own_keys
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
+    labels = train["label"]
+    balance = label_balance(sum(labels), len(labels) - sum(labels), keys["desirable_weight"],
+                            keys["undesirable_weight"])
+    print(f"KTO rows: {balance['desirable']} desirable, {balance['undesirable']} undesirable "
+          f"(weighted ratio {balance['weighted_ratio']:.2f})", flush=True)
+    if balance["warning"]:
+        warn(balance["warning"])
+    args = {**training_arguments(job, device, evaluation is not None), **keys,
+            "precompute_ref_log_probs": precomputed is not None}
+    return LexAlignKTOTrainer(model=model, args=KTOConfig(**args),
+                              **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation))

@@ -3,8 +3,8 @@
 Everything but the loss is shared (`lexalign.train.preference_trainer`: PEFT wrapping,
 the lean LM head, the pair collator with its chosen rows then rejected rows,
 padding-free batches, metrics, checkpoints, resume, logging); the losses are
-pure functions in `lexalign.methods.reference_free`, found by method name in its
-`LOSSES`. There is no reference model: the trainer is built with
+pure functions in `lexalign.methods.reference_free`, named by each method's registry
+entry (lexalign.methods: Method.loss). There is no reference model: the trainer is built with
 `precompute_ref_log_probs` and nothing to precompute, so DPOTrainer neither
 loads a second model for full fine-tuning nor runs a reference pass, and each
 step is one forward pass of the policy over the 2·B sequences.
@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from lexalign.methods.reference_free import LOSSES, PairLogps
+from lexalign import methods
+from lexalign.methods.reference_free import PairLogps
+from lexalign.reference.layout import TRUNCATION_MODE
+from lexalign.train.align import tokenized_datasets, trainer_inputs, training_arguments
 from lexalign.train.preference_trainer import PreferenceStep, PreferenceTrainer
 
 
@@ -46,9 +49,10 @@ class ReferenceFreeTrainer(PreferenceTrainer):
                  padding_free_batches: bool = True):
         if not isinstance(args, ReferenceFreeConfig):
             raise TypeError("ReferenceFreeTrainer needs a ReferenceFreeConfig")
-        if args.method not in LOSSES:
-            raise ValueError(f"method must be one of {', '.join(LOSSES)} (got: {args.method})")
-        self.method, self.loss_fn = args.method, LOSSES[args.method]
+        method = methods.method(args.method)
+        if method.needs_reference or method.loss is None:
+            raise ValueError(f"method {args.method} is not a reference-free pair method (lexalign.methods)")
+        self.method, self.loss_fn = args.method, method.loss_function()
         # Nothing to precompute, and no reference model: DPOTrainer loads none when log-probs are precomputed.
         args.precompute_ref_log_probs = True
         super().__init__(model=model, ref_model=None, args=args, train_dataset=train_dataset,
@@ -69,6 +73,18 @@ class ReferenceFreeTrainer(PreferenceTrainer):
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # chosen rows, then rejected rows
         chosen_lengths, rejected_lengths = shift_mask.sum(dim=1).chunk(2, dim=0)
         result, metrics = self.loss_fn(PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths),
-                                    self.beta, self.args.loss_keys or {})
+                                       self.beta, **(self.args.loss_keys or {}))
         return PreferenceStep(result.loss, 2, result.chosen_rewards, result.rejected_rewards, chosen_logps,
                               rejected_logps, {"loss/preference": result.preference, **metrics})
+
+
+def setup(job, device: str, model, tokenizer, interrupt, precomputed=None) -> ReferenceFreeTrainer:
+    """The reference-free trainer for an align job (lexalign.methods: ORPO's, SimPO's and CPO's `setup`): DPO's
+    machinery with one model and no reference, the method's loss and its own keys."""
+    cfg = job.cfg
+    train, evaluation = tokenized_datasets(job, tokenizer)
+    args = {**training_arguments(job, device, evaluation is not None), "truncation_mode": TRUNCATION_MODE,
+            "method": cfg.method, "loss_keys": cfg.own_keys}
+    return ReferenceFreeTrainer(model=model, args=ReferenceFreeConfig(**args),
+                                **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
+                                padding_free_batches=cfg.padding_free)

@@ -1,5 +1,5 @@
-"""GDPO through LexAlign's preference trainer (`lexalign.train.preference_trainer`, on TRL's DPOTrainer): listwise
-preferences over K ranked responses.
+"""Ranked groups through LexAlign's preference trainer (`lexalign.train.preference_trainer`, on TRL's DPOTrainer):
+listwise preferences over K ranked responses, with the loss of the method (GDPO's: lexalign.methods.gdpo).
 
 Everything but the data layout, the reference pass and the loss is shared:
 DPOTrainer's PEFT wrapping, reference model (the model passed in; with PEFT, the
@@ -11,12 +11,13 @@ Data: rows with `prompt` (str), `responses` (list[str], best first) and `scores`
 `chosen`/`rejected` are read as a group of two with scores [1, 0].
 
 Batch layout: like TRL's concatenated batch, where rows 0..B-1 are the chosen
-and rows B..2B-1 the rejected completions, a GDPO batch of B prompts holds K·B
+and rows B..2B-1 the rejected completions, a batch of B ranked groups holds K·B
 rows, response-major: row k·B + b is response k (0 = best) of prompt b. All K·B
 sequences go through the policy in one forward pass and through the reference
 in one no-grad pass; at K = 2 the batch is exactly DPO's.
 
-The loss and the ranking metrics are in `lexalign.methods.gdpo`.
+The method's loss is the registry's (lexalign.methods: Method.loss), a pure function of the implicit rewards
+[B, K] and the scores; the ranking metrics are GDPO's (`lexalign.methods.gdpo`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad, use_adapter
 
+from lexalign import methods
 from lexalign.core.tokens import tokenize_groups
 from lexalign.data.ranking import check_groups, ranked_groups
-from lexalign.methods.gdpo import gdpo_loss, kendall_tau, pair_accuracy, top1_accuracy
+from lexalign.methods.gdpo import kendall_tau, pair_accuracy
+from lexalign.train.align import dpo_arguments, tokenized_datasets, trainer_inputs
 from lexalign.train.preference_trainer import LOSS_OPTIONS, PreferenceStep, PreferenceTrainer
 
 # --- data --------------------------------------------------------------------------------------
@@ -105,39 +108,37 @@ class DataCollatorForRankedPreference(DataCollatorMixin):
 
 
 @dataclass
-class GDPOConfig(DPOConfig):
-    """DPOConfig plus K and w. `loss_type` must stay `["sigmoid"]`: GDPO's loss replaces it."""
+class RankedConfig(DPOConfig):
+    """DPOConfig plus the method, K and the method's own keys. `loss_type` must stay `["sigmoid"]`: the method's
+    loss replaces it."""
 
-    group_delay_size: int = field(default=4, metadata={"help": "K, the ranked responses per prompt (>= 2)."})
-    group_delay_weight: float = field(
-        default=0.5, metadata={"help": "w in [0, 1], the weight of the Plackett-Luce group term."}
-    )
+    method: str = field(default="gdpo", metadata={"help": "A method that ranks K responses (lexalign.methods)."})
+    group_size: int = field(default=4, metadata={"help": "K, the ranked responses per prompt (>= 2)."})
+    loss_keys: dict | None = field(default=None, metadata={
+        "help": "The method's own keys but K (lexalign.methods: Method.own_keys), e.g. {'group_delay_weight': 0.5}."})
 
 
-class GDPOTrainer(PreferenceTrainer):
+class RankedTrainer(PreferenceTrainer):
     """Listwise preference optimization over K ranked responses (see the module docstring)."""
 
-    _tag_names = ["trl", "gdpo", "lexalign"]
-    _name = "GDPO"
+    _tag_names = ["trl", "lexalign"]
+    _name = "Ranked"
     _paper = {}
-    method_name = "GDPO"
     unsupported = {**LOSS_OPTIONS, "f_divergence_type": lambda args: args.f_divergence_type != "reverse_kl",
                    "padding_free": lambda args: args.padding_free}
     reference_columns = ("ref_logps",)
     non_model_keys = frozenset({"completion_mask", "scores", "ref_logps"})
     signature_columns = ("prompt_ids", "completion_ids", "scores", "ref_logps")
 
-    def __init__(self, model, ref_model=None, args: GDPOConfig | None = None, data_collator=None,
+    def __init__(self, model, ref_model=None, args: RankedConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, callbacks=None,
                  optimizers=(None, None), peft_config=None, padding_free_batches: bool = True):
-        if args is None or not isinstance(args, GDPOConfig):
-            raise TypeError("GDPOTrainer needs a GDPOConfig")
-        if args.group_delay_size < 2:
-            raise ValueError(f"group_delay_size must be >= 2 (got: {args.group_delay_size})")
-        if not 0.0 <= args.group_delay_weight <= 1.0:
-            raise ValueError(f"group_delay_weight must be in [0, 1] (got: {args.group_delay_weight})")
+        if args is None or not isinstance(args, RankedConfig):
+            raise TypeError("RankedTrainer needs a RankedConfig")
+        if args.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (got: {args.group_size})")
         if processing_class is None:
-            raise ValueError("GDPOTrainer needs processing_class (the tokenizer)")
+            raise ValueError("RankedTrainer needs processing_class (the tokenizer)")
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         if data_collator is None:
@@ -147,12 +148,15 @@ class GDPOTrainer(PreferenceTrainer):
                 truncation_mode=args.truncation_mode,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
-        self.group_size = args.group_delay_size
-        self.group_weight = args.group_delay_weight
+        self.group_size = args.group_size
+        self.loss_fn = methods.method(args.method).loss_function()
         super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
                          padding_free_batches=padding_free_batches)
+
+    def describe(self, args) -> str:
+        return args.method
 
     # Data ----------------------------------------------------------------------------------------
 
@@ -164,11 +168,11 @@ class GDPOTrainer(PreferenceTrainer):
         first = next(iter(dataset))
         if "completion_ids" in first:
             return self._drop_fully_truncated(dataset, args)
-        k = args.group_delay_size
+        k = args.group_size
 
         def tokenize(example):
             if is_conversational(example):
-                raise ValueError("GDPO reads plain-text prompts and responses, not chat messages")
+                raise ValueError("The ranked trainer reads plain-text prompts and responses, not chat messages")
             if example.get("responses") is not None:
                 responses = list(example["responses"])
                 scores = example.get("scores")
@@ -178,7 +182,7 @@ class GDPOTrainer(PreferenceTrainer):
                 responses, scores = [example["chosen"], example["rejected"]], [1.0, 0.0]
             if len(responses) != k or len(scores) != k:
                 raise ValueError(f"{dataset_name}: a group has {len(responses)} responses and {len(scores)} scores; "
-                                 f"group_delay_size is {k}")
+                                 f"K is {k}")
             order = sorted(range(k), key=lambda i: -scores[i])  # best first; ties keep their order
             # LexAlign's rule for plain text (lexalign.core.tokens): the tokenizer's prefix once, EOS once after each
             # response, the completion starting where the prompt's ids and prompt + response's ids first differ
@@ -242,13 +246,10 @@ class GDPOTrainer(PreferenceTrainer):
         # Row r·B + b is response r of prompt b: view as [K, B], transpose to [B, K].
         logps_bk = logps.view(k, batch).T
         rewards = self.beta * (logps - ref_logps).view(k, batch).T
-        result = gdpo_loss(rewards, self.group_weight, scores)
+        loss, metrics = self.loss_fn(rewards, scores, **(self.args.loss_keys or {}))
         rewards = rewards.detach()
-        return PreferenceStep(
-            result.loss, k, rewards[:, 0], rewards[:, -1], logps_bk[:, 0], logps_bk[:, -1],
-            {"loss/pairwise": result.pairwise, "loss/group": result.group,
-             "rewards/top1_accuracy": top1_accuracy(rewards, scores)},
-            extra=(rewards, scores))
+        return PreferenceStep(loss, k, rewards[:, 0], rewards[:, -1], logps_bk[:, 0], logps_bk[:, -1], metrics,
+                              extra=(rewards, scores))
 
     def own_metrics(self, mode, step) -> dict[str, float]:
         """The ranking metrics undefined for a group whose responses are all tied (NaN), averaged over the rest."""
@@ -262,3 +263,16 @@ class GDPOTrainer(PreferenceTrainer):
             if not torch.isnan(tau).all():
                 metrics["kendall_tau"] = torch.nanmean(tau).item()
         return metrics
+
+
+def setup(job, device: str, model, tokenizer, interrupt, precomputed=None) -> RankedTrainer:
+    """The trainer of ranked groups for an align job (lexalign.methods: a ranking method's `setup`): DPO's
+    arguments and machinery, K ranked responses per prompt, the method's loss and its own keys."""
+    cfg = job.cfg
+    train, evaluation = precomputed or tokenized_datasets(job, tokenizer)
+    args = {**dpo_arguments(job, device, evaluation is not None), "method": cfg.method,
+            "group_size": cfg.of.responses(cfg.to_dict()), "loss_keys": cfg.own_keys,
+            "precompute_ref_log_probs": precomputed is not None}
+    return RankedTrainer(model=model, args=RankedConfig(**args),
+                         **trainer_inputs(job, model, tokenizer, interrupt, train, evaluation),
+                         padding_free_batches=cfg.padding_free)
