@@ -38,6 +38,7 @@ The issue asks lexalign's steady-state step rate >= 0.97 x TRL's and peak memory
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -82,7 +83,7 @@ def training_run(name: str, spec: dict, callback, save: bool = True):
         if save:
             return job.run
         trainer, _, interrupt = job.setup()
-        return lambda: job.train_model(trainer, interrupt)  # what job.run() does between setup and save
+        return functools.partial(common.train_only, job, trainer, interrupt)
 
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer

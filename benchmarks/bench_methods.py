@@ -29,6 +29,7 @@ the ratio is also the ratio of responses trained per second.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -66,7 +67,7 @@ def training_run(name: str, spec: dict, callback):
                    checkpoint_dir=Path(spec["tmp"]) / f"ckpt-{name}", device=spec["device"], seed=0,
                    reference_path=Path(reference) if reference else None, extra_callbacks=[callback])
     trainer, _, interrupt = job.setup()
-    return lambda: job.train_model(trainer, interrupt)
+    return functools.partial(common.train_only, job, trainer, interrupt)
 
 
 def worker(name: str, spec: dict, out: Path) -> None:

@@ -100,7 +100,7 @@ def worker(name: str, spec: dict, out: Path) -> None:
         for run in RUNS:  # set up here: transformers' model loading is not thread-safe
             job = align_job(spec, run, turns.callback(run))
             trainer, _, interrupt = job.setup()
-            targets[run] = functools.partial(job.train_model, trainer, interrupt)  # job.run() without saving
+            targets[run] = functools.partial(common.train_only, job, trainer, interrupt)  # job.run(), no saving
         turns.run(targets)
         out.write_text(json.dumps(turns.steps))
     else:  # one run alone, for its peak memory

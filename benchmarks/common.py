@@ -310,3 +310,9 @@ def paired_ratio(ours: list[dict], theirs: list[dict], warmup: int, clock: str) 
     ratios = sorted(t[clock] / o[clock] for o, t in zip(ours[warmup:-1], theirs[warmup:-1], strict=False))
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return statistics.median(ratios), q[0], q[2]
+
+
+def train_only(job, trainer, interrupt) -> None:
+    """What a training job's run() does between setup and save (lexalign.train.job.TrainingJob.run)."""
+    with job.training(trainer, interrupt) as resume:
+        trainer.train(resume_from_checkpoint=resume)

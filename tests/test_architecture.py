@@ -248,3 +248,67 @@ def test_the_cli_evaluate_defaults_are_the_schemas():
     schema = SCHEMA["$defs"]["evaluate"]["properties"]
     assert defaults["num_prompts"] == schema["num_prompts"]["default"]
     assert defaults["judge"] == schema["judge"]["default"]
+
+
+# --- from a rule to the loss -------------------------------------------------------------------------------
+
+
+def _calls_to(function: str, smk) -> list[str]:
+    """The frames on the stack when `function` (a loss of lexalign.methods) is first called while `run_rule(smk)`
+    runs, from run_rule down: `file:function` each."""
+    import sys
+
+    from lexalign.pipeline.rules import run_rule
+
+    seen: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call" and not seen and frame.f_code.co_name == function \
+                and "lexalign/methods/" in frame.f_code.co_filename:
+            current = frame
+            while current is not None:
+                seen.append(f"{Path(current.f_code.co_filename).name}:{current.f_code.co_name}")
+                if current.f_code.co_name == "run_rule":
+                    break
+                current = current.f_back
+            seen.reverse()
+            sys.setprofile(None)
+
+    sys.setprofile(profile)
+    try:
+        run_rule(smk)
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, loss", [("gdpo", "gdpo"), ("simpo", "simpo")])
+def test_from_a_rule_to_the_loss_is_at_most_ten_calls(method, loss, sft_model_dir, tmp_path):
+    """The align rule's script calls run_rule; from there to the method's loss (the pure function the registry
+    names) is at most 9 more calls, transformers' and TRL's training loop included (docs/architecture.md)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from lexalign.demo import task
+    from lexalign.steps import inputs
+
+    raw = tmp_path / "raw" / "train.jsonl"
+    raw.parent.mkdir()
+    pd.DataFrame(task.ranked_rows(0, 16)).to_json(raw, orient="records", lines=True)
+    data = tmp_path / "data"
+    inputs.validate(raw=raw, tokenizer=sft_model_dir, output=data,
+                    dataset={"path": str(raw), "max_length": 64, **({"group_size": 4} if method == "gdpo" else {})})
+    alignment = {"method": method, "max_steps": 1, "batch_size": 4, "max_length": 64, "logging_steps": 1,
+                 "save_steps": 100, "warmup_steps": 0, "gradient_accumulation_steps": 1}
+    items = lambda mapping: SimpleNamespace(items=mapping.items)  # noqa: E731 - Snakemake's named lists
+    smk = SimpleNamespace(rule="align", input=items({"model": str(sft_model_dir), "data": str(data)}),
+                          output=items({"output": str(tmp_path / "aligned")}), log=[], resources=None, threads=1,
+                          params=items({"alignment": alignment, "checkpoint_dir": str(tmp_path / "checkpoints"),
+                                        "device": "cpu"}))
+    stack = _calls_to(loss, smk)
+    assert stack and stack[-1].endswith(f":{loss}"), stack
+    # scripts/step.py → run_rule is the first call; each frame after run_rule is one more.
+    assert stack[0] == "rules.py:run_rule" and len(stack) <= 10, " → ".join(stack)
+    assert (tmp_path / "aligned" / "model.safetensors").is_file()

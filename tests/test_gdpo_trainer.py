@@ -329,7 +329,8 @@ def test_checkpoint_and_resume(sft_model_dir, tmp_path):
     frame = pd.DataFrame(task.ranked_rows(0, 16))
     first = align_job(tmp_path, sft_model_dir, frame, max_steps=2, save_steps=1)
     trainer, _, interrupt = first.setup()
-    first.train_model(trainer, interrupt)
+    with first.training(trainer, interrupt) as resume:
+        trainer.train(resume_from_checkpoint=resume)
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").is_file()
 

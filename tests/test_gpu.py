@@ -109,7 +109,8 @@ def test_finetune_on_the_gpu(tmp_path, demo_model_dir, method):
     assert trained and all(p.dtype == expected for p in trained), {p.dtype for p in trained}
     if method == "qlora":
         assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
-    job.train_model(trainer, interrupt)
+    with job.training(trainer, interrupt) as resume:
+        trainer.train(resume_from_checkpoint=resume)
     out = job.save(trainer, tokenizer)
     history = logged(out)
     assert len(history) == 6 and all(math.isfinite(e["loss"]) for e in history)

@@ -7,6 +7,8 @@ the model atomically with its metrics, lineage and model card.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from lexalign.config.sections import TrainingConfig
+from lexalign.core.errors import TrainingInterrupted
 from lexalign.core.io import atomic_dir, hash_object, hash_path, write_json
 from lexalign.core.lineage import stage_record, write_lineage, write_model_card
 from lexalign.train import runtime, tracking
@@ -106,12 +109,6 @@ class TrainingJob:
         """The full-precision weights a trained adapter is merged into."""
         return self.model_path
 
-    def train_model(self, trainer, interrupt) -> None:
-        resume = self.resume or runtime.find_resume_checkpoint(self.checkpoint_dir, self.config_hash())
-        if resume:
-            print(f"Resuming from {resume}", flush=True)
-        runtime.run_trainer(trainer, resume, self.cfg, interrupt, self.resume_command)
-
     def save(self, trainer, tokenizer) -> Path:
         """Write the model; with several processes every one gathers the weights and the main one writes."""
         accelerator = trainer.accelerator
@@ -139,12 +136,29 @@ class TrainingJob:
             if self.session and self.session.records:  # where the evaluate step finds this run's tracker runs
                 write_json(tmp / tracking.TRACKING_FILE, self.session.record())
 
+    @contextlib.contextmanager
+    def training(self, trainer, interrupt: InterruptCallback) -> Iterator[str | None]:
+        """Around `trainer.train(resume_from_checkpoint=...)`: yields the checkpoint to resume from (the one asked
+        for, else the newest made with the same config, else None); out-of-memory errors become messages, and an
+        interrupted run (SIGTERM, SIGINT: its checkpoint is saved) ends in TrainingInterrupted."""
+        resume = self.resume or runtime.find_resume_checkpoint(self.checkpoint_dir, self.config_hash())
+        if resume:
+            print(f"Resuming from {resume}", flush=True)
+        with runtime.trainer_errors(self.cfg):
+            yield str(resume) if resume else None
+        if interrupt.interrupted:
+            checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+            raise TrainingInterrupted(checkpoint, self.resume_command)
+
     def run(self) -> Path:
+        """Set up, train, save. The trainer's loop is called from here, so the path from a rule to the loss stays
+        short (docs/architecture.md)."""
         tracking.require(tracking.selected(self.cfg))  # a missing tracker stops the run before any model loads
         trainer, tokenizer, interrupt = self.setup()
         done = False
         try:
-            self.train_model(trainer, interrupt)
+            with self.training(trainer, interrupt) as resume:
+                trainer.train(resume_from_checkpoint=resume)
             out = self.save(trainer, tokenizer)
             done = True
         finally:

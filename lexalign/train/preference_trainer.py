@@ -11,7 +11,8 @@ log-probs are read instead of recomputed.
 
 `PreferenceTrainer` (GDPO and the reference-free methods) adds the loss step
 around a method's loss: one forward pass of the policy over the batch's rows
-(packed: `lexalign.train.packed`), the method's `preference_loss`, the MoE
+(packed: `lexalign.train.packed`), the method's loss (its `loss_arguments` from the
+batch, the pure function of lexalign.methods, its `preference_step`), the MoE
 auxiliary loss, and DPO's metrics with chosen = the first response of each
 prompt and rejected = the last. A batch holds K·B rows, response-major: row
 k·B + b is response k of prompt b (K = 2: TRL's chosen rows, then rejected rows).
@@ -20,6 +21,7 @@ k·B + b is response k of prompt b (K = 2: TRL's chosen rows, then rejected rows
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -108,7 +110,7 @@ class PreferenceStep(NamedTuple):
 
 
 class PreferenceTrainer(TrainerPlumbing, DPOTrainer):
-    """DPOTrainer with a LexAlign loss (`preference_loss`) on rows LexAlign tokenized."""
+    """DPOTrainer with a LexAlign loss (the method's, lexalign.methods) on rows LexAlign tokenized."""
 
     trl_module = trl_seam.DPO_MODULE
     trl_internals = trl_seam.DPO
@@ -123,9 +125,17 @@ class PreferenceTrainer(TrainerPlumbing, DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = list(self.signature_columns)
 
-    def preference_loss(self, logps: torch.Tensor, shift_mask: torch.Tensor, inputs: dict, model_kwargs: dict,
-                        labels: torch.Tensor) -> PreferenceStep:
-        """The method's loss from the policy's summed response log-probs `logps` [K·B]."""
+    loss_fn: Callable
+    """The method's loss (lexalign.methods: Method.loss), a pure function: set by the subclass."""
+
+    def loss_arguments(self, logps: torch.Tensor, shift_mask: torch.Tensor, inputs: dict, model_kwargs: dict,
+                       labels: torch.Tensor) -> tuple[tuple, Any]:
+        """The method's loss's positional arguments from the policy's summed response log-probs `logps` [K·B]
+        (the method's own keys follow by name), and what `preference_step` needs beside the loss's result."""
+        raise NotImplementedError
+
+    def preference_step(self, result, context) -> PreferenceStep:
+        """The loss step's view of the loss's `result`: the loss, the rewards and log-probs, the metrics."""
         raise NotImplementedError
 
     def own_metrics(self, mode: str, step: PreferenceStep) -> dict[str, float]:
@@ -145,7 +155,9 @@ class PreferenceTrainer(TrainerPlumbing, DPOTrainer):
         # One forward pass of the policy over all K·B rows (packed: lexalign.train.packed).
         outputs = padding_free_model(self, model, inputs)(**model_kwargs, labels=labels, fused_lm_head=True)
         logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
-        step = self.preference_loss(logps, shift_mask, inputs, model_kwargs, labels)
+        arguments, context = self.loss_arguments(logps, shift_mask, inputs, model_kwargs, labels)
+        # The method's loss, called from here: the trainer's loop, this step, the pure function.
+        step = self.preference_step(self.loss_fn(*arguments, **(self.args.loss_keys or {})), context)
         loss = step.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss

@@ -236,20 +236,23 @@ class RankedTrainer(PreferenceTrainer):
                 outputs = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
         return outputs.log_probs[:, -seq_len:].sum(dim=1)
 
-    def preference_loss(self, logps, shift_mask, inputs, model_kwargs, labels) -> PreferenceStep:
+    def loss_arguments(self, logps, shift_mask, inputs, model_kwargs, labels):
+        """(rewards [B, K], scores [B, K]): the implicit rewards β·(log π - log π_ref) of each prompt's K
+        responses, best first, from rows response-major (row r·B + b is response r of prompt b)."""
         scores = inputs["scores"]
         batch, k = scores.shape
         if "ref_logps" in inputs:  # precomputed, [B, K] → response-major like `logps`
             ref_logps = inputs["ref_logps"].to(logps.dtype).T.reshape(-1)
         else:
             ref_logps = self._reference_logps(model_kwargs, labels, shift_mask.size(1))
-        # Row r·B + b is response r of prompt b: view as [K, B], transpose to [B, K].
-        logps_bk = logps.view(k, batch).T
         rewards = self.beta * (logps - ref_logps).view(k, batch).T
-        loss, metrics = self.loss_fn(rewards, scores, **(self.args.loss_keys or {}))
+        return (rewards, scores), (logps.view(k, batch).T, rewards, scores)
+
+    def preference_step(self, result, context) -> PreferenceStep:
+        (loss, metrics), (logps_bk, rewards, scores) = result, context
         rewards = rewards.detach()
-        return PreferenceStep(loss, k, rewards[:, 0], rewards[:, -1], logps_bk[:, 0], logps_bk[:, -1], metrics,
-                              extra=(rewards, scores))
+        return PreferenceStep(loss, scores.size(1), rewards[:, 0], rewards[:, -1], logps_bk[:, 0], logps_bk[:, -1],
+                              metrics, extra=(rewards, scores))
 
     def own_metrics(self, mode, step) -> dict[str, float]:
         """The ranking metrics undefined for a group whose responses are all tied (NaN), averaged over the rest."""

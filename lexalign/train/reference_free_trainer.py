@@ -68,14 +68,17 @@ class ReferenceFreeTrainer(PreferenceTrainer):
                              "(lexalign.reference.tokenized_dataset: prompt_ids, chosen_ids, rejected_ids)")
         return self._drop_fully_truncated(dataset, args)
 
-    def preference_loss(self, logps, shift_mask, inputs, model_kwargs, labels) -> PreferenceStep:
-        """The method's loss (`lexalign.methods.reference_free`) from the policy's summed log-probs."""
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # chosen rows, then rejected rows
+    def loss_arguments(self, logps, shift_mask, inputs, model_kwargs, labels):
+        """(the pairs' summed log-probs and token counts, β): chosen rows, then rejected rows."""
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         chosen_lengths, rejected_lengths = shift_mask.sum(dim=1).chunk(2, dim=0)
-        result, metrics = self.loss_fn(PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths),
-                                       self.beta, **(self.args.loss_keys or {}))
-        return PreferenceStep(result.loss, 2, result.chosen_rewards, result.rejected_rewards, chosen_logps,
-                              rejected_logps, {"loss/preference": result.preference, **metrics})
+        pairs = PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+        return (pairs, self.beta), pairs
+
+    def preference_step(self, result, context) -> PreferenceStep:
+        (loss, metrics), pairs = result, context
+        return PreferenceStep(loss.loss, 2, loss.chosen_rewards, loss.rejected_rewards, pairs.chosen,
+                              pairs.rejected, {"loss/preference": loss.preference, **metrics})
 
 
 def setup(job, device: str, model, tokenizer, interrupt, precomputed=None) -> ReferenceFreeTrainer:

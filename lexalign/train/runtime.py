@@ -7,14 +7,15 @@ module holds the parts of each that do not depend on the objective.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from lexalign.config.sections import TrainingConfig
-from lexalign.core.errors import LexAlignError, TrainingInterrupted, warn
+from lexalign.core.errors import LexAlignError, warn
 from lexalign.core.shares import COLLECTIVE_TIMEOUT_ENV  # scale.timeout: TrainingArguments.ddp_timeout here
 from lexalign.models.loading import _installed, merged_model
 from lexalign.train.callbacks import CONFIG_HASH_FILE
@@ -165,12 +166,13 @@ def keep_metrics(checkpoint_dir: Path, out_dir: Path) -> None:
         shutil.copy2(metrics, out_dir / "metrics.jsonl")
 
 
-def run_trainer(trainer, resume: Path | None, cfg: TrainingConfig, interrupt, resume_command: str) -> Any:
-    """trainer.train() with the errors users should see instead of tracebacks."""
+@contextlib.contextmanager
+def trainer_errors(cfg: TrainingConfig) -> Iterator[None]:
+    """Running out of memory while training, as the error users should see instead of a traceback."""
     import torch
 
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        yield
     except (torch.OutOfMemoryError, MemoryError) as err:
         kind = "CUDA out of memory" if isinstance(err, torch.OutOfMemoryError) else "CPU out of memory"
         raise LexAlignError(
@@ -178,10 +180,6 @@ def run_trainer(trainer, resume: Path | None, cfg: TrainingConfig, interrupt, re
             hint=f"Try: reducing batch_size (now {cfg.batch_size}), enabling use_lora, "
             f"or raising gradient_accumulation_steps (now {cfg.gradient_accumulation_steps})",
         ) from None
-    if interrupt.interrupted:
-        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        raise TrainingInterrupted(checkpoint, resume_command)
-    return result
 
 
 def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: bool, base_path: Path,
