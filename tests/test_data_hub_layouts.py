@@ -475,10 +475,12 @@ def hub_download(tmp_path: Path, hub: HubServer, section: dict, out: Path) -> su
     env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
                 "PYTHONPATH": str(REPO)})
     code = ("import json, sys\n"
-            "from lexalign.core.errors import exit_on_error\n"
+            "from lexalign.core.errors import LexAlignError\n"
             "from lexalign.steps.inputs import download\n"
-            "exit_on_error(download)(source=json.loads(sys.argv[1]), output=sys.argv[2], "
-            "kind='preference_data')\n")
+            "try:\n"
+            "    download(source=json.loads(sys.argv[1]), output=sys.argv[2], kind='preference_data')\n"
+            "except LexAlignError as err:\n"
+            "    sys.exit(err.render())\n")
     return subprocess.run([sys.executable, "-c", code, json.dumps(download_source(section)), str(out)], cwd=tmp_path,
                           env=env,
                           capture_output=True, text=True, timeout=120)

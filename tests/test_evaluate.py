@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lexalign.evaluation.figures import kl_estimate, preference_metrics, sequence_logps
+from lexalign.core.shares import Share
+from lexalign.evaluation.figures import held_out_scores, kl_estimate, preference_figures, sequence_logps
 from lexalign.models.loading import load_causal_lm
 
 
@@ -43,7 +44,7 @@ def test_preference_metrics_of_a_model_against_itself_are_zero(models, demo_toke
     frame = pd.DataFrame({"prompt": ["User: Please greet Zoe.\nAssistant:"] * 2,
                           "chosen": [" Hello Zoe!", " Hello Zoe, welcome!"],
                           "rejected": [" Go away Zoe.", " Go away."]})
-    metrics = preference_metrics(sft, sft, demo_tokenizer, frame, beta=0.1, batch_size=2)
+    metrics = preference_figures(Share().gather(*held_out_scores(sft, sft, demo_tokenizer, frame, 2, Share())), 0.1)
     assert metrics["pairs"] == 2
     assert metrics["mean_margin"] == 0.0 and metrics["preference_accuracy"] == 0.0  # ties are not wins
 

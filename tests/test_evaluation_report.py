@@ -76,7 +76,7 @@ def _run_dir(root, name, loss, points):
 def test_losses_of_different_methods_get_panels_of_their_own(tmp_path):
     from PIL import Image
 
-    from lexalign.evaluation.report import loss_kind, plot_curves
+    from lexalign.evaluation.plots import loss_kind, plot_curves
 
     runs = {"sigmoid": _run_dir(tmp_path, "a", {"method": "dpo", "loss_type": ["sigmoid"]}, [(1, 0.69), (2, 0.6)]),
             "ipo": _run_dir(tmp_path, "b", {"method": "dpo", "loss_type": ["ipo"]}, [(5, 25.0)]),

@@ -1,6 +1,6 @@
-"""Per-completion scores for a round (lexalign/generation/scoring.py): the demo judge, a reward model in length-sorted
-batches, an LLM judge on a loopback endpoint with retries; every score cached, none asked twice, none lost when
-the judge fails part-way."""
+"""Per-completion scores for a round (lexalign/generation/completion_scores.py): the demo judge, a reward model in
+length-sorted batches, an LLM judge on a loopback endpoint with retries; every score cached, none asked twice,
+none lost when the judge fails part-way."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from conftest import Counting, online_rows, write_reward_model
 from loopback import ChatServer
 
 from lexalign.core.errors import LexAlignError
-from lexalign.generation import scoring as score
-from lexalign.generation.scoring import DemoJudge, LlmJudge, RewardModelJudge, score_completions
+from lexalign.generation import completion_scores as score
+from lexalign.generation.completion_scores import DemoJudge, LlmJudge, RewardModelJudge, score_completions
 
 
 def test_demo_scores_are_cached_and_never_asked_twice(tmp_path):

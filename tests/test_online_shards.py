@@ -24,7 +24,7 @@ from conftest import REPO, Counting, online_rows, write_reward_model
 
 from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
-from lexalign.generation.scoring import DemoJudge, RewardModelJudge, ScoreCache, score_completions
+from lexalign.generation.completion_scores import DemoJudge, RewardModelJudge, ScoreCache, score_completions
 from lexalign.pipeline.launch import (
     check_nodes,
     launch_command,
@@ -192,7 +192,7 @@ def test_a_score_cached_by_a_killed_process_is_never_asked_again(tmp_path):
     first = Counting(DemoJudge())
     score_completions(rows[:1], first, cache)  # the main process's file
     ScoreCache(cache, rank=1).put(dict(zip(("a", "b"), (0.5, 0.25), strict=True)))
-    from lexalign.generation.scoring import score_key
+    from lexalign.generation.completion_scores import score_key
 
     done = {score_key(r["policy_hash"], r["prompt"], r["completion_ids"][0], "demo"): 1.0 for r in rows[1:]}
     ScoreCache(cache, rank=1).put(done)

@@ -59,7 +59,7 @@ def test_the_package_digest_follows_every_source_file_but_not_bytecode(tmp_path)
     schema = next((root / "config").glob("*.yaml"))
     schema.write_text(schema.read_text() + "\n")
     after_schema = digest(root)
-    module = root / "generation" / "scoring.py"
+    module = root / "generation" / "completion_scores.py"
     module.write_text(module.read_text() + "\n# edited\n")
     assert len({before, after_schema, digest(root)}) == 3
     module.rename(root / "generation" / "scored.py")  # a rename alone changes what imports find

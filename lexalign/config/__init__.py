@@ -1,23 +1,3 @@
-"""Configuration: YAML loading, schema validation, and one dataclass per stage."""
-
-from lexalign.config.loader import load_config, load_yaml, validate_config
-from lexalign.config.sections import (
-    AlignConfig,
-    DatasetConfig,
-    EvaluateConfig,
-    FinetuneConfig,
-    SftDatasetConfig,
-    SourceConfig,
-)
-
-__all__ = [
-    "AlignConfig",
-    "DatasetConfig",
-    "EvaluateConfig",
-    "FinetuneConfig",
-    "SftDatasetConfig",
-    "SourceConfig",
-    "load_config",
-    "load_yaml",
-    "validate_config",
-]
+"""Configuration: YAML loading and schema validation (`loader`, the schema `config.schema.yaml` beside it),
+one dataclass per config section (`sections`), the `online` section's checks (`online`), and a whole config
+written with every key's meaning (`annotated`)."""

@@ -409,17 +409,6 @@ class EvaluateConfig(_FromDict):
 
 
 @dataclass
-class TrackingConfig(_FromDict):
-    """How training runs are grouped in the experiment trackers (the pipeline's `tracking:` section)."""
-
-    SECTION: ClassVar[str | None] = "tracking"
-
-    experiment: str | None = None
-    """The MLflow experiment, Trackio project and W&B group every run of the pipeline reports to; by default
-    one name per pipeline (lexalign.train.tracking.default_experiment)."""
-
-
-@dataclass
 class PublishConfig(_FromDict):
     """Publishing a model folder to the Hugging Face Hub (the publish rule, `lexalign push`)."""
 

@@ -46,18 +46,3 @@ class TrainingInterrupted(LexAlignError):
 def warn(message: str, *details: str) -> None:
     """Print a warning the way users expect to see it: on stderr, plainly."""
     print("\n".join([f"Warning: {message}", *details]), file=sys.stderr, flush=True)
-
-
-def exit_on_error(func):
-    """Decorator: turn LexAlignError into a clean message and exit status 1."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except LexAlignError as err:
-            print(err.render(), file=sys.stderr, flush=True)
-            sys.exit(1)
-
-    return wrapper

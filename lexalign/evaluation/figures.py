@@ -111,11 +111,6 @@ def held_out_figures(logps: dict[str, list], frame: pd.DataFrame, beta: float) -
     return unpaired_figures(logps, frame, beta) if "label" in frame.columns else preference_figures(logps, beta)
 
 
-def preference_metrics(policy, reference, tokenizer, frame: pd.DataFrame, beta: float, batch_size: int) -> dict:
-    """The held-out pairs' figures, scored in this process."""
-    return preference_figures(_alone(held_out_scores(policy, reference, tokenizer, frame, batch_size, Share())), beta)
-
-
 def preference_figures(logps: dict[str, list], beta: float) -> dict:
     rewards = {
         side: [beta * (p - r) for p, r in zip(logps[f"{side}/policy"], logps[f"{side}/reference"], strict=True)]
@@ -355,8 +350,8 @@ def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: Eval
     """Every figure of one run against its reference model. `share` (a launched step, `lexalign.core.shares`): this
     process scores its share of every batch (log-probs, sampled and greedy answers, the reward model's scores),
     and the main process returns the figures of them all, equal to one process's; the others return None."""
+    from lexalign.core.paths import require_model
     from lexalign.generation import judges
-    from lexalign.models.loading import require_model
 
     share = share or Share()
     require_model(aligned, "lexalign align --config config/align.yaml")

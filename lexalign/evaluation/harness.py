@@ -70,7 +70,8 @@ def run_harness(model_dir: Path, cfg: dict, device: str, seed: int = 42) -> dict
     from lm_eval import evaluator
     from lm_eval.models.huggingface import HFLM
 
-    from lexalign.models.loading import load_causal_lm, load_tokenizer, require_model
+    from lexalign.core.paths import require_model
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     require_model(model_dir, "snakemake results/aligned")
     tokenizer = load_tokenizer(model_dir)

@@ -301,7 +301,8 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     process left unfinished, it makes)."""
     import torch
 
-    from lexalign.models.loading import load_causal_lm, load_tokenizer, require_model
+    from lexalign.core.paths import require_model
+    from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     sampling.check()
     prompts = list(prompts)  # a pandas column indexes by label, not position

@@ -24,7 +24,7 @@ from lexalign.core.errors import LexAlignError
 from lexalign.core.io import atomic_dir
 from lexalign.core.lineage import readme_metadata, stage_record, write_lineage
 from lexalign.hub import manifest
-from lexalign.hub.fetch import DUPLICATE_WEIGHT_PATTERNS, files_count, human_size  # noqa: F401  (re-exported)
+from lexalign.hub.fetch import files_count, human_size
 
 SECTIONS = (("models", "model"), ("datasets", "preference_data"))
 

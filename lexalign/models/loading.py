@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lexalign.core.errors import LexAlignError, warn
-from lexalign.core.paths import TOKENIZER_VOCAB_FILES, require_model  # noqa: F401 - require_model: one import for callers
+from lexalign.core.paths import TOKENIZER_VOCAB_FILES, require_model
 
 
 def resolve_device(requested: str) -> str:

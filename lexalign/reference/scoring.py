@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lexalign.core.errors import LexAlignError
-from lexalign.core.paths import adapter_base, lone_adapter
+from lexalign.core.paths import adapter_base, lone_adapter, require_model
 from lexalign.core.shares import Share, piece
 from lexalign.reference.cache import cached_tokens
 from lexalign.reference.keys import METADATA_KEY, compute_dtype, read_key, reference_key, tokenizer_hash
@@ -96,7 +96,7 @@ def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trus
     from lexalign.models import loading as models
     from lexalign.models.logprobs import add_lean_lm_head
 
-    path = models.require_model(model_path, "lexalign finetune --config config/finetune.yaml")
+    path = require_model(model_path, "lexalign finetune --config config/finetune.yaml")
     if lone_adapter(path):
         base = adapter_base(path)
         merged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lexalign-reference-")))

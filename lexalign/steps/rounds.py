@@ -105,8 +105,8 @@ def online_score(*, generations: str | Path, output: str | Path, judge: str, cac
     import pyarrow.parquet as pq
 
     from lexalign.core.shares import Share, session
+    from lexalign.generation.completion_scores import make_judge, score_completions
     from lexalign.generation.sampling import read_generations
-    from lexalign.generation.scoring import make_judge, score_completions
 
     with session(output) as share:
         if judge != "reward_model" and share.world > 1:

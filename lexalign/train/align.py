@@ -26,6 +26,7 @@ from pathlib import Path
 from lexalign import methods
 from lexalign.core.errors import LexAlignError
 from lexalign.core.io import atomic_dir
+from lexalign.core.paths import require_model
 from lexalign.models import loading as models
 from lexalign.reference.layout import TRUNCATION_MODE
 from lexalign.train import runtime
@@ -104,7 +105,7 @@ def sft_weights(job: AlignJob) -> Path:
     """
     import json
 
-    path = models.require_model(job.model_path, "lexalign finetune --config config/finetune.yaml")
+    path = require_model(job.model_path, "lexalign finetune --config config/finetune.yaml")
     if not (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return path
     merged = job.checkpoint_dir / "sft-merged"

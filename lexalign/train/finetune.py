@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lexalign.core.errors import LexAlignError
+from lexalign.core.paths import require_model
 from lexalign.models import loading as models
 from lexalign.train import runtime
 from lexalign.train.callbacks import InterruptCallback
@@ -37,7 +38,7 @@ class FinetuneJob(TrainingJob):
             raise LexAlignError("finetune.method is none: there is nothing to fine-tune",
                                 hint="Align the model as it is: lexalign align with model.path set to it "
                                      "(the pipeline plans no finetune job for method none)")
-        models.require_model(self.model_path, "lexalign download --config config/downloads.yaml")
+        require_model(self.model_path, "lexalign download --config config/downloads.yaml")
         device = models.resolve_device(self.device)
         tokenizer = models.load_tokenizer(self.model_path, self.trust_remote_code)
         model = models.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",

@@ -18,7 +18,6 @@ plans, and that must stay cheap.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -418,8 +417,3 @@ def log_evaluation(model_dir: str | Path, result: dict, eval_file: str | Path) -
     print(f"Evaluation logged to {', '.join(LABELS[n] for n in names)} "
           f"(experiment {record.get('experiment')}, run {record.get('run')})", flush=True)
     return names
-
-
-def read_record(model_dir: str | Path) -> dict | None:
-    file = Path(model_dir) / TRACKING_FILE
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
