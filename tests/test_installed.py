@@ -125,7 +125,7 @@ def test_reinstalling_the_same_wheel_reruns_nothing(user):
 
 def test_an_upgrade_reruns_exactly_the_steps_whose_code_changed(user, tmp_path):
     # lexalign/evaluation/report.py is run by the report step alone (its code inputs, lexalign/pipeline/code_inputs.py).
-    module = user.source / "lexalign" / "report.py"
+    module = user.source / "lexalign" / "evaluation" / "report.py"
     module.write_text(module.read_text() + "\n# changed in the next release\n")
     upgrade = _build_wheel(user.source, tmp_path / "wheel-2")
     user.pip("--force-reinstall", "--no-deps", upgrade)

@@ -651,3 +651,126 @@ def test_the_pipeline_stops_a_pairs_method_on_unpaired_rows_at_validation(kto_pi
     log = (workdir / "logs" / "validate_preferences.log").read_text()
     assert "are unpaired rows (prompt, completion, label)" in log and "Traceback" not in log
     assert not (workdir / "results" / "data" / "preferences").exists()
+
+
+# --- adding a method: its loss, its registry entry, its keys in the schema, nothing else ---------------------
+
+NEW_PAIR_LOSS = '''
+
+def hinge(pairs: PairLogps, beta: float, *, hinge_margin: float) -> tuple[PairLoss, dict[str, torch.Tensor]]:
+    """A reference-free hinge on length-normalised log-probs: mean of max(0, margin - β·(mean_w - mean_l))."""
+    chosen, rejected = pairs.means()
+    preference = torch.relu(hinge_margin - beta * (chosen - rejected))
+    return PairLoss(preference.mean(), preference, preference.new_zeros(()), beta * chosen.detach(),
+                    beta * rejected.detach()), {}
+'''
+NEW_LISTWISE_LOSS = '''"""ListNet's top-one loss over K ranked responses: the cross-entropy between the scores'
+and the rewards' softmax over each group."""
+
+import torch
+import torch.nn.functional as F
+
+
+def listnet(rewards: torch.Tensor, scores: torch.Tensor | None = None, *, listnet_temperature: float
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    target = torch.softmax(scores.to(rewards.dtype) / listnet_temperature, dim=1)
+    per_group = -(target * F.log_softmax(rewards, dim=1)).sum(dim=1)
+    return per_group.mean(), {"loss/listnet": per_group}
+'''
+NEW_ENTRIES = '''    Method("hinge", Layout.PAIRS, needs_reference=False, uses_beta=True, setup=REFERENCE_FREE_SETUP,
+           loss="lexalign.methods.reference_free:hinge", keys=("hinge_margin",)),
+    Method("listnet", Layout.RANKED, needs_reference=True, uses_beta=True, setup="lexalign.train.ranked_trainer:setup",
+           loss="lexalign.methods.listnet:listnet", keys=("listnet_size", "listnet_temperature"),
+           group_key="listnet_size"),
+'''
+NEW_KEYS = '''      hinge_margin: {x-method: hinge, type: number, minimum: 0, default: 1.0,
+                     description: "hinge: the margin."}
+      listnet_size: {x-method: listnet, type: integer, minimum: 2, default: 4, description: "listnet: K."}
+      listnet_temperature: {x-method: listnet, type: number, exclusiveMinimum: 0, default: 1.0,
+                            description: "listnet: the temperature of the scores' softmax."}
+'''
+TRAIN = '''
+import json, sys
+from lexalign.steps import inputs, training
+method, raw, model, root = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+ranked = method == "listnet"
+data = f"{root}/data-{method}"
+inputs.validate(raw=raw, tokenizer=model, output=data,
+                dataset={"path": raw, "max_length": 64, **({"group_size": 3} if ranked else {})})
+alignment = {"method": method, "max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1,
+             "warmup_steps": 0, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+             **({"listnet_size": 3, "listnet_temperature": 0.5} if ranked else {"hinge_margin": 2.0})}
+reference = None
+if ranked:
+    reference = f"{root}/ref-{method}.parquet"
+    training.reference(model=model, data=data, output=reference, device="cpu",
+                       setting={"layout": "k3", "max_length": 64})
+out = training.align(model=model, data=data, output=f"{root}/aligned-{method}", alignment=alignment,
+                     checkpoint_dir=f"{root}/ckpt-{method}", reference=reference, device="cpu")
+print(json.dumps(str(out)))
+'''
+
+
+@pytest.mark.slow
+def test_a_new_pair_loss_and_a_new_listwise_loss_need_their_loss_the_registry_and_the_schema_alone(
+        tmp_path, sft_model_dir):
+    """A reference-free pair loss (3 files: its function in methods/reference_free.py, its registry entry, its key
+    in the schema) and a listwise loss with its own K key (3 files: a new loss module, the registry, the schema)
+    plan and train through the unchanged pipeline: docs/architecture.md's walk-through, done."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from lexalign.pipeline.workflow_files import copy_workflow
+    from workflow import snakemake
+
+    copy = copy_workflow(tmp_path / "workflow")
+    package = copy / "lexalign"
+    with (package / "methods" / "reference_free.py").open("a") as handle:
+        handle.write(NEW_PAIR_LOSS)
+    (package / "methods" / "listnet.py").write_text(NEW_LISTWISE_LOSS)
+    registry = package / "methods" / "__init__.py"
+    text = registry.read_text()
+    anchor = '           loss="lexalign.methods.reference_free:cpo", keys=("cpo_alpha",)),\n'
+    registry.write_text(text.replace(anchor, anchor + NEW_ENTRIES))
+    schema = package / "config" / "config.schema.yaml"
+    text = schema.read_text()
+    text = text.replace("method: {enum: [dpo, gdpo, kto, orpo, simpo, cpo],",
+                        "method: {enum: [dpo, gdpo, kto, orpo, simpo, cpo, hinge, listnet],")
+    anchor = next(line for line in text.splitlines(keepends=True) if line.startswith("      cpo_alpha:"))
+    schema.write_text(text.replace(anchor, anchor + NEW_KEYS))
+    changed = subprocess.run(["git", "diff", "--no-index", "--stat", str(REPO / "lexalign"), str(package)],
+                             capture_output=True, text=True).stdout
+    assert changed.count("|") == 4, changed  # the three files of each method, one of them new
+
+    # Planning: the pipeline's rules read the new methods from the registry (no reference job for hinge; ranked
+    # groups of 3 and their reference for listnet).
+    config = copy / "config" / "config.yaml"
+    original = config.read_text()
+    for alignment, expected in ((" method: hinge\n  hinge_margin: 2.0\n", {"align"}),
+                                (" method: listnet\n  listnet_size: 3\n", {"align", "reference", "validate_groups"})):
+        config.write_text(original.replace("\nalignment:\n", "\nalignment:\n " + alignment, 1))
+        done = snakemake(copy, "-n", "results/aligned")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert expected <= {line.split()[1].rstrip(":") for line in done.stdout.splitlines()
+                            if line.startswith(("rule ", "localrule "))}, done.stdout[-3000:]
+        assert ("validate_groups" in done.stdout) == ("listnet" in alignment)
+    config.write_text(original)
+
+    # Training: each new method trains through the align step, as its registry entry sets it up.
+    raw = tmp_path / "raw" / "train.jsonl"
+    raw.parent.mkdir()
+    pd.DataFrame(task.ranked_rows(0, 16, k=3)).to_json(raw, orient="records", lines=True)
+    for method, metric in (("hinge", "loss/preference"), ("listnet", "loss/listnet")):
+        done = subprocess.run([sys.executable, "-c", TRAIN, method, str(raw), str(sft_model_dir), str(tmp_path)],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**__import__("os").environ, "PYTHONPATH": str(copy)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = Path(json.loads(done.stdout.strip().splitlines()[-1]))
+        lineage = json.loads((out / "lineage.json").read_text())
+        assert lineage["config"]["method"] == method
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [entry["loss"] for entry in logged if "loss" in entry]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        assert any(metric in entry for entry in logged), logged[0]

@@ -102,7 +102,7 @@ def test_finetune_change_does_not_refetch(demo_run, tmp_path):
 def test_code_change_reruns_the_rules_that_run_it(demo_run, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(demo_run, workdir, symlinks=True)
-    evaluate = workdir / "lexalign" / "evaluate.py"
+    evaluate = workdir / "lexalign" / "evaluation" / "figures.py"
     evaluate.write_text(evaluate.read_text() + "\n# edited\n")
     result = snakemake(workdir, "-n", "--cores", "1", "results/aligned", "results/eval/aligned.json")
     assert planned_jobs(result.stdout) == {"evaluate": 1}
