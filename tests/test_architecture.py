@@ -39,24 +39,60 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def test_no_import_cycles():
-    graph = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles = []
 
-    def visit(module, stack):
-        if module in stack:
-            cycles.append(stack[stack.index(module):] + [module])
+    def visit(node, stack):
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
             return
-        if module in done:
+        if node in done:
             return
-        for other in graph.get(module, ()):
-            visit(other, stack + [module])
-        done.add(module)
+        for other in sorted(graph.get(node, ())):
+            visit(other, stack + [node])
+        done.add(node)
 
     done: set[str] = set()
-    for module in sorted(graph):
-        visit(module, [])
+    for node in sorted(graph):
+        visit(node, [])
+    return cycles
+
+
+def test_no_import_cycles():
+    graph = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+    cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def test_no_folder_imports_a_folder_that_imports_it_back():
+    """Folder by folder (lexalign/data, lexalign/train, ...; a top-level module is its own): no cycle either."""
+    def folder(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        graph.setdefault(folder(module), set()).update(
+            folder(other) for other in _imports(path) if folder(other) not in (folder(module), "lexalign"))
+    cycles = _cycles(graph)
+    assert not cycles, "folder cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def test_no_two_modules_share_a_name():
+    """A module's name says where it is: no `stages.py` in two folders (package folders count as modules)."""
+    names: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = path.parent.name if path.name == "__init__.py" else path.stem
+        if path.parent != PACKAGE or path.name != "__init__.py":
+            names.setdefault(name, []).append(str(path.relative_to(REPO)))
+    shared = {name: paths for name, paths in names.items() if len(paths) > 1}
+    assert not shared, shared
+
+
+def test_the_package_top_level_is_short():
+    """A newcomer reads the architecture from `ls lexalign` (docs/architecture.md): about 16 entries at most."""
+    entries = [p.name for p in PACKAGE.iterdir() if p.name not in ("__pycache__", "_workflow")]
+    assert len(entries) <= 16, sorted(entries)
 
 
 def test_no_test_module_imports_another():

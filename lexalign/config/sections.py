@@ -1,4 +1,4 @@
-"""One config dataclass per stage, built from a schema-validated mapping.
+"""One config dataclass per config section, built from a schema-validated mapping.
 
 Defaults live in `lexalign/config/config.schema.yaml` (one place, shared with
 Snakemake's `validate`); these classes give each field a type and a meaning,
@@ -213,7 +213,7 @@ class SftDatasetConfig(_FromDict):
 
 @dataclass
 class TrainingConfig(_FromDict):
-    """Hyperparameters shared by every training stage."""
+    """Hyperparameters shared by the training steps (finetune, align)."""
 
     learning_rate: float
     """Peak learning rate of AdamW."""

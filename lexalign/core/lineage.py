@@ -1,6 +1,6 @@
 """Lineage files and model cards.
 
-Each stage writes `lineage.json` beside its output: its resolved config, the
+Each step that makes a folder writes `lineage.json` beside it (its `stage`: which step): its resolved config, the
 hashes of its inputs, the package versions, and the lineage of its parents, so
 `results/aligned/lineage.json` tells the whole story of a checkpoint.
 """

@@ -1,4 +1,4 @@
-"""Shared by the data stages: reject records, prompt hashing and splits, atomic outputs.
+"""Shared by the data steps (prepare_sft, validate): reject records, prompt hashing and splits, atomic outputs.
 
 A reject record (one line of `rejects.jsonl`) is
 `{"row": N, "file": NAME, "reason": CODE, "detail": TEXT, "data": ORIGINAL}`,
@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - slower, same guarantees
 
 
 def reject_record(row: dict, reason: str, detail: str = "") -> dict:
-    """A rejects.jsonl entry from a row dict that carries `_row` and `_file` (the SFT stage's rows)."""
+    """A rejects.jsonl entry from a row dict that carries `_row` and `_file` (the SFT data's rows)."""
     original = {k: v for k, v in row.items() if not k.startswith("_")}
     return {"row": row.get("_row"), "file": row.get("_file"), "reason": reason, "detail": detail, "data": original}
 

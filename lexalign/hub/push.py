@@ -84,9 +84,9 @@ def _plain(text: str) -> str:
     return redact(re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?…", text))
 
 
-def _failed_stage(err: BaseException, stage: str) -> str:
+def _failed_phase(err: BaseException, phase: str) -> str:
     """Where a create_commit failed: `upload` (the large files, before any commit), `commit` (the commit request
-    itself) or `stage` when the error does not say."""
+    itself) or `phase` when the error does not say."""
     for e in (err, err.__cause__, err.__context__):
         if e is None:
             continue
@@ -100,17 +100,17 @@ def _failed_stage(err: BaseException, stage: str) -> str:
             return "upload"
         if "/commit/" in url:
             return "commit"
-    return stage
+    return phase
 
 
-def push_error(err: BaseException, repo_id: str, revision: str, stage: str) -> LexAlignError:
+def push_error(err: BaseException, repo_id: str, revision: str, phase: str) -> LexAlignError:
     """A failed publish, said plainly: what failed, whether anything was committed, what to do."""
     from huggingface_hub import errors as hf
 
-    stage = _failed_stage(err, stage)
+    phase = _failed_phase(err, phase)
     status = getattr(getattr(err, "response", None), "status_code", None)
     url = repo_url(repo_id, "model")
-    untouched = (f"Nothing was committed: {repo_id} is as it was." if stage != "commit" or status
+    untouched = (f"Nothing was committed: {repo_id} is as it was." if phase != "commit" or status
                  else f"Check {url}/commits/{revision} for the commit.")
     cause = next((e for e in (err.__cause__, err) if e is not None and str(e).strip()), err)
     first = _plain(str(cause)) or type(cause).__name__
@@ -132,7 +132,7 @@ def push_error(err: BaseException, repo_id: str, revision: str, stage: str) -> L
                              hint=f"Use a token with write access to {repo_id.split('/')[0]}: {_LOGIN}")
     if isinstance(err, ValueError) and "README.md" in str(err):
         return LexAlignError("the Hub refused the model card's metadata", first, untouched)
-    if stage == "upload":
+    if phase == "upload":
         file = str(err).split("'")[1] if str(err).count("'") >= 2 else "a file"
         return LexAlignError(f"the upload of {file} to {repo_id} failed", first, untouched,
                              hint="Run the same command again: uploaded files are not sent twice")
@@ -178,7 +178,7 @@ def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str 
 
         disable_progress_bars()
     api = HfApi()
-    stage = "repo"
+    phase = "repo"
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if private and not api.repo_info(repo_id, repo_type="model").private:
@@ -188,14 +188,14 @@ def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str 
                                      "or publish without private")
         if revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, repo_type="model", branch=revision, exist_ok=True)
-        stage = "commit"
+        phase = "commit"
         info = api.create_commit(repo_id, operations, commit_message=message, repo_type="model", revision=revision,
                                  commit_description="Published by LexAlign: weights, tokenizer, generation config "
                                                     "and the model card, in one commit.")
     except LexAlignError:
         raise
     except Exception as err:  # the client's errors become a message; the token never appears in it
-        raise push_error(err, repo_id, revision, stage) from None
+        raise push_error(err, repo_id, revision, phase) from None
     return {"repo_id": repo_id, "revision": revision, "commit": info.oid, "commit_url": info.commit_url,
             "url": repo_url(repo_id, "model"), "private": private, "adapter": adapter,
             "files": sorted(op.path_in_repo for op in operations),

@@ -110,9 +110,9 @@ def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42, 
 
                 extra["demo_model"] = write_demo_model(tmp, seed)
             else:
-                from lexalign.demo import data as demo_data
+                from lexalign.demo import datasets
 
-                extra["rows"] = demo_data.write(kind, target, seed)
+                extra["rows"] = datasets.write(kind, target, seed)
         elif source.source == "local":
             _copy_local(Path(source.path).expanduser(), target, data_dir)
         else:

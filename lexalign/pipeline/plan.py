@@ -28,7 +28,7 @@ def checked_config(given: dict) -> dict:
 
 def _check(given: dict) -> dict:
     """The schema (lexalign/config/config.schema.yaml) fills defaults, turns `1e-5` strings into numbers and
-    names the key, the value found and what is expected on an error, as the CLI does; then each stage's section,
+    names the key, the value found and what is expected on an error, as the CLI does; then each section,
     each sweep run and the online section are checked in full."""
     from lexalign.config.loader import validate_config
     from lexalign.config.online import settings

@@ -1,1 +1,1 @@
-"""Training stages: SFT (finetune) and preference alignment (align)."""
+"""Training: SFT (the finetune step) and preference alignment (the align step), on TRL's trainers."""

@@ -1,6 +1,6 @@
 """A training job: what finetune and align share from setup to save.
 
-Each stage subclasses `TrainingJob` and supplies `setup()` (model, data,
+Each training step's job subclasses `TrainingJob` and supplies `setup()` (model, data,
 trainer); `run()` then trains with resume and interrupt handling, and saves
 the model atomically with its metrics, lineage and model card.
 """
@@ -30,11 +30,11 @@ class TrainingJob:
     model_path: Path
     """The model to start from."""
     train: pd.DataFrame
-    """Training rows, in the columns the stage's TRL trainer reads."""
+    """Training rows, in the columns the job's TRL trainer reads."""
     eval: pd.DataFrame
     """Held-out rows evaluated every eval_steps (may be empty)."""
     cfg: TrainingConfig
-    """The stage's hyperparameters."""
+    """The job's hyperparameters (its config section)."""
     output_dir: Path
     """Where the final model is written (atomically)."""
     checkpoint_dir: Path
@@ -49,7 +49,7 @@ class TrainingJob:
     """Load pickle-based weights of the input model (refused by default: pickles can run code)."""
     lineage_inputs: dict[str, Any] | None = None
     """Named input paths whose hashes and lineage are recorded."""
-    resume_command: str = "lexalign <stage> --config <config>"
+    resume_command: str = "lexalign <step> --config <config>"
     """Printed after an interrupt, with --resume appended."""
     extra_callbacks: list = field(default_factory=list)
     """More TrainerCallbacks (for the Python API: custom logging, early stopping, fault injection)."""
@@ -91,7 +91,7 @@ class TrainingJob:
         return tracking.Session(names, spec, self.checkpoint_dir / tracking.TRACKING_FILE)
 
     def setup(self):
-        """Return (trainer, tokenizer, interrupt callback). Implemented per stage."""
+        """Return (trainer, tokenizer, interrupt callback). Implemented by each job."""
         raise NotImplementedError
 
     def title(self) -> str:

@@ -1,4 +1,4 @@
-"""What every training stage shares: devices, model loading, trainer arguments,
+"""What the training steps share: devices, model loading, trainer arguments,
 checkpoint discovery, and running a trainer with clear errors.
 
 Entry points (finetune, align) are split into setup, train and save; this
