@@ -42,7 +42,7 @@ bootstrap 95% interval over the 40 prompts (`lexalign.generation.judges.bootstra
 * the pipeline's own greedy win rate (`results/eval/aligned.json`,
   `results/online/round-R/eval.json`: the same 40 prompts, the demo judge);
 * Monte Carlo KL(model || SFT) on `--kl-repeats` samples per held-out prompt
-  (`lexalign.evaluation.figures.kl_estimate`), and the mean sampled answer length.
+  (`lexalign.evaluation.answers.kl_estimate`), and the mean sampled answer length.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def sample_scores(model: Path, out: Path, prompts: list[str], samples: int, max_
 
 
 def kl_to_sft(model: Path, sft: Path, prompts: list[str], max_new_tokens: int, seed: int, repeats: int) -> float:
-    from lexalign.evaluation.figures import kl_estimate
+    from lexalign.evaluation.answers import kl_estimate
     from lexalign.generation.sampling import render_prompts
     from lexalign.models.loading import load_causal_lm, load_tokenizer
 

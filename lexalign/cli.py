@@ -111,9 +111,9 @@ def finetune(config_path: str, device: str | None, resume: str | None, dry_run: 
         return
     inputs.prepare_sft(raw=cfg["dataset"]["path"], output=data_dir, data=cfg["dataset"], seed=cfg["seed"])
     training.finetune(model=cfg["model"]["path"], data=data_dir, output=out, finetune=cfg["finetune"],
-                    checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
-                    trust_remote_code=cfg["model"]["trust_remote_code"], allow_pickle=cfg["model"]["allow_pickle"],
-                    resume=resume, verbose=verbose)
+                      checkpoint_dir=checkpoints, device=device, seed=cfg["seed"],
+                      trust_remote_code=cfg["model"]["trust_remote_code"], allow_pickle=cfg["model"]["allow_pickle"],
+                      resume=resume, verbose=verbose)
 
 
 def _check_paths(cfg: dict, config_path: str, produced_by: str, model: bool = True, dry_run: bool = False) -> None:
@@ -215,9 +215,9 @@ def align(config_path: str, device: str | None, resume: str | None, dry_run: boo
     reference = _reference_once(cfg, validated, checkpoints, device) if methods.of(cfg["alignment"]).needs_reference \
         else None
     training.align(model=cfg["model"]["path"], data=validated, output=out, alignment=cfg["alignment"],
-                 checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
-                 trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
-                 resume=resume, verbose=verbose, resume_command=f"lexalign align --config {config_path}")
+                   checkpoint_dir=checkpoints, reference=reference, device=device, seed=cfg["seed"],
+                   trust_remote_code=cfg["model"]["trust_remote_code"], tokenizer=cfg["model"]["base_model"],
+                   resume=resume, verbose=verbose, resume_command=f"lexalign align --config {config_path}")
 
 
 def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) -> str:
@@ -230,9 +230,9 @@ def _reference_once(cfg: dict, validated: str, checkpoints: str, device: str) ->
     name = setting_name(cfg["alignment"])
     path = Path(checkpoints) / "reference" / f"{name}.parquet"
     training.reference(model=cfg["model"]["path"], data=validated, output=path, setting=parse_setting(name),
-                     device=device, trust_remote_code=cfg["model"]["trust_remote_code"],
-                     tokenizer=cfg["model"]["base_model"] or cfg["model"]["path"],
-                     cache_dir=str(Path(checkpoints) / "cache"), reuse=True)
+                       device=device, trust_remote_code=cfg["model"]["trust_remote_code"],
+                       tokenizer=cfg["model"]["base_model"] or cfg["model"]["path"],
+                       cache_dir=str(Path(checkpoints) / "cache"), reuse=True)
     return str(path)
 
 
@@ -284,8 +284,8 @@ def evaluate(ctx: click.Context, config_path: str, output: str, judge: str, num_
         reward_model = source.get("path") if not source.get("repo_id") else inputs.download(
             output=Path("results/models/reward"), source=download_source(source), kind="model", seed=cfg["seed"])
     result = results.evaluate(aligned=out, reference=cfg["model"]["path"], data=validated, output=output,
-                             evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"],
-                             reward_model=reward_model, device=device or cfg["device"])
+                              evaluate=params, beta=cfg["alignment"]["beta"], seed=cfg["seed"],
+                              reward_model=reward_model, device=device or cfg["device"])
     click.echo(json.dumps({k: v for k, v in result.items() if k not in ("generation", "samples")}, indent=2))
 
 
@@ -315,7 +315,7 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
         warn(f"No evaluation found for {model_dir}: the card will have no eval table",
              "Pass --eval results/eval/aligned.json (lexalign evaluate writes it).")
     results.publish(model=model_dir, evaluation=str(found) if found else None,
-                   publish={"repo_id": repo_id, "private": private, "revision": revision, "commit_message": message})
+                    publish={"repo_id": repo_id, "private": private, "revision": revision, "commit_message": message})
 
 
 @main.command("init")

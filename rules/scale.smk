@@ -1,11 +1,11 @@
 # How many nodes and processes each training and scoring step runs on: the config's `scale` section → the
-# rule's resources (lexalign.pipeline.launch.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
+# rule's resources (lexalign.pipeline.scale.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
 # that is an error as the Snakefile is read (a dry run included), and with any executor but SLURM's an
 # error before the first job starts.
 import shutil
 
-from lexalign.pipeline.launch import check_nodes
-from lexalign.pipeline.launch import scale_resources as _scale_resources
+from lexalign.pipeline.scale import check_nodes
+from lexalign.pipeline.scale import scale_resources as _scale_resources
 
 
 def _check_nodes(executor):

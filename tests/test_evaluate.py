@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lexalign.core.shares import Share
-from lexalign.evaluation.figures import held_out_scores, kl_estimate, preference_figures, sequence_logps
+from lexalign.evaluation.answers import kl_estimate
+from lexalign.evaluation.figures import held_out_scores, preference_figures, sequence_logps
 from lexalign.models.loading import load_causal_lm
 
 

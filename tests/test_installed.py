@@ -134,3 +134,18 @@ def test_an_upgrade_reruns_exactly_the_steps_whose_code_changed(user, tmp_path):
     assert "site-packages/lexalign/evaluation/report.py" in plan.stdout  # the reason names the installed file
     user.run(user.bin / "snakemake", "--cores", "2", "results/report.html", timeout=600)
     assert "Nothing to be done" in user.plan().stdout
+
+
+def test_the_wheel_carries_the_package_and_the_workflow_and_no_test_scaffolding(user):
+    """The wheel's file list: every module of the package and the bundled workflow, and nothing the tests or the
+    benchmarks use alone (testkit/: the zoo, the SLURM cluster)."""
+    import zipfile
+
+    names = zipfile.ZipFile(user.wheel).namelist()
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "lexalign").rglob("*.py") if "_workflow" not in p.parts}
+    assert modules <= set(names), sorted(modules - set(names))
+    assert "lexalign/config/config.schema.yaml" in names and "lexalign/_workflow/workflow/Snakefile" in names
+    scaffolding = [n for n in names if n.startswith(("testkit/", "tests/", "benchmarks/"))
+                   or n.endswith(("/zoo.py", "/slurm_cluster.py", "/hub_server.py", "/conftest.py"))]
+    assert not scaffolding, scaffolding
+    assert {n.split("/")[0] for n in names} == {"lexalign", f"lexalign-{user.wheel.name.split('-')[1]}.dist-info"}

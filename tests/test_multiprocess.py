@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_jsonl
 
-from lexalign.pipeline.launch import launch_command, load_spec, num_processes, run_launcher, write_spec
+from lexalign.pipeline.launch import launch_command, load_spec, run_launcher, write_spec
+from lexalign.pipeline.scale import num_processes
 
 STEPS = 3
 GLOBAL_BATCH = 8

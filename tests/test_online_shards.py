@@ -25,14 +25,8 @@ from conftest import REPO, Counting, online_rows, write_reward_model
 from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
 from lexalign.generation.completion_scores import DemoJudge, RewardModelJudge, ScoreCache, score_completions
-from lexalign.pipeline.launch import (
-    check_nodes,
-    launch_command,
-    processes_for,
-    run_launcher,
-    scale_resources,
-    write_spec,
-)
+from lexalign.pipeline.launch import launch_command, processes_for, run_launcher, write_spec
+from lexalign.pipeline.scale import check_nodes, scale_resources
 from lexalign.steps import inputs, rounds
 from workflow import copy_workflow, snakemake
 

@@ -15,7 +15,8 @@ import yaml
 
 from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
-from lexalign.pipeline.launch import check_nodes, launch_command, num_nodes, num_processes, scale_resources
+from lexalign.pipeline.launch import launch_command
+from lexalign.pipeline.scale import check_nodes, num_nodes, num_processes, scale_resources
 from workflow import SNAKEMAKE, copy_workflow
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,14 +23,8 @@ from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
 from lexalign.core.shares import Share, chunks, deal, piece, restore, write_part
 from lexalign.models.packing import budget_batches
-from lexalign.pipeline.launch import (
-    check_nodes,
-    launch_command,
-    processes_for,
-    run_launcher,
-    scale_resources,
-    write_spec,
-)
+from lexalign.pipeline.launch import launch_command, processes_for, run_launcher, write_spec
+from lexalign.pipeline.scale import check_nodes, scale_resources
 
 # --- the row split (pure) ----------------------------------------------------------------------------
 

@@ -3,6 +3,10 @@
 Defaults live in `lexalign/config/config.schema.yaml` (one place, shared with
 Snakemake's `validate`); these classes give each field a type and a meaning,
 and hold the checks a JSON schema cannot express.
+
+Longer than most modules on purpose: every section side by side, each field with its docstring (the schema's
+meaning in Python), so a key is read in one place and the schema test (tests/test_architecture.py) holds the
+two together.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The shapes preference data comes in, each normalised to prompt / responses (best first) / scores.
 
+(Longer than most modules on purpose: every shape's reader side by side, so a new shape is written against the
+others and reads the same fields, messages and scores the same way.)
+
 - `pairs`: `prompt`, `chosen` and `rejected` strings (the fast, column-wise path).
 - `implicit_prompt`: no prompt column; chosen and rejected are whole transcripts
   (Anthropic HH-RLHF: `\\n\\nHuman: … \\n\\nAssistant: …`). Their shared prefix,

@@ -1,10 +1,13 @@
 """Sample K completions per prompt from a model folder, in resumable shards.
 
+(About 400 lines on purpose: planning the prompts, the two samplers, the shard files and their join are one
+resumable job, read in one place.)
+
 The completions are the ids the model sampled, kept as ids: a completion ends
 with the end id the model stopped on (every end id of generation_config, as the
 evaluate step stops: `lexalign.core.tokens.end_ids`), or is marked `truncated` when
 `max_new_tokens` cut it. Its text (decoded without the end id) is for judges and
-people; the ids are what training reads (`lexalign.generation.selection.token_table`),
+people; the ids are what training reads (`lexalign.train.trainer_data.sampled_token_table`),
 so no decode/re-encode drift reaches the trainer.
 
 Prompts are rendered by the model's own chat template (a string becomes one user

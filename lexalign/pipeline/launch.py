@@ -55,95 +55,13 @@ import tempfile
 from pathlib import Path
 
 from lexalign.core.errors import LexAlignError
-
-TRAINING_STEPS = ("finetune", "align")
-SCORING_STEPS = ("reference", "evaluate", "online_generate", "online_score", "online_reference")
-"""Steps whose processes each take a share of the work (lexalign.core.shares: batches to score; an online round's
-generation shards): one whole model per process, no backend."""
-SCALED_STEPS = TRAINING_STEPS + SCORING_STEPS
-"""The steps the config's `scale` section sizes (rules/scale.smk), the only ones run in several processes."""
-SCALE_SECTIONS = {"finetune": "finetune", "align": "align", "reference": "reference", "evaluate": "evaluate",
-                  "generate": "online_generate", "score": "online_score"}
-"""scale.<section> → the step (of lexalign.steps.training) its rules run (scale.reference also sizes each online round's
-reference step, online_reference: the same pass over the sampled ids)."""
-ACTIVITIES = {"online_generate": "Sampling the round's completions", "online_score": "Scoring the round's completions",
-              "online_reference": "Scoring the round's reference log-probs"}
-GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")
-BACKEND_CONFIGS = {"ddp": "config/accelerate/ddp.yaml", "fsdp": "config/accelerate/fsdp.yaml",
-                   "deepspeed": "config/accelerate/deepspeed_zero3.yaml"}
-"""scale.<step>.backend → the shipped accelerate config."""
-SLURM_EXECUTORS = ("slurm", "slurm-jobstep")
-
-
-def _resource(resources, key):
-    if resources is None:
-        return None
-    if isinstance(resources, dict):
-        return resources.get(key)
-    return getattr(resources, key, None)
-
-
-def num_processes(resources) -> int:
-    """How many training processes a rule's resources ask for (1 when none)."""
-    explicit = _resource(resources, "processes")
-    if explicit not in (None, ""):
-        return max(int(explicit), 1)
-    for key in GPU_KEYS:
-        value = _resource(resources, key)
-        if value not in (None, ""):
-            match = re.search(r"(\d+)$", str(value))  # `gpu: 4` or `gpus: a100:4`
-            return max(int(match.group(1)), 1) if match else 1
-    for entry in str(_resource(resources, "gres") or "").split(","):
-        parts = entry.strip().split(":")  # gpu, gpu:N or gpu:type:N
-        if parts[0] == "gpu":
-            return max(int(parts[-1]), 1) if len(parts) > 1 and parts[-1].isdigit() else 1
-    return 1
-
-
-def num_nodes(resources) -> int:
-    """How many nodes a rule's resources ask for (1 when none)."""
-    value = _resource(resources, "nodes")
-    return max(int(value), 1) if value not in (None, "") else 1
-
-
-def scale_resources(scale: dict, section: str, device: str) -> dict:
-    """The resources of a rule from the config's `scale` section (`section`: one of SCALE_SECTIONS; a scoring step
-    has no backend: its processes launch as DDP's do, each holding the whole model).
-
-    nodes, processes (per node) and accelerate_config always follow the config; on GPUs (device not cpu)
-    `gres: gpu:<processes per node>`; with several nodes the SLURM executor's `mpi` hook and one task per
-    node (`tasks` = nodes; `tasks_per_node` must be > 1 in the plugin, and `tasks_per_gpu: 0` keeps the
-    plugin from turning `tasks` into `--ntasks-per-gpu` on GPU jobs).
-    """
-    own = scale[section]
-    nodes, per_node = int(own["nodes"]), own["processes_per_node"]
-    resources = {"nodes": nodes, "accelerate_config": BACKEND_CONFIGS[own.get("backend", "ddp")],
-                 "collective_timeout": int(scale["timeout"])}
-    if per_node:
-        resources["processes"] = int(per_node)
-    if device != "cpu":
-        resources["gres"] = f"gpu:{per_node or 1}"
-    if nodes > 1:
-        resources.update(mpi="srun", tasks=nodes, tasks_per_gpu=0)
-    return resources
-
-
-def check_nodes(scale: dict, executor: str | None, srun: str | None) -> None:
-    """Raise LexAlignError at DAG time when a step asks for several nodes where it cannot have them."""
-    for section, step in SCALE_SECTIONS.items():
-        nodes = int(scale.get(section, {}).get("nodes", 1))
-        if nodes <= 1:
-            continue
-        if not srun:
-            reason = "this machine has no SLURM (no srun on PATH)"
-        elif executor not in (*SLURM_EXECUTORS, "dryrun"):
-            reason = f'this run uses the "{executor}" executor, which runs every job on this machine'
-        else:
-            continue
-        raise LexAlignError(f"scale.{section}.nodes is {nodes}: {activity(step).lower()} on several nodes needs "
-                            f"SLURM, and {reason}",
-                            hint="Run with the SLURM profile (snakemake --workflow-profile profiles/slurm), "
-                                 f"or set scale.{section}.nodes: 1 (and processes_per_node for several GPUs)")
+from lexalign.pipeline.scale import (
+    SCALED_STEPS,
+    activity,
+    num_nodes,
+    num_processes,
+    resource,
+)
 
 
 def in_worker() -> bool:
@@ -179,9 +97,6 @@ def launch_command(spec: Path | list[Path], processes: int, config_file: str | N
     return [*cmd, "-m", "lexalign.pipeline.launch", *map(str, specs)]
 
 
-def activity(step: str) -> str:
-    """What the processes of a step do, as its log says it."""
-    return "Training" if step in TRAINING_STEPS else ACTIVITIES.get(step, f"Running the {step} step")
 
 
 def nodes_for(step: str, resources) -> int:
@@ -260,7 +175,7 @@ def _kill_tree(pid: int) -> None:
 
 
 def _config_file(resources) -> str | None:
-    config_file = _resource(resources, "accelerate_config") or None
+    config_file = resource(resources, "accelerate_config") or None
     if config_file and not Path(config_file).is_file():
         raise LexAlignError(f'Accelerate config not found: "{config_file}"',
                             hint="Set the rule's accelerate_config resource to one of config/accelerate/*.yaml")
@@ -273,7 +188,7 @@ def _timeout_env(resources) -> None:
     scoring steps' barriers)."""
     from lexalign.core.shares import COLLECTIVE_TIMEOUT_ENV
 
-    timeout = _resource(resources, "collective_timeout")
+    timeout = resource(resources, "collective_timeout")
     if timeout not in (None, ""):
         os.environ[COLLECTIVE_TIMEOUT_ENV] = str(int(timeout))
 
@@ -335,8 +250,8 @@ def run_on_nodes(step: str, arguments: dict, nodes: int, processes: int, resourc
                             hint="Several nodes need the SLURM profile (snakemake --workflow-profile profiles/slurm)")
     config_file = _config_file(resources)
     _timeout_env(resources)
-    mpi = str(_resource(resources, "mpi") or "srun")
-    cpus = _resource(resources, "cpus_per_task") or threads
+    mpi = str(resource(resources, "mpi") or "srun")
+    cpus = resource(resources, "cpus_per_task") or threads
     spec = _spec_file(step, arguments, log_dir)
     node = {"spec": str(spec), "nodes": nodes, "processes": processes, "config_file": config_file,
             "threads": int(cpus) if cpus else None, "main_address": main_address(), "port": _free_port("")}

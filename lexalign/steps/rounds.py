@@ -202,7 +202,7 @@ def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path
     judge's win rate with its bootstrap interval and both models' mean judged score, the answer lengths, and the
     Monte Carlo KL(round model ‖ the round's reference) on samples of the round model, into `output` (json)."""
     from lexalign.config.sections import EvaluateConfig
-    from lexalign.evaluation.figures import generate_answers, kl_estimate, length_summary
+    from lexalign.evaluation.answers import generate_answers, kl_estimate, length_summary
     from lexalign.generation import judges
     from lexalign.generation.prompts import held_out_prompts
     from lexalign.generation.sampling import render_prompts

@@ -1,5 +1,8 @@
 """Experiment trackers: MLflow, Weights & Biases and Trackio (TensorBoard goes through transformers).
 
+(About 400 lines on purpose: the three trackers side by side behind one interface, so each does the same
+things - start, log, reopen, add the evaluation - the same way.)
+
 A training run reports to the trackers its section's `report_to` lists (`tensorboard: true` is a synonym of
 listing tensorboard): its resolved config as parameters (method, beta, loss, LoRA settings, the data's
 hash), and every metric the trainer logs, at its step. Runs are grouped by the pipeline they belong to: one
