@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,tracking,eval]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,tracking,eval,ifeval]"
 	touch $@
 
 # Graphviz (DAG pictures) and Chromium (the report test): installed when

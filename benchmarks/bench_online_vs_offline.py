@@ -138,7 +138,7 @@ def kl_to_sft(model: Path, sft: Path, prompts: list[str], max_new_tokens: int, s
     tokenizer = load_tokenizer(model)
     texts, chat = render_prompts(tokenizer, prompts * repeats, True)
     policy, reference = (load_causal_lm(m, "cpu").eval() for m in (model, sft))
-    return kl_estimate(policy, reference, tokenizer, texts, max_new_tokens, seed, 40, chat)
+    return kl_estimate(policy, reference, tokenizer, texts, max_new_tokens, seed, 40, chat)["mean"]
 
 
 def mean(values) -> float:

@@ -322,7 +322,8 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--example", default="demo", show_default=True,
               help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo, gdpo or online.")
-@click.option("--force", is_flag=True, help="Write into a non-empty folder (an existing config/config.yaml is kept).")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty folder; files you changed are kept, LexAlign's versions go beside them.")
 def init(directory: str, example: str, force: bool) -> None:
     """Set up a project folder: a commented config, a Snakefile using the installed workflow, profiles.
 
@@ -331,14 +332,14 @@ def init(directory: str, example: str, force: bool) -> None:
     """
     from lexalign.pipeline.project import init_project
 
-    written = init_project(directory, example, force)
+    done = init_project(directory, example, force)
     click.echo(f"Wrote a LexAlign project ({example} example) in {directory}:")
-    for path in written:
+    for path in done.written:
         click.echo(f"  {path}")
-    kept = [p for p in written if p.startswith("config/config.") and p != "config/config.yaml"]
-    if kept:
-        warn(f"{directory}/config/config.yaml exists and was kept; the {example} example's config is in {kept[0]}",
-             f"Compare them: diff {directory}/config/config.yaml {directory}/{kept[0]}")
+    for path, beside in done.kept:
+        warn(f"{directory}/{path} was kept: it differs from what LexAlign writes (you changed it, or it is not "
+             f"LexAlign's); LexAlign's version is in {beside}",
+             f"Compare them: diff {directory}/{path} {directory}/{beside}")
     click.echo(f"\nNext: cd {directory} && snakemake -n   (the plan), then snakemake --cores 1")
 
 

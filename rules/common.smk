@@ -23,7 +23,7 @@ from lexalign.pipeline.workflow_files import code_path  # noqa: E402
 from lexalign.reference.layout import SETTING_PATTERN, parse_setting  # noqa: E402
 
 try:
-    # The config checked against its schema, each stage's section, sweep run and online round in full
+    # The config checked against its schema, each section, sweep run and online round in full
     # (lexalign/pipeline/plan.py): kept between plans, so a plan with nothing new imports no schema validator.
     # snakemake.utils.validate would read the same schema again.
     _checked = checked_config(config)
@@ -31,11 +31,22 @@ try:
     RUNS = _checked["runs"]
     ONLINE = _checked["online"]
     # Every local path, before any job is planned (a dry run included): never kept, the files may have moved.
-    from lexalign.pipeline.plan import check_pipeline_paths
+    from lexalign.pipeline.plan import check_machine, check_pipeline_paths
 
     check_pipeline_paths(config)
+    check_machine(config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
+
+
+def _check_machine(executor):
+    """online.sampling.engine vllm: vLLM and a CUDA GPU where the jobs run, once the executor is known."""
+    from lexalign.pipeline.plan import check_machine
+
+    try:
+        check_machine(config, executor)
+    except LexAlignError as err:
+        raise WorkflowError(err.render()) from None
 
 # Say it on every run, the dry run included: these settings let a model run code here.
 for _key in ("trust_remote_code", "allow_pickle"):

@@ -1,7 +1,7 @@
 # How many nodes and processes each training and scoring step runs on: the config's `scale` section → the
-# rule's resources (lexalign.pipeline.scale.scale_resources). Several nodes need SLURM: on a machine without it (no srun)
-# that is an error as the Snakefile is read (a dry run included), and with any executor but SLURM's an
-# error before the first job starts.
+# rule's resources (lexalign.pipeline.scale.scale_resources). Several nodes need SLURM: on a machine without it
+# (no srun) that is an error as the Snakefile is read (a dry run included), and with any executor but SLURM's
+# an error before the first job starts.
 import shutil
 
 from lexalign.pipeline.scale import check_nodes

@@ -53,6 +53,23 @@ def test_preference_metrics_of_a_model_against_itself_are_zero(models, demo_toke
 def test_kl_estimate_is_zero_against_itself_and_positive_otherwise(models, demo_tokenizer):
     base, sft = models
     prompts = ["User: Please greet Zoe.\nAssistant:", "User: Welcome Bob to the team.\nAssistant:"]
-    assert kl_estimate(sft, sft, demo_tokenizer, prompts, max_new_tokens=8, seed=0) == pytest.approx(0.0, abs=1e-6)
+    same = kl_estimate(sft, sft, demo_tokenizer, prompts, max_new_tokens=8, seed=0)
+    assert same["mean"] == pytest.approx(0.0, abs=1e-6) and same["estimator"] == "k3"
     kl = kl_estimate(sft, base, demo_tokenizer, prompts * 8, max_new_tokens=8, seed=0)
-    assert math.isfinite(kl) and kl > 0.5
+    assert math.isfinite(kl["mean"]) and kl["mean"] > 0.5 and kl["n"] == 16
+    assert kl["ci_low"] <= kl["mean"] <= kl["ci_high"]
+
+
+def test_every_kl_term_is_non_negative_even_on_one_sample(models, demo_tokenizer):
+    """Schulman's k3, Σ_t (ρ_t − 1 − log ρ_t) ≥ 0 per answer: on one sampled answer per prompt, where the plain
+    log-ratio (k1) can come out negative, no prompt's estimate does, for either direction of the two models."""
+    from lexalign.core.shares import Share
+    from lexalign.evaluation.answers import kl_scores
+
+    base, sft = models
+    prompts = [f"User: Please greet {name}.\nAssistant:" for name in ("Zoe", "Bob", "Ana", "Kim")]
+    for policy, reference in ((sft, base), (base, sft)):
+        for seed in range(3):
+            values = Share().gather(*kl_scores(policy, reference, demo_tokenizer, prompts, 8, seed, 2, False,
+                                               Share()))["kl"]
+            assert len(values) == 4 and all(v >= 0 for v in values), values

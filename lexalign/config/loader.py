@@ -172,6 +172,8 @@ def _describe(value: Any) -> str:
 
 def _expected(error, root: dict) -> str:
     schema = _resolve(error.schema, root) if isinstance(error.schema, dict) else {}
+    if schema.get("x-expected"):  # the schema's own words for what belongs there
+        return schema["x-expected"]
     if error.validator == "enum":
         return "one of: " + ", ".join(str(v) for v in error.validator_value)
     if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from lexalign import methods
 from lexalign.config.loader import section_defaults
 from lexalign.config.sections import AlignConfig, run_alignment
-from lexalign.core.errors import LexAlignError
+from lexalign.core.errors import LexAlignError, warn
 
 
 def selects(select: str, alignment: dict) -> bool:
@@ -64,6 +64,13 @@ def settings(config: dict) -> dict | None:
     online["prompts"] = section_defaults("online", {"rounds": 1, "prompts": online["prompts"]})["prompts"]
     online["listed"] = isinstance(online["alignment"], list)
     written = online["alignment"] if online["listed"] else [online["alignment"]]
+    if len(written) > online["rounds"]:  # never trained: said, and left out of the checks
+        unused = f"[{online['rounds']}]" if len(written) == online["rounds"] + 1 else \
+            f"[{online['rounds']}] to [{len(written) - 1}]"
+        warn(f"online.alignment has {len(written)} items and online.rounds is {online['rounds']}: "
+             f"online.alignment{unused} will never be used",
+             "Remove them, or raise online.rounds to train them")
+        written = written[:online["rounds"]]
     online["alignment"] = written
     alignments = []
     for index, overrides in enumerate(written):

@@ -69,7 +69,11 @@ class SourceConfig(_FromDict):
     repo_id: str | None = None
     """Hub repo id (`owner/name`), for `source: hub`."""
     path: str | None = None
-    """File or folder copied into place, for `source: local` (the way to work offline)."""
+    """File or folder copied into place, for `source: local` (the way to work offline); a model's GGUF file
+    (ending in .gguf) is converted into a model folder instead (lexalign.hub.gguf)."""
+    gguf_file: str | None = None
+    """A GGUF file inside the folder `path`, converted as a `path` ending in .gguf is: for a folder holding
+    several quantizations of one model (`source: local` only)."""
     revision: str = "main"
     """Hub branch, tag or commit; the commit it resolves to is recorded in lineage.json."""
     repo_type: str | None = None
@@ -99,6 +103,13 @@ class SourceConfig(_FromDict):
                                 hint="Use a branch (main), a tag or a commit")
         if self.source == "local" and not self.path:
             raise LexAlignError('source "local" needs a "path"', hint="Add path: ./my-model")
+        if self.gguf_file and self.source != "local":
+            raise LexAlignError(f'gguf_file ({self.gguf_file}) needs source "local", not "{self.source}"',
+                                "It names a GGUF file inside the local folder `path`",
+                                hint="Set path to the folder that holds it, or remove gguf_file")
+        if self.gguf_file and str(self.path).lower().endswith(".gguf"):
+            raise LexAlignError(f'gguf_file ({self.gguf_file}) names a file inside the folder `path`, but path is '
+                                f'a GGUF file itself: "{self.path}"', hint="Remove gguf_file (a .gguf path is enough)")
 
     def hub_repo_type(self, kind: str) -> str:
         """The repo type to ask the Hub for: the configured one, else from what is fetched."""

@@ -84,7 +84,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise LexAlignError(f'Could not write "{path}": {err.strerror}',
                             "The previous version, if any, is untouched.",
                             hint="Check free disk space and permissions") from None
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def safe_relative_path(name: str, where: str) -> str:

@@ -47,8 +47,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
-    """Sum of log-probs of the sampled tokens (positions >= start where `keep`)."""
+def _token_logps(model, tokens, attention, start: int, keep):
+    """[B, T]: the log-prob of each sampled token (positions >= start where `keep`; 0 elsewhere)."""
     import torch
 
     from lexalign.models.logprobs import ensure_lean_head
@@ -59,28 +59,32 @@ def _generated_logps(model, tokens, attention, start: int, keep) -> list[float]:
     with torch.no_grad():
         outputs = model(input_ids=tokens, attention_mask=attention, labels=labels, use_cache=False,
                         fused_lm_head=True)
-    return outputs.log_probs.float().sum(-1).tolist()
+    return outputs.log_probs.float()
 
 
 def kl_scores(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int,
               chat: bool, share: Share) -> tuple[dict, dict]:
-    """For each prompt, log π_aligned(y|x) − log π_SFT(y|x) of an answer y sampled from the aligned model at
-    temperature 1, for this process's share of the prompt batches. Batch i samples from seed + i, so it draws
-    the same answers in whichever process runs it (the global RNG is left as it was)."""
+    """For each prompt, the KL(aligned ‖ SFT) of an answer y sampled from the aligned model at temperature 1, by
+    Schulman's k3 estimator summed over y's tokens: with ρ_t = π_SFT(y_t|x, y_<t) / π_aligned(y_t|x, y_<t),
+    Σ_t (ρ_t − 1 − log ρ_t). Each term is ≥ 0, and its expectation over the token the aligned model samples is the
+    KL between the two next-token distributions, so the sum is a non-negative, unbiased estimate of the answer's
+    KL (the chain rule); the plain Σ_t −log ρ_t (k1) is unbiased too but goes negative on few samples. For this
+    process's share of the prompt batches; batch i samples from seed + i, so it draws the same answers in
+    whichever process runs it (the global RNG is left as it was)."""
     import torch
 
     mine = share.take(list(enumerate(chunks(len(prompts), batch_size))))
-    diffs: list[float | None] = [None] * len(prompts)
+    values: list[float | None] = [None] * len(prompts)
     state = torch.random.get_rng_state()
     try:
         for index, batch in mine:
             torch.manual_seed(seed + index)
             found = _kl_batch(policy, reference, tokenizer, [prompts[i] for i in batch], max_new_tokens, chat)
-            for i, diff in zip(batch, found, strict=True):
-                diffs[i] = diff
+            for i, value in zip(batch, found, strict=True):
+                values[i] = value
     finally:
         torch.random.set_rng_state(state)
-    return {"kl": piece([batch for _, batch in mine], diffs)}, {"kl": len(prompts)}
+    return {"kl": piece([batch for _, batch in mine], values)}, {"kl": len(prompts)}
 
 
 def _kl_batch(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool) -> list[float]:
@@ -101,20 +105,25 @@ def _kl_batch(policy, reference, tokenizer, prompts: list[str], max_new_tokens: 
     after_end = is_end.long().cumsum(-1)
     keep = ((after_end == 0) | ((after_end == 1) & is_end)).float()
     attention = torch.cat([batch["attention_mask"], keep.long()], dim=1)
-    return [p - r for p, r in zip(_generated_logps(policy, generated_ids, attention, width, keep),
-                                  _generated_logps(reference, generated_ids, attention, width, keep), strict=True)]
+    log_ratio = _token_logps(reference, generated_ids, attention, width, keep) - \
+        _token_logps(policy, generated_ids, attention, width, keep)  # 0 where no token is scored
+    return (torch.expm1(log_ratio) - log_ratio).sum(-1).tolist()
 
 
 def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                batch_size: int = 16, chat: bool = False) -> float:
-    """Monte Carlo KL(aligned ‖ SFT) per prompt, scored in this process: the mean of `kl_scores` (an unbiased
-    estimate)."""
+                batch_size: int = 16, chat: bool = False) -> dict:
+    """KL(aligned ‖ SFT) per prompt, scored in this process (`kl_scores`), with its interval (`kl_figure`)."""
     scores = kl_scores(policy, reference, tokenizer, prompts, max_new_tokens, seed, batch_size, chat, Share())
-    return kl_figure(Share().gather(*scores)["kl"])
+    return kl_figure(Share().gather(*scores)["kl"], seed)
 
 
-def kl_figure(diffs: list[float]) -> float:
-    return sum(diffs) / max(len(diffs), 1)
+def kl_figure(values: list[float], seed: int = 0) -> dict:
+    """The mean of the per-prompt KL estimates and its bootstrap 95% interval (resampling the prompts)."""
+    from lexalign.generation.judges import bootstrap_interval
+
+    mean = sum(values) / max(len(values), 1)
+    low, high = bootstrap_interval(values, seed=seed) if len(values) > 1 else (mean, mean)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": len(values), "estimator": "k3"}
 
 
 def length_summary(answers: dict[str, list[dict]]) -> dict | None:

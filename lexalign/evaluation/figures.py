@@ -290,7 +290,10 @@ def figures(values: dict[str, list], plan: Plan, aligned: Path, reference: Path,
               **held_out_figures(values, plan.eval_frame, plan.beta)}
     if plan.ranked is not None:
         result.update(ranking_figures(values, plan.ranked, plan.beta))
-    result["kl_estimate"] = kl_figure(values["kl"]) if values["kl"] else None
+    kl = kl_figure(values["kl"], plan.seed) if values["kl"] else None
+    result["kl_estimate"] = kl["mean"] if kl else None
+    result["kl_interval"] = [kl["ci_low"], kl["ci_high"]] if kl else None
+    result["kl_estimator"] = "k3" if kl else None
     answers = {name: values[f"answers/{name}"] for name in ("sft", "aligned")}
     sft, aligned_texts = _texts((answers["sft"], answers["aligned"]))
     result["decoding"] = {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "prompts": len(plan.prompts),
@@ -324,7 +327,9 @@ def summary(result: dict) -> str:
         f"(mean reward margin {result['mean_margin']:.3f})"
     ]
     if result.get("kl_estimate") is not None:
-        lines.append(f"KL(aligned ‖ SFT) estimate per prompt: {result['kl_estimate']:.3f} nats")
+        low, high = result.get("kl_interval") or (None, None)
+        interval = f" (95% interval {low:.3f} – {high:.3f})" if low is not None else ""
+        lines.append(f"KL(aligned ‖ SFT) estimate per prompt: {result['kl_estimate']:.3f} nats{interval}")
     length = result.get("length")
     if length:
         ratio = length["ratio"]

@@ -12,36 +12,109 @@ from typing import NamedTuple
 from lexalign.core import io
 from lexalign.core.errors import LexAlignError
 
+KEY = "online.prompts.path"
+REJECTS_KEPT = 1000
+"""At most this many rejected rows are listed in prompts.json (all are counted)."""
 
-def read_prompt_file(path: Path, field: str) -> list:
-    import pandas as pd
 
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
-    if field not in frame.columns:
-        raise LexAlignError(f'The prompt file "{path}" has no field "{field}"',
-                            f"Its fields: {', '.join(map(str, frame.columns))}",
-                            hint="Set online.prompts.prompt_field")
-    return frame[field].tolist()
+class PromptFile(NamedTuple):
+    """The usable rows of a prompt file, and the rest: each rejected row with its reason, counted by reason."""
+
+    rows: list[dict]
+    """Each usable row's fields (the prompt under `field`; judges read the others)."""
+    rejects: list[dict]
+    counts: dict[str, int]
+
+
+def usable_prompt(value) -> str | None:
+    """Why `value` is no prompt (None: it is one): a non-empty string, or chat messages ({role, content} each)."""
+    if value is None:
+        return "null_prompt"
+    if isinstance(value, str):
+        return None if value.strip() else "empty_prompt"
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        return None
+    return "not_a_prompt"
+
+
+def read_prompt_file(path: str | Path, field: str) -> PromptFile:
+    """Every row of a prompt file, read as preference data is read (JSON Lines, JSON, CSV/TSV, Parquet, Arrow, a
+    compressed file, or a folder of them: its train split), each kept or rejected with a reason: a row that
+    cannot be parsed, or whose `field` is missing, null, empty or neither a string nor chat messages. A file
+    with no usable prompt stops here, with what it holds."""
+    from lexalign.data.load import read_records
+
+    path = Path(path)
+    rows, bad = read_records(path)
+    rejects = [{"file": r["_file"], "row": r["_row"], "reason": r["reason"], "detail": r["detail"]} for r in bad]
+    kept = []
+    for row in rows:
+        where = {"file": row.pop("_file"), "row": row.pop("_row")}
+        reason = "no_field" if field not in row else usable_prompt(row[field])
+        if reason:
+            rejects.append({**where, "reason": reason, "detail": repr(row.get(field))[:80]})
+        else:
+            kept.append(row)
+    counts: dict[str, int] = {}
+    for reject in rejects:
+        counts[reject["reason"]] = counts.get(reject["reason"], 0) + 1
+    if not kept:
+        fields = sorted({key for row in rows for key in row})
+        if not rows and not rejects:
+            raise LexAlignError(f'The prompt file "{path}" ({KEY}) has no rows', "An empty file, or only blank lines",
+                                hint=f"Point {KEY} at a file with one prompt a row")
+        if rows and counts.get("no_field") == len(rows):
+            raise LexAlignError(f'The prompt file "{path}" ({KEY}) has no field "{field}" in any of its '
+                                f"{len(rows)} rows", f"Its fields: {', '.join(fields)}",
+                                hint="Set online.prompts.prompt_field to the field that holds the prompt")
+        raise LexAlignError(f'No usable prompt in "{path}" ({KEY}): all {len(rows) + len(bad)} rows rejected',
+                            "Rejected: " + ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())),
+                            *(f"Row {r['row']} of {r['file']}: {r['reason']} {r['detail']}" for r in rejects[:3]),
+                            hint=f'Each row needs a non-empty string (or chat messages) in "{field}"')
+    return PromptFile(kept, rejects, counts)
+
+
+def check_prompt_file(path: str | Path | None) -> None:
+    """The plan-time check of online.prompts.path: the file or folder exists, and its files are in a format
+    LexAlign reads (their content is checked by the online_prompts step)."""
+    from lexalign.core.paths import require_data
+    from lexalign.data.load import data_files, detect_format
+
+    fix = f"Fix {KEY} in config/config.yaml"
+    found = require_data(path, KEY, fix)
+    try:
+        for file in data_files(found, "train"):
+            detect_format(file)
+    except LexAlignError as err:
+        raise LexAlignError(f'Cannot read the prompts at "{path}" ({KEY}): {err.message}', *err.details,
+                            hint=err.hint or fix) from None
 
 
 class Collected(NamedTuple):
     """The prompts of a source: those the rounds sample, those set aside for evaluation, whether they are
-    rendered already (the demo's frame, or validated data rendered with the chat template), and how many rows
-    were read."""
+    rendered already (the demo's frame, or validated data rendered with the chat template), how many rows were
+    read, a prompt file's rejected rows (their count by reason, and the first REJECTS_KEPT of them) and each
+    prompt's other fields (by `prompt_key`), which judges read beside the prompt."""
 
     sampled: list
     held_out: list
     rendered: bool
     read: int
+    rejected: dict[str, int]
+    rejects: list[dict]
+    fields: dict[str, dict]
+
+
+def prompt_key(prompt) -> str:
+    """One prompt's key, a string or chat messages alike: its JSON."""
+    return json.dumps(prompt, sort_keys=True)
 
 
 def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) -> Collected:
     """Every prompt of the source (the `online.prompts` section), distinct, in one seeded order; the last ones set
     aside for evaluation where the source has no held-out prompts of its own (`_needs_held_out`)."""
-    rendered = False
+    rendered, fields, rejects, rejected = False, {}, [], {}
     if prompts["from"] == "demo":
         from lexalign.demo import task
 
@@ -55,8 +128,14 @@ def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) ->
         texts = pd.read_parquet(Path(data) / "train.parquet")["prompt"].astype(str).tolist()
         rendered = is_chat(data)
     else:
-        texts = read_prompt_file(Path(prompts["path"]), prompts["prompt_field"])
-    distinct = list({json.dumps(t, sort_keys=True): t for t in texts}.values())
+        field = prompts["prompt_field"]
+        read = read_prompt_file(prompts["path"], field)
+        texts, rejects, rejected = [row[field] for row in read.rows], read.rejects[:REJECTS_KEPT], read.counts
+        for row in read.rows:  # the first row of a repeated prompt gives its fields
+            others = {key: value for key, value in row.items() if key != field}
+            if others:
+                fields.setdefault(prompt_key(row[field]), others)
+    distinct = list({prompt_key(t): t for t in texts}.values())
     random.Random(seed).shuffle(distinct)
     if not distinct:
         raise LexAlignError(f"No prompts in the online prompt source ({prompts['from']})")
@@ -64,7 +143,8 @@ def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) ->
     if count >= len(distinct):
         raise LexAlignError(f"online.prompts.held_out is {count}, but the prompt source has {len(distinct)} distinct "
                             "prompts: none would be left to sample", hint="Lower online.prompts.held_out")
-    return Collected(distinct[:len(distinct) - count], distinct[len(distinct) - count:], rendered, len(texts))
+    return Collected(distinct[:len(distinct) - count], distinct[len(distinct) - count:], rendered,
+                     len(texts) + sum(rejected.values()), rejected, rejects, fields)
 
 
 def _needs_held_out(prompts: dict, data) -> bool:

@@ -23,7 +23,7 @@ from lexalign.config.sections import SourceConfig
 from lexalign.core.errors import LexAlignError
 from lexalign.core.io import atomic_dir
 from lexalign.core.lineage import readme_metadata, stage_record, write_lineage
-from lexalign.hub import manifest
+from lexalign.hub import gguf, manifest
 from lexalign.hub.fetch import files_count, human_size
 
 SECTIONS = (("models", "model"), ("datasets", "preference_data"))
@@ -58,6 +58,8 @@ def _link_or_copy(src, dest) -> None:
 
 def _request(source: SourceConfig, kind: str, data_dir: str | None = None) -> dict:
     where = {"data_dir": data_dir} if data_dir else {}
+    if source.gguf_file:
+        where["gguf_file"] = source.gguf_file
     if source.source == "local":
         return {"source": "local", "path": str(Path(source.path).expanduser()), **where}
     return {"source": "demo", "kind": kind, **where}
@@ -113,6 +115,14 @@ def fetch(source: SourceConfig, out_dir: str | Path, kind: str, seed: int = 42, 
                 from lexalign.demo import datasets
 
                 extra["rows"] = datasets.write(kind, target, seed)
+        elif source.source == "local" and kind == "model" and gguf.is_gguf(source.path, source.gguf_file):
+            # A GGUF file becomes an ordinary model folder: the weights dequantized, the tokenizer from its metadata
+            extra["gguf"] = gguf.convert_gguf(source.path, tmp, source.gguf_file)
+            if extra["gguf"].get("license"):  # carried into the model cards, as a README's license is
+                extra["license"] = extra["gguf"]["license"]
+        elif source.source == "local" and source.gguf_file:
+            raise LexAlignError(f"gguf_file ({source.gguf_file}) is for a model, not for {kind}",
+                                hint="Remove gguf_file: a dataset's files are copied as they are")
         elif source.source == "local":
             _copy_local(Path(source.path).expanduser(), target, data_dir)
         else:
@@ -156,6 +166,9 @@ def _dry_run_entry(source: SourceConfig, kind: str, out: Path) -> tuple[int, int
     if source.source == "demo":
         print("  built offline by LexAlign (no files to fetch)")
         return 0, 0
+    if source.source == "local" and kind == "model" and gguf.is_gguf(source.path, source.gguf_file):
+        file = gguf.gguf_path(source.path, source.gguf_file, "path")
+        return _print_files([(file.name, file.stat().st_size)], "1 GGUF file, {size}, to convert into a model folder")
     if source.source == "local":
         src = Path(source.path).expanduser()
         if not src.exists():

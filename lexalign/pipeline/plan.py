@@ -82,7 +82,14 @@ def check_pipeline_paths(config: dict) -> None:
     """Every local path of the pipeline config, before the DAG is built (a missing one stops it here)."""
     produced = "Fix model.path in config/config.yaml, or give model.repo_id to download it from the Hub"
     model = config["model"]
-    if model.get("source") == "local":
+    if model.get("source") == "local" and (model.get("gguf_file") or str(model["path"]).lower().endswith(".gguf")):
+        from importlib.metadata import version
+
+        from lexalign.hub import gguf  # the file's header alone (milliseconds); what transformers reads is kept
+
+        support = remembered("gguf_support", version("transformers"), gguf.transformers_support)
+        gguf.check_gguf_source(model["path"], model.get("gguf_file"), "model.path", support)
+    elif model.get("source") == "local":
         require_model(Path(model["path"]).expanduser(), produced, key="model.path")
     evaluate = config.get("evaluate") or {}
     reward = evaluate.get("reward_model") or {}
@@ -98,3 +105,37 @@ def check_pipeline_paths(config: dict) -> None:
                 from lexalign.data.splits import resolve_data_dir
 
                 resolve_data_dir(path, section["data_dir"])
+    prompts = (config.get("online") or {}).get("prompts") or {}
+    if prompts.get("from") == "path" and prompts.get("path"):  # online.prompts.path: a file LexAlign reads
+        from lexalign.generation.prompts import check_prompt_file
+
+        check_prompt_file(prompts["path"])
+
+
+def check_machine(config: dict, executor: str | None = None) -> None:
+    """What this machine must have for the config, checked on every plan, the dry run included (never kept: the
+    machine may change): vLLM and a CUDA GPU for online.sampling.engine vllm. The GPU is needed where the jobs
+    run: here, unless they go to a cluster (`executor` SLURM's; before the executor is known, srun on PATH)."""
+    import importlib.util
+    import shutil
+
+    from lexalign.pipeline.scale import SLURM_EXECUTORS
+
+    engine = ((config.get("online") or {}).get("sampling") or {}).get("engine", "hf")
+    if engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise LexAlignError("online.sampling.engine is vllm, but vLLM is not installed here",
+                            hint='pip install "lexalign[vllm]" on a machine with a CUDA GPU, or set '
+                                 "online.sampling.engine: hf")
+    if config.get("device") == "cpu":
+        raise LexAlignError('online.sampling.engine is vllm, which needs a CUDA GPU, and device is "cpu"',
+                            hint="Set online.sampling.engine: hf, or device: auto on a machine with a CUDA GPU")
+    if executor in SLURM_EXECUTORS or (executor in (None, "dryrun") and shutil.which("srun")):
+        return  # the jobs run on the cluster's GPU nodes; the step checks again there before any work
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LexAlignError("online.sampling.engine is vllm, which needs a CUDA GPU, and this machine has none",
+                            hint="Set online.sampling.engine: hf (transformers' generate runs everywhere), or run "
+                                 "where there is a CUDA GPU (or submit the jobs with the SLURM profile)")

@@ -8,9 +8,15 @@ LexAlign's code is copied there.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lexalign.core.errors import LexAlignError
+from lexalign.core.io import atomic_write_text
 from lexalign.pipeline.workflow_files import DEFAULT_EXAMPLE, examples, workflow_root
 
 PROJECT_SNAKEFILE = '''\
@@ -58,14 +64,66 @@ checkpoints in `results/checkpoints/`.
 '''
 
 
-def init_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, force: bool = False) -> list[str]:
-    """Write a ready project into `directory`; return what was written (relative paths), for the message.
+MANIFEST = ".lexalign-init.json"
+"""What init wrote (path → sha256), so a later `init --force` tells a file LexAlign wrote from one the user
+edited: the first may be replaced, the second never is."""
+NEW_SUFFIX = ".lexalign-new"
+"""The suffix of LexAlign's version of a file the user edited, written beside it (config/config.yaml excepted:
+the example's config is config/config.<example>.yaml)."""
 
-    Refuses a non-empty folder unless `force`; even then an existing config/config.yaml is kept and the
-    example's config is written beside it (config/config.<example>.yaml), never over it."""
+
+@dataclass
+class Written:
+    """What init did: the files it wrote (or found already as it would write them), and the user's files it kept,
+    each with where LexAlign's version went instead."""
+
+    written: list[str] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)
+
+
+def project_files(example: str, name: str) -> dict[str, str]:
+    """Every file of a new project (relative path → text), as init writes it."""
     from lexalign.config.annotated import render_config
     from lexalign.config.loader import load_yaml
 
+    files = {"config/config.yaml": render_config(load_yaml(examples()[example]),
+                                                 title=f"LexAlign pipeline configuration: the `{example}` example."),
+             "Snakefile": PROJECT_SNAKEFILE, "README.md": PROJECT_README.format(name=name, example=example)}
+    root = workflow_root()
+    for folder in ("profiles", "config/accelerate"):
+        for source in sorted((root / folder).rglob("*")):
+            if source.is_file() and "__pycache__" not in source.parts:
+                files[str(source.relative_to(root))] = source.read_text(encoding="utf-8")
+    return files
+
+
+def _beside(relative: str, example: str) -> str:
+    """Where LexAlign's version of a user's edited file goes."""
+    return f"config/config.{example}.yaml" if relative == "config/config.yaml" else relative + NEW_SUFFIX
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _cannot_write(path: Path, err: OSError) -> LexAlignError:
+    """A write that failed, as the folder and what to do (a path component that is a file, a read-only folder)."""
+    blocking = next((parent for parent in [path, *path.parents] if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        return LexAlignError(f'Cannot make the project at "{path}": "{blocking}" is a file, not a folder',
+                             hint="Choose a path whose folders are all folders")
+    return LexAlignError(f'Cannot write the project into "{path}": {err.strerror or err}',
+                         hint="Choose a folder you can write to (or make this one writable), then run lexalign init "
+                              "again")
+
+
+def init_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, force: bool = False) -> Written:
+    """Write a ready project into `directory`.
+
+    Refuses a non-empty folder unless `force`. Even then no file the user changed is replaced: a file that
+    differs from what init would write is kept unless init wrote it itself and it is unedited since (the
+    manifest says), and LexAlign's version goes beside it (`_beside`). A folder init cannot write into is an
+    error before anything is written; every file is written whole or not at all."""
     available = examples()
     if example not in available:
         raise LexAlignError(f'No example called "{example}"', f"Examples: {', '.join(available)}",
@@ -76,30 +134,44 @@ def init_project(directory: str | Path, example: str = DEFAULT_EXAMPLE, force: b
     if target.is_dir() and any(target.iterdir()) and not force:
         raise LexAlignError(f'"{target}" is not empty', "init writes a new project and overwrites nothing there",
                             hint=f"Choose an empty or new folder, or run: lexalign init {directory} --force "
-                                 "(your config/config.yaml is kept)")
-    values = load_yaml(available[example])
-    written = []
-
-    def write(relative: str, text: str) -> None:
+                                 "(files you changed are kept)")
+    try:  # before any work: the folder can be made and written into
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=target, prefix=".lexalign-init-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise _cannot_write(target, err) from None
+    recorded = _read_manifest(target)
+    done = Written()
+    for relative, text in project_files(example, target.resolve().name).items():
         path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
-        written.append(relative)
+        current = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+        if current is None or current == text or recorded.get(relative) == _digest(current):
+            _write(target, relative, text)
+            done.written.append(relative)
+        else:  # the user's own, or edited since init wrote it: kept, LexAlign's beside it
+            beside = _beside(relative, example)
+            _write(target, beside, text)
+            done.kept.append((relative, beside))
+    _write(target, MANIFEST, json.dumps({path: _digest(text) for path, text in {
+        relative: (target / relative).read_text(encoding="utf-8") for relative in done.written}.items()},
+        indent=1, sort_keys=True) + "\n")
+    return done
 
-    config = render_config(values, title=f"LexAlign pipeline configuration: the `{example}` example.")
-    existing = target / "config" / "config.yaml"
-    if existing.is_file() and existing.read_text(encoding="utf-8") != config:
-        write(f"config/config.{example}.yaml", config)
-    else:
-        write("config/config.yaml", config)
-    write("Snakefile", PROJECT_SNAKEFILE)
-    write("README.md", PROJECT_README.format(name=target.resolve().name, example=example))
-    root = workflow_root()
-    for folder in ("profiles", "config/accelerate"):
-        for source in sorted((root / folder).rglob("*")):
-            if source.is_file() and "__pycache__" not in source.parts:
-                write(str(source.relative_to(root)), source.read_text(encoding="utf-8"))
-    return written
 
+def _read_manifest(target: Path) -> dict[str, str]:
+    try:
+        recorded = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _write(target: Path, relative: str, text: str) -> None:
+    """One file, whole or not at all: written beside it, then renamed over it; a failed write leaves nothing."""
+    path = target / relative
+    try:
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise _cannot_write(path, err) from None

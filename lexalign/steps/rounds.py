@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from lexalign.core import io
-from lexalign.core.errors import LexAlignError
+from lexalign.core.errors import LexAlignError, warn
 from lexalign.steps import one
 
 
@@ -23,15 +23,23 @@ def online_prompts(*, output: str | Path, prompts: dict, seed: int = 42, data: s
     the held-out prompts set aside; `data`: the validated preference data (prompts from: preference_data; a
     one-element list from the rule). Rounds take consecutive slices of the order, so the file depends on neither
     `rounds` nor `per_round`: raising them replans no earlier round."""
-    from lexalign.generation.prompts import collect_prompts
+    from lexalign.generation.prompts import REJECTS_KEPT, collect_prompts
 
     collected = collect_prompts(prompts, seed, one(data))
     io.write_json(output, {"rendered": collected.rendered, "prompts": collected.sampled,
-                           "held_out": collected.held_out})
+                           "held_out": collected.held_out, "rejected": collected.rejected,
+                           "rejects": collected.rejects, "fields": collected.fields})
     held = f", {len(collected.held_out)} more held out for evaluation" if collected.held_out else ""
     print(f"Online prompts: {len(collected.sampled)} distinct to sample ({collected.read} read) from "
           f"{prompts['from']}{held} → {output}", flush=True)
-    return {"prompts": len(collected.sampled), "held_out": len(collected.held_out)}
+    if collected.rejected:
+        first = collected.rejects[0]
+        warn(f"{sum(collected.rejected.values())} rows of {prompts['path']} rejected: "
+             + ", ".join(f"{reason} {n}" for reason, n in sorted(collected.rejected.items())),
+             f"The first: row {first['row']} of {first['file']} ({first['reason']}: {first['detail']}); "
+             f"they are listed in {output} (the first {REJECTS_KEPT})")
+    return {"prompts": len(collected.sampled), "held_out": len(collected.held_out),
+            **({"rejected": collected.rejected} if collected.rejected else {})}
 
 
 def online_generate(*, model: str | Path, prompts: str | Path, output: str | Path, number: int, sampling: dict,
@@ -228,14 +236,16 @@ def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path
               "reference_name": reference_name, "prompts": len(texts), "held_out": unseen,
               "decoding": {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "chat_template": chat},
               "judge": judges.judge(cfg, texts, sft_texts, aligned_texts, chat, seed, reward_model, device),
-              "length": length_summary(answers), "kl_to_reference": kl,
+              "length": length_summary(answers), "kl_to_reference": kl["mean"],
+              "kl_to_reference_interval": [kl["ci_low"], kl["ci_high"]], "kl_estimator": kl["estimator"],
               "samples": [{"prompt": p, "sft": s, "aligned": a} for p, s, a in
                           list(zip(texts, sft_texts, aligned_texts, strict=True))[:cfg.num_samples]]}
     io.write_json(output, result)
     judged = result["judge"] or {}
     print(f"Round {number} against SFT on {len(texts)} {'held-out ' if unseen else ''}prompts: win rate "
           f"{judged.get('win_rate')} ({judged.get('ci_low')} – {judged.get('ci_high')}), judged mean "
-          f"{judged.get('mean_reward_sft')} → {judged.get('mean_reward_aligned')}, KL to {reference_name} {kl:.4f}"
+          f"{judged.get('mean_reward_sft')} → {judged.get('mean_reward_aligned')}, KL to {reference_name} "
+          f"{kl['mean']:.4f}"
           f" → {output}", flush=True)
     return result
 
