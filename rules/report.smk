@@ -7,10 +7,11 @@ report: "../report/workflow.rst"
 
 rule report:
     input:
-        evals=run_evaluations(),
-        lm_evals=run_benchmarks(),
-        models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS],
-        validated=f"{RESULTS}/data/preferences",
+        # The offline runs (none with online.offline false: the report shows the rounds alone).
+        evals=run_evaluations() if OFFLINE else [],
+        lm_evals=run_benchmarks() if OFFLINE else [],
+        models=[f"{RESULTS}/aligned"] + [f"{RESULTS}/runs/{run}/model" for run in RUNS] if OFFLINE else [],
+        validated=[f"{RESULTS}/data/preferences"] if OFFLINE else [],
         tokenizer=f"{RESULTS}/models/base",
         # The online rounds' evaluations (none without an online section): the report's per-round section.
         online=online_evaluations(),
@@ -24,7 +25,7 @@ rule report:
             category="LexAlign",
         ),
     params:
-        runs=["aligned"] + list(RUNS),
+        runs=["aligned"] + list(RUNS) if OFFLINE else [],
     conda:
         conda_env()
     log:

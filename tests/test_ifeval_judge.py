@@ -23,8 +23,8 @@ pytest.importorskip("langdetect")
 pytest.importorskip("immutabledict")
 
 from lexalign.core.errors import LexAlignError  # noqa: E402
+from lexalign.core.intervals import bootstrap_interval  # noqa: E402
 from lexalign.generation import ifeval, instruction_set  # noqa: E402
-from lexalign.generation.judges import bootstrap_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "Write a short note to a friend about the weather."

@@ -383,7 +383,17 @@ def _lm_eval_defaults() -> dict:
     return {"tasks": [], "limit": None, "num_fewshot": None, "batch_size": 8, "apply_chat_template": False}
 
 
-JUDGES = ("none", "demo", "reward_model", "llm")
+def _ifeval_defaults() -> dict:
+    return {"prompts": None, "nltk_data": None}
+
+
+JUDGES = ("none", "demo", "reward_model", "llm", "ifeval")
+"""The judges by name; a judge of the user's own is {"python": "file.py:function"} (`judge_name`: python)."""
+
+
+def judge_name(judge: str | dict) -> str:
+    """A judge's name: its own, or `python` for a reward function of the user's ({"python": "file.py:fn"})."""
+    return "python" if isinstance(judge, dict) else judge
 
 
 @dataclass
@@ -392,9 +402,10 @@ class EvaluateConfig(_FromDict):
 
     SECTION: ClassVar[str | None] = "evaluate"
 
-    judge: str = "none"
+    judge: str | dict = "none"
     """Who compares the SFT and the aligned answers: `none`, `demo` (the polite-greeting rule), `reward_model`
-    (`reward_model` scores both) or `llm` (a pairwise judge at `llm_judge`); each gives a win rate."""
+    (`reward_model` scores both), `llm` (a pairwise judge at `llm_judge`), `ifeval` (IFEval's checkers on the
+    prompts of `ifeval`) or {"python": "file.py:function"} (the user's reward function); each gives a win rate."""
     num_prompts: int = 200
     """Held-out prompts for the KL estimate and the judge (greedy decoding)."""
     num_samples: int = 16
@@ -409,6 +420,8 @@ class EvaluateConfig(_FromDict):
     """judge llm: an OpenAI-compatible endpoint (base_url, model, api_key_env: the variable with the key, timeout)."""
     lm_eval: dict = field(default_factory=_lm_eval_defaults)
     """lm-evaluation-harness benchmarks (tasks, limit, num_fewshot, batch_size, apply_chat_template)."""
+    ifeval: dict = field(default_factory=_ifeval_defaults)
+    """judge ifeval: the held-out prompts in IFEval's format (`prompts`) and NLTK's punkt_tab data (`nltk_data`)."""
 
     def __post_init__(self):
         if self.judge == "reward_model" and not (self.reward_model.get("repo_id") or self.reward_model.get("path")):

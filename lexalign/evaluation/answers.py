@@ -119,7 +119,7 @@ def kl_estimate(policy, reference, tokenizer, prompts: list[str], max_new_tokens
 
 def kl_figure(values: list[float], seed: int = 0) -> dict:
     """The mean of the per-prompt KL estimates and its bootstrap 95% interval (resampling the prompts)."""
-    from lexalign.generation.judges import bootstrap_interval
+    from lexalign.core.intervals import bootstrap_interval
 
     mean = sum(values) / max(len(values), 1)
     low, high = bootstrap_interval(values, seed=seed) if len(values) > 1 else (mean, mean)

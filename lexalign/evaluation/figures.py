@@ -180,20 +180,29 @@ LENGTH_GROWTH_FLAG = 1.2
 failure: answers that get longer rather than better)."""
 
 
-def generation_prompts(eval_frame: pd.DataFrame, cfg: EvaluateConfig, seed: int) -> tuple[list[str], bool]:
-    """The held-out prompts both models answer, and whether they are chat-rendered: the demo judge's prompts
-    (never trained on) with judge demo, else the distinct prompts of the held-out pairs in a seeded order;
-    `num_samples` of them, or `num_prompts` when a judge scores them."""
+def generation_prompts(eval_frame: pd.DataFrame, cfg: EvaluateConfig, seed: int
+                       ) -> tuple[list[str], bool, list[dict] | None]:
+    """The held-out prompts both models answer, whether they are chat-rendered, and (judge ifeval) their rows: the
+    demo judge's prompts (never trained on) with judge demo; IFEval's rows of evaluate.ifeval.prompts with judge
+    ifeval (rendered by the model's template when it is answered); else the distinct prompts of the held-out pairs
+    in a seeded order; `num_samples` of them, or `num_prompts` when a judge scores them."""
     import random
 
     count = max(cfg.num_samples, cfg.num_prompts if cfg.judge != "none" else 0)
     if cfg.judge == "demo":
         from lexalign.demo import task
 
-        return task.eval_prompts(seed, count), False
+        return task.eval_prompts(seed, count), False, None
+    if cfg.judge == "ifeval":
+        from lexalign.generation.prompts import read_prompt_file
+
+        rows = read_prompt_file(cfg.ifeval["prompts"], "prompt", "evaluate.ifeval.prompts").rows
+        random.Random(seed).shuffle(rows)
+        rows = rows[:count]
+        return [row["prompt"] for row in rows], False, rows
     prompts = sorted(set(eval_frame["prompt"])) if len(eval_frame) else []
     random.Random(seed).shuffle(prompts)
-    return prompts[:count], tokens.chat_rendered(eval_frame)
+    return prompts[:count], tokens.chat_rendered(eval_frame), None
 
 
 @dataclass
@@ -211,13 +220,16 @@ class Plan:
     """The prompts both models answer greedily (and the judge judges)."""
     chat: bool
     """Whether `prompts` are chat-rendered."""
+    rows: list[dict] | None = None
+    """The prompts' rows as their file gives them (judge ifeval: IFEval's), rendered by the model's chat template
+    when answered."""
 
     @classmethod
     def of(cls, eval_frame: pd.DataFrame, ranked: pd.DataFrame | None, cfg: EvaluateConfig, beta: float,
            seed: int) -> Plan:
-        prompts, chat = generation_prompts(eval_frame, cfg, seed)
+        prompts, chat, rows = generation_prompts(eval_frame, cfg, seed)
         return cls(eval_frame, ranked if ranked is not None and len(ranked) else None, cfg, beta, seed,
-                   sorted(set(eval_frame["prompt"]))[: cfg.num_prompts], prompts, chat)
+                   sorted(set(eval_frame["prompt"]))[: cfg.num_prompts], prompts, chat, rows)
 
 
 def evaluate(aligned: Path, reference: Path, eval_frame: pd.DataFrame, cfg: EvaluateConfig, beta: float,
@@ -252,6 +264,7 @@ def model_scores(aligned: Path, reference: Path, plan: Plan, device: str, share:
                  ) -> tuple[list[tuple[dict, dict]], list[list[int]], tuple[list, list]]:
     """What the aligned and the reference model score, this process's share of it: the (pieces, sizes) of each
     measure, this process's generation batches, and its (SFT, aligned) answers. The models are freed on return."""
+    from lexalign.generation.sampling import render_prompts
     from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(aligned)
@@ -264,7 +277,8 @@ def model_scores(aligned: Path, reference: Path, plan: Plan, device: str, share:
     scores.append(kl_scores(policy, ref, tokenizer, plan.kl_prompts, plan.cfg.max_new_tokens, plan.seed, size,
                             tokens.chat_rendered(plan.eval_frame), share))
     mine = share.take(chunks(len(plan.prompts), size))
-    answers = tuple(generate_answers(model, tokenizer, plan.prompts, plan.cfg.max_new_tokens, size, plan.chat, mine)
+    prompts, chat = (plan.prompts, plan.chat) if plan.rows is None else render_prompts(tokenizer, plan.prompts)
+    answers = tuple(generate_answers(model, tokenizer, prompts, plan.cfg.max_new_tokens, size, chat, mine)
                     for model in (ref, policy))
     scores.append(_named("answers", answers, mine))
     return scores, mine, answers
@@ -302,7 +316,8 @@ def figures(values: dict[str, list], plan: Plan, aligned: Path, reference: Path,
                          for p, s, a in list(zip(plan.prompts, sft, aligned_texts, strict=True))[: cfg.num_samples]]
     result["length"] = length_summary(answers)
     rewards = (values["rewards/sft"], values["rewards/aligned"]) if "rewards/sft" in values else None
-    judged = judges.judge(cfg, plan.prompts, sft, aligned_texts, plan.chat, plan.seed, reward_model, device, rewards)
+    judged = judges.judge(cfg, plan.prompts, sft, aligned_texts, plan.chat, plan.seed, reward_model, device, rewards,
+                          rows=plan.rows)
     if judged is not None:
         result["judge"] = judged
     if cfg.judge == "demo" and judged and judged["n"]:

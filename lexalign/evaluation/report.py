@@ -215,6 +215,30 @@ def online_table(rounds: list[dict]) -> str:
                    "KL to reference", "reference"], rows, "online") + note
 
 
+IFEVAL_FIGURES = (("prompt_level_strict_acc", "prompt strict"), ("inst_level_strict_acc", "instruction strict"),
+                  ("prompt_level_loose_acc", "prompt loose"), ("inst_level_loose_acc", "instruction loose"))
+
+
+def ifeval_table(rounds: list[dict]) -> str:
+    """With judge ifeval: IFEval's four figures (95% intervals) of the starting model and of each round's, on the
+    held-out prompts, with the answers cut at the token limit; empty otherwise."""
+    if not rounds or not rounds[0]["evaluation"].get("ifeval"):
+        return ""
+
+    def cells(figures: dict) -> list[str]:
+        return [f"{_pct(figures[key]['value'])} ({_pct(figures[key]['ci_low'])} – {_pct(figures[key]['ci_high'])})"
+                for key, _ in IFEVAL_FIGURES]
+
+    first = rounds[0]["evaluation"]
+    rows = [["start", *cells(first["ifeval"]["sft"]), _pct(first.get("capped_share_sft"))]]
+    for number, figures in enumerate(rounds, start=1):
+        e = figures["evaluation"]
+        if e.get("ifeval"):
+            rows.append([f"round {number}", *cells(e["ifeval"]["aligned"]), _pct(e.get("capped_share"))])
+    return (f"<h3>IFEval on {first.get('prompts')} held-out prompts</h3>"
+            + _table(["model", *(label for _, label in IFEVAL_FIGURES), "answers cut at the limit"], rows, "ifeval"))
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LexAlign report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
@@ -227,7 +251,20 @@ summary{{cursor:pointer;margin:0.4em 0;font-weight:bold}}</style></head>
 <body data-images-loaded="pending">
 <h1>LexAlign report</h1>
 <p>{summary}</p>
-{glance}
+{offline}
+{online}
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+}});
+</script>
+</body></html>
+"""
+
+
+OFFLINE = """{glance}
 <h2>Evaluation on held-out data</h2>
 {table}
 {eval_images}
@@ -240,23 +277,27 @@ summary{{cursor:pointer;margin:0.4em 0;font-weight:bold}}</style></head>
 {samples}
 <h2>Training curves</h2>
 {curve_images}
-{online}
 <h2>Validated data</h2>
 <p>{validation}</p>
-{length_images}
-<script>
-window.addEventListener("load", function () {{
-  var imgs = Array.from(document.images);
-  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
-  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
-}});
-</script>
-</body></html>
-"""
+{length_images}"""
+"""The offline runs' sections (none when the pipeline runs the online rounds alone: online.offline false)."""
 
 
 def _images(paths: list[Path], page: Path) -> str:
     return "\n".join(f'<img src="{p.relative_to(page.parent).as_posix()}" alt="{p.stem}">' for p in paths)
+
+
+def plain_section(rounds: list[Path]) -> str:
+    """The last round's and the starting model's answers to questions asked without instructions (MT-Bench's),
+    side by side: a model the rounds broke would show it here first."""
+    last = read_json(Path(rounds[-1]) / "eval.json") if (Path(rounds[-1]) / "eval.json").is_file() else {}
+    samples = last.get("plain_samples") or []
+    if not samples:
+        return ""
+    rows = [[_clip(s["prompt"]), _clip(s["sft"]), _clip(s["aligned"])] for s in samples]
+    return (f"<details open><summary>Plain questions: the starting model and round {len(rounds)}'s, greedy"
+            "</summary>" + _table(["question", "starting model", f"round {len(rounds)}"], rows, "samples")
+            + "</details>")
 
 
 def online_section(rounds: list[Path], plots: Path, page: Path) -> str:
@@ -264,15 +305,22 @@ def online_section(rounds: list[Path], plots: Path, page: Path) -> str:
     if not rounds:
         return ""
     figures = [round_figures(folder) for folder in rounds]
-    return (f"<h2>Online rounds</h2>\n{online_table(figures)}\n{_images([plot_online(figures, plots)], page)}")
+    return (f"<h2>Online rounds</h2>\n{online_table(figures)}\n{ifeval_table(figures)}\n"
+            f"{plain_section(rounds)}\n{_images([plot_online(figures, plots)], page)}")
 
 
-def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Path, tokenizer_dir: Path,
+def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Path | None, tokenizer_dir: Path,
                  page: Path, plots: Path, benchmarks: dict[str, Path] | None = None,
                  online: list[Path] | None = None) -> Path:
     """Write the plots into `plots` and the page to `page` (images linked relatively). `benchmarks`: each run's
-    lm-eval result (none when no lm-eval task is configured); `online`: the online rounds' folders, in order."""
+    lm-eval result (none when no lm-eval task is configured); `online`: the online rounds' folders, in order.
+    Without offline runs (`evals` empty: online.offline false) the page holds the rounds alone."""
     plots.mkdir(parents=True, exist_ok=True)
+    rounds = online_section(list(online or []), plots, page)
+    if not evals:
+        atomic_write_text(page, PAGE.format(summary=f"{len(online or [])} online round(s), each model against the "
+                                                    "starting model on held-out prompts.", offline="", online=rounds))
+        return page
     from lexalign.core.lineage import read_lineage
 
     results = {name: read_json(path) for name, path in evals.items()}
@@ -285,13 +333,13 @@ def build_report(evals: dict[str, Path], models: dict[str, Path], validated: Pat
     bench = lm_eval_table(lm)
     atomic_write_text(page, PAGE.format(
         summary=f"{len(results)} run(s) aligned from one SFT model and compared on the same held-out data.",
-        glance=at_a_glance(results, lm), table=eval_table(results, methods), eval_images=_images([comparison], page),
-        judge=judge_table(results), length=length_table(results),
-        benchmarks=f"<h2>Benchmarks (lm-evaluation-harness)</h2>\n{bench}" if bench else "",
-        samples=samples_section(results), curve_images=_images(curves, page),
-        validation=validation_text(report), length_images=_images([lengths], page),
-        online=online_section(list(online or []), plots, page),
-    ))
+        offline=OFFLINE.format(
+            glance=at_a_glance(results, lm), table=eval_table(results, methods),
+            eval_images=_images([comparison], page), judge=judge_table(results), length=length_table(results),
+            benchmarks=f"<h2>Benchmarks (lm-evaluation-harness)</h2>\n{bench}" if bench else "",
+            samples=samples_section(results), curve_images=_images(curves, page), validation=validation_text(report),
+            length_images=_images([lengths], page)),
+        online=rounds))
     return page
 
 
@@ -316,4 +364,8 @@ def round_figures(folder) -> dict:
                            "sft_mean_tokens": length.get("sft_mean_tokens"),
                            "mean_tokens": length.get("aligned_mean_tokens"),
                            "kl_to_reference": evaluation.get("kl_to_reference"),
-                           "reference": evaluation.get("reference_name")}}
+                           "reference": evaluation.get("reference_name"),
+                           "capped_share_sft": length.get("sft_capped_share"),
+                           "capped_share": length.get("aligned_capped_share"),
+                           # judge ifeval: IFEval's four figures of the starting model and of this round's
+                           "ifeval": judged.get("ifeval")}}

@@ -267,13 +267,73 @@ def score_completions(rows: list[dict], judge, cache_path: str | Path, batch_siz
                      "cached": len(flat) - len(order), "unscored": sum(s is None for s in flat)}
 
 
-def make_judge(judge: str, chat: bool, reward_model, llm_judge: dict, device: str):
-    """The online judge `judge` (online.judge) that scores each completion: the demo's rule, a reward model, or
-    an LLM at an OpenAI-compatible endpoint (evaluate.llm_judge)."""
+class IfevalJudge:
+    """IFEval's checkers (lexalign.generation.ifeval): a completion's score is the share of its prompt's
+    instructions it follows, strict. The prompts' instructions come with them (the rounds' prompts.json)."""
+
+    reads = "question"
+
+    def __init__(self, fields: dict[str, dict], nltk_data=None):
+        from importlib.metadata import version
+
+        from lexalign.generation import ifeval
+
+        ifeval.load_registry(nltk_data)
+        self.fields = fields
+        self.name = f"ifeval-strict:lm-eval-{version('lm-eval')}"
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float | None]:
+        from lexalign.generation import ifeval
+
+        out = []
+        for prompt, answer in zip(prompts, answers, strict=True):
+            row = self.fields.get(prompt)
+            if not row or "instruction_id_list" not in row:
+                raise LexAlignError("online.judge ifeval scores prompts in IFEval's format, and this one has no "
+                                    "instruction_id_list", f"Prompt: {prompt[:120]!r}",
+                                    hint="Use prompts from: instructions, or a prompt file with instruction_id_list "
+                                         "and kwargs fields")
+            out.append(ifeval.score({"prompt": prompt, **row}, answer).strict)
+        return out
+
+
+class PythonJudge:
+    """The user's reward function (lexalign.generation.reward_functions), TRL's signature: the prompts as given,
+    the completions, and each prompt row's other fields as keyword lists. Its cache identity holds the file's
+    content, so an edited function scores again, and a scored completion under the same file is never asked again."""
+
+    reads = "question"
+
+    def __init__(self, reference: str, fields: dict[str, dict]):
+        import hashlib
+
+        from lexalign.generation import reward_functions
+
+        path, function = reward_functions.parse_reference(reference, key="online.judge.python")
+        self.fn = reward_functions.load(reference, key="online.judge.python")
+        self.fields = fields
+        self.name = f"python:{path.name}:{function}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[float | None]:
+        from lexalign.generation import reward_functions
+
+        columns = reward_functions.row_fields([self.fields.get(p, {}) for p in prompts])
+        return reward_functions.call(self.fn, prompts, answers, columns if any(columns.values()) else None)
+
+
+def make_judge(judge: str | dict, chat: bool, reward_model, llm_judge: dict, device: str,
+               fields: dict[str, dict] | None = None, nltk_data=None):
+    """The online judge `judge` (online.judge) that scores each completion: the demo's rule, a reward model, an
+    LLM at an OpenAI-compatible endpoint (evaluate.llm_judge), IFEval's checkers, or the user's reward function.
+    `fields`: each prompt's other fields by the prompt as given (the rounds' prompts.json)."""
+    if isinstance(judge, dict):
+        return PythonJudge(judge["python"], fields or {})
     if judge == "demo":
         return DemoJudge()
     if judge == "reward_model":
         from lexalign.models.loading import resolve_device
 
         return RewardModelJudge(reward_model, chat, resolve_device(device))
+    if judge == "ifeval":
+        return IfevalJudge(fields or {}, nltk_data)
     return LlmJudge(llm_judge)

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any, Iterable, Mapping, Sequence
 
 from lexalign.core.errors import LexAlignError
+from lexalign.core.intervals import BOOTSTRAP_SAMPLES, bootstrap_interval
 
 INSTALL_HINT = 'Install the IFEval checkers: pip install "lexalign[ifeval]" (lm-eval, langdetect, immutabledict, nltk)'
 
@@ -352,7 +353,6 @@ def figures(rows: Sequence[Mapping[str, Any]], completions: Sequence[str], seed:
     """IFEval's four figures as the harness computes them (a prompt-level figure: the share of prompts whose every
     instruction is followed; an instruction-level one: the share of all instructions, `utils.agg_inst_level_acc`),
     each with a seeded bootstrap 95% interval over prompts. → {figure: {value, ci_low, ci_high}, n, instructions}."""
-    from lexalign.generation.judges import BOOTSTRAP_SAMPLES, bootstrap_interval
 
     if len(rows) != len(completions):
         raise LexAlignError(f"IFEval figures need one completion a row: {len(rows)} rows, {len(completions)} "

@@ -10,7 +10,7 @@ import json
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from lexalign.core.errors import LexAlignError
 from lexalign.generation.ifeval import (
@@ -21,6 +21,90 @@ from lexalign.generation.ifeval import (
     current_registry,
     fixed_random,
 )
+
+BASE_TASKS = (
+    "Write a short note to a friend about the weather today.",
+    "Describe your favourite season and why you like it.",
+    "Give advice to someone starting their first job.",
+    "Explain why sleep is important.",
+    "Describe a walk through a quiet forest.",
+    "Write a thank-you message to a teacher.",
+    "Explain how to make a cup of tea.",
+    "Describe the city you would most like to visit.",
+    "Give tips for staying focused while studying.",
+    "Write a short story about a lost cat.",
+    "Explain what a healthy breakfast looks like.",
+    "Describe a day at the beach.",
+    "Write an invitation to a birthday party.",
+    "Explain why people enjoy music.",
+    "Give advice on saving money.",
+    "Describe your ideal weekend.",
+    "Write a review of a book you enjoyed.",
+    "Explain how plants grow.",
+    "Describe a memorable meal.",
+    "Write a short speech for a school event.",
+    "Explain the benefits of learning a new language.",
+    "Describe a rainy afternoon at home.",
+    "Give tips for a long train journey.",
+    "Write a message welcoming a new neighbour.",
+    "Explain why exercise is good for you.",
+    "Describe a busy market.",
+    "Write a short poem about the moon.",
+    "Explain how to care for a houseplant.",
+    "Describe your favourite animal.",
+    "Give advice to a student before an exam.",
+    "Write an apology for missing a meeting.",
+    "Explain what makes a good friend.",
+    "Describe a winter morning.",
+    "Write a product description for a water bottle.",
+    "Explain how to plan a picnic.",
+    "Describe a famous landmark.",
+    "Give tips for cooking rice.",
+    "Write a short letter to your future self.",
+    "Explain why reading is useful.",
+    "Describe a garden in spring.",
+)
+"""Short everyday tasks a small instruct model can answer in a few sentences: the prompts' base tasks (each
+gets its instructions appended)."""
+
+INSTRUCTIONS = {
+    "punctuation:no_comma": {},
+    "startend:end_checker": {"end_phrase": "Is there anything else I can help with?"},
+    "startend:quotation": {},
+    "detectable_format:title": {},
+    "change_case:english_lowercase": {},
+    "detectable_content:postscript": {"postscript_marker": "P.S."},
+    "length_constraints:number_words": {"num_words": 60, "relation": "less than"},
+    "detectable_format:number_bullet_lists": {"num_bullets": 3},
+}
+"""Eight instruction types a 135M-parameter instruct model follows some of the time (so rounds have a followed
+and a broken answer to pair), with fixed kwargs: the prompts' default instructions."""
+
+
+class PromptSet(NamedTuple):
+    """A project's prompts of verifiable instructions: the rounds sample `train`; `held_out` (new base tasks) is
+    each round's evaluation; `plain` are questions asked as they are, answered side by side."""
+
+    train: list[dict]
+    held_out: list[dict]
+    plain: list[str]
+
+
+def prompt_set(settings: Mapping[str, Any], seed: int) -> PromptSet:
+    """The prompts of `online.prompts.instructions`: every base task with each instruction type (one per prompt),
+    IFEval's rows; a share of the base tasks held out; MT-Bench's questions (from the wheel, when given) held out
+    too, each with each instruction, and the first `plain_questions` of them plain."""
+    types = list(settings.get("types") or INSTRUCTIONS)
+    specs = [(instruction_id, INSTRUCTIONS.get(instruction_id, {})) for instruction_id in types]
+    rows = build_rows(list(settings.get("tasks") or BASE_TASKS), specs)
+    train, held_out = split_by_task(rows, settings.get("held_out_tasks", 0.25), seed)
+    plain: list[str] = []
+    if settings.get("mtbench"):
+        questions = [q["prompt"] for q in mtbench_questions(settings["mtbench"])]
+        held_out += build_rows(questions, specs, start_key=len(rows))
+        plain = questions[: settings.get("plain_questions", 8)]
+    random.Random(seed).shuffle(held_out)
+    return PromptSet(train, held_out, plain)
 
 
 def describe(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> str:

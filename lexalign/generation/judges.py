@@ -24,24 +24,11 @@ import re
 from pathlib import Path
 
 from lexalign.core.errors import LexAlignError
+from lexalign.core.intervals import bootstrap_interval
 from lexalign.core.shares import chunks
 
-BOOTSTRAP_SAMPLES = 2000
 TIE_TOLERANCE = 1e-6
 """Rewards closer than this are a tie (identical answers get identical rewards)."""
-
-
-def bootstrap_interval(scores: list[float], seed: int, samples: int = BOOTSTRAP_SAMPLES) -> tuple:
-    """The 95% percentile interval of the mean of `scores`, resampling prompts with replacement (seeded)."""
-    import numpy as np
-
-    if not scores:
-        return None, None
-    values = np.asarray(scores, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def summarise(name: str, scores: list[float], seed: int, rewards: tuple[list, list] | None = None,
@@ -273,9 +260,56 @@ def llm_judge(cfg: dict, prompts: list[str], sft: list[str], aligned: list[str],
                      inconsistent=inconsistent, asked=len(questions))
 
 
+# --- verifiable rewards: IFEval's checkers, a reward function of the user's ----------------------------
+
+
+def ifeval_judge(rows: list[dict], sft: list[str], aligned: list[str], seed: int, nltk_data=None) -> dict:
+    """IFEval's checkers on both models' answers to prompts in IFEval's format: per prompt, the aligned answer
+    wins when it follows a larger share of the prompt's instructions (strict); beside the win rate, IFEval's four
+    figures of each model with their intervals, and the paired difference of the prompt-level strict accuracy
+    (aligned − SFT, each prompt's two answers resampled together)."""
+    from lexalign.generation import ifeval
+
+    ifeval.load_registry(nltk_data)
+    shares = {name: [ifeval.score(row, answer) for row, answer in zip(rows, answers, strict=True)]
+              for name, answers in (("sft", sft), ("aligned", aligned))}
+    strict = {name: [v.strict for v in verdicts] for name, verdicts in shares.items()}
+    followed = {name: [float(v == 1.0) for v in values] for name, values in strict.items()}
+    difference = [a - s for s, a in zip(followed["sft"], followed["aligned"], strict=True)]
+    low, high = bootstrap_interval(difference, seed)
+    return from_rewards("ifeval", strict["sft"], strict["aligned"], seed, ifeval={
+        "sft": ifeval.figures(rows, sft, seed), "aligned": ifeval.figures(rows, aligned, seed),
+        "prompt_level_strict_difference": {"value": sum(difference) / max(len(difference), 1), "ci_low": low,
+                                           "ci_high": high},
+        "loose_mean_sft": _mean([v.loose for v in shares["sft"]]),
+        "loose_mean_aligned": _mean([v.loose for v in shares["aligned"]])})
+
+
+def python_judge(reference: str, prompts: list, sft: list[str], aligned: list[str], fields: list[dict],
+                 seed: int, base_dir: str | Path | None = None) -> dict:
+    """The user's reward function (TRL's signature) on both models' answers; the aligned answer wins when it
+    scores higher. A prompt either answer has no score for (None) counts as a tie."""
+    from lexalign.generation import reward_functions
+
+    fn = reward_functions.load(reference, base_dir, key="evaluate.judge.python")
+    columns = reward_functions.row_fields(fields) if fields else {}
+    scores = {name: reward_functions.call(fn, prompts, answers, columns)
+              for name, answers in (("sft", sft), ("aligned", aligned))}
+    pairs = [(s, a) if s is not None and a is not None else (0.0, 0.0)
+             for s, a in zip(scores["sft"], scores["aligned"], strict=True)]
+    return from_rewards(f"python:{reference}", [s for s, _ in pairs], [a for _, a in pairs], seed,
+                        unscored=sum(s is None or a is None for s, a in zip(scores["sft"], scores["aligned"],
+                                                                          strict=True)))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def check(cfg, reward_model: str | Path | None = None) -> None:
     """The judge's settings, checked before any model is loaded or answer generated: the reward model is a
-    sequence-classification model; the LLM endpoint's key variable is set and something listens there."""
+    sequence-classification model; the LLM endpoint's key variable is set and something listens there; the
+    user's reward function loads; IFEval's checkers import (offline)."""
     if cfg.judge == "reward_model":
         from lexalign.models.loading import check_reward_model
 
@@ -285,13 +319,23 @@ def check(cfg, reward_model: str | Path | None = None) -> None:
         check_reward_model(reward_model, key="evaluate.reward_model")
     elif cfg.judge == "llm":
         _Endpoint(cfg.llm_judge).check_reachable()
+    elif cfg.judge == "ifeval":
+        from lexalign.generation import ifeval
+
+        ifeval.load_registry(cfg.ifeval.get("nltk_data"))
+    elif isinstance(cfg.judge, dict):
+        from lexalign.generation import reward_functions
+
+        reward_functions.load(cfg.judge["python"], key="evaluate.judge.python")
 
 
 def judge(cfg, prompts: list[str], sft: list[str], aligned: list[str], chat: bool, seed: int,
-          reward_model: str | Path | None = None, device: str = "cpu", rewards: tuple[list, list] | None = None
-          ) -> dict | None:
+          reward_model: str | Path | None = None, device: str = "cpu", rewards: tuple[list, list] | None = None,
+          rows: list[dict] | None = None) -> dict | None:
     """The judge block for `cfg.judge` (an EvaluateConfig), or None with judge none. `rewards`: the reward
-    model's scores of both answers, when the processes of an evaluation in several processes computed them already."""
+    model's scores of both answers, when the processes of an evaluation in several processes computed them
+    already. `rows`: each prompt's row as its source gives it (the prompt as written and its other fields: IFEval's
+    instructions, a reward function's keyword arguments)."""
     if cfg.judge == "demo":
         return demo_judge(sft, aligned, seed)
     if cfg.judge == "reward_model":
@@ -303,4 +347,15 @@ def judge(cfg, prompts: list[str], sft: list[str], aligned: list[str], chat: boo
                                   rewards)
     if cfg.judge == "llm":
         return llm_judge(cfg.llm_judge, prompts, sft, aligned, seed)
+    if cfg.judge == "ifeval":
+        if not rows or any("instruction_id_list" not in row for row in rows):
+            raise LexAlignError("judge ifeval reads prompts in IFEval's format (prompt, instruction_id_list, kwargs)",
+                                "These prompts have no instruction_id_list",
+                                hint="Give evaluate.ifeval.prompts (the evaluate step), or online prompts from: "
+                                     "instructions (or a file in IFEval's format)")
+        return ifeval_judge(rows, sft, aligned, seed, cfg.ifeval.get("nltk_data"))
+    if isinstance(cfg.judge, dict):
+        fields = [{k: v for k, v in row.items() if k != "prompt"} for row in rows] if rows else []
+        originals = [row.get("prompt", text) for row, text in zip(rows, prompts, strict=True)] if rows else prompts
+        return python_judge(cfg.judge["python"], originals, sft, aligned, fields, seed)
     return None

@@ -38,7 +38,7 @@ def usable_prompt(value) -> str | None:
     return "not_a_prompt"
 
 
-def read_prompt_file(path: str | Path, field: str) -> PromptFile:
+def read_prompt_file(path: str | Path, field: str, key: str = KEY) -> PromptFile:
     """Every row of a prompt file, read as preference data is read (JSON Lines, JSON, CSV/TSV, Parquet, Arrow, a
     compressed file, or a folder of them: its train split), each kept or rejected with a reason: a row that
     cannot be parsed, or whose `field` is missing, null, empty or neither a string nor chat messages. A file
@@ -62,32 +62,32 @@ def read_prompt_file(path: str | Path, field: str) -> PromptFile:
     if not kept:
         fields = sorted({key for row in rows for key in row})
         if not rows and not rejects:
-            raise LexAlignError(f'The prompt file "{path}" ({KEY}) has no rows', "An empty file, or only blank lines",
-                                hint=f"Point {KEY} at a file with one prompt a row")
+            raise LexAlignError(f'The prompt file "{path}" ({key}) has no rows', "An empty file, or only blank lines",
+                                hint=f"Point {key} at a file with one prompt a row")
         if rows and counts.get("no_field") == len(rows):
-            raise LexAlignError(f'The prompt file "{path}" ({KEY}) has no field "{field}" in any of its '
+            raise LexAlignError(f'The prompt file "{path}" ({key}) has no field "{field}" in any of its '
                                 f"{len(rows)} rows", f"Its fields: {', '.join(fields)}",
                                 hint="Set online.prompts.prompt_field to the field that holds the prompt")
-        raise LexAlignError(f'No usable prompt in "{path}" ({KEY}): all {len(rows) + len(bad)} rows rejected',
+        raise LexAlignError(f'No usable prompt in "{path}" ({key}): all {len(rows) + len(bad)} rows rejected',
                             "Rejected: " + ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())),
                             *(f"Row {r['row']} of {r['file']}: {r['reason']} {r['detail']}" for r in rejects[:3]),
                             hint=f'Each row needs a non-empty string (or chat messages) in "{field}"')
     return PromptFile(kept, rejects, counts)
 
 
-def check_prompt_file(path: str | Path | None) -> None:
+def check_prompt_file(path: str | Path | None, key: str = KEY) -> None:
     """The plan-time check of online.prompts.path: the file or folder exists, and its files are in a format
     LexAlign reads (their content is checked by the online_prompts step)."""
     from lexalign.core.paths import require_data
     from lexalign.data.load import data_files, detect_format
 
-    fix = f"Fix {KEY} in config/config.yaml"
-    found = require_data(path, KEY, fix)
+    fix = f"Fix {key} in config/config.yaml"
+    found = require_data(path, key, fix)
     try:
         for file in data_files(found, "train"):
             detect_format(file)
     except LexAlignError as err:
-        raise LexAlignError(f'Cannot read the prompts at "{path}" ({KEY}): {err.message}', *err.details,
+        raise LexAlignError(f'Cannot read the prompts at "{path}" ({key}): {err.message}', *err.details,
                             hint=err.hint or fix) from None
 
 
@@ -95,7 +95,8 @@ class Collected(NamedTuple):
     """The prompts of a source: those the rounds sample, those set aside for evaluation, whether they are
     rendered already (the demo's frame, or validated data rendered with the chat template), how many rows were
     read, a prompt file's rejected rows (their count by reason, and the first REJECTS_KEPT of them) and each
-    prompt's other fields (by `prompt_key`), which judges read beside the prompt."""
+    prompt's other fields (by the prompt as a judge reads it, `sampling.question`), which judges read beside the
+    prompt."""
 
     sampled: list
     held_out: list
@@ -104,6 +105,8 @@ class Collected(NamedTuple):
     rejected: dict[str, int]
     rejects: list[dict]
     fields: dict[str, dict]
+    plain: list[str]
+    """Questions asked as they are, their answers shown side by side in each round's evaluation."""
 
 
 def prompt_key(prompt) -> str:
@@ -114,7 +117,9 @@ def prompt_key(prompt) -> str:
 def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) -> Collected:
     """Every prompt of the source (the `online.prompts` section), distinct, in one seeded order; the last ones set
     aside for evaluation where the source has no held-out prompts of its own (`_needs_held_out`)."""
-    rendered, fields, rejects, rejected = False, {}, [], {}
+    from lexalign.generation.sampling import question
+
+    rendered, fields, rejects, rejected, plain, held = False, {}, [], {}, [], None
     if prompts["from"] == "demo":
         from lexalign.demo import task
 
@@ -127,6 +132,13 @@ def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) ->
 
         texts = pd.read_parquet(Path(data) / "train.parquet")["prompt"].astype(str).tolist()
         rendered = is_chat(data)
+    elif prompts["from"] == "instructions":  # the project's own: held out by base task, not by count
+        from lexalign.generation.instruction_set import prompt_set
+
+        made = prompt_set(prompts.get("instructions") or {}, seed)
+        texts, held, plain = [row["prompt"] for row in made.train], [row["prompt"] for row in made.held_out], \
+            made.plain
+        fields = {row["prompt"]: {k: v for k, v in row.items() if k != "prompt"} for row in made.train + made.held_out}
     else:
         field = prompts["prompt_field"]
         read = read_prompt_file(prompts["path"], field)
@@ -134,17 +146,19 @@ def collect_prompts(prompts: dict, seed: int, data: str | Path | None = None) ->
         for row in read.rows:  # the first row of a repeated prompt gives its fields
             others = {key: value for key, value in row.items() if key != field}
             if others:
-                fields.setdefault(prompt_key(row[field]), others)
+                fields.setdefault(question(row[field]), others)
     distinct = list({prompt_key(t): t for t in texts}.values())
     random.Random(seed).shuffle(distinct)
     if not distinct:
         raise LexAlignError(f"No prompts in the online prompt source ({prompts['from']})")
+    if held is not None:
+        return Collected(distinct, held, rendered, len(texts), rejected, rejects, fields, plain)
     count = held_out_count(prompts, len(distinct)) if _needs_held_out(prompts, data) else 0
     if count >= len(distinct):
         raise LexAlignError(f"online.prompts.held_out is {count}, but the prompt source has {len(distinct)} distinct "
                             "prompts: none would be left to sample", hint="Lower online.prompts.held_out")
     return Collected(distinct[:len(distinct) - count], distinct[len(distinct) - count:], rendered,
-                     len(texts) + sum(rejected.values()), rejected, rejects, fields)
+                     len(texts) + sum(rejected.values()), rejected, rejects, fields, plain)
 
 
 def _needs_held_out(prompts: dict, data) -> bool:
@@ -178,7 +192,8 @@ def round_prompts(prompts: dict, number: int, per_round: int | None) -> list:
 def held_out_prompts(prompts: dict, source, data, seed: int, count: int) -> tuple[list, bool, bool]:
     """(prompts, whether they are rendered already, whether no round trains on them) for a round's evaluation:
     the demo's held-out prompts; the validated preference data's eval prompts; else (a prompt file, or no eval
-    split) the prompts write_prompts set aside (online.prompts.held_out), or with none set aside the first
+    split) the prompts online_prompts set aside (online.prompts.held_out, or the held-out base tasks of from:
+    instructions), or with none set aside the first
     prompts of the rounds' order, which a round may have sampled (said in eval.json)."""
     if prompts["from"] == "demo":
         from lexalign.demo import task

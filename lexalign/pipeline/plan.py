@@ -139,3 +139,64 @@ def check_machine(config: dict, executor: str | None = None) -> None:
         raise LexAlignError("online.sampling.engine is vllm, which needs a CUDA GPU, and this machine has none",
                             hint="Set online.sampling.engine: hf (transformers' generate runs everywhere), or run "
                                  "where there is a CUDA GPU (or submit the jobs with the SLURM profile)")
+
+
+def check_judges(config: dict) -> None:
+    """The judges' files and instructions, on every plan (never kept: the files may change): a reward function
+    of the user's names a Python file that is there; every IFEval instruction the prompts ask for has a checker
+    that runs here (two need NLTK's punkt_tab data: evaluate.ifeval.nltk_data)."""
+    from lexalign.config.sections import judge_name
+
+    online = config.get("online") or {}
+    evaluate = config.get("evaluate") or {}
+    judges = [("evaluate.judge", evaluate.get("judge"))] + ([("online.judge", online.get("judge"))] if online else [])
+    for key, judge in judges:
+        if isinstance(judge, dict):
+            from lexalign.generation.reward_functions import parse_reference
+
+            parse_reference(judge["python"], key=f"{key}.python")
+    if "ifeval" not in [judge_name(judge) for _, judge in judges if judge is not None]:
+        return
+    from lexalign.generation import ifeval
+
+    nltk_data = (evaluate.get("ifeval") or {}).get("nltk_data")
+    asked: dict[str, str] = {}  # instruction id → where it is asked
+    prompts = online.get("prompts") or {}
+    if online and judge_name(online.get("judge")) == "ifeval":
+        if prompts.get("from") == "instructions":
+            from lexalign.generation.instruction_set import INSTRUCTIONS
+
+            ids = (prompts.get("instructions") or {}).get("types") or list(INSTRUCTIONS)
+            asked.update((i, "online.prompts.instructions.types") for i in ids)
+        elif prompts.get("from") == "path" and prompts.get("path"):
+            asked.update(_asked_in(prompts["path"], prompts.get("prompt_field", "prompt"), "online.prompts.path"))
+    file = (evaluate.get("ifeval") or {}).get("prompts")
+    if judge_name(evaluate.get("judge")) == "ifeval":
+        if not file:
+            raise LexAlignError('evaluate.judge is "ifeval", which scores prompts in IFEval\'s format, and '
+                                "evaluate.ifeval.prompts names none",
+                                hint="Set evaluate.ifeval.prompts to a file of IFEval rows (prompt, "
+                                     "instruction_id_list, kwargs)")
+        asked.update(_asked_in(file, "prompt", "evaluate.ifeval.prompts"))
+    refused = {i: reason for i, reason in ifeval.runnable(asked, nltk_data).items() if reason}
+    if refused:
+        raise LexAlignError("The judge ifeval cannot check every instruction the prompts ask for",
+                            *(f"{i} ({asked[i]}): {reason}" for i, reason in refused.items()),
+                            hint="Drop those instructions, or give evaluate.ifeval.nltk_data (lexalign fetch ifeval "
+                                 "writes NLTK's punkt_tab data)")
+
+
+def _asked_in(path: str, field: str, key: str) -> dict[str, str]:
+    """Every IFEval instruction id a prompt file's rows ask for → where (the rows are read as the step reads them)."""
+    from lexalign.generation.prompts import check_prompt_file, read_prompt_file
+
+    check_prompt_file(path, key)
+    asked = {}
+    for row in read_prompt_file(path, field, key).rows:
+        ids = row.get("instruction_id_list")
+        if not isinstance(ids, list) or not ids:
+            raise LexAlignError(f"The judge ifeval reads prompts in IFEval's format, and a row of \"{path}\" ({key}) "
+                                "has no instruction_id_list", f"Row: {str(row)[:160]}",
+                                hint="Give every row prompt, instruction_id_list and kwargs (IFEval's format)")
+        asked.update((i, key) for i in ids)
+    return asked

@@ -60,16 +60,19 @@ def lm_eval(*, model: str | Path, output: str | Path, lm_eval: dict, sft: str | 
     return result
 
 
-def report(*, evals: list[str], models: list[str], validated: str | Path, tokenizer: str | Path, page: str | Path,
+def report(*, evals: list[str], models: list[str], validated: str | Path | list, tokenizer: str | Path,
+           page: str | Path,
            plots: str | Path, runs: list[str], lm_evals: list[str] | None = None,
            online: list[str] | None = None) -> Path:
     """The HTML report comparing every run (lists are in the order of `runs`; `lm_evals` empty when no lm-eval
-    tasks are configured; `online`: each online round's eval.json, in round order, empty without rounds)."""
+    tasks are configured; `online`: each online round's eval.json, in round order, empty without rounds;
+    `validated` an empty list, and the runs none, when the rounds run alone: online.offline false)."""
     from lexalign.evaluation.report import build_report
 
     benchmarks = dict(zip(runs, map(Path, lm_evals), strict=True)) if lm_evals else {}
     out = build_report(dict(zip(runs, map(Path, evals), strict=True)), dict(zip(runs, map(Path, models), strict=True)),
-                       Path(validated), Path(tokenizer), Path(page), Path(plots), benchmarks,
+                       Path(one(validated)) if one(validated) else None, Path(tokenizer), Path(page), Path(plots),
+                       benchmarks,
                        [Path(e).parent for e in online or []])
     print(f"Report written to {out}", flush=True)
     return out

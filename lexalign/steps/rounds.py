@@ -28,7 +28,7 @@ def online_prompts(*, output: str | Path, prompts: dict, seed: int = 42, data: s
     collected = collect_prompts(prompts, seed, one(data))
     io.write_json(output, {"rendered": collected.rendered, "prompts": collected.sampled,
                            "held_out": collected.held_out, "rejected": collected.rejected,
-                           "rejects": collected.rejects, "fields": collected.fields})
+                           "rejects": collected.rejects, "fields": collected.fields, "plain": collected.plain})
     held = f", {len(collected.held_out)} more held out for evaluation" if collected.held_out else ""
     print(f"Online prompts: {len(collected.sampled)} distinct to sample ({collected.read} read) from "
           f"{prompts['from']}{held} → {output}", flush=True)
@@ -102,13 +102,14 @@ def online_generate(*, model: str | Path, prompts: str | Path, output: str | Pat
         return report
 
 
-def online_score(*, generations: str | Path, output: str | Path, judge: str, cache: str | Path,
-                 reward_model: str | Path | list | None = None, llm_judge: dict | None = None,
-                 device: str = "auto") -> dict | None:
-    """The judge's score of every completion of a round into `output` (each asked once: `cache`). Launched in
-    several processes (scale.score; judge reward_model), each scores its share of the batches and the main process
-    writes the output and returns the counts; the others return None. The demo and LLM judges score in the main
-    process alone (lexalign.core.shares)."""
+def online_score(*, generations: str | Path, output: str | Path, judge: str | dict, cache: str | Path,
+                 prompts: str | Path | list | None = None, reward_model: str | Path | list | None = None,
+                 llm_judge: dict | None = None, nltk_data: str | None = None, device: str = "auto") -> dict | None:
+    """The judge's score of every completion of a round into `output` (each asked once: `cache`). `prompts`: the
+    rounds' prompts.json, whose rows' other fields the ifeval judge and a reward function of the user's read.
+    Launched in several processes (scale.score; judge reward_model), each scores its share of the batches and the
+    main process writes the output and returns the counts; the others return None. The other judges score in the
+    main process alone (lexalign.core.shares)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -123,8 +124,9 @@ def online_score(*, generations: str | Path, output: str | Path, judge: str, cac
             share = Share(output=Path(output))
         rows = read_generations(generations).to_pylist()
         chat = bool(io.read_json(Path(generations) / "report.json").get("chat"))
-        scored = score_completions(rows, make_judge(judge, chat, one(reward_model), llm_judge or {}, device), cache,
-                                   share=share)
+        fields = io.read_json(one(prompts)).get("fields", {}) if one(prompts) else {}
+        scorer = make_judge(judge, chat, one(reward_model), llm_judge or {}, device, fields, nltk_data)
+        scored = score_completions(rows, scorer, cache, share=share)
         if scored is None:
             return None  # not the main process: it writes the scores
         scores, counts = scored
@@ -135,7 +137,7 @@ def online_score(*, generations: str | Path, output: str | Path, judge: str, cac
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, output)
         spread = f" by {share.world} processes" if share.world > 1 else ""
-        print(f"Scores ({judge}): {counts['completions']} completions, {counts['asked']} asked{spread}, "
+        print(f"Scores ({scorer.name}): {counts['completions']} completions, {counts['asked']} asked{spread}, "
               f"{counts['cached']} cached, {counts['unscored']} unscored, mean {counts['mean_score']} → {output}",
               flush=True)
         return counts
@@ -213,20 +215,26 @@ def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path
     from lexalign.evaluation.answers import generate_answers, kl_estimate, length_summary
     from lexalign.generation import judges
     from lexalign.generation.prompts import held_out_prompts
-    from lexalign.generation.sampling import render_prompts
+    from lexalign.generation.sampling import question, render_prompts
     from lexalign.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
     data, reward_model = one(data), one(reward_model)
     device = resolve_device(device)
     cfg = EvaluateConfig.from_dict(evaluate)
     judges.check(cfg, reward_model)  # a wrong judge fails now, not after the generations
-    texts, rendered, unseen = held_out_prompts(held_out, prompts, data, seed, cfg.num_prompts)
+    written, rendered, unseen = held_out_prompts(held_out, prompts, data, seed, cfg.num_prompts)
+    source = io.read_json(prompts)
+    fields = source.get("fields") or {}
+    rows = [{"prompt": question(p), **fields.get(question(p), {})} for p in written] if fields else None
     tokenizer = load_tokenizer(model)
-    texts, chat = render_prompts(tokenizer, texts, rendered)
+    texts, chat = render_prompts(tokenizer, written, rendered)
+    plain, _ = render_prompts(tokenizer, source.get("plain") or [], False)
     policy = load_causal_lm(model, device).to(device).eval()
     baseline = load_causal_lm(sft, device).to(device).eval()
     answers = {name: generate_answers(m, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, chat)
                for name, m in (("sft", baseline), ("aligned", policy))}
+    plain_answers = {name: generate_answers(m, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size, chat)
+                     for name, m in (("sft", baseline), ("aligned", policy))} if plain else None
     held_to = baseline if Path(reference).resolve() == Path(sft).resolve() else \
         load_causal_lm(reference, device).to(device).eval()
     kl = kl_estimate(policy, held_to, tokenizer, texts, cfg.max_new_tokens, seed, cfg.batch_size, chat)
@@ -235,11 +243,17 @@ def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path
     result = {"round": number, "model": str(model), "sft": str(sft), "reference": str(reference),
               "reference_name": reference_name, "prompts": len(texts), "held_out": unseen,
               "decoding": {"strategy": "greedy", "max_new_tokens": cfg.max_new_tokens, "chat_template": chat},
-              "judge": judges.judge(cfg, texts, sft_texts, aligned_texts, chat, seed, reward_model, device),
+              "judge": judges.judge(cfg, texts, sft_texts, aligned_texts, chat, seed, reward_model, device,
+                                    rows=rows),
               "length": length_summary(answers), "kl_to_reference": kl["mean"],
               "kl_to_reference_interval": [kl["ci_low"], kl["ci_high"]], "kl_estimator": kl["estimator"],
               "samples": [{"prompt": p, "sft": s, "aligned": a} for p, s, a in
-                          list(zip(texts, sft_texts, aligned_texts, strict=True))[:cfg.num_samples]]}
+                          list(zip(texts, sft_texts, aligned_texts, strict=True))[:cfg.num_samples]],
+              # Questions without instructions (MT-Bench's), answered by both models: did the rounds break them?
+              "plain_samples": [{"prompt": q, "sft": s["text"], "aligned": a["text"], "sft_tokens": s["tokens"],
+                                 "aligned_tokens": a["tokens"]} for q, s, a in
+                                zip(source.get("plain") or [], *plain_answers.values(), strict=True)]
+              if plain_answers else []}
     io.write_json(output, result)
     judged = result["judge"] or {}
     print(f"Round {number} against SFT on {len(texts)} {'held-out ' if unseen else ''}prompts: win rate "
