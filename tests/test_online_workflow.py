@@ -213,3 +213,25 @@ def test_a_generation_killed_mid_way_resumes_from_its_shards(rounds_run, tmp_pat
     assert resumed.select(columns).to_pylist() == uninterrupted.select(columns).to_pylist()
     assert f"{8 - len(kept)} of 8 shards sampled now" in (workdir / "logs" / "online" / "round-1" /
                                                           "generate.log").read_text()
+
+
+def test_a_reward_functions_file_is_a_code_input_of_scoring_not_of_sampling(rounds_run, tmp_path):
+    """online.judge {python: file:function}: round 1 scored by the user's function from the samples already drawn;
+    editing the file rescores and reselects, and never samples again."""
+    workdir = _copy(rounds_run, tmp_path)
+    (workdir / "rewards.py").write_text("def shorter(prompts, completions, **kwargs):\n"
+                                        "    return [-float(len(c)) for c in completions]\n")
+    _edit(workdir, online={**ONLINE, "judge": {"python": "rewards.py:shorter"}})
+    target = "results/online/round-1/selection.json"
+    assert _plan(workdir, target) == {"online_score": 1, "online_select": 1}
+    _run(workdir, target)
+    generations = pq.read_table(workdir / "results" / "online" / "round-1" / "generations" / "generations.parquet")
+    scores = pq.read_table(workdir / "results" / "online" / "round-1" / "scores-python.parquet").to_pylist()
+    by_row = {r["row"]: r["completions"] for r in generations.to_pylist()}
+    assert [r["scores"] for r in scores] == [[-float(len(c)) for c in by_row[r["row"]]] for r in scores]
+    (workdir / "rewards.py").write_text("def shorter(prompts, completions, **kwargs):\n"
+                                        "    return [-2.0 * len(c) for c in completions]\n")
+    assert _plan(workdir, target) == {"online_score": 1, "online_select": 1}
+    # Round 1's model too: every step from the scores on, and not the sampling.
+    assert _plan(workdir, "results/online/round-1/model") == {
+        "online_score": 1, "online_select": 1, "online_validate": 1, "online_reference": 1, "online_align": 1}

@@ -218,8 +218,23 @@ def validate_config(data: Any, kind: str, source: str = "config") -> dict:
                             f'finetune.method is "{data["finetune"]["method"]}": supervised fine-tuning needs data',
                             hint="Add sft_data (repo_id or path), or set finetune.method: none to align the model "
                                  "as it is (an instruct model)")
+    if kind == "pipeline" and "preference_data" not in given:
+        _preference_data_unneeded(data, source)
     _resolve_sources(data, kind, source)
     return data
+
+
+def _preference_data_unneeded(data: dict, source: str) -> None:
+    """Refuse a pipeline config without preference_data unless nothing reads it: online rounds alone
+    (online.offline false) whose prompts come from elsewhere (never the demo's data for a user's pipeline)."""
+    online = data.get("online") or {}
+    if online and not online.get("offline", True) and online["prompts"]["from"] != "preference_data":
+        return
+    why = ("online.prompts.from is preference_data: the rounds read its prompts" if online and not
+           online.get("offline", True) else "the offline pipeline (rule all) aligns on it")
+    raise LexAlignError(f'Missing required key "preference_data" in {source}', why,
+                        hint="Add preference_data (repo_id or path), or run the rounds alone: online: {offline: "
+                             "false, prompts: {from: instructions}} (or from: path, demo)")
 
 
 SOURCE_SECTIONS = {"pipeline": ("model", "sft_data", "preference_data"), "align": ("dataset",),

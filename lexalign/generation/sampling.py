@@ -44,10 +44,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+from tqdm.auto import tqdm
 
 from lexalign.core import io, tokens
 from lexalign.core.errors import LexAlignError
@@ -346,6 +349,10 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     shard_dir.mkdir(parents=True, exist_ok=True)
     sampler, rng_state, generated = None, torch.random.get_rng_state(), 0
     shards = [work.rows[s:s + shard_prompts] for s in range(0, len(work.rows), shard_prompts)]
+    # Progress over this process's prompts (a resumed job starts the bar at the finished shards').
+    progress = tqdm(total=sum(len(rows) for number, rows in enumerate(shards) if number % count == index),
+                    desc=f"Sampling {sampling.samples_per_prompt} answers a prompt", unit="prompt", file=sys.stderr,
+                    mininterval=5)
     try:
         for number, rows in enumerate(shards):
             path = shard_dir / f"shard-{number:05d}.parquet"
@@ -353,6 +360,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
                 continue  # another process's
             io.remove_stale_temporaries(path)
             if path.exists() and _stored_key(path) == meta["key"]:
+                progress.update(len(rows))
                 continue  # finished by an earlier attempt
             if sampler is None:  # only when some shard is missing: a join or a finished resume loads nothing
                 if engine == "vllm":
@@ -366,6 +374,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
                 samples = sampler([work.ids[i] for i in part], seed=batch_seed(sampling.seed, number, b))
                 records += [{**_record(i, work, group, tokenizer, meta), "question": questions[i]}
                             for i, group in zip(part, samples, strict=True)]
+                progress.update(len(part))
             timing = {"seconds": time.perf_counter() - started,
                       "tokens": sum(len(c) for r in records for c in r["completion_ids"])}
             _write_parquet(_table(records, meta, timing), path)
@@ -373,6 +382,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
             if on_shard is not None:
                 on_shard(number)
     finally:
+        progress.close()
         torch.random.set_rng_state(rng_state)
     if count > 1:
         return {**counts, "shards": len(shards), "shards_generated": generated, "joined": False}

@@ -171,7 +171,8 @@ def check_judges(config: dict) -> None:
         elif prompts.get("from") == "path" and prompts.get("path"):
             asked.update(_asked_in(prompts["path"], prompts.get("prompt_field", "prompt"), "online.prompts.path"))
     file = (evaluate.get("ifeval") or {}).get("prompts")
-    if judge_name(evaluate.get("judge")) == "ifeval":
+    offline = not online or online.get("offline", True)  # the evaluate step runs (each round's reads prompts.json)
+    if judge_name(evaluate.get("judge")) == "ifeval" and (offline or file):
         if not file:
             raise LexAlignError('evaluate.judge is "ifeval", which scores prompts in IFEval\'s format, and '
                                 "evaluate.ifeval.prompts names none",
@@ -182,7 +183,7 @@ def check_judges(config: dict) -> None:
     if refused:
         raise LexAlignError("The judge ifeval cannot check every instruction the prompts ask for",
                             *(f"{i} ({asked[i]}): {reason}" for i, reason in refused.items()),
-                            hint="Drop those instructions, or give evaluate.ifeval.nltk_data (lexalign fetch ifeval "
+                            hint="Drop those instructions, or give evaluate.ifeval.nltk_data (lexalign fetch punkt "
                                  "writes NLTK's punkt_tab data)")
 
 
