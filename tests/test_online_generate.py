@@ -329,29 +329,37 @@ def _prompt_ids(tok, prompts=PROMPTS) -> list[list[int]]:
     return sorted(tokens.prompt_ids(tok, texts, chat), key=len, reverse=True)  # as generate() orders a batch
 
 
-@pytest.mark.parametrize("family", ["demo", "llama3", "gemma", "gpt2"])
+def _stop_token(answers: list[list[int]], n: int) -> int:
+    """The token that, as one more end id, ends these answers at the most different lengths, one running out."""
+    def lengths(c):
+        return {a.index(c) + 1 if c in a else n for a in answers}
+
+    return max(sorted({c for a in answers for c in a}), key=lambda c: (n in lengths(c), len(lengths(c))))
+
+
+@pytest.mark.parametrize("family", ["demo", "gemma", "gpt2", "phi3"])
 def test_greedy_answers_are_generates_token_for_token_as_rows_end_and_leave(zoo_models, demo_model_dir, family):
     """top_p ~ 0 is argmax: LexAlign's sampler and transformers' generate decode the same ids from a left-padded
-    batch, on Llama (the demo, Llama-3), Gemma-2 (a sliding window longer than the batch: plain attention) and
-    GPT-2 (learned positions). A sampled token of the first answer becomes one more end id, so answers end at
-    different steps and finished rows leave the batch while the others go on."""
+    batch, on Llama (the demo), Gemma-2 (a sliding window longer than the batch: plain attention), GPT-2 (learned
+    positions) and Phi-3. One more end id, a token of the greedy answers, ends them at different steps: finished
+    rows leave the batch while the others go on."""
     from lexalign.generation import fast_sampling
     from lexalign.generation.sampling import sample
 
     path = demo_model_dir if family == "demo" else zoo_models(family)
     model, tok = _load(path), tokenizer(path)
-    batch = _prompt_ids(tok)
+    batch, n = _prompt_ids(tok), 16
     assert fast_sampling.preallocated_cache(model, 6, 64) is not None  # the fast path, not generate() again
-    greedy = Sampling(samples_per_prompt=2, top_p=GREEDY, max_new_tokens=16)
-    first = sample(model, tok, batch, greedy, seed=0, fast=False)[0][0][0]
-    model.generation_config.eos_token_id = tokens.end_ids(model, tok) + [first[3]]  # a 4th token ends answers
+    greedy = Sampling(samples_per_prompt=2, top_p=GREEDY, max_new_tokens=n)
+    answers = [group[0][0] for group in sample(model, tok, batch, greedy, seed=0, fast=False)]
+    stop = _stop_token(answers, n)
+    model.generation_config.eos_token_id = tokens.end_ids(model, tok) + [stop]
     want = sample(model, tok, batch, greedy, seed=0, fast=False)
     got = sample(model, tok, batch, greedy, seed=1)
     assert got == want
-    lengths = [len(ids) for group in got for ids, _ in group]
-    assert lengths[0] == first.index(first[3]) + 1 and max(lengths) == 16  # one ended early, one ran out
-    assert [cut for group in got for ids, cut in group] == [n == 16 and ids[-1] != first[3] for n, ids in zip(
-        lengths, [ids for group in got for ids, _ in group], strict=True)]
+    lengths = {len(ids) for group in got for ids, _ in group}
+    assert n in lengths and len(lengths) >= 2
+    assert all(cut == (ids[-1] != stop) for group in got for ids, cut in group)
 
 
 def test_every_token_is_the_models_draw_replayed_alone(zoo_models):
@@ -441,7 +449,7 @@ def test_the_first_token_is_drawn_from_softmax_of_the_logits_over_t(demo_model_d
         return scores.softmax(-1).double()
 
     probs = target(temperature)
-    assert probs.max() > 0.05 and (probs > 1e-3).sum() > 50  # neither uniform nor one token
+    assert probs.max() > 0.05 and (probs > 1e-3).sum() > 30  # neither uniform nor one token
     statistic, df = _chi_square(counts, probs, draws)
     assert statistic < _chi_square_bound(df), (statistic, df)
     assert 0.5 * (counts / draws - probs).abs().sum() < 0.08
