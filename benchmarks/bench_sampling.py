@@ -12,7 +12,9 @@ a round renders them), in the same batches (`--batch` prompts, longest first, le
 temperature 1, top_p 1, no top_k, `--max-new-tokens`, stopping at the model's end ids:
 
 * `plain`: `model.generate(..., do_sample=True, num_return_sequences=K)` per batch;
-* `lexalign`: `sample(model, tokenizer, batch, Sampling(...), seed)` per batch, as a round's generate job calls it;
+* `lexalign`: `sample_batches(model, tokenizer, batches, Sampling(...), seeds)`, as a round's generate job calls it
+  on a shard (the batches as one queue in one batch's K x `--batch` rows);
+* `lexalign-per-batch` (with --ablation): `sample(...)` one batch at a time (no prompt takes another batch's rows);
 * `lexalign-bf16` (with --bf16): the same on a bfloat16 copy of the model (`Sampling.dtype`, an opt-in: another
   distribution).
 
@@ -75,6 +77,19 @@ def plain(model, tok, batches, args, seed: int) -> dict:
 
 
 def lexalign(model, tok, batches, args, seed: int) -> dict:
+    """As a round's generate job calls it: a shard's batches as one queue in one batch's rows."""
+    from lexalign.generation.sampling import Sampling, sample_batches
+
+    sampling = Sampling(samples_per_prompt=args.samples, temperature=1.0, top_p=1.0,
+                        max_new_tokens=args.max_new_tokens, seed=seed)
+    started = time.perf_counter()
+    samples = sample_batches(model, tok, batches, sampling, [seed * 1000 + b for b in range(len(batches))])
+    lengths = [len(ids) for groups in samples for group in groups for ids, _ in group]
+    return {"seconds": time.perf_counter() - started, "lengths": lengths}
+
+
+def lexalign_per_batch(model, tok, batches, args, seed: int) -> dict:
+    """The ablation: LexAlign's sampler one batch at a time (no prompt joins another batch's free rows)."""
     from lexalign.generation.sampling import Sampling, sample
 
     sampling = Sampling(samples_per_prompt=args.samples, temperature=1.0, top_p=1.0,
@@ -112,6 +127,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also the opt-in bfloat16 arm")
+    parser.add_argument("--ablation", action="store_true", help="also LexAlign's sampler one batch at a time")
     parser.add_argument("--profile", action="store_true", help="profile one batch of each arm instead")
     parser.add_argument("--out", default="results/benchmarks/sampling.json")
     args = parser.parse_args()
@@ -130,6 +146,9 @@ def main() -> None:
     batches = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
     arms = {"plain": plain, "lexalign": lexalign}
     model_for = {"plain": model, "lexalign": model}
+    if args.ablation:
+        arms["lexalign-per-batch"] = lexalign_per_batch
+        model_for["lexalign-per-batch"] = model
     if args.bf16:
         arms["lexalign-bf16"] = lexalign
         model_for["lexalign-bf16"] = copy.deepcopy(model).to(torch.bfloat16)

@@ -363,37 +363,38 @@ def test_greedy_answers_are_generates_token_for_token_as_rows_end_and_leave(zoo_
 
 
 def test_every_token_is_the_models_draw_replayed_alone(zoo_models):
-    """Each answer of a batch, replayed token by token on its prompt alone (no padding, no cache, no other rows):
-    every token is the one the model's distribution gives at that answer's uniform, an answer ends at its first
-    end id (one of many: about one token in nine ends here, so rows leave the batch at every step) and is flagged
-    truncated exactly when max_new_tokens cut it. The cache, positions, masks and row moves are all checked."""
+    """Each answer, replayed token by token on its prompt alone (no padding, no cache, no other rows): every token is
+    the one the model's distribution gives at that answer's uniform, an answer ends at its first end id (one of
+    many: about one token in nine ends here, so rows leave at every step) and is flagged truncated exactly when
+    max_new_tokens cut it. Two batches share 6 rows (fewer than a batch's 12 answers: prompts join as rows free up,
+    a row of another prompt moved into each hole) and the cache runs out of columns every step (slack 1: every
+    row's tokens move left). The cache, positions, masks, row moves and reframes are all checked."""
     import torch
 
     from lexalign.generation import fast_sampling
-    from lexalign.generation.sampling import left_pad
 
     path = zoo_models("llama3")
     model, tok = _load(path), tokenizer(path)
-    batch, k, n, temperature, top_p = _prompt_ids(tok), 4, 12, 1.3, 0.95
-    stops = list(range(100, 170))
-    input_ids, attention = left_pad(batch, 0)
-    got = fast_sampling.sample(model, input_ids, attention, stops, k, temperature, top_p, n, seed=7)
-    u = fast_sampling.draws(7, len(batch), k, n)
+    prompts, k, n, temperature, top_p = _prompt_ids(tok, PROMPTS + ["Bye", "Good morning to you all"]), 4, 12, 1.3, 0.95
+    batches, seeds, stops = [prompts[:3], prompts[3:]], [7, 8], list(range(100, 170))
+    got = fast_sampling.sample(model, batches, seeds, stops, k, temperature, top_p, n, rows=6, slack=1)
     lengths = []
-    for i, prompt in enumerate(batch):
-        for j, (ids, truncated) in enumerate(got[i]):
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:]
-            for t, token in enumerate(ids):
-                assert token == fast_sampling.next_tokens(logits[t:t + 1], u[i, j, t:t + 1], temperature, top_p)
-            assert not set(ids[:-1]) & set(stops)
-            assert truncated == (ids[-1] not in stops) and (not truncated or len(ids) == n)
-            lengths.append(len(ids))
+    for batch, seed, groups in zip(batches, seeds, got, strict=True):
+        u = fast_sampling.draws(seed, len(batch), k, n)
+        for i, prompt in enumerate(batch):
+            for j, (ids, truncated) in enumerate(groups[i]):
+                with torch.no_grad():
+                    logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:]
+                for t, token in enumerate(ids):
+                    assert token == fast_sampling.next_tokens(logits[t:t + 1], u[i, j, t:t + 1], temperature, top_p)
+                assert not set(ids[:-1]) & set(stops)
+                assert truncated == (ids[-1] not in stops) and (not truncated or len(ids) == n)
+                lengths.append(len(ids))
     assert len(set(lengths)) >= 5 and n in lengths  # rows ended all along, some ran out
 
 
 def test_samples_are_seeded_distinct_and_do_not_depend_on_the_rest_of_the_batch(zoo_models):
-    from lexalign.generation.sampling import sample
+    from lexalign.generation.sampling import sample, sample_batches
 
     path = zoo_models("qwen2")
     model, tok = _load(path), tokenizer(path)
@@ -404,6 +405,10 @@ def test_samples_are_seeded_distinct_and_do_not_depend_on_the_rest_of_the_batch(
     assert all(len({tuple(ids) for ids, _ in group}) == 4 for group in first)  # K draws, not one copied
     # The longest prompt alone draws what it drew beside the others (the others padded, ending at other times).
     assert sample(model, tok, batch[:1], sampling, seed=3) == first[:1]
+    # Batches sampled as one queue (a round's shard: prompts join as answers end) draw what each batch draws alone.
+    more = _prompt_ids(tok, ["Bye", "Good morning to you all"])
+    assert sample_batches(model, tok, [batch, more], sampling, [3, 5]) == [first, sample(model, tok, more, sampling,
+                                                                                         seed=5)]
 
 
 def _chi_square_bound(df: int, z: float = 4.75) -> float:

@@ -208,29 +208,41 @@ def batch_seed(seed: int, shard: int, batch: int) -> int:
 
 def sample(model, tokenizer, batch: list[list[int]], sampling: Sampling, seed: int,
            fast: bool = True) -> list[list[tuple]]:
-    """K (completion ids, truncated) for each prompt of the batch: LexAlign's sampler, or transformers' generate
-    where the model's cache is not one it handles (or with `fast` off)."""
+    """K (completion ids, truncated) for each prompt of the batch (see `sample_batches`)."""
+    return sample_batches(model, tokenizer, [batch], sampling, [seed], fast=fast)[0]
+
+
+def sample_batches(model, tokenizer, batches: list[list[list[int]]], sampling: Sampling, seeds: list[int],
+                   fast: bool = True, on_prompt: Callable[[int], None] | None = None) -> list[list[list[tuple]]]:
+    """K (completion ids, truncated) for each prompt of each batch, batch b drawing from seeds[b]. LexAlign's sampler
+    runs them as one queue in the rows of the largest batch (prompts join as answers end: the same samples as batch
+    by batch, up to float noise); transformers' generate, batch by batch, where the model's cache is not one it
+    handles (or with `fast` off). `on_prompt(n)`: n more prompts are done."""
     import torch
 
     from lexalign.core.tokens import pad_id
     from lexalign.generation import fast_sampling
 
-    device = next(model.parameters()).device
     stops = tokens.end_ids(model, tokenizer)
-    input_ids, attention = left_pad(batch, pad_id(tokenizer))
     if fast:
-        samples = fast_sampling.sample(model, input_ids.to(device), attention.to(device), stops,
-                                       sampling.samples_per_prompt, sampling.temperature, sampling.top_p,
-                                       sampling.max_new_tokens, seed)
+        samples = fast_sampling.sample(model, batches, seeds, stops, sampling.samples_per_prompt,
+                                       sampling.temperature, sampling.top_p, sampling.max_new_tokens,
+                                       on_prompt=on_prompt)
         if samples is not None:
             return samples
-    torch.manual_seed(seed)  # seeds every device's generator too
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             eos_token_id=stops, pad_token_id=pad_id(tokenizer), **sampling.generate_kwargs())
-    rows = out[:, input_ids.shape[1]:].tolist()  # num_return_sequences: prompt i's K rows are i*K .. i*K+K-1
-    k = sampling.samples_per_prompt
-    return [[cut_at_end(rows[i * k + j], stops) for j in range(k)] for i in range(len(batch))]
+    device, k, out = next(model.parameters()).device, sampling.samples_per_prompt, []
+    for batch, seed in zip(batches, seeds, strict=True):
+        input_ids, attention = left_pad(batch, pad_id(tokenizer))
+        torch.manual_seed(seed)  # seeds every device's generator too
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                       eos_token_id=stops, pad_token_id=pad_id(tokenizer),
+                                       **sampling.generate_kwargs())
+        rows = generated[:, input_ids.shape[1]:].tolist()  # prompt i's K rows are i*K .. i*K+K-1
+        out.append([[cut_at_end(rows[i * k + j], stops) for j in range(k)] for i in range(len(batch))])
+        if on_prompt is not None:
+            on_prompt(len(batch))
+    return out
 
 
 def check_vllm(device: str) -> None:
@@ -251,8 +263,8 @@ def check_vllm(device: str) -> None:
 
 
 def vllm_sampler(model_dir: Path, tokenizer, sampling: Sampling, device: str,
-                 trust_remote_code: bool = False) -> Callable[[list[list[int]], int], list[list[tuple]]]:
-    """vLLM's sampling of a batch, as `sample` returns it: K (completion ids, truncated) per prompt. The prompt
+                 trust_remote_code: bool = False) -> Callable[..., list[list[list[tuple]]]]:
+    """vLLM's sampling of batches, as `sample_batches` returns it: K (completion ids, truncated) per prompt. The prompt
     ids go in as ids (no second tokenization), the knobs are sample's (top_k off, no repetition penalty: never
     the checkpoint's generation_config), the end ids are the same, and each batch draws from its own seed.
     vLLM keeps a stop id in the completion's ids, so `cut_at_end` reads them as it reads transformers'."""
@@ -268,14 +280,19 @@ def vllm_sampler(model_dir: Path, tokenizer, sampling: Sampling, device: str,
     llm = LLM(model=str(model_dir), tokenizer=str(model_dir), trust_remote_code=trust_remote_code,
               generation_config="vllm", seed=sampling.seed)
 
-    def run(batch: list[list[int]], seed: int) -> list[list[tuple]]:
-        params = SamplingParams(n=sampling.samples_per_prompt, temperature=sampling.temperature,
-                                top_p=sampling.top_p, top_k=-1, repetition_penalty=1.0,
-                                max_tokens=sampling.max_new_tokens, stop_token_ids=stops, seed=seed,
-                                detokenize=False)
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
-        return [[cut_at_end(list(c.token_ids), stops) for c in sorted(out.outputs, key=lambda c: c.index)]
-                for out in outputs]
+    def run(batches: list[list[list[int]]], seeds: list[int], on_prompt=None) -> list[list[list[tuple]]]:
+        out = []
+        for batch, seed in zip(batches, seeds, strict=True):
+            params = SamplingParams(n=sampling.samples_per_prompt, temperature=sampling.temperature,
+                                    top_p=sampling.top_p, top_k=-1, repetition_penalty=1.0,
+                                    max_tokens=sampling.max_new_tokens, stop_token_ids=stops, seed=seed,
+                                    detokenize=False)
+            outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+            out.append([[cut_at_end(list(c.token_ids), stops) for c in sorted(o.outputs, key=lambda c: c.index)]
+                        for o in outputs])
+            if on_prompt is not None:
+                on_prompt(len(batch))
+        return out
 
     return run
 
@@ -394,14 +411,15 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
                     model = load_causal_lm(model_dir, device).to(device).eval()
                     if sampling.dtype is not None:  # the opt-in: another distribution, faster
                         model = model.to(getattr(torch, sampling.dtype))
-                    sampler = functools.partial(sample, model, tokenizer, sampling=sampling)
+                    sampler = functools.partial(sample_batches, model, tokenizer, sampling=sampling)
             started, records = time.perf_counter(), []
-            for b, start in enumerate(range(0, len(rows), batch_size)):
-                part = rows[start:start + batch_size]
-                samples = sampler([work.ids[i] for i in part], seed=batch_seed(sampling.seed, number, b))
+            parts = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+            samples = sampler([[work.ids[i] for i in part] for part in parts],
+                              seeds=[batch_seed(sampling.seed, number, b) for b in range(len(parts))],
+                              on_prompt=progress.update)
+            for part, groups in zip(parts, samples, strict=True):
                 records += [{**_record(i, work, group, tokenizer, meta), "question": questions[i]}
-                            for i, group in zip(part, samples, strict=True)]
-                progress.update(len(part))
+                            for i, group in zip(part, groups, strict=True)]
             timing = {"seconds": time.perf_counter() - started,
                       "tokens": sum(len(c) for r in records for c in r["completion_ids"])}
             _write_parquet(_table(records, meta, timing), path)
