@@ -94,6 +94,11 @@ def sft_model():
     return f"{RESULTS}/models/base" if config["finetune"]["method"] == "none" else f"{RESULTS}/models/sft"
 
 
+def start_name():
+    """What the model alignment starts from is called in reports: SFT, or the start (finetune.method none)."""
+    return "start" if config["finetune"]["method"] == "none" else "SFT"
+
+
 def training_seed():
     return config["seed"]
 

@@ -178,7 +178,7 @@ rule online_evaluate:
         # The online judge (what the rounds optimise), with the evaluate section's decoding and judge settings.
         evaluate={**evaluate_params(), "judge": _ON["judge"]},
         held_out={"from": _ON["prompts"]["from"]},
-        reference_name=lambda wc: "SFT" if online_reference_model(wc) == sft_model() else f"round {int(wc.r) - 1}",
+        reference_name=lambda wc: start_name() if online_reference_model(wc) == sft_model() else f"round {int(wc.r) - 1}",
         seed=config["seed"],
         device=config["device"],
     conda:

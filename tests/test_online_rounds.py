@@ -218,7 +218,7 @@ def test_the_report_shows_each_round_as_its_files_say(demo_rounds, demo_run, tmp
         assert row[7] == f"{100 * judge['ci_low']:.1f}% – {100 * judge['ci_high']:.1f}%"
         assert row[8] == f"{evaluation['length']['aligned_mean_tokens']:.1f}"
         assert row[9] == f"{evaluation['kl_to_reference']:.3f}"
-        assert row[10] == ("SFT" if folder.name == "round-1" else "round 1")  # reference: previous
+        assert row[10] == ("start" if folder.name == "round-1" else "round 1")  # reference: previous (finetune none)
 
 
 @pytest.mark.slow
