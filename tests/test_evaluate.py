@@ -73,3 +73,53 @@ def test_every_kl_term_is_non_negative_even_on_one_sample(models, demo_tokenizer
             values = Share().gather(*kl_scores(policy, reference, demo_tokenizer, prompts, 8, seed, 2, False,
                                                Share()))["kl"]
             assert len(values) == 4 and all(v >= 0 for v in values), values
+
+
+def _generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, int, bool]:
+    """transformers' greedy search on one prompt alone (no batch, no padding): (text, tokens, capped)."""
+    from lexalign.core import tokens
+
+    stops = tokens.end_ids(model, tokenizer)
+    ids = torch.tensor([tokens.prompt_ids(tokenizer, [prompt], False)[0]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:].tolist()
+    end = next((j for j, t in enumerate(out) if t in stops), None)
+    kept = out if end is None else out[:end]
+    return tokenizer.decode(kept, skip_special_tokens=True), len(kept), end is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_answers_are_generates_greedy_search_answer_for_answer(models, demo_tokenizer, batch_size):
+    """Batched by LexAlign's sampler (answers leaving the batch as they end, the next prompt joining), each answer
+    is the one transformers' greedy search gives that prompt alone."""
+    from lexalign.evaluation.answers import generate_answers
+
+    base, sft = models
+    prompts = [f"User: Please greet {name}.\nAssistant:" for name in ("Zoe", "Bob", "Ana", "Kim", "Li")]
+    for model in (base, sft):
+        answers = generate_answers(model, demo_tokenizer, prompts, 12, batch_size)
+        expected = [_generate_greedy(model, demo_tokenizer, p, 12) for p in prompts]
+        assert [(a["text"], a["tokens"], a["capped"]) for a in answers] == expected
+
+
+def test_the_kl_of_a_sampled_answer_is_k3_summed_over_its_tokens(models, demo_tokenizer):
+    """The estimate of one prompt recomputed by hand: the answer the policy sampled (read back from the sampler with
+    the same seed), each token's log-ratio from one forward pass per token."""
+    from lexalign.core import tokens
+    from lexalign.evaluation.answers import kl_scores
+    from lexalign.generation import fast_sampling
+
+    base, sft = models
+    prompt = "User: Please greet Zoe.\nAssistant:"
+    value = Share().gather(*kl_scores(sft, base, demo_tokenizer, [prompt], 10, 5, 4, False, Share()))["kl"][0]
+    ids = tokens.prompt_ids(demo_tokenizer, [prompt], False)[0]
+    answer = fast_sampling.sample(sft, [[ids]], [5], tokens.end_ids(sft, demo_tokenizer), 1, 1.0, 1.0, 10)[0][0][0][0]
+    total = 0.0
+    for t in range(len(answer)):
+        context = torch.tensor([ids + answer[:t]])
+        with torch.no_grad():
+            log_ratio = (torch.log_softmax(base(input_ids=context).logits[0, -1].float(), -1)[answer[t]]
+                         - torch.log_softmax(sft(input_ids=context).logits[0, -1].float(), -1)[answer[t]]).item()
+        total += math.expm1(log_ratio) - log_ratio
+    assert value == pytest.approx(total, rel=1e-4, abs=1e-6)

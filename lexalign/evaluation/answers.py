@@ -28,22 +28,49 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     """Greedy answers (deterministic, so judged figures are reproducible), stopping at any of the model's end
     ids (generation_config's list: Llama-3's, Phi-3's and Gemma's several). Each: `text`, `tokens` (the
     answer's tokens, its end id not counted) and `capped` (cut at max_new_tokens before an end id). Prompts go
-    `batch_size` at a time in order; `batches`: only these (a process's share), the other answers are None."""
+    `batch_size` at a time in order; `batches`: only these (a process's share), the other answers are None.
+
+    LexAlign's sampler decodes them (`fast_sampling`, top_p 0: the most likely token, as generate's greedy
+    search picks it), with at most `batch_size` answers at once and the next prompt joining as one ends;
+    transformers' generate where the model's cache is not one the sampler handles."""
+    stops = tokens.end_ids(model, tokenizer)
+    batches = chunks(len(prompts), batch_size) if batches is None else batches
+    out: list[dict | None] = [None] * len(prompts)
+    for batch, answer in zip(batches, _greedy(model, tokenizer, prompts, batches, chat, stops, max_new_tokens,
+                                              batch_size), strict=True):
+        for i, (ids, capped) in zip(batch, answer, strict=True):
+            ids = ids if capped else ids[:-1]  # the end id is not the answer's
+            out[i] = {"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids), "capped": capped}
+    return out
+
+
+def _greedy(model, tokenizer, prompts: list[str], batches: list[list[int]], chat: bool, stops: list[int],
+            max_new_tokens: int, rows: int) -> list[list[tuple[list[int], bool]]]:
+    """Per batch, per prompt: (the greedy completion ids through the end id, cut at max_new_tokens)."""
     import torch
 
-    device = next(model.parameters()).device
-    stops = tokens.end_ids(model, tokenizer)
-    out: list[dict | None] = [None] * len(prompts)
-    for batch in chunks(len(prompts), batch_size) if batches is None else batches:
+    from lexalign.generation import fast_sampling
+
+    ids = tokens.prompt_ids(tokenizer, [prompts[i] for batch in batches for i in batch], chat)
+    grouped, start = [], 0
+    for batch in batches:
+        grouped.append(ids[start:start + len(batch)])
+        start += len(batch)
+    decoded = fast_sampling.sample(model, grouped, [0] * len(batches), stops, 1, 1.0, 0.0, max_new_tokens,
+                                   rows=max(rows, 1)) if grouped else []
+    if decoded is not None:
+        return [[answers[0] for answers in batch] for batch in decoded]
+    device, out = next(model.parameters()).device, []
+    for batch in batches:  # transformers' generate: a cache the sampler does not handle
         inputs = _prompt_batch(tokenizer, [prompts[i] for i in batch], chat, device)
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        eos_token_id=stops, pad_token_id=pad_id(tokenizer))
-        for i, row in zip(batch, generated[:, inputs["input_ids"].shape[1]:].tolist(), strict=True):
+        answers = []
+        for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
             end = next((j for j, token in enumerate(row) if token in stops), None)
-            ids = row if end is None else row[:end]
-            out[i] = {"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": len(ids),
-                      "capped": end is None and len(row) >= max_new_tokens}
+            answers.append((row, True) if end is None else (row[:end + 1], False))
+        out.append(answers)
     return out
 
 
@@ -78,8 +105,8 @@ def kl_scores(policy, reference, tokenizer, prompts: list[str], max_new_tokens: 
     state = torch.random.get_rng_state()
     try:
         for index, batch in mine:
-            torch.manual_seed(seed + index)
-            found = _kl_batch(policy, reference, tokenizer, [prompts[i] for i in batch], max_new_tokens, chat)
+            found = _kl_batch(policy, reference, tokenizer, [prompts[i] for i in batch], max_new_tokens, chat,
+                              seed + index)
             for i, value in zip(batch, found, strict=True):
                 values[i] = value
     finally:
@@ -87,23 +114,41 @@ def kl_scores(policy, reference, tokenizer, prompts: list[str], max_new_tokens: 
     return {"kl": piece([batch for _, batch in mine], values)}, {"kl": len(prompts)}
 
 
-def _kl_batch(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool) -> list[float]:
-    """One batch of `kl_scores`: sample, then score the sampled tokens under both models."""
+def _kl_batch(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool,
+              seed: int) -> list[float]:
+    """One batch of `kl_scores`: sample one answer a prompt from the policy at temperature 1 (LexAlign's sampler,
+    seeded; transformers' generate from the seeded global RNG where the sampler does not apply), then score the
+    sampled tokens under both models."""
     import torch
+
+    from lexalign.generation import fast_sampling
 
     device = next(policy.parameters()).device
     stops = tokens.end_ids(policy, tokenizer)
     batch = _prompt_batch(tokenizer, prompts, chat, device)
     width = batch["input_ids"].shape[1]
-    with torch.no_grad():
-        generated_ids = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                                        top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad_id(tokenizer))
-    generated = generated_ids[:, width:]
-    # Keep each sampled token up to and including the first end id.
-    is_end = torch.isin(generated, torch.tensor(stops, device=generated.device)) if stops \
-        else torch.zeros_like(generated, dtype=torch.bool)
-    after_end = is_end.long().cumsum(-1)
-    keep = ((after_end == 0) | ((after_end == 1) & is_end)).float()
+    drawn = fast_sampling.sample(policy, [tokens.prompt_ids(tokenizer, prompts, chat)], [seed], stops, 1, 1.0, 1.0,
+                                 max_new_tokens)
+    if drawn is not None:
+        answers = [answer[0][0] for answer in drawn[0]]  # each answer's ids through its end id
+        generated = torch.full((len(answers), max(map(len, answers))), pad_id(tokenizer), dtype=torch.long)
+        for row, answer in enumerate(answers):
+            generated[row, :len(answer)] = torch.tensor(answer)
+        generated = generated.to(device)
+        keep = (torch.arange(generated.shape[1], device=device) < torch.tensor(
+            [len(a) for a in answers], device=device).unsqueeze(1)).float()
+        generated_ids = torch.cat([batch["input_ids"], generated], dim=1)
+    else:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            generated_ids = policy.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                            top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad_id(tokenizer))
+        generated = generated_ids[:, width:]
+        # Keep each sampled token up to and including the first end id.
+        is_end = torch.isin(generated, torch.tensor(stops, device=generated.device)) if stops \
+            else torch.zeros_like(generated, dtype=torch.bool)
+        after_end = is_end.long().cumsum(-1)
+        keep = ((after_end == 0) | ((after_end == 1) & is_end)).float()
     attention = torch.cat([batch["attention_mask"], keep.long()], dim=1)
     log_ratio = _token_logps(reference, generated_ids, attention, width, keep) - \
         _token_logps(policy, generated_ids, attention, width, keep)  # 0 where no token is scored

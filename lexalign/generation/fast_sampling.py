@@ -134,7 +134,9 @@ def preallocated_cache(model, rows: int, capacity: int, span: int | None = None)
 
 def cache_argument(model) -> str | None:
     """The forward's name for the cache: `cache` (transformers 5.x) or `past_key_values` (4.x)."""
-    parameters = inspect.signature(model.forward).parameters
+    # The class's forward: a scoring head installed on the instance (lexalign.models.logprobs) hides the cache
+    # argument behind **kwargs, and passes it through.
+    parameters = inspect.signature(type(model).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
