@@ -264,7 +264,8 @@ def test_the_env_files_list_what_the_steps_import(variant, torch):
     assert any(d.startswith(torch) for d in conda), conda
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     expected = [r for r in pyproject["dependencies"] if _requirement_name(r) != "torch"]
-    assert pip == expected + pyproject["optional-dependencies"]["eval"], "the env's bounds are pyproject's"
+    extras = pyproject["optional-dependencies"]["eval"] + pyproject["optional-dependencies"]["ifeval"]
+    assert pip == expected + list(dict.fromkeys(extras)), "the env's bounds are pyproject's"
     listed = {_requirement_name(r) for r in pip} | {"torch", "numpy"}  # numpy comes with torch
     # Distributions pulled in by a listed package (tokenizers' and datasets' own dependencies).
     transitive = {"xxhash", "pyyaml"}

@@ -283,9 +283,10 @@ def test_prompt_files_in_every_format_and_their_bad_rows(online_copy):
         written = json.loads((online_copy / "results/online/prompts.json").read_text())
         assert sorted(written["prompts"]) == sorted(row["prompt"] for row in good), name
     # The other fields of a row travel with its prompt, for the judges that read them (IFEval's instructions).
+    # Keyed by the prompt as a judge reads it (sampling.question).
     done = prompts_step(online_copy, "prompts.jsonl", jsonl)
     fields = json.loads((online_copy / "results/online/prompts.json").read_text())["fields"]
-    assert fields[json.dumps("Greet person 0.")] == {"instruction_id_list": ["punctuation:no_comma"]}
+    assert fields["Greet person 0."] == {"instruction_id_list": ["punctuation:no_comma"]}
 
     # Bad rows: rejected with a reason and counted, never sampled; the rest are the prompts.
     rows = [{"prompt": "Say hi."}, {"prompt": None}, {"prompt": ""}, {"prompt": "   "}, {"prompt": 42},
