@@ -65,7 +65,7 @@ def plain(model, tok, batches, args, seed: int) -> dict:
 
     stops, pad = tokens.end_ids(model, tok), tokens.pad_id(tok)
     torch.manual_seed(seed)
-    lengths, started = [], time.perf_counter()
+    lengths, started, row_steps, prefilled = [], time.perf_counter(), 0, 0
     for batch in batches:
         input_ids, attention = left_pad(batch, pad)
         with torch.no_grad():
@@ -73,7 +73,11 @@ def plain(model, tok, batches, args, seed: int) -> dict:
                                  num_return_sequences=args.samples, max_new_tokens=args.max_new_tokens,
                                  temperature=1.0, top_p=1.0, top_k=0, eos_token_id=stops, pad_token_id=pad)
         lengths += real_tokens(out[:, input_ids.shape[1]:].tolist(), stops)
-    return {"seconds": time.perf_counter() - started, "lengths": lengths}
+        # The work done: every row computed until the batch's longest answer ended, every prompt K times.
+        row_steps += out.shape[0] * (out.shape[1] - input_ids.shape[1])
+        prefilled += input_ids.numel() * args.samples
+    return {"seconds": time.perf_counter() - started, "lengths": lengths, "row_steps": row_steps,
+            "prefilled": prefilled}
 
 
 def lexalign(model, tok, batches, args, seed: int) -> dict:
@@ -168,9 +172,12 @@ def main() -> None:
             result["mean_length"] = statistics.mean(result["lengths"])
             result["truncated"] = sum(n == args.max_new_tokens for n in result["lengths"])
             runs[name].append(result)
+            work = (f"; {result['row_steps']} row-steps computed ({1 - result['tokens'] / result['row_steps']:.0%} "
+                    f"for finished rows), {result['prefilled']} prompt tokens prefilled"
+                    if "row_steps" in result else "")
             print(f"repeat {r} {name:14s} {result['tokens']:6d} tokens {result['seconds']:7.1f} s "
                   f"{result['tokens_per_s']:7.1f} tokens/s, mean length {result['mean_length']:.1f}, "
-                  f"{result['truncated']} cut at max_new_tokens; load {load()}", flush=True)
+                  f"{result['truncated']} cut at max_new_tokens{work}; load {load()}", flush=True)
     print()
     summary = {}
     for name in arms:

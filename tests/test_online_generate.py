@@ -403,8 +403,11 @@ def test_samples_are_seeded_distinct_and_do_not_depend_on_the_rest_of_the_batch(
     assert sample(model, tok, batch, sampling, seed=3) == first
     assert sample(model, tok, batch, sampling, seed=4) != first
     assert all(len({tuple(ids) for ids, _ in group}) == 4 for group in first)  # K draws, not one copied
-    # The longest prompt alone draws what it drew beside the others (the others padded, ending at other times).
+    # The longest prompt alone draws what it drew beside the others (the others padded, ending at other times),
+    # and fewer samples or tokens are the first of them, cut.
     assert sample(model, tok, batch[:1], sampling, seed=3) == first[:1]
+    fewer = sample(model, tok, batch, Sampling(samples_per_prompt=2, max_new_tokens=4), seed=3)
+    assert [[ids for ids, _ in group] for group in fewer] == [[ids[:4] for ids, _ in group[:2]] for group in first]
     # Batches sampled as one queue (a round's shard: prompts join as answers end) draw what each batch draws alone.
     more = _prompt_ids(tok, ["Bye", "Good morning to you all"])
     assert sample_batches(model, tok, [batch, more], sampling, [3, 5]) == [first, sample(model, tok, more, sampling,

@@ -18,9 +18,10 @@ has its prompt right-aligned there, masked padding to its left). When the column
 row's tokens move left by the same amount (one copy of the cache, once every `SLACK` steps or more).
 
 Randomness: answer (i, j) (prompt i of its batch, its j-th sample) draws its t-th token by the inverse CDF at
-u[i, j, t], uniforms drawn up front from the batch's seed (`draws`). An answer's tokens so depend on (seed, i, j)
-and its logits only: not on which rows share the batch, when they finish or join, nor on how many prompts follow
-it (the rows beside it may change its logits in the last float bits).
+u[i, j, t], uniforms of its own drawn up front from (the batch's seed, i, j) (`draws`). An answer's tokens so depend
+on (seed, i, j) and its logits only: not on which rows share the batch, when they finish or join, how many prompts
+or samples there are, nor on max_new_tokens but for where it is cut (the rows beside it may change its logits in
+the last float bits).
 
 Where the cache is not plain attention (a sliding window shorter than prompt + answer: Gemma-2, Mistral, Phi-3 with
 long contexts; linear attention; encoder-decoders), `sample` returns None and the caller uses generate().
@@ -28,6 +29,7 @@ long contexts; linear attention; encoder-decoders), `sample` returns None and th
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from typing import Callable
 
@@ -168,9 +170,15 @@ def next_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
 
 
 def draws(seed: int, prompts: int, k: int, max_new_tokens: int) -> torch.Tensor:
-    """u[i, j, t], the uniform answer (i, j)'s t-th token is drawn at. Drawn in that order from one generator on the
-    CPU (the same on every device), so prompt i's are the same whatever number of prompts follows it."""
-    return torch.rand(prompts, k, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    """u[i, j, t], the uniform answer (i, j)'s t-th token is drawn at, from a generator of its own (on the CPU: the
+    same on every device) seeded by (seed, i, j): the same whatever the number of prompts or K, and a longer
+    max_new_tokens only adds uniforms after them."""
+    def generator(i: int, j: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{seed}:{i}:{j}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+    return torch.stack([torch.stack([torch.rand(max_new_tokens, generator=generator(i, j), dtype=torch.float64)
+                                     for j in range(k)]) for i in range(prompts)])
 
 
 def left_pad(batch: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
