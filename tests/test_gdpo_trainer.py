@@ -298,7 +298,8 @@ def test_training_k4_logs_listwise_metrics_and_learns(sft_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir, tmp_path):
-    """All K·B sequences go through the backbone twice per step: with grad (policy), without (reference)."""
+    """All K·B sequences go through the backbone twice per step: with grad (policy), without (reference), each
+    pass on the same packed rows (each prompt once for its K responses: lexalign.train.packed)."""
     from peft import LoraConfig
 
     from lexalign.models.loading import load_causal_lm, load_tokenizer
@@ -320,7 +321,8 @@ def test_one_policy_pass_and_one_reference_pass_per_step(use_lora, sft_model_dir
                 (index, kwargs["input_ids"].shape[0], torch.is_grad_enabled())), with_kwargs=True)
     trainer.train()
     ref_index = 0 if use_lora else 1
-    assert calls == [(0, 12, True), (ref_index, 12, False)]
+    assert [(index, grad) for index, _, grad in calls] == [(0, True), (ref_index, False)]
+    assert calls[0][1] == calls[1][1] <= 12  # the same rows; packed, fewer than the 12 sequences
 
 
 @pytest.mark.slow

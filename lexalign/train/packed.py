@@ -11,8 +11,18 @@ shape. The trainer's loss, metrics and gradients are unchanged (equal to the
 padded computation, tests/test_padding_free_training.py); the model computes only the real
 tokens and the row-end padding.
 
-Only the policy's passes are packed; a reference computed online (no
-reference file) keeps its padded pass.
+The sequences of one prompt (DPO's chosen and rejected rows, GDPO's K, the
+reference-free methods' pairs) share it (`packing.pack_rows(...,
+share_prefixes=True)`: the prompt once, each response after it behind an
+explicit attention mask), where the model's attention takes such a mask
+(`packing.sharing_mask_kind`); with SDPA attention runs unit by unit and a
+batch is one row with no padding (`packing.WIDE_ROW_TOKENS`). `PREFIX_SHARING`
+(or a trainer's `share_prompts`) switches it off. Each response's log-probs are still those of
+prompt + response alone (tests/test_prefix_sharing.py).
+
+The policy's passes are packed, and so is the ranked trainer's own reference
+pass (GDPO without a reference file); DPO's online reference pass is TRL's
+and keeps its padded batch.
 """
 
 from __future__ import annotations
@@ -20,6 +30,10 @@ from __future__ import annotations
 from lexalign.models import packing
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+PREFIX_SHARING = True
+"""Whether training batches share each prompt among its responses where the model can (a switch for comparisons:
+benchmarks/bench_job_vs_trl.py --ablation)."""
 
 
 class PackedModel:
@@ -33,6 +47,8 @@ class PackedModel:
             return self.model(*args, **kwargs)
         extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
         rows = self.rows
+        # Shared prompts: the explicit mask, and the units where attention runs unit by unit.
+        extra.update(packing.packed_forward_kwargs(self.model, rows.allowed, rows.spans))
         outputs = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, labels=rows.labels,
                              use_cache=False, fused_lm_head=True, **extra)
         for name in PER_TOKEN_FIELDS:
@@ -54,6 +70,10 @@ def padding_free_model(trainer, model, inputs: dict):
     if not packing.supports_packing(base):
         return model
     pad = trainer.processing_class.pad_token_id
-    rows = packing.pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
-                             0 if pad is None else pad)
+    attention = inputs["attention_mask"]
+    share = PREFIX_SHARING and getattr(trainer, "share_prompts", True) and \
+        packing.unit_shareable(base, [int(attention.sum(dim=1).max())])
+    wide = packing.WIDE_ROW_TOKENS if share and packing.unit_attention_available(base) else None
+    rows = packing.pack_rows(inputs["input_ids"], attention, inputs["completion_mask"], 0 if pad is None else pad,
+                             share_prefixes=share, row_tokens=wide)
     return PackedModel(model, rows)

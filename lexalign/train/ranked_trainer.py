@@ -14,7 +14,8 @@ Batch layout: like TRL's concatenated batch, where rows 0..B-1 are the chosen
 and rows B..2B-1 the rejected completions, a batch of B ranked groups holds K·B
 rows, response-major: row k·B + b is response k (0 = best) of prompt b. All K·B
 sequences go through the policy in one forward pass and through the reference
-in one no-grad pass; at K = 2 the batch is exactly DPO's.
+in one no-grad pass (both on packed rows, each prompt once for its K responses:
+`lexalign.train.packed`); at K = 2 the batch is exactly DPO's.
 
 The method's loss is the registry's (lexalign.methods: Method.loss), a pure function of the implicit rewards
 [B, K] and the scores; the ranking metrics are GDPO's (`lexalign.methods.gdpo`).
@@ -41,6 +42,7 @@ from lexalign.core.tokens import tokenize_groups
 from lexalign.data.ranking import check_groups, ranked_groups
 from lexalign.methods.gdpo import kendall_tau, pair_accuracy
 from lexalign.train.align import dpo_arguments, tokenized_datasets, trainer_inputs
+from lexalign.train.packed import padding_free_model
 from lexalign.train.preference_trainer import LOSS_OPTIONS, PreferenceStep, PreferenceTrainer
 
 # --- data --------------------------------------------------------------------------------------
@@ -212,14 +214,16 @@ class RankedTrainer(PreferenceTrainer):
             model_kwargs["use_cache"] = False
             completion_mask = batch["completion_mask"]
             labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
-            logps = self._reference_logps(model_kwargs, labels, completion_mask.size(1) - 1)
+            logps = self._reference_logps(model_kwargs, labels, completion_mask.size(1) - 1, batch)
             values += logps.view(scores.size(1), scores.size(0)).T.float().cpu().tolist()
         return dataset.add_column("ref_logps", values)
 
     # Loss ----------------------------------------------------------------------------------------
 
-    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """Summed response log-probs of all K·B rows under the reference, in one no-grad pass."""
+    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int,
+                         inputs: dict | None = None) -> torch.Tensor:
+        """Summed response log-probs of all K·B rows under the reference, in one no-grad pass: on the batch's packed
+        rows as the policy's (`lexalign.train.packed`, each prompt once) given the batch's `inputs`, else padded."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -233,6 +237,8 @@ class RankedTrainer(PreferenceTrainer):
                 context = contextlib.nullcontext()
             with context:
                 ref_model = self.model if self.ref_model is None else self.ref_model
+                if inputs is not None:
+                    ref_model = padding_free_model(self, ref_model, inputs)
                 outputs = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True)
         return outputs.log_probs[:, -seq_len:].sum(dim=1)
 
@@ -244,7 +250,7 @@ class RankedTrainer(PreferenceTrainer):
         if "ref_logps" in inputs:  # precomputed, [B, K] → response-major like `logps`
             ref_logps = inputs["ref_logps"].to(logps.dtype).T.reshape(-1)
         else:
-            ref_logps = self._reference_logps(model_kwargs, labels, shift_mask.size(1))
+            ref_logps = self._reference_logps(model_kwargs, labels, shift_mask.size(1), inputs)
         rewards = self.beta * (logps - ref_logps).view(k, batch).T
         return (rewards, scores), (logps.view(k, batch).T, rewards, scores)
 
