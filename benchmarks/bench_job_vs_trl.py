@@ -4,6 +4,13 @@ TRL `DPOTrainer` script, side by side on a realistic long-tailed length mix and 
     python benchmarks/bench_job_vs_trl.py                       # 32k and 150k vocabularies, 2 rounds
     python benchmarks/bench_job_vs_trl.py --pairs 16 --rounds 1 --vocab 32000   # a quick run
     python benchmarks/bench_job_vs_trl.py --device cuda --hidden 1024 --layers 12 --pairs 256
+    python benchmarks/bench_job_vs_trl.py --smollm2 --pairs 32 --rounds 3     # a real body: SmolLM2-135M-Instruct
+    python benchmarks/bench_job_vs_trl.py --model DIR --pairs 32               # any model folder (with a tokenizer)
+
+`--smollm2`: SmolLM2-135M-Instruct converted from its GGUF (`lexalign.hub.gguf.convert_gguf`, fp32 weights) found
+at $LEXALIGN_SMOLLM2_GGUF or ./assets/SmolLM2-135M-Instruct.gguf, into the work folder once; `--model DIR` takes a
+converted (or any Hugging Face) model folder instead. Without either, the zoo Llama of `--vocab`, `--hidden`,
+`--layers`.
 
 Both jobs start from the same JSONL file (prompt / chosen / rejected plain text), the same SFT model (a
 Llama of `--hidden` and `--layers` with a `--vocab` vocabulary; the tokenizer is the zoo's Llama-3-style
@@ -21,6 +28,10 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
 * `lexalign-padded` (with `--ablation`): the same with `alignment.padding_free: false`: TRL's padded
   training batches, so the packing's share of the speed-up shows apart from the lean head's and the
   reference's.
+* `lexalign-unshared` (with `--ablation`): packed training batches without prompt sharing
+  (`lexalign.train.packed.PREFIX_SHARING = False`: each sequence whole, rows as wide as the longest).
+* `before` (with `--against DIR`): `lexalign align` from another checkout of LexAlign (e.g. `git archive HEAD`
+  unpacked into DIR), run by that checkout's copy of this script: a before/after comparison by turns.
 
 Each job runs in a process of its own (its start-up and imports included in its time); rounds alternate
 which side goes first. Tokens/s: the real tokens of the data (prompt + chosen and prompt + rejected, in the
@@ -53,14 +64,33 @@ def _length(rng: random.Random, median: float, sigma: float, cap: int) -> int:
     return max(2, min(cap, int(math.exp(rng.gauss(math.log(median), sigma)))))
 
 
-def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, seed: int = 0) -> dict:
-    """The SFT model folder and the raw JSONL (log-normal lengths: prompts median 50, responses 100)."""
+def smollm2_folder(root: Path) -> Path:
+    """SmolLM2-135M-Instruct as a model folder, converted once from its GGUF ($LEXALIGN_SMOLLM2_GGUF, else
+    ./assets/SmolLM2-135M-Instruct.gguf) by `lexalign.hub.gguf.convert_gguf`."""
+    from lexalign.core.io import atomic_dir
+    from lexalign.hub.gguf import convert_gguf
+
+    out = root / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    gguf = Path(os.environ.get("LEXALIGN_SMOLLM2_GGUF") or REPO / "assets" / "SmolLM2-135M-Instruct.gguf")
+    if not gguf.is_file():
+        raise SystemExit(f"No SmolLM2 GGUF at {gguf}: set LEXALIGN_SMOLLM2_GGUF, or give a model folder (--model DIR)")
+    with atomic_dir(out) as tmp:
+        convert_gguf(gguf, tmp)
+    return out
+
+
+def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, seed: int = 0,
+                 model: Path | None = None) -> dict:
+    """The SFT model folder (`model`, else a zoo Llama of this size) and the raw JSONL (log-normal lengths: prompts
+    median 50, responses 100)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from testkit import zoo
 
-    model_dir = root / f"model-{vocab}"
+    model_dir = model or root / f"model-{vocab}"
     if not (model_dir / "config.json").is_file():
         zoo.build("llama3", model_dir)  # the tokenizer (and generation config); the model is replaced
         torch.manual_seed(seed)
@@ -80,7 +110,7 @@ def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, s
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
 
-    data = root / "preferences.jsonl"
+    data = root / f"preferences-{vocab}.jsonl"
     rows = [{"prompt": text(_length(rng, 50, 0.6, 380)), "chosen": text(_length(rng, 100, 0.7, 580)),
              "rejected": text(_length(rng, 100, 0.7, 580))} for _ in range(pairs)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -92,8 +122,8 @@ def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, s
              for r in rows]
     padded = sum(2 * len(b) * min(MAX_LENGTH, max(max(s) for s in b))
                  for b in (sides[i:i + BATCH] for i in range(0, len(sides), BATCH)))
-    return {"model": str(model_dir), "data": str(data), "tokens": real, "longest": lengths[-1],
-            "median": lengths[len(lengths) // 2], "padding": 1 - real / padded}
+    return {"model": str(model_dir), "data": str(data), "tokens": real, "vocab": len(tokenizer),
+            "longest": lengths[-1], "median": lengths[len(lengths) // 2], "padding": 1 - real / padded}
 
 
 def run_trl(model: str, data: str, out: str, device: str) -> None:
@@ -145,19 +175,27 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
     if side == "trl":
         run_trl(model, data, out, device)
     else:
-        run_lexalign(model, data, out, device, padding_free=side == "lexalign")
+        if side == "lexalign-unshared":
+            from lexalign.train import packed
+
+            packed.PREFIX_SHARING = False
+        run_lexalign(model, data, out, device, padding_free=side != "lexalign-padded")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    print("RESULT " + json.dumps({"seconds_in_process": time.perf_counter() - start, "peak_mb": peak_mb}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps({"seconds_in_process": time.perf_counter() - start, "peak_mb": peak_mb,
+                                  "cpu_s": usage.ru_utime + usage.ru_stime}))
 
 
-def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads: int) -> dict:
+def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads: int,
+            against: str | None = None) -> dict:
     out = str(root / f"{side}-{tag}")
     for stale in (out, out + "-checkpoints"):  # a job that finds its outputs (or reference file) does less
         shutil.rmtree(stale, ignore_errors=True)
-    command = [sys.executable, __file__, "--child", side, "--model", inputs["model"], "--data", inputs["data"],
-               "--out", out, "--device", device, "--threads", str(threads)]
+    script = str(Path(against) / "benchmarks" / Path(__file__).name) if side == "before" else __file__
+    command = [sys.executable, script, "--child", "lexalign" if side == "before" else side, "--model",
+               inputs["model"], "--data", inputs["data"], "--out", out, "--device", device, "--threads", str(threads)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=root)
     seconds = time.perf_counter() - start
@@ -170,9 +208,15 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded"])
-    parser.add_argument("--ablation", action="store_true", help="also lexalign with padding_free: false")
-    parser.add_argument("--model")
+    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded", "lexalign-unshared"])
+    parser.add_argument("--ablation", action="store_true",
+                        help="also lexalign with padding_free: false, and packed without prompt sharing")
+    parser.add_argument("--against", metavar="DIR",
+                        help="also `lexalign align` from the LexAlign checkout in DIR (side `before`)")
+    parser.add_argument("--model", help="a model folder to train (default: the zoo Llama of --vocab/--hidden/--layers)")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="SmolLM2-135M-Instruct converted from $LEXALIGN_SMOLLM2_GGUF "
+                             "(else ./assets/SmolLM2-135M-Instruct.gguf)")
     parser.add_argument("--data")
     parser.add_argument("--out")
     parser.add_argument("--device", default="cpu")
@@ -191,38 +235,51 @@ def main() -> None:
 
     root = Path(a.workdir or tempfile.mkdtemp(prefix="bench-job-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"{a.pairs} pairs, batch {BATCH}, 1 epoch, Llama hidden {a.hidden} x {a.layers} layers, "
-          f"{a.threads} threads, device {a.device}; work in {root}", flush=True)
+    model = Path(a.model).resolve() if a.model else smollm2_folder(root) if a.smollm2 else None
+    body = f"model {model}" if model else f"Llama hidden {a.hidden} x {a.layers} layers"
+    print(f"{a.pairs} pairs, batch {BATCH}, 1 epoch, {body}, {a.threads} threads, device {a.device}; work in {root}",
+          flush=True)
     results: dict = {}
-    inputs = {v: write_inputs(root, v, a.pairs, a.hidden, a.layers) for v in a.vocab}
-    for v, i in inputs.items():
-        print(f"vocab {v}: {i['tokens']} real tokens, pair lengths median {i['median']}, longest {i['longest']}; "
-              f"padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
+    if model:  # the model's own vocabulary
+        a.vocab = [0]
+    inputs = {v: write_inputs(root, v, a.pairs, a.hidden, a.layers, model=model) for v in a.vocab}
+    for i in inputs.values():
+        print(f"vocab {i['vocab']}: {i['tokens']} real tokens, pair lengths median {i['median']}, "
+              f"longest {i['longest']}; padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
+    sides = ["trl", "lexalign", *(["lexalign-padded", "lexalign-unshared"] if a.ablation else []),
+             *(["before"] if a.against else [])]
     for r in range(a.rounds):
         for v in a.vocab:
-            order = ["trl", "lexalign", *(["lexalign-padded"] if a.ablation else [])]
+            order = list(sides)
             if (r + a.vocab.index(v)) % 2:
                 order.reverse()
             for side in order:
-                got = measure(side, inputs[v], root, f"{v}-{r}", a.device, a.threads)
+                got = measure(side, inputs[v], root, f"{v}-{r}", a.device, a.threads, a.against)
                 results.setdefault((v, side), []).append(got)
-                print(f"round {r + 1} vocab {v} {side:15s} {got['seconds']:7.1f} s  {got['tokens_per_s']:8.1f} tok/s"
-                      f"  peak {got['peak_mb']:7.0f} MB", flush=True)
-    print("\nvocab   trl tok/s  lexalign tok/s  speed-up   trl MB  lexalign MB  memory")
+                print(f"round {r + 1} vocab {inputs[v]['vocab']} {side:17s} {got['seconds']:7.1f} s  "
+                      f"{got['tokens_per_s']:8.1f} tok/s  peak {got['peak_mb']:7.0f} MB  "
+                      f"CPU {got.get('cpu_s', float('nan')):7.1f} s", flush=True)
+    mid = statistics.median
     for v in a.vocab:
-        trl, lex = results[(v, "trl")], results[(v, "lexalign")]
-        ratios = sorted(t["seconds"] / x["seconds"] for t, x in zip(trl, lex, strict=True))
-        mid = statistics.median
-        print(f"{v:6d} {mid([t['tokens_per_s'] for t in trl]):10.1f} {mid([x['tokens_per_s'] for x in lex]):15.1f}"
-              f"   {mid(ratios):5.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
-              f" {mid([t['peak_mb'] for t in trl]):8.0f} {mid([x['peak_mb'] for x in lex]):12.0f}"
-              f"   {mid([x['peak_mb'] for x in lex]) / mid([t['peak_mb'] for t in trl]):4.2f}x")
-        if a.ablation:
-            padded = results[(v, "lexalign-padded")]
-            gain = sorted(p["seconds"] / x["seconds"] for p, x in zip(padded, lex, strict=True))
-            print(f"       lexalign padded {mid([p['tokens_per_s'] for p in padded]):.1f} tok/s, "
-                  f"{mid([p['peak_mb'] for p in padded]):.0f} MB: padding-free batches {mid(gain):.2f}x "
-                  f"({', '.join(f'{x:.2f}' for x in gain)}) of lexalign's speed")
+        trl = results[(v, "trl")]
+        print(f"\nvocab {inputs[v]['vocab']}: TRL {mid([t['tokens_per_s'] for t in trl]):.1f} tok/s, "
+              f"{mid([t['peak_mb'] for t in trl]):.0f} MB (medians of {len(trl)} rounds)")
+        print("side               tok/s   speed vs TRL (each round)        peak MB  memory vs TRL")
+        for side in sides[1:]:
+            runs = results[(v, side)]
+            ratios = sorted(t["seconds"] / x["seconds"] for t, x in zip(trl, runs, strict=True))
+            memory = sorted(x["peak_mb"] / t["peak_mb"] for t, x in zip(trl, runs, strict=True))
+            print(f"{side:17s} {mid([x['tokens_per_s'] for x in runs]):7.1f}   {mid(ratios):5.2f}x "
+                  f"({', '.join(f'{x:.2f}' for x in ratios)})  {mid([x['peak_mb'] for x in runs]):10.0f}"
+                  f"   {mid(memory):4.2f}x ({', '.join(f'{x:.2f}' for x in memory)})")
+            if all("cpu_s" in x for x in (*trl, *runs)):  # the processes' CPU time: steadier on a shared machine
+                cpu = sorted(t["cpu_s"] / x["cpu_s"] for t, x in zip(trl, runs, strict=True))
+                print(f"{'':17s} CPU time: TRL / {side} {mid(cpu):.2f}x ({', '.join(f'{x:.2f}' for x in cpu)})")
+        for side in sides[2:]:
+            runs, lex = results[(v, side)], results[(v, "lexalign")]
+            gain = sorted(x["seconds"] / y["seconds"] for x, y in zip(runs, lex, strict=True))
+            print(f"  lexalign vs {side}: {mid(gain):.2f}x the speed ({', '.join(f'{x:.2f}' for x in gain)}), "
+                  f"{mid([y['peak_mb'] for y in lex]) / mid([x['peak_mb'] for x in runs]):.2f}x the peak memory")
 
 
 if __name__ == "__main__":
