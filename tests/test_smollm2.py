@@ -116,3 +116,4 @@ def test_the_round_is_evaluated_with_ifevals_four_figures_and_the_report_shows_t
     assert len(evaluation["plain_samples"]) == 2
     report = (folder / "results" / "report.html").read_text()
     assert "IFEval on 4 held-out prompts" in report and "prompt strict" in report and "round 1" in report
+    assert "win rate vs start" in report and "SFT" not in report  # no SFT step: the starting model is "start"

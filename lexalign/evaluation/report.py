@@ -204,14 +204,16 @@ def online_table(rounds: list[dict]) -> str:
                      _pct(e.get("win_rate")), interval, _fmt(e.get("mean_tokens"), 1), _fmt(e.get("kl_to_reference")),
                      html.escape(str(e.get("reference") or "—"))])
     first = rounds[0]["evaluation"] if rounds else {}
+    # Round 1's reference is the starting model: "start" where there was no SFT step (finetune.method: none).
+    start, model = ("start", "the starting model") if first.get("reference") == "start" else ("SFT", "the SFT model")
     note = (f'<p class="note">Samples: the round\'s completions, drawn from the model it started from (round 1: '
-            f"SFT), scored by the round's judge. Evaluation: the round's model against the SFT model, greedy, on "
+            f"{start}), scored by the round's judge. Evaluation: the round's model against {model}, greedy, on "
             f"{first.get('prompts', '—')} {'held-out ' if first.get('held_out') else ''}prompts (judge "
-            f"{html.escape(str(first.get('judge')))}; SFT's own mean score "
+            f"{html.escape(str(first.get('judge')))}; {start}'s own mean score "
             f"{_fmt(first.get('mean_score_sft'))}, its answers {_fmt(first.get('sft_mean_tokens'), 1)} tokens); "
             f"KL: a Monte Carlo estimate per prompt on the round model's samples.</p>")
     return _table(["round", "samples", "pairs / ties", "mean score of samples", "sample tokens",
-                   "mean score (greedy)", "win rate vs SFT", "95% CI", "answer tokens (greedy)",
+                   "mean score (greedy)", f"win rate vs {start}", "95% CI", "answer tokens (greedy)",
                    "KL to reference", "reference"], rows, "online") + note
 
 
