@@ -122,8 +122,16 @@ def _config(online_judge, types=None, nltk_data=None, evaluate_judge="none"):
                        "prompts": {"from": "instructions", "instructions": {"types": types}}}}
 
 
-def test_an_instruction_whose_checker_needs_absent_data_is_refused_when_planned(tmp_path):
+def test_an_instruction_whose_checker_needs_absent_data_is_refused_when_planned(tmp_path, monkeypatch):
+    import sys
+
     from lexalign.pipeline.plan import check_judges
+
+    # NLTK's search path without the data an earlier test in this process put on it (or a home directory's).
+    if "nltk.data" in sys.modules:
+        monkeypatch.setattr(sys.modules["nltk.data"], "path", [])
+    monkeypatch.setenv("NLTK_DATA", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
 
     check_judges(_config("ifeval", ["punctuation:no_comma"]))  # needs nothing: planned
     with pytest.raises(LexAlignError) as err:

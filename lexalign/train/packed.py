@@ -39,8 +39,10 @@ benchmarks/bench_job_vs_trl.py --ablation)."""
 class PackedModel:
     """Stands in for `model` in a loss: a call with `fused_lm_head=True` runs the packed rows."""
 
-    def __init__(self, model, rows: packing.PackedRows):
-        self.model, self.rows = model, rows
+    def __init__(self, model, rows: packing.PackedRows, base=None):
+        # `base`: the bare transformers model whose config says how attention runs (`model` may be wrapped in
+        # DistributedDataParallel or PEFT, which do not pass `config` on).
+        self.model, self.rows, self.base = model, rows, model if base is None else base
 
     def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
         if not fused_lm_head:  # e.g. return_outputs' plain forward: the padded batch as it is
@@ -48,7 +50,7 @@ class PackedModel:
         extra = {k: kwargs[k] for k in ("output_router_logits",) if k in kwargs}
         rows = self.rows
         # Shared prompts: the explicit mask, and the units where attention runs unit by unit.
-        extra.update(packing.packed_forward_kwargs(self.model, rows.allowed, rows.spans))
+        extra.update(packing.packed_forward_kwargs(self.base, rows.allowed, rows.spans))
         outputs = self.model(input_ids=rows.input_ids, position_ids=rows.position_ids, labels=rows.labels,
                              use_cache=False, fused_lm_head=True, **extra)
         for name in PER_TOKEN_FIELDS:
@@ -76,4 +78,4 @@ def padding_free_model(trainer, model, inputs: dict):
     wide = packing.WIDE_ROW_TOKENS if share and packing.unit_attention_available(base) else None
     rows = packing.pack_rows(inputs["input_ids"], attention, inputs["completion_mask"], 0 if pad is None else pad,
                              share_prefixes=share, row_tokens=wide)
-    return PackedModel(model, rows)
+    return PackedModel(model, rows, base)
