@@ -30,6 +30,8 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
   reference's.
 * `lexalign-unshared` (with `--ablation`): packed training batches without prompt sharing
   (`lexalign.train.packed.PREFIX_SHARING = False`: each sequence whole, rows as wide as the longest).
+* `lexalign-not-lean` (with `--lean-ablation`): the packed job with transformers' own RMSNorm and SwiGLU MLP
+  instead of the CPU's lean layers (`lexalign.models.kernels.apply_lean_layers`): their share of the memory.
 * `before` (with `--against DIR`): `lexalign align` from another checkout of LexAlign (e.g. `git archive HEAD`
   unpacked into DIR), run by that checkout's copy of this script: a before/after comparison by turns.
 
@@ -179,6 +181,10 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
             from lexalign.train import packed
 
             packed.PREFIX_SHARING = False
+        if side == "lexalign-not-lean":
+            from lexalign.models import loading
+
+            loading.lean_for_training = lambda model, *args, **kwargs: model
         run_lexalign(model, data, out, device, padding_free=side != "lexalign-padded")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
@@ -208,9 +214,12 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded", "lexalign-unshared"])
+    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded", "lexalign-unshared",
+                                            "lexalign-not-lean"])
     parser.add_argument("--ablation", action="store_true",
                         help="also lexalign with padding_free: false, and packed without prompt sharing")
+    parser.add_argument("--lean-ablation", action="store_true",
+                        help="also lexalign without the CPU's lean RMSNorm and SwiGLU layers")
     parser.add_argument("--against", metavar="DIR",
                         help="also `lexalign align` from the LexAlign checkout in DIR (side `before`)")
     parser.add_argument("--model", help="a model folder to train (default: the zoo Llama of --vocab/--hidden/--layers)")
@@ -247,6 +256,7 @@ def main() -> None:
         print(f"vocab {i['vocab']}: {i['tokens']} real tokens, pair lengths median {i['median']}, "
               f"longest {i['longest']}; padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
     sides = ["trl", "lexalign", *(["lexalign-padded", "lexalign-unshared"] if a.ablation else []),
+             *(["lexalign-not-lean"] if a.lean_ablation else []),
              *(["before"] if a.against else [])]
     for r in range(a.rounds):
         for v in a.vocab:

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_sampling.py --model /tmp/research/gguf/smollm2-135m-instruct
     .venv/bin/python benchmarks/bench_sampling.py --model ... --repeats 1 --prompts 12      # quick
-    .venv/bin/python benchmarks/bench_sampling.py --model ... --bf16                        # + the opt-in bf16 arm
+    .venv/bin/python benchmarks/bench_sampling.py --model ... --bf16                        # + generate() in bf16
     .venv/bin/python benchmarks/bench_sampling.py --model ... --profile                     # where the time goes
 
 Both arms get the same model object (float32, as `load_causal_lm` loads it on the CPU), the same prompts (IFEval-
@@ -15,8 +15,10 @@ temperature 1, top_p 1, no top_k, `--max-new-tokens`, stopping at the model's en
 * `lexalign`: `sample_batches(model, tokenizer, batches, Sampling(...), seeds)`, as a round's generate job calls it
   on a shard (the batches as one queue in one batch's K x `--batch` rows);
 * `lexalign-per-batch` (with --ablation): `sample(...)` one batch at a time (no prompt takes another batch's rows);
-* `lexalign-bf16` (with --bf16): the same on a bfloat16 copy of the model (`Sampling.dtype`, an opt-in: another
-  distribution).
+* `lexalign-auto`: the same as the smollm2 example's rounds sample (`online.sampling.dtype: auto`: a bfloat16
+  copy where the CPU multiplies bf16 in hardware, avx512_bf16 or AMX; the model as loaded elsewhere: then this arm
+  is `lexalign` again). A cast samples from a slightly different distribution than the float32 policy's;
+* `plain-bf16` (with --bf16): generate() on that bfloat16 copy, to tell the sampler's share from the dtype's.
 
 Tokens are real generated tokens: each completion through its end id, no padding after it. Each repeat runs every
 arm once, the order alternating; the figures are tokens per second of each, and the ratio per repeat and its
@@ -81,7 +83,8 @@ def plain(model, tok, batches, args, seed: int) -> dict:
 
 
 def lexalign(model, tok, batches, args, seed: int) -> dict:
-    """As a round's generate job calls it: a shard's batches as one queue in one batch's rows."""
+    """As a round's generate job calls it: a shard's batches as one queue in one batch's rows (on the model it is
+    given: `generate` casts it first where `Sampling.dtype` says so, and this benchmark gives the cast copy)."""
     from lexalign.generation.sampling import Sampling, sample_batches
 
     sampling = Sampling(samples_per_prompt=args.samples, temperature=1.0, top_p=1.0,
@@ -139,7 +142,7 @@ def main() -> None:
     import torch
 
     from lexalign.core import tokens
-    from lexalign.generation.sampling import render_prompts
+    from lexalign.generation.sampling import Sampling, render_prompts
     from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -153,12 +156,15 @@ def main() -> None:
     if args.ablation:
         arms["lexalign-per-batch"] = lexalign_per_batch
         model_for["lexalign-per-batch"] = model
+    auto = Sampling(dtype="auto").resolved("cpu").dtype  # what the example's `dtype: auto` samples in here
+    arms["lexalign-auto"] = lexalign
+    model_for["lexalign-auto"] = copy.deepcopy(model).to(getattr(torch, auto)) if auto else model
     if args.bf16:
-        arms["lexalign-bf16"] = lexalign
-        model_for["lexalign-bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+        arms["plain-bf16"] = plain
+        model_for["plain-bf16"] = copy.deepcopy(model).to(torch.bfloat16)
     print(f"{args.model}: {len(ids)} prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, batches of "
           f"{args.batch}, K={args.samples}, max_new_tokens={args.max_new_tokens}, {args.threads} threads; "
-          f"load {load()}", flush=True)
+          f"dtype auto here: {auto or 'as loaded (float32)'}; load {load()}", flush=True)
     if args.profile:
         profile(arms, model_for, tok, batches, args)
         return

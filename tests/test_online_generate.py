@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -478,6 +479,52 @@ def test_a_cache_the_sampler_does_not_handle_samples_with_generate(zoo_models):
     batch, sampling = _prompt_ids(tok), Sampling(samples_per_prompt=2, max_new_tokens=5)
     assert fast_sampling.preallocated_cache(model, 6, len(batch[0]) + 5) is None
     assert sample(model, tok, batch, sampling, seed=2) == sample(model, tok, batch, sampling, seed=2, fast=False)
+
+
+def test_sampling_dtype_auto_is_bfloat16_where_the_device_multiplies_it_and_the_key_says_what_it_became(
+        zoo_models, tmp_path, monkeypatch):
+    """`dtype: auto` samples a bfloat16 copy where the CPU has avx512_bf16 or AMX tiles, the model as loaded
+    elsewhere; the samples' key holds what it resolved to, so auto on a CPU without them is the default's key (its
+    samples are reused, not drawn again) and auto where it is bf16 is `bfloat16`'s key."""
+    import torch
+
+    from lexalign.generation import sampling as sampling_module
+    from lexalign.generation.sampling import native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if flags:  # what this machine says of itself, not a mock: the check reads the same flags torch reads
+        assert native_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)
+    assert not native_bf16("mps")
+    seen = []
+    original = sampling_module.sample_batches
+
+    def recording(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(sampling_module, "sample_batches", recording)
+    path, knobs = zoo_models("qwen2"), {"samples_per_prompt": 2, "max_new_tokens": 4, "seed": 3}
+
+    def run(name, dtype, native):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        seen.clear()
+        report = generate(path, PROMPTS, tmp_path / name, Sampling(dtype=dtype, **knobs))
+        return report, seen[:]
+
+    loaded, dtypes = run("as-loaded", None, native=True)
+    assert dtypes == [torch.float32]
+    auto_without, dtypes = run("as-loaded", "auto", native=False)  # the same folder: finished, reused as it is
+    assert dtypes == [] and auto_without["resumed"] == "complete" and auto_without["key"] == loaded["key"]
+    auto_with, dtypes = run("auto", "auto", native=True)
+    assert dtypes == [torch.bfloat16] and auto_with["key"] != loaded["key"]
+    stored = json.loads(pq.read_schema(tmp_path / "auto" / "generations.parquet").metadata[b"lexalign.generations"])
+    assert stored["sampling"]["dtype"] == "bfloat16"
+    explicit, dtypes = run("auto", "bfloat16", native=False)  # auto's samples are bfloat16's
+    assert dtypes == [] and explicit["resumed"] == "complete" and explicit["key"] == auto_with["key"]
+    with pytest.raises(LexAlignError, match="Invalid sampling settings") as err:
+        Sampling(dtype="bf16").check()
+    assert "dtype is bf16 (null, or one of auto, bfloat16, float16, float32)" in err.value.render()
 
 
 # --- the vllm engine ---------------------------------------------------------------------------------------------

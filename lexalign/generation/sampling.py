@@ -50,7 +50,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +70,21 @@ SHARD_PROMPTS = 256
 ENGINES = ("hf", "vllm")
 """hf: LexAlign's sampler on transformers' forward (the default, every device; generate() where it must);
 vllm: vLLM on a CUDA GPU (the `vllm` extra)."""
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
+    AMX tiles (oneDNN's bf16 kernels: 2-3x float32's matmul speed on an AVX-512 Zen 4, BENCHMARKS.md)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,15 @@ class Sampling:
     dtype: str | None = None
     """None: sample from the model as loaded. An opt-in dtype the policy is cast to for sampling (bfloat16: about
     twice the speed on a CPU with avx512_bf16), which samples from a slightly different distribution than the
-    policy's own (part of the key, like every knob)."""
+    policy's own (part of the key, like every knob). `auto`: bfloat16 where the device computes it natively (a CUDA
+    GPU with bf16, a CPU with avx512_bf16 or AMX), the model as loaded elsewhere (bf16 emulated on an older CPU
+    is slower than float32); the key holds what it resolved to (`resolved`)."""
+
+    def resolved(self, device: str) -> Sampling:
+        """This sampling with `auto` replaced by what it means on `device` (None: as loaded)."""
+        if self.dtype != "auto":
+            return self
+        return replace(self, dtype="bfloat16" if native_bf16(device) else None)
 
     def check(self) -> None:
         problems = []
@@ -350,6 +372,8 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
     from lexalign.models.loading import load_causal_lm, load_tokenizer
 
     sampling.check()
+    if engine == "hf":
+        sampling = sampling.resolved(device)
     prompts = list(prompts)  # a pandas column indexes by label, not position
     index, count = process
     if engine not in ENGINES:
@@ -357,7 +381,7 @@ def generate(model_dir: str | Path, prompts: list, out_dir: str | Path, sampling
                             hint="Set online.sampling.engine to hf or vllm")
     if engine == "vllm":
         check_vllm(device)
-        if sampling.dtype is not None:
+        if sampling.dtype not in (None, "auto"):
             raise LexAlignError("online.sampling.dtype is for the hf engine (vLLM picks its own)",
                                 hint="Remove online.sampling.dtype, or set online.sampling.engine: hf")
     if batch_size < 1 or shard_prompts < 1 or not 0 <= index < count:

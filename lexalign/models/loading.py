@@ -130,6 +130,16 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
     return model
 
 
+def lean_for_training(model, device: str, quantized: bool = False):
+    """`model` with layers that keep less for the backward pass where Liger's kernels cannot run (the CPU: its
+    RMSNorm and SwiGLU MLP in torch ops, `kernels.apply_lean_layers`; 4-bit models keep theirs). Same outputs."""
+    if device == "cpu" and not quantized:
+        from lexalign.models.kernels import apply_lean_layers
+
+        apply_lean_layers(model)
+    return model
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 

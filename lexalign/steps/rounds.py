@@ -56,6 +56,7 @@ def online_generate(*, model: str | Path, prompts: str | Path, output: str | Pat
 
     source = io.read_json(prompts)
     knobs = {key: sampling[key] for key in ("temperature", "top_p", "max_new_tokens", "seed")}
+    knobs["dtype"] = sampling.get("dtype")
     # Each round its own seed: the same prompts (per_round null) must not draw the same samples every round.
     knobs["seed"] += number - 1
     # Shards go to a folder beside the output: Snakemake deletes a failed job's output, a rerun resumes from them.

@@ -123,7 +123,7 @@ def load_policy(job: AlignJob, device: str):
     tokenizer = models.load_tokenizer(job.tokenizer_path or job.model_path, job.trust_remote_code)
     model = models.load_causal_lm(job.sft_path, device, quantize_4bit=job.cfg.load_in_4bit,
                                    trust_remote_code=job.trust_remote_code, train_all_weights=not job.cfg.use_lora)
-    return model, tokenizer
+    return models.lean_for_training(model, device, job.cfg.load_in_4bit), tokenizer
 
 
 def reference_datasets(job: AlignJob, device: str):

@@ -44,6 +44,7 @@ class FinetuneJob(TrainingJob):
         model = models.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
                                        trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
                                        train_all_weights=self.cfg.method == "full")
+        model = models.lean_for_training(model, device, self.cfg.method == "qlora")
         has_eval = len(self.eval) > 0
         args = SFTConfig(
             **runtime.trainer_arguments(self.cfg, device, self.checkpoint_dir, has_eval, self.seed),
