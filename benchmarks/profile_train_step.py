@@ -6,9 +6,10 @@ One packed row of `--tokens` tokens (a third prompt, two thirds answers: the ans
 model as `lexalign align` trains it on the CPU (float32, LoRA r 16 on q/v, SDPA, the lean LM head on the scored
 positions, the lean RMSNorm and SwiGLU layers), forward and backward of the summed log-probabilities, after one
 warm-up step. Printed: the step's time split by operator group (torch.profiler, self CPU time), the forward's and
-the backward's wall time, and what autograd keeps for the backward pass (bytes of saved tensors, by width), with and
-without the lean layers. A step of the real job differs in its mask (prefix sharing: an explicit mask instead of a
-causal one) and its loss (DPO's few ops on per-sequence sums): both small beside the body.
+the backward's wall time, and what autograd keeps for the backward pass (bytes of saved activations, by width), with
+and without the lean layers (`--memory-only`: just that). A step of the real job differs in its mask (prefix
+sharing: an explicit mask instead of a causal one) and its loss (DPO's few ops on per-sequence sums): both small
+beside the body.
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ def group_of(name: str) -> str:
 
 
 def saved_bytes(model, ids, labels) -> collections.Counter:
+    """Bytes of the activations autograd keeps (each storage once; the weights it references are not counted: they
+    are there anyway), by the last dimension of the tensor first seen on each storage."""
     import torch
 
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     seen: dict[int, tuple[int, int]] = {}
 
     def pack(tensor):
-        seen[tensor.untyped_storage().data_ptr()] = (tensor.shape[-1] if tensor.dim() else 1,
-                                                     tensor.untyped_storage().nbytes())
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in weights and pointer not in seen:
+            seen[pointer] = (tensor.shape[-1] if tensor.dim() else 1, tensor.untyped_storage().nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/research/gguf/smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-only", action="store_true", help="what autograd keeps, no timing")
     args = parser.parse_args()
 
     import torch
@@ -86,6 +92,8 @@ def main() -> None:
         print(f"{name}: autograd keeps {total / 2**20:.0f} MiB for {args.tokens} tokens "
               f"({total / args.tokens / 2**10:.0f} KiB a token); by width: "
               + ", ".join(f"{w}: {b / 2**20:.0f}" for w, b in widths.most_common(6)), flush=True)
+    if args.memory_only:
+        return
 
     def step(model):
         started = time.perf_counter()
