@@ -56,7 +56,9 @@ def arm_config(example: dict, arm: str, args) -> dict:
     offline = arm == "offline DPO"
     online["rounds"] = 1 if offline else args.rounds
     online["prompts"]["per_round"] = args.per_round * (args.rounds if offline else 1)
-    online["prompts"]["instructions"]["plain_questions"] = 2
+    online["prompts"]["instructions"]["plain_questions"] = args.plain_questions
+    if not offline:
+        online["reference"] = args.reference
     online["samples_per_prompt"] = args.samples
     online["sampling"]["max_new_tokens"] = args.tokens
     steps = args.steps * (args.rounds if offline else 1)
@@ -127,6 +129,22 @@ def kl_to_start(model_dir: Path, start: Path, prompts: list[str], tokens: int, s
     return kl_estimate(policy, reference, tokenizer, texts, tokens, seed, 16, chat)
 
 
+def evaluated(cache: Path, model: Path, args, evaluate) -> dict:
+    """`evaluate()`'s figures for `model`, kept in `cache` under the model file's size and time, so a rerun with a
+    new arm does not answer again with the models it already read (greedy answers: the same every time)."""
+    weights = model / "model.safetensors"
+    stamp = {"model": str(model.resolve()), "size": weights.stat().st_size, "mtime": weights.stat().st_mtime,
+             "tokens": args.tokens, "held_out": args.held_out}
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("stamp") == stamp:
+            return kept
+    result = evaluate() | {"stamp": stamp}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
 def paired(a: list[float], b: list[float], seed: int) -> str:
     from lexalign.core.intervals import bootstrap_interval
 
@@ -148,6 +166,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps a round (offline: rounds x this)")
     parser.add_argument("--held-out", type=int, default=120, help="held-out prompts every model answers")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--reference", choices=["previous", "sft"], default="previous",
+                        help="the rounds' online.reference (offline DPO's one round is held to the start either way)")
+    parser.add_argument("--plain-questions", type=int, default=2, help="MT-Bench questions also asked plainly")
     parser.add_argument("--assets", type=Path, help="a folder lexalign fetch smollm2 wrote (default: fetched)")
     parser.add_argument("--keep", type=Path, help="work here (kept; finished arms are not run again)")
     args = parser.parse_args()
@@ -181,21 +202,34 @@ def main() -> None:
     assert all(p["held_out"] == prompt_sets[ARMS[0]]["held_out"] for p in prompt_sets.values()), \
         "the arms' held-out prompts differ"
     rows, plain = held_out_rows(folders[ARMS[0]] / "results" / "online" / "prompts.json", args.held_out)
+    plain = max((held_out_rows(folders[arm] / "results" / "online" / "prompts.json", 0)[1] for arm in ARMS), key=len)
     ifeval.load_registry(str(assets / "nltk_data"))
 
     print(f"Greedy answers of each model to {len(rows)} held-out prompts and {len(plain)} plain questions ...",
           flush=True)
     figures, strict, lengths, capped, plains, kl = {}, {}, {}, {}, {}, {}
     for name, model in models.items():
-        answers = answer(model, [r["prompt"] for r in rows], args.tokens, 16)
-        texts = [a["text"] for a in answers]
-        figures[name] = ifeval.figures(rows, texts, seed)
-        strict[name] = [float(ifeval.score(r, t).strict == 1.0) for r, t in zip(rows, texts, strict=True)]
-        lengths[name] = sum(a["tokens"] for a in answers) / len(answers)
-        capped[name] = sum(a["capped"] for a in answers) / len(answers)
-        plains[name] = [a["text"] for a in answer(model, plain, args.tokens, 16)]
-        if name != "start":
-            kl[name] = kl_to_start(model, models["start"], [r["prompt"] for r in rows], args.tokens, seed)
+        def evaluate(model=model, name=name) -> dict:
+            answers = answer(model, [r["prompt"] for r in rows], args.tokens, 16)
+            texts = [a["text"] for a in answers]
+            return {"figures": ifeval.figures(rows, texts, seed),
+                    "strict": [float(ifeval.score(r, t).strict == 1.0) for r, t in zip(rows, texts, strict=True)],
+                    "length": sum(a["tokens"] for a in answers) / len(answers),
+                    "capped": sum(a["capped"] for a in answers) / len(answers),
+                    "kl": None if name == "start" else kl_to_start(model, models["start"], [r["prompt"] for r in rows],
+                                                                  args.tokens, seed)}
+        cache = root / "evaluated" / f"{name.replace(' ', '-').lower()}.json"
+        result = evaluated(cache, model, args, evaluate)
+        figures[name], strict[name], lengths[name], capped[name] = (result[k] for k in ("figures", "strict", "length",
+                                                                                       "capped"))
+        if result["kl"] is not None:
+            kl[name] = result["kl"]
+        plain_kept = result.setdefault("plain", {})
+        missing = [q for q in plain if q not in plain_kept]
+        if missing:
+            plain_kept.update(zip(missing, (a["text"] for a in answer(model, missing, args.tokens, 16)), strict=True))
+            cache.write_text(json.dumps(result))
+        plains[name] = [plain_kept[q] for q in plain]
         print(f"  {name}: prompt-level strict {pct(figures[name][STRICT])}", flush=True)
     total = time.perf_counter() - started
 
@@ -205,7 +239,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, IFEval instructions, {len(rows)} held-out prompts (base tasks no round trains "
           f"on), greedy, {args.tokens} new tokens; {args.rounds} rounds x {args.per_round} prompts x K = "
           f"{args.samples}, {args.steps} steps a round (offline: one round of {args.rounds * args.per_round} "
-          f"prompts, {args.rounds * args.steps} steps); seed {seed}; bootstrap 95% intervals over prompts")
+          f"prompts, {args.rounds * args.steps} steps); rounds' reference: {args.reference}; seed {seed}; bootstrap 95% intervals over prompts")
     print(header)
     print("-" * len(header))
     for name in models:
