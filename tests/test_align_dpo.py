@@ -123,3 +123,42 @@ def test_a_weighted_mixture_adds_its_terms(tmp_path, sft_model_dir):
     first = logged(out)[0]
     # At step 0 the sigmoid term is log 2; the SFT (NLL) term adds a positive amount.
     assert first["loss"] > LOG2 + 0.01
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])  # untied and tied embeddings
+def test_a_trained_adapter_merged_in_place_writes_what_merging_into_the_reloaded_base_writes(tmp_path, zoo_models,
+                                                                                             family):
+    """The job's save merges a float32 CPU adapter into the model in memory (no second copy of the weights, the
+    job's memory peak before): the files must be byte for byte those of the adapter merged into the base reloaded
+    from disk (the route a 4-bit or bf16 base still takes)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from lexalign.models.loading import load_causal_lm, load_tokenizer, merged_model
+    from lexalign.train.runtime import merges_in_place, save_trained_model
+
+    base = zoo_models(family)
+    model = get_peft_model(load_causal_lm(base, "cpu"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = merged_model(tmp_path / "adapter", base)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
+                                                          report_to=[]))
+    assert merges_in_place(model)
+    (tmp_path / "out").mkdir()
+    save_trained_model(trainer, load_tokenizer(base), tmp_path / "out", adapter=True, merge=True, base_path=base)
+
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    wanted = {k: v for k, v in expected.state_dict().items() if k in written}
+    assert sorted(written) == sorted(wanted) and all(torch.equal(written[k], wanted[k]) for k in written)
+    assert any(not torch.equal(v, load_file(base / "model.safetensors").get(k, v)) for k, v in written.items()), \
+        "the adapter changed nothing"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not any("lora" in k for k in reloaded.state_dict())
+    assert not merges_in_place(get_peft_model(load_causal_lm(base, "cpu").to(torch.bfloat16),
+                                              LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))

@@ -194,7 +194,11 @@ def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: 
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {"state_dict": state_dict} if state_dict is not None else {}
-    if adapter and merge:
+    if adapter and merge and state_dict is None and merges_in_place(model):
+        # The trained model's own float32 CPU weights are the base's: merging them in place writes the same
+        # weights as reloading the base would, without a second copy of the model in memory (the job's peak).
+        model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+    elif adapter and merge:
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as adapter_dir:
             model.save_pretrained(adapter_dir, safe_serialization=True, **weights)
             merged = merged_model(Path(adapter_dir), base_path, trust_remote_code)
@@ -202,6 +206,17 @@ def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: 
     else:
         model.save_pretrained(out_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(out_dir)
+
+
+def merges_in_place(model) -> bool:
+    """Whether `model` (a trained PEFT model, used no more after this) can take its adapter into its own weights and
+    give exactly what `merged_model` gives from the files: a base all float32 on the CPU, as `load_causal_lm` loads
+    it there. A 4-bit (QLoRA) or bf16 base, or one on a GPU, is merged into the base reloaded in float32 instead."""
+    import torch
+    from peft import PeftModel
+
+    params = list(model.parameters())
+    return isinstance(model, PeftModel) and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
 
 
 def final_metrics(trainer) -> dict:
