@@ -333,3 +333,35 @@ def test_what_reruns_the_reference_step(demo_run, tmp_path, section, key, value,
     result = snakemake(workdir, "-n", "--cores", "1", target)
     assert result.returncode == 0, result.stderr[-2000:]
     assert planned_jobs(result.stdout) == expected
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_a_tokenizer_saved_again_by_transformers_has_the_same_key_and_a_changed_one_does_not(tmp_path, zoo_models,
+                                                                                            family):
+    """Each round's model folder holds its tokenizer as transformers saves it again (5.x adds loader bookkeeping,
+    "is_local" and "local_files_only", to tokenizer_config.json). With `online.reference: sft`, round 2 aligns from
+    round 1's model against reference log-probs keyed by the SFT model's tokenizer: the same tokenizer, so the same
+    key (this refused every second round of SmolLM2's rounds before). What does tokenize differently still counts."""
+    from lexalign.models.loading import load_tokenizer
+    from lexalign.reference.keys import tokenizer_hash
+
+    base = zoo_models(family)
+    tokenizer = load_tokenizer(base)
+    tokenizer.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text()) != \
+        json.loads((base / "tokenizer_config.json").read_text()), "transformers saved the same config: nothing tested"
+    assert tokenizer_hash(tmp_path / "again") == tokenizer_hash(base)
+
+    load_tokenizer(tmp_path / "again").save_pretrained(tmp_path / "twice")
+    assert tokenizer_hash(tmp_path / "twice") == tokenizer_hash(base)
+    tokenizer.add_tokens(["<lexalign_new_token>"])
+    tokenizer.save_pretrained(tmp_path / "grown")
+    assert tokenizer_hash(tmp_path / "grown") != tokenizer_hash(base)
+    edited = load_tokenizer(base)
+    edited.chat_template = "{{ messages[0]['content'] }}"
+    edited.save_pretrained(tmp_path / "templated")
+    assert tokenizer_hash(tmp_path / "templated") != tokenizer_hash(base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    shutil.copytree(base, tmp_path / "cased", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "cased" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    assert tokenizer_hash(tmp_path / "cased") != tokenizer_hash(base)

@@ -69,9 +69,44 @@ def weights_hash(model_path: str | Path) -> str:
     return key
 
 
+LOADER_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+"""Keys transformers writes into tokenizer_config.json about how the tokenizer was loaded, not how it tokenizes."""
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def _token_text(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def tokenizer_hash(tokenizer_path: str | Path) -> str:
+    """What makes the tokenizer tokenize as it does: its files, with tokenizer_config.json read as the tokenizer
+    `load_tokenizer` makes of it. A tokenizer saved again by transformers (each aligned model's folder holds one)
+    hashes as its source: 5.x adds loader keys (`LOADER_KEYS`), moves the chat template from the config into
+    chat_template.jinja, and writes the pad token `load_tokenizer` set to the EOS token where there was none."""
     path = Path(tokenizer_path)
-    return _files_hash(sorted(p for p in path.iterdir() if p.is_file() and p.name in TOKENIZER_FILES))
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name in TOKENIZER_FILES)
+    parts: dict[str, Any] = {"files": {}, "chat_template": None}
+    for file in files:
+        if file.name == "tokenizer_config.json":
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except ValueError:
+                config = None
+            if isinstance(config, dict):
+                for key in LOADER_KEYS:
+                    config.pop(key, None)
+                if "chat_template" in config:
+                    parts["chat_template"] = config.pop("chat_template")
+                if _token_text(config.get("pad_token")) in (None, _token_text(config.get("eos_token"))):
+                    config.pop("pad_token", None)
+                parts["config"] = config
+                continue
+        if file.name in TEMPLATE_FILES:
+            text = file.read_text(encoding="utf-8")
+            parts["chat_template"] = json.loads(text).get("chat_template") if file.suffix == ".json" else text
+            continue
+        parts["files"][file.name] = _files_hash([file])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def compute_dtype(device: str, load_in_4bit: bool = False) -> str:

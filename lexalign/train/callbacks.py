@@ -160,3 +160,24 @@ class TrackingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
             self.session.log(logs, state.global_step)
+
+
+class HeapTrimCallback(TrainerCallback):
+    """Give the step's freed activations back to the system after each optimizer step, on the CPU under glibc.
+
+    glibc keeps freed memory below the top of its heaps (a step's activations are hundreds of MB in many tensors) for
+    reuse, and the heap's high-water mark grows with fragmentation: a CPU job held ~1 GB it no longer used
+    (BENCHMARKS.md, SmolLM2 training). `malloc_trim(0)` releases the free pages of every arena once a step, where
+    a lower mmap threshold would pay for fresh pages on every large tensor."""
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        self.trim = getattr(libc, "malloc_trim", None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trim is not None:
+            self.trim(0)
