@@ -239,7 +239,8 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, IFEval instructions, {len(rows)} held-out prompts (base tasks no round trains "
           f"on), greedy, {args.tokens} new tokens; {args.rounds} rounds x {args.per_round} prompts x K = "
           f"{args.samples}, {args.steps} steps a round (offline: one round of {args.rounds * args.per_round} "
-          f"prompts, {args.rounds * args.steps} steps); rounds' reference: {args.reference}; seed {seed}; bootstrap 95% intervals over prompts")
+          f"prompts, {args.rounds * args.steps} steps); rounds' reference: {args.reference}; seed {seed}; "
+          "bootstrap 95% intervals over prompts")
     print(header)
     print("-" * len(header))
     for name in models:

@@ -162,13 +162,22 @@ class TrackingCallback(TrainerCallback):
             self.session.log(logs, state.global_step)
 
 
-class HeapTrimCallback(TrainerCallback):
-    """Give the step's freed activations back to the system after each optimizer step, on the CPU under glibc.
+class HeapCallback(TrainerCallback):
+    """Keep a CPU job's memory to what its steps use, under glibc (Linux): large tensors from the system, freed heap
+    given back after each optimizer step.
 
-    glibc keeps freed memory below the top of its heaps (a step's activations are hundreds of MB in many tensors) for
-    reuse, and the heap's high-water mark grows with fragmentation: a CPU job held ~1 GB it no longer used
-    (BENCHMARKS.md, SmolLM2 training). `malloc_trim(0)` releases the free pages of every arena once a step, where
-    a lower mmap threshold would pay for fresh pages on every large tensor."""
+    glibc serves a freed block again before it asks the system for more, and keeps what is freed below the top of
+    its heaps: a step's activations (hundreds of MB, in tensors of a few MB whose sizes change with every batch's
+    length) fragment the heap, and a SmolLM2 LoRA job held ~1 GB it no longer used (BENCHMARKS.md). Tensors from
+    `MMAP_THRESHOLD` up are mapped from the system and returned when freed (glibc's own threshold rises to the size
+    of each larger mapped block freed, up to 32 MiB, so a step's tensors end up on the heap); `malloc_trim(0)` after
+    each step releases the free pages of every heap. Both are restored to glibc's ways at the end of training."""
+
+    MMAP_THRESHOLD = 1 << 20
+    """1 MiB: the tensors of a layer's activations (a few MB for a few hundred tokens) are mapped, small ones not;
+    at 128 KiB every attention piece was mapped too and the job ran ~1.5x slower (BENCHMARKS.md)."""
+    M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+    GLIBC_MAX_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where glibc's own threshold ends up
 
     def __init__(self):
         import ctypes
@@ -177,7 +186,16 @@ class HeapTrimCallback(TrainerCallback):
         name = ctypes.util.find_library("c")
         libc = ctypes.CDLL(name) if name else None
         self.trim = getattr(libc, "malloc_trim", None)
+        self.mallopt = getattr(libc, "mallopt", None)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.mallopt is not None:
+            self.mallopt(self.M_MMAP_THRESHOLD, self.MMAP_THRESHOLD)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trim is not None:
             self.trim(0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.mallopt is not None:  # a fixed threshold stays fixed: the one glibc's dynamic one rises to
+            self.mallopt(self.M_MMAP_THRESHOLD, self.GLIBC_MAX_THRESHOLD)

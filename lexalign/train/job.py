@@ -23,7 +23,7 @@ from lexalign.models.loading import resolve_device
 from lexalign.train import runtime, tracking
 from lexalign.train.callbacks import (
     ConfigHashCallback,
-    HeapTrimCallback,
+    HeapCallback,
     InterruptCallback,
     ProgressCallback,
     TrackingCallback,
@@ -81,7 +81,7 @@ class TrainingJob:
             ConfigHashCallback(self.config_hash()),
             interrupt,
             *([TrackingCallback(self.session)] if self.session else []),
-            *([HeapTrimCallback()] if resolve_device(self.device) == "cpu" else []),
+            *([HeapCallback()] if resolve_device(self.device) == "cpu" else []),
             *self.extra_callbacks,
         ]
 
