@@ -32,10 +32,6 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
   (`lexalign.train.packed.PREFIX_SHARING = False`: each sequence whole, rows as wide as the longest).
 * `lexalign-not-lean` (with `--lean-ablation`): the packed job with transformers' own RMSNorm and SwiGLU MLP
   instead of the CPU's lean layers (`lexalign.models.kernels.apply_lean_layers`): their share of the memory.
-* `lexalign-glibc-heap` (with `--heap-ablation`): the packed job with glibc's allocator left as it is (no
-  `lexalign.train.callbacks.HeapCallback`: no 1 MiB mmap threshold, no `malloc_trim` after each step).
-* `trl-heap` (with `--heap-ablation`): TRL's script under `MALLOC_MMAP_THRESHOLD_=1048576` (the same threshold
-  for the whole process, set by the environment): what the allocator setting alone gives TRL.
 * `before` (with `--against DIR`): `lexalign align` from another checkout of LexAlign (e.g. `git archive HEAD`
   unpacked into DIR), run by that checkout's copy of this script: a before/after comparison by turns.
 
@@ -178,17 +174,13 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    if side in ("trl", "trl-heap"):
+    if side == "trl":
         run_trl(model, data, out, device)
     else:
         if side == "lexalign-unshared":
             from lexalign.train import packed
 
             packed.PREFIX_SHARING = False
-        if side == "lexalign-glibc-heap":
-            from lexalign.train.callbacks import HeapCallback
-
-            HeapCallback.on_train_begin = HeapCallback.on_step_end = lambda *args, **kwargs: None
         if side == "lexalign-not-lean":
             from lexalign.models import loading
 
@@ -210,9 +202,8 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
     script = str(Path(against) / "benchmarks" / Path(__file__).name) if side == "before" else __file__
     command = [sys.executable, script, "--child", "lexalign" if side == "before" else side, "--model",
                inputs["model"], "--data", inputs["data"], "--out", out, "--device", device, "--threads", str(threads)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"} if side == "trl-heap" else None
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
     seconds = time.perf_counter() - start
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -223,14 +214,12 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["trl", "trl-heap", "lexalign", "lexalign-padded", "lexalign-unshared",
-                                            "lexalign-not-lean", "lexalign-glibc-heap"])
+    parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded", "lexalign-unshared",
+                                            "lexalign-not-lean"])
     parser.add_argument("--ablation", action="store_true",
                         help="also lexalign with padding_free: false, and packed without prompt sharing")
     parser.add_argument("--lean-ablation", action="store_true",
                         help="also lexalign without the CPU's lean RMSNorm and SwiGLU layers")
-    parser.add_argument("--heap-ablation", action="store_true",
-                        help="also LexAlign without its allocator settings, and TRL with the mmap threshold")
     parser.add_argument("--against", metavar="DIR",
                         help="also `lexalign align` from the LexAlign checkout in DIR (side `before`)")
     parser.add_argument("--model", help="a model folder to train (default: the zoo Llama of --vocab/--hidden/--layers)")
@@ -268,7 +257,6 @@ def main() -> None:
               f"longest {i['longest']}; padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
     sides = ["trl", "lexalign", *(["lexalign-padded", "lexalign-unshared"] if a.ablation else []),
              *(["lexalign-not-lean"] if a.lean_ablation else []),
-             *(["lexalign-glibc-heap", "trl-heap"] if a.heap_ablation else []),
              *(["before"] if a.against else [])]
     for r in range(a.rounds):
         for v in a.vocab:

@@ -19,15 +19,8 @@ from lexalign.config.sections import TrainingConfig
 from lexalign.core.errors import TrainingInterrupted
 from lexalign.core.io import atomic_dir, hash_object, hash_path, write_json
 from lexalign.core.lineage import stage_record, write_lineage, write_model_card
-from lexalign.models.loading import resolve_device
 from lexalign.train import runtime, tracking
-from lexalign.train.callbacks import (
-    ConfigHashCallback,
-    HeapCallback,
-    InterruptCallback,
-    ProgressCallback,
-    TrackingCallback,
-)
+from lexalign.train.callbacks import ConfigHashCallback, InterruptCallback, ProgressCallback, TrackingCallback
 
 
 @dataclass
@@ -81,7 +74,6 @@ class TrainingJob:
             ConfigHashCallback(self.config_hash()),
             interrupt,
             *([TrackingCallback(self.session)] if self.session else []),
-            *([HeapCallback()] if resolve_device(self.device) == "cpu" else []),
             *self.extra_callbacks,
         ]
 
