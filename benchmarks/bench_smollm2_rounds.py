@@ -201,7 +201,7 @@ def main() -> None:
     prompt_sets = {arm: json.loads((folders[arm] / "results" / "online" / "prompts.json").read_text()) for arm in ARMS}
     assert all(p["held_out"] == prompt_sets[ARMS[0]]["held_out"] for p in prompt_sets.values()), \
         "the arms' held-out prompts differ"
-    rows, plain = held_out_rows(folders[ARMS[0]] / "results" / "online" / "prompts.json", args.held_out)
+    rows, _ = held_out_rows(folders[ARMS[0]] / "results" / "online" / "prompts.json", args.held_out)
     plain = max((held_out_rows(folders[arm] / "results" / "online" / "prompts.json", 0)[1] for arm in ARMS), key=len)
     ifeval.load_registry(str(assets / "nltk_data"))
 

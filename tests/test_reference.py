@@ -365,3 +365,5 @@ def test_a_tokenizer_saved_again_by_transformers_has_the_same_key_and_a_changed_
     shutil.copytree(base, tmp_path / "cased", ignore=shutil.ignore_patterns("*.safetensors"))
     (tmp_path / "cased" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
     assert tokenizer_hash(tmp_path / "cased") != tokenizer_hash(base)
+    (tmp_path / "cased" / "chat_template.json").write_text("{not json")  # keyed, not a traceback
+    assert tokenizer_hash(tmp_path / "cased") != tokenizer_hash(base)

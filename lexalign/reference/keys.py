@@ -102,8 +102,12 @@ def tokenizer_hash(tokenizer_path: str | Path) -> str:
                 parts["config"] = config
                 continue
         if file.name in TEMPLATE_FILES:
-            text = file.read_text(encoding="utf-8")
-            parts["chat_template"] = json.loads(text).get("chat_template") if file.suffix == ".json" else text
+            text = file.read_text(encoding="utf-8", errors="replace")
+            try:
+                read = json.loads(text) if file.suffix == ".json" else text
+            except ValueError:  # a damaged file still keys by its text; loading the tokenizer names the problem
+                read = text
+            parts["chat_template"] = read.get("chat_template") if isinstance(read, dict) else read
             continue
         parts["files"][file.name] = _files_hash([file])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
