@@ -32,6 +32,10 @@ learning rate 5e-6, beta 0.1, max_length 1024, seed 0.
   (`lexalign.train.packed.PREFIX_SHARING = False`: each sequence whole, rows as wide as the longest).
 * `lexalign-not-lean` (with `--lean-ablation`): the packed job with transformers' own RMSNorm and SwiGLU MLP
   instead of the CPU's lean layers (`lexalign.models.kernels.apply_lean_layers`): their share of the memory.
+* `trl-bf16` and `lexalign-bf16` (with `--bf16`): both in bf16, each its own way: TRL with `bf16=True` (its
+  default: autocast over the float32 model it loaded), LexAlign with `alignment.bf16: auto` (frozen weights stored
+  in bf16 where the CPU multiplies it in hardware, autocast, the reference in bf16). The like-for-like pairs are
+  trl / lexalign (float32) and trl-bf16 / lexalign-bf16; each side is also printed against float32 TRL.
 * `before` (with `--against DIR`): `lexalign align` from another checkout of LexAlign (e.g. `git archive HEAD`
   unpacked into DIR), run by that checkout's copy of this script: a before/after comparison by turns.
 
@@ -128,7 +132,7 @@ def write_inputs(root: Path, vocab: int, pairs: int, hidden: int, layers: int, s
             "longest": lengths[-1], "median": lengths[len(lengths) // 2], "padding": 1 - real / padded}
 
 
-def run_trl(model: str, data: str, out: str, device: str) -> None:
+def run_trl(model: str, data: str, out: str, device: str, bf16: bool = False) -> None:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +143,7 @@ def run_trl(model: str, data: str, out: str, device: str) -> None:
     dataset = load_dataset("json", data_files=data, split="train")
     args = DPOConfig(output_dir=out, per_device_train_batch_size=BATCH, learning_rate=LEARNING_RATE, beta=BETA,
                      num_train_epochs=1, max_length=MAX_LENGTH, seed=0, report_to=[], save_strategy="no",
-                     use_cpu=device == "cpu", bf16=False, activation_checkpointing=False, disable_tqdm=True)
+                     use_cpu=device == "cpu", bf16=bf16, activation_checkpointing=False, disable_tqdm=True)
     trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -147,7 +151,7 @@ def run_trl(model: str, data: str, out: str, device: str) -> None:
     trainer.save_model(out)
 
 
-def run_lexalign(model: str, data: str, out: str, device: str, padding_free: bool = True) -> None:
+def run_lexalign(model: str, data: str, out: str, device: str, padding_free: bool = True, bf16=None) -> None:
     import yaml
 
     from lexalign.cli import main
@@ -159,7 +163,7 @@ def run_lexalign(model: str, data: str, out: str, device: str, padding_free: boo
                       "gradient_accumulation_steps": 1, "num_epochs": 1, "max_length": MAX_LENGTH,
                       "use_lora": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.05,
                       "target_modules": ["q_proj", "v_proj"], "warmup_steps": 0, "weight_decay": 0.0,
-                      "padding_free": padding_free,
+                      "padding_free": padding_free, "bf16": bf16,
                       "save_steps": 100000, "seed": 0, "output_dir": out, "checkpoint_dir": out + "-checkpoints"},
         "device": device,
         "seed": 0,
@@ -174,8 +178,8 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    if side == "trl":
-        run_trl(model, data, out, device)
+    if side in ("trl", "trl-bf16"):
+        run_trl(model, data, out, device, bf16=side == "trl-bf16")
     else:
         if side == "lexalign-unshared":
             from lexalign.train import packed
@@ -185,7 +189,8 @@ def child(side: str, model: str, data: str, out: str, device: str, threads: int)
             from lexalign.models import loading
 
             loading.lean_for_training = lambda model, *args, **kwargs: model
-        run_lexalign(model, data, out, device, padding_free=side != "lexalign-padded")
+        run_lexalign(model, data, out, device, padding_free=side != "lexalign-padded",
+                     bf16="auto" if side == "lexalign-bf16" else None)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -215,7 +220,9 @@ def measure(side: str, inputs: dict, root: Path, tag: str, device: str, threads:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=["trl", "lexalign", "lexalign-padded", "lexalign-unshared",
-                                            "lexalign-not-lean"])
+                                            "lexalign-not-lean", "trl-bf16", "lexalign-bf16"])
+    parser.add_argument("--bf16", action="store_true",
+                        help="also both in bf16: TRL with bf16=True, LexAlign with alignment.bf16: auto")
     parser.add_argument("--ablation", action="store_true",
                         help="also lexalign with padding_free: false, and packed without prompt sharing")
     parser.add_argument("--lean-ablation", action="store_true",
@@ -257,6 +264,7 @@ def main() -> None:
               f"longest {i['longest']}; padded batches of {BATCH} pairs would be {i['padding']:.0%} padding")
     sides = ["trl", "lexalign", *(["lexalign-padded", "lexalign-unshared"] if a.ablation else []),
              *(["lexalign-not-lean"] if a.lean_ablation else []),
+             *(["trl-bf16", "lexalign-bf16"] if a.bf16 else []),
              *(["before"] if a.against else [])]
     for r in range(a.rounds):
         for v in a.vocab:
@@ -285,7 +293,14 @@ def main() -> None:
             if all("cpu_s" in x for x in (*trl, *runs)):  # the processes' CPU time: steadier on a shared machine
                 cpu = sorted(t["cpu_s"] / x["cpu_s"] for t, x in zip(trl, runs, strict=True))
                 print(f"{'':17s} CPU time: TRL / {side} {mid(cpu):.2f}x ({', '.join(f'{x:.2f}' for x in cpu)})")
-        for side in sides[2:]:
+        if a.bf16:  # like for like: both in bf16
+            base, runs = results[(v, "trl-bf16")], results[(v, "lexalign-bf16")]
+            ratios = sorted(t["seconds"] / x["seconds"] for t, x in zip(base, runs, strict=True))
+            memory = sorted(x["peak_mb"] / t["peak_mb"] for t, x in zip(base, runs, strict=True))
+            print(f"bf16 both: lexalign-bf16 vs trl-bf16 {mid(ratios):.2f}x the speed "
+                  f"({', '.join(f'{x:.2f}' for x in ratios)}), {mid(memory):.2f}x the peak memory "
+                  f"({', '.join(f'{x:.2f}' for x in memory)})")
+        for side in [s for s in sides[2:] if s not in ("trl-bf16", "lexalign-bf16")]:
             runs, lex = results[(v, side)], results[(v, "lexalign")]
             gain = sorted(x["seconds"] / y["seconds"] for x, y in zip(runs, lex, strict=True))
             print(f"  lexalign vs {side}: {mid(gain):.2f}x the speed ({', '.join(f'{x:.2f}' for x in gain)}), "

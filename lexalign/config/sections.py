@@ -252,6 +252,10 @@ class TrainingConfig(_FromDict):
     """Evaluate on the eval split every this many steps (default: at the end of each epoch)."""
     seed: int | None = None
     """Training seed (default: the pipeline seed)."""
+    bf16: bool | str | None = None
+    """bf16 training (TRL: bf16): frozen weights stored in bf16, steps autocast to it; fully trained weights stay
+    float32. null: on a GPU that supports it; auto: also on a CPU that multiplies bf16 in hardware (avx512_bf16,
+    AMX); true or false: everywhere or nowhere (lexalign.models.loading.training_bf16)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: float = 32

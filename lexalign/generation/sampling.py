@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from lexalign.core import io, tokens
 from lexalign.core.errors import LexAlignError
+from lexalign.models.loading import native_bf16
 
 FORMAT = 2
 """Bumped when the output's layout or the sampling procedure changes (part of the key). 2: LexAlign's sampler
@@ -71,20 +72,6 @@ ENGINES = ("hf", "vllm")
 """hf: LexAlign's sampler on transformers' forward (the default, every device; generate() where it must);
 vllm: vLLM on a CUDA GPU (the `vllm` extra)."""
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
-    AMX tiles (oneDNN's bf16 kernels: the sampler ran 1.9x its float32 speed on a Zen 4, BENCHMARKS.md)."""
-    import torch
-
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if str(device) != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,41 @@ def check_weights_format(path: Path, allow_pickle: bool) -> bool:
     return not pickled
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with avx512_bf16 or
+    AMX tiles (oneDNN's bf16 kernels: the sampler ran 1.9x its float32 speed on a Zen 4, BENCHMARKS.md)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if str(device) != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+BF16_CHOICES = (None, True, False, "auto")
+
+
+def training_bf16(device: str, bf16: bool | str | None = None) -> bool:
+    """Whether a training job (and the reference step, which must match it) runs in bf16: frozen weights stored
+    in bf16, the Trainer's steps autocast to it. The finetune/alignment section's `bf16`: None (unset) on a GPU
+    that supports it, float32 on a CPU; `auto` wherever the device multiplies bf16 in hardware (a CPU with
+    avx512_bf16 or AMX too: 1.3x the float32 job's speed on SmolLM2, BENCHMARKS.md); True or False as said."""
+    if bf16 is None:
+        return str(device).startswith("cuda") and native_bf16(device)
+    if bf16 == "auto":
+        return native_bf16(device)
+    return bool(bf16)
+
+
 def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, trust_remote_code: bool = False,
-                   allow_pickle: bool = False, train_all_weights: bool = False):
+                   allow_pickle: bool = False, train_all_weights: bool = False, bf16: bool | str | None = None):
     """Load a causal LM from safetensors; 4-bit NF4 through bitsandbytes for QLoRA.
 
-    On a GPU with bf16, frozen weights (LoRA's base, a reference) are stored in bf16. Weights that are all
+    Where training runs in bf16 (`training_bf16(device, bf16)`: a GPU with bf16 unless the config says
+    otherwise), frozen weights (LoRA's base, a reference) are stored in bf16. Weights that are all
     trained (`train_all_weights`, full fine-tuning) stay fp32 and the Trainer autocasts to bf16: AdamW's
     updates at alignment learning rates (1e-6 of a weight) are far below bf16's resolution (2**-8 of it)
     and would round away.
@@ -111,7 +141,7 @@ def load_causal_lm(path: str | Path, device: str, quantize_4bit: bool = False, t
 
             apply_liger(model)
         return model
-    elif device == "cuda" and torch.cuda.is_bf16_supported() and not train_all_weights:
+    elif training_bf16(device, bf16) and not train_all_weights:
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.float32

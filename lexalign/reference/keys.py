@@ -113,13 +113,13 @@ def tokenizer_hash(tokenizer_path: str | Path) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def compute_dtype(device: str, load_in_4bit: bool = False) -> str:
-    """The dtype the reference runs in: the policy's (see models.load_causal_lm)."""
-    import torch
+def compute_dtype(device: str, load_in_4bit: bool = False, bf16: bool | str | None = None) -> str:
+    """The dtype the reference runs in: the policy's (see models.load_causal_lm; `bf16`: the alignment's)."""
+    from lexalign.models.loading import training_bf16
 
     if load_in_4bit:
         return "nf4"
-    return "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if training_bf16(device, bf16) else "float32"
 
 
 def reference_key(model_path: str | Path, tokenizer_path: str | Path, splits: dict[str, Groups], layout: str,

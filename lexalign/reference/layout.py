@@ -1,9 +1,9 @@
 """The groups of a validated split as a trainer sees them, and the names of reference files. Pure Python.
 
 A reference file is named by what its log-probs depend on besides the data: the
-layout (`lexalign.methods`: `pairs`, `unpaired` or `k<K>`), `max_length` and
-4-bit loading (`setting_name`), never beta or the loss, so runs differing only
-there share it. Snakemake reads these names when it plans (`SETTING_PATTERN`,
+layout (`lexalign.methods`: `pairs`, `unpaired` or `k<K>`), `max_length`, 4-bit
+loading and the `bf16` setting (`setting_name`), never beta or the loss, so runs
+differing only there share it. Snakemake reads these names when it plans (`SETTING_PATTERN`,
 `parse_setting`): nothing here imports pandas or torch.
 """
 
@@ -18,8 +18,11 @@ from lexalign.methods import Layout
 
 TRUNCATION_MODE = "keep_start"
 """DPOConfig's default, which align uses: longer sequences lose their end."""
-SETTING_PATTERN = rf"({methods.LAYOUT_PATTERN})-(max\d+|full)(-nf4)?"
-"""A reference file's name (without .parquet): layout, max_length and 4-bit loading."""
+BF16_SUFFIXES = {True: "-bf16", False: "-fp32", "auto": "-bf16auto"}
+"""The alignment's `bf16` in a reference file's name (unset: nothing): the dtype the log-probs are computed in
+follows it (`lexalign.models.loading.training_bf16`) and the file's key records the one it resolved to."""
+SETTING_PATTERN = rf"({methods.LAYOUT_PATTERN})-(max\d+|full)(-nf4)?(-bf16auto|-bf16|-fp32)?"
+"""A reference file's name (without .parquet): layout, max_length, 4-bit loading and bf16."""
 
 
 def layout_for(alignment: dict) -> str:
@@ -28,17 +31,18 @@ def layout_for(alignment: dict) -> str:
 
 
 def setting_name(alignment: dict) -> str:
-    """The reference file an alignment reads: its layout, max_length and 4-bit loading."""
+    """The reference file an alignment reads: its layout, max_length, 4-bit loading and bf16."""
     length = f"max{alignment['max_length']}" if alignment["max_length"] else "full"
     quant = "-nf4" if alignment["load_in_4bit"] else ""
-    return f"{layout_for(alignment)}-{length}{quant}"
+    return f"{layout_for(alignment)}-{length}{quant}{BF16_SUFFIXES.get(alignment.get('bf16'), '')}"
 
 
 def parse_setting(name: str) -> dict:
     """The reference step's `setting` from a file name made by `setting_name`."""
-    layout, length, quant = re.fullmatch(SETTING_PATTERN, name).groups()
+    layout, length, quant, bf16 = re.fullmatch(SETTING_PATTERN, name).groups()
     return {"layout": layout, "max_length": int(length[3:]) if length != "full" else None,
-            "truncation_mode": TRUNCATION_MODE, "load_in_4bit": quant is not None}
+            "truncation_mode": TRUNCATION_MODE, "load_in_4bit": quant is not None,
+            "bf16": {suffix: value for value, suffix in BF16_SUFFIXES.items()}.get(bf16)}
 
 
 def responses(layout: str) -> int:

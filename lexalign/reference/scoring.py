@@ -89,7 +89,7 @@ def scored_piece(model, tokens, max_length: int | None, truncation_mode: str, de
 
 
 def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trust_remote_code: bool,
-                         stack: contextlib.ExitStack):
+                         stack: contextlib.ExitStack, bf16: bool | str | None = None):
     """The reference model as align's policy starts: the SFT weights (an adapter alone merged into its base)."""
     from trl.trainer.utils import disable_dropout_in_model
 
@@ -102,7 +102,8 @@ def load_reference_model(model_path: Path, device: str, load_in_4bit: bool, trus
         merged = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lexalign-reference-")))
         models.merged_model(path, Path(base), trust_remote_code).save_pretrained(merged, safe_serialization=True)
         path = merged
-    model = models.load_causal_lm(path, device, quantize_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    model = models.load_causal_lm(path, device, quantize_4bit=load_in_4bit, trust_remote_code=trust_remote_code,
+                                  bf16=bf16)
     if not load_in_4bit:
         model.to(device)
     model.eval()
@@ -116,7 +117,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
                       device: str = "cpu", load_in_4bit: bool = False, trust_remote_code: bool = False,
                       tokenizer_path: str | Path | None = None, cache_dir: str | Path | None = None,
                       workers: int | None = None, token_tables: dict | None = None,
-                      share: Share | None = None) -> dict | None:
+                      share: Share | None = None, bf16: bool | str | None = None) -> dict | None:
     """Compute the reference log-probs of every train and eval group into `output` (parquet); return a summary.
 
     `share` (a launched step, `lexalign.core.shares`): this process scores its share of the batches, and the main
@@ -128,7 +129,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     tokenizer_path = Path(tokenizer_path or model_path)
     k = responses(layout)  # validates the layout, before any work
     splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
-    dtype = compute_dtype(device, load_in_4bit)
+    dtype = compute_dtype(device, load_in_4bit, bf16)  # the policy's (the alignment's `bf16`)
     # The key hashes the weights: only the main process, which writes the file, needs it.
     key = reference_key(model_path, tokenizer_path, splits, layout, max_length, truncation_mode, load_in_4bit,
                         dtype) if share.main else None
@@ -140,7 +141,7 @@ def compute_reference(model_path: str | Path, train: pd.DataFrame, evals: pd.Dat
     tokenized = time.perf_counter() - started
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     with contextlib.ExitStack() as stack:
-        model = load_reference_model(model_path, device, load_in_4bit, trust_remote_code, stack)
+        model = load_reference_model(model_path, device, load_in_4bit, trust_remote_code, stack, bf16)
         started = time.perf_counter()
         pieces = {name: scored_piece(model, tokens[name], max_length, truncation_mode, device, autocast, None, share)
                   for name in splits}
@@ -218,7 +219,7 @@ def is_current(path: str | Path, model_path: str | Path, tokenizer_path: str | P
     splits = {"train": split_groups(train, layout), "eval": split_groups(evals, layout)}
     expected = reference_key(model_path, tokenizer_path, splits, layout, setting["max_length"],
                              setting["truncation_mode"], setting["load_in_4bit"],
-                             compute_dtype(device, setting["load_in_4bit"]))
+                             compute_dtype(device, setting["load_in_4bit"], setting.get("bf16")))
     try:
         return read_key(path).get("key") == expected["key"]
     except LexAlignError:

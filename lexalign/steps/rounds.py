@@ -196,7 +196,8 @@ def online_reference(*, model: str | Path, data: str | Path, selection: str | Pa
         summary = compute_reference(model, train, evals, output, layout=setting["layout"],
                                     max_length=setting["max_length"], truncation_mode=setting["truncation_mode"],
                                     device=resolve_device(device), load_in_4bit=setting["load_in_4bit"],
-                                    trust_remote_code=trust_remote_code, token_tables=tables, share=share)
+                                    trust_remote_code=trust_remote_code, token_tables=tables, share=share,
+                                    bf16=setting.get("bf16"))
     if summary is None:
         return None  # not the main process: it writes the file and says so
     spread = f" over {summary['processes']} processes" if summary["processes"] > 1 else ""

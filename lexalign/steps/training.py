@@ -39,7 +39,7 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
     from lexalign.reference.scoring import compute_reference, is_current
 
     setting = {"layout": Layout.PAIRS.value, "max_length": 512, "truncation_mode": "keep_start",
-               "load_in_4bit": False, **(setting or {})}
+               "load_in_4bit": False, "bf16": None, **(setting or {})}
     layout = setting["layout"]
     kind = parse_layout(layout)[0]
     train, evals = read_validated(data, gated=True)
@@ -53,7 +53,8 @@ def reference(*, model: str | Path, data: str | Path, output: str | Path, settin
         summary = compute_reference(model, train, evals, output, layout=layout, max_length=setting["max_length"],
                                     truncation_mode=setting["truncation_mode"], device=resolve_device(device),
                                     load_in_4bit=setting["load_in_4bit"], trust_remote_code=trust_remote_code,
-                                    tokenizer_path=tokenizer, cache_dir=cache_dir, share=share)
+                                    tokenizer_path=tokenizer, cache_dir=cache_dir, share=share,
+                                    bf16=setting["bf16"])
     if summary is None:
         return None  # not the main process: it writes the file and says so
     cached = f", tokens from the cache ({', '.join(summary['token_cache'])})" if summary["token_cache"] else ""

@@ -122,7 +122,8 @@ def load_policy(job: AlignJob, device: str):
     job.sft_path = sft_weights(job)
     tokenizer = models.load_tokenizer(job.tokenizer_path or job.model_path, job.trust_remote_code)
     model = models.load_causal_lm(job.sft_path, device, quantize_4bit=job.cfg.load_in_4bit,
-                                   trust_remote_code=job.trust_remote_code, train_all_weights=not job.cfg.use_lora)
+                                   trust_remote_code=job.trust_remote_code, train_all_weights=not job.cfg.use_lora,
+                                   bf16=job.cfg.bf16)
     return models.lean_for_training(model, device, job.cfg.load_in_4bit), tokenizer
 
 
@@ -144,8 +145,8 @@ def reference_datasets(job: AlignJob, device: str):
     path = _reference_file(job.reference_path)
     expected = reference_key(job.reference_model_path or job.model_path,
                                        job.tokenizer_path or job.model_path, splits, layout, cfg.max_length,
-                                       TRUNCATION_MODE, cfg.load_in_4bit, compute_dtype(device,
-                                                                                                  cfg.load_in_4bit))
+                                       TRUNCATION_MODE, cfg.load_in_4bit,
+                                       compute_dtype(device, cfg.load_in_4bit, cfg.bf16))
     check_key(path, read_key(path), expected)
     tables = load_reference(path)
     print(f"Reference log-probs: {path} ({tables['train'].num_rows} train, {tables['eval'].num_rows} eval groups)",

@@ -43,7 +43,7 @@ class FinetuneJob(TrainingJob):
         tokenizer = models.load_tokenizer(self.model_path, self.trust_remote_code)
         model = models.load_causal_lm(self.model_path, device, quantize_4bit=self.cfg.method == "qlora",
                                        trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
-                                       train_all_weights=self.cfg.method == "full")
+                                       train_all_weights=self.cfg.method == "full", bf16=self.cfg.bf16)
         model = models.lean_for_training(model, device, self.cfg.method == "qlora")
         has_eval = len(self.eval) > 0
         args = SFTConfig(

@@ -23,14 +23,14 @@ from lexalign.train.callbacks import CONFIG_HASH_FILE
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def gpu_defaults(device: str) -> dict:
-    """Training arguments switched on on a GPU: bf16 autocast where supported, gradient checkpointing.
-    On the CPU each would cost time. (Liger's kernels are applied as the model loads, see kernels.py;
-    the Trainer's `use_liger_kernel` would patch transformers process-wide.)"""
-    import torch
+def gpu_defaults(device: str, bf16: bool | str | None = None) -> dict:
+    """Training arguments switched on on a GPU: bf16 autocast where supported (or where the config's `bf16`
+    says, `models.loading.training_bf16`), gradient checkpointing (on the CPU it would cost time). (Liger's
+    kernels are applied as the model loads, see kernels.py; the Trainer's `use_liger_kernel` would patch
+    transformers process-wide.)"""
+    from lexalign.models.loading import training_bf16
 
-    on_gpu = device == "cuda"
-    return {"bf16": on_gpu and torch.cuda.is_bf16_supported(), checkpointing_argument(): on_gpu}
+    return {"bf16": training_bf16(device, bf16), checkpointing_argument(): device == "cuda"}
 
 
 def checkpointing_argument() -> str:
@@ -94,7 +94,7 @@ def trainer_arguments(cfg: TrainingConfig, device: str, checkpoint_dir: Path, ha
         "data_seed": cfg.seed if cfg.seed is not None else seed,
         "use_cpu": device == "cpu",
         "fp16": False,
-        **gpu_defaults(device),
+        **gpu_defaults(device, cfg.bf16),
         "report_to": tensorboard_reporting(cfg, checkpoint_dir),
         "disable_tqdm": True,
         "save_only_model": False,
@@ -201,11 +201,24 @@ def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: 
     elif adapter and merge:
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as adapter_dir:
             model.save_pretrained(adapter_dir, safe_serialization=True, **weights)
+            if state_dict is None:  # gathered weights (FSDP, ZeRO-3) stay as the launcher's processes left them
+                release_weights(model)
             merged = merged_model(Path(adapter_dir), base_path, trust_remote_code)
         merged.save_pretrained(out_dir, safe_serialization=True)
     else:
         model.save_pretrained(out_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(out_dir)
+
+
+def release_weights(model) -> None:
+    """Free the trained model's weights (its adapter is saved by now, and nothing reads it after the save) before
+    the base is loaded again in float32 to merge into: both at once were a bf16 job's peak on the CPU. A 4-bit
+    model keeps them (bitsandbytes' parameters do not move to the meta device)."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(base, "hf_quantizer", None) is None:
+        model.to_empty(device="meta")
 
 
 def merges_in_place(model) -> bool:
