@@ -192,6 +192,8 @@ def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: 
     """
     import tempfile
 
+    from lexalign.models.merge import merge_into_files
+
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {"state_dict": state_dict} if state_dict is not None else {}
     if adapter and merge and state_dict is None and merges_in_place(model):
@@ -203,8 +205,11 @@ def save_trained_model(trainer, tokenizer, out_dir: Path, adapter: bool, merge: 
             model.save_pretrained(adapter_dir, safe_serialization=True, **weights)
             if state_dict is None:  # gathered weights (FSDP, ZeRO-3) stay as the launcher's processes left them
                 release_weights(model)
-            merged = merged_model(Path(adapter_dir), base_path, trust_remote_code)
-        merged.save_pretrained(out_dir, safe_serialization=True)
+            # A plain LoRA goes into the base's files tensor by tensor (no float32 copy of the model in memory);
+            # anything else through PEFT into the base loaded again.
+            if not merge_into_files(Path(adapter_dir), Path(base_path), out_dir):
+                merged_model(Path(adapter_dir), base_path, trust_remote_code).save_pretrained(
+                    out_dir, safe_serialization=True)
     else:
         model.save_pretrained(out_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(out_dir)
