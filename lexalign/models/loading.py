@@ -81,9 +81,6 @@ def native_bf16(device: str) -> bool:
     return any(check() for check in checks if check is not None)
 
 
-BF16_CHOICES = (None, True, False, "auto")
-
-
 def training_bf16(device: str, bf16: bool | str | None = None) -> bool:
     """Whether a training job (and the reference step, which must match it) runs in bf16: frozen weights stored
     in bf16, the Trainer's steps autocast to it. The finetune/alignment section's `bf16`: None (unset) on a GPU
