@@ -85,7 +85,7 @@ def training_bf16(device: str, bf16: bool | str | None = None) -> bool:
     """Whether a training job (and the reference step, which must match it) runs in bf16: frozen weights stored
     in bf16, the Trainer's steps autocast to it. The finetune/alignment section's `bf16`: None (unset) on a GPU
     that supports it, float32 on a CPU; `auto` wherever the device multiplies bf16 in hardware (a CPU with
-    avx512_bf16 or AMX too: 1.3x the float32 job's speed on SmolLM2, BENCHMARKS.md); True or False as said."""
+    avx512_bf16 or AMX too: 1.2x the float32 job's speed on SmolLM2, BENCHMARKS.md); True or False as said."""
     if bf16 is None:
         return str(device).startswith("cuda") and native_bf16(device)
     if bf16 == "auto":
