@@ -181,6 +181,8 @@ rule online_evaluate:
         reference_name=lambda wc: start_name() if online_reference_model(wc) == sft_model() else f"round {int(wc.r) - 1}",
         seed=config["seed"],
         device=config["device"],
+        # The SFT model's answers, decoded by the first round's evaluation and read back by the others.
+        cache_dir=f"{RESULTS}/cache/answers",
     conda:
         conda_env()
     log:

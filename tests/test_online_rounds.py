@@ -175,6 +175,14 @@ def test_the_demo_rounds_end_to_end(demo_rounds):
     assert lineage["rounds"][1]["policy"].endswith("round-1/model")  # round 2 sampled from round 1's model
     assert lineage["rounds"][0]["policy"].endswith("models/base")
     assert all(h["evaluation"]["win_rate"] is not None for h in lineage["rounds"])
+    # The SFT model's held-out answers are decoded by round 1's evaluation and read back by round 2's: the same
+    # answers, and round 2's log says where they came from.
+    evaluations = [json.loads((results / f"round-{r}" / "eval.json").read_text()) for r in (1, 2)]
+    assert [s["sft"] for s in evaluations[0]["samples"]] == [s["sft"] for s in evaluations[1]["samples"]]
+    assert evaluations[0]["judge"]["mean_reward_sft"] == evaluations[1]["judge"]["mean_reward_sft"]
+    logs = [(workdir / "logs" / "online" / f"round-{r}" / "evaluate.log").read_text() for r in (1, 2)]
+    assert "from the cache" not in logs[0] and "The SFT model's answers to the" in logs[1]
+    assert len(list((workdir / "results" / "cache" / "answers").glob("*.json"))) == 1  # held-out only: no plain
     polite = [h["selection"]["mean_score"] for h in lineage["rounds"]]
     print("judged polite rate of each round's samples:", polite)
     # Alignment works from prompts alone: round 1's model samples polite answers far more often than SFT did
@@ -284,3 +292,34 @@ def test_preference_data_with_an_eval_split_sets_nothing_aside(tmp_path):
     pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(data / "eval.parquet")  # no eval split
     written = online_prompts(output=tmp_path / "b.json", prompts=section, seed=0, data=data)
     assert written == {"prompts": 2, "held_out": 1}
+
+
+def test_cached_answers_are_keyed_by_what_they_depend_on(tmp_path, zoo_models):
+    """The evaluate step's cache of the SFT model's answers: a second call with the same inputs reads them back; a
+    change of the prompts, the decoding, the device or the weights decodes again; a damaged file is decoded again."""
+    from lexalign.evaluation.answers import cached_answers
+
+    model, other = zoo_models("llama3"), zoo_models("gemma")
+    calls = []
+
+    def answer(prompts):
+        calls.append(list(prompts))
+        return [{"text": f"answer to {p}", "tokens": 3, "capped": False} for p in prompts]
+
+    decoding = {"max_new_tokens": 8, "batch_size": 2, "chat": True}
+    first, hit = cached_answers(tmp_path, model, model, "cpu", ["a", "b"], decoding, answer)
+    assert not hit and len(calls) == 1
+    again, hit = cached_answers(tmp_path, model, model, "cpu", ["a", "b"], decoding, answer)
+    assert hit and again == first and len(calls) == 1
+    for changed in ((model, "cpu", ["a", "c"], decoding), (model, "cpu", ["a", "b"], {**decoding, "batch_size": 4}),
+                    (model, "cuda", ["a", "b"], decoding), (other, "cpu", ["a", "b"], decoding)):
+        weights, device, prompts, settings = changed
+        _, hit = cached_answers(tmp_path, weights, model, device, prompts, settings, answer)
+        assert not hit
+    assert len(calls) == 5
+    for file in tmp_path.glob("*.json"):
+        file.write_text("{not json")
+    _, hit = cached_answers(tmp_path, model, model, "cpu", ["a", "b"], decoding, answer)
+    assert not hit and len(calls) == 6
+    assert cached_answers(None, model, model, "cpu", ["a"], decoding, answer)[1] is False and len(calls) == 7
+    assert cached_answers(tmp_path, model, model, "cpu", [], decoding, answer) == ([], False) and len(calls) == 7

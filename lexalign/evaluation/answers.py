@@ -3,9 +3,46 @@ estimate on answers sampled from the aligned model."""
 
 from __future__ import annotations
 
-from lexalign.core import tokens
+from collections.abc import Callable
+from pathlib import Path
+
+from lexalign.core import io, tokens
 from lexalign.core.shares import Share, chunks, piece
 from lexalign.core.tokens import pad_id
+
+ANSWERS_FORMAT = 1
+"""Bumped when greedy answering changes what it returns for the same model and prompts (part of the cache key)."""
+
+
+def cached_answers(cache_dir: str | Path | None, model_dir: str | Path, tokenizer_dir: str | Path, device: str,
+                   prompts: list[str], decoding: dict, answer: Callable[[list[str]], list]) -> tuple[list, bool]:
+    """`answer(prompts)`: a model's greedy answers, kept in `cache_dir` under a key of everything they depend on
+    (the weights, the tokenizer, the prompts, the decoding, the device, LexAlign's and torch's versions), and
+    whether they came from there. Every round's evaluation answers with the starting model on the same held-out
+    prompts: the rounds after the first read its answers instead of decoding them again. `cache_dir` None: no
+    cache. A cache file is only an optimisation (written atomically; a damaged one is answered again)."""
+    if not prompts:
+        return [], False
+    if cache_dir is None:
+        return answer(prompts), False
+    import torch
+
+    import lexalign
+    from lexalign.reference.keys import tokenizer_hash, weights_hash
+
+    key = {"format": ANSWERS_FORMAT, "weights": weights_hash(model_dir), "tokenizer": tokenizer_hash(tokenizer_dir),
+           "prompts": prompts, "decoding": decoding, "device": device, "lexalign": lexalign.__version__,
+           "torch": torch.__version__}
+    path = Path(cache_dir) / f"{io.hash_object(key)}.json"
+    try:
+        kept = io.read_json(path)
+        if kept.get("key") == key and len(kept.get("answers") or []) == len(prompts):
+            return kept["answers"], True
+    except (OSError, ValueError):
+        pass
+    answers = answer(prompts)
+    io.write_json(path, {"key": key, "answers": answers})
+    return answers, False
 
 
 def _prompt_batch(tokenizer, prompts: list[str], chat: bool, device):

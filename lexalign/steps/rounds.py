@@ -8,6 +8,7 @@ select (pairs or ranked groups) → the offline validate step → reference (of 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -209,12 +210,14 @@ def online_reference(*, model: str | Path, data: str | Path, selection: str | Pa
 def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path, prompts: str | Path,
                     output: str | Path, number: int, evaluate: dict, held_out: dict, reference_name: str,
                     seed: int = 42, data: str | Path | list | None = None,
-                    reward_model: str | Path | list | None = None, device: str = "auto") -> dict:
+                    reward_model: str | Path | list | None = None, device: str = "auto",
+                    cache_dir: str | Path | None = None) -> dict:
     """Round `number`'s model against the SFT model on held-out prompts, greedy (the evaluate step's pieces): the
     judge's win rate with its bootstrap interval and both models' mean judged score, the answer lengths, and the
-    Monte Carlo KL(round model ‖ the round's reference) on samples of the round model, into `output` (json)."""
+    Monte Carlo KL(round model ‖ the round's reference) on samples of the round model, into `output` (json).
+    `cache_dir`: the SFT model's answers are kept there, so only the first round decodes them."""
     from lexalign.config.sections import EvaluateConfig
-    from lexalign.evaluation.answers import generate_answers, kl_estimate, length_summary
+    from lexalign.evaluation.answers import cached_answers, generate_answers, kl_estimate, length_summary
     from lexalign.generation import judges
     from lexalign.generation.prompts import held_out_prompts
     from lexalign.generation.sampling import question, render_prompts
@@ -233,10 +236,21 @@ def online_evaluate(*, model: str | Path, sft: str | Path, reference: str | Path
     plain, _ = render_prompts(tokenizer, source.get("plain") or [], False)
     policy = load_causal_lm(model, device).to(device).eval()
     baseline = load_causal_lm(sft, device).to(device).eval()
-    answers = {name: generate_answers(m, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, chat)
-               for name, m in (("sft", baseline), ("aligned", policy))}
-    plain_answers = {name: generate_answers(m, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size, chat)
-                     for name, m in (("sft", baseline), ("aligned", policy))} if plain else None
+    decoding = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "chat": chat}
+
+    def answered(m, prompts):
+        return generate_answers(m, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, chat)
+
+    # The SFT model's answers are the same every round (same prompts, greedy): decoded once, then read back.
+    start = {}
+    for name, prompts in (("held-out", texts), ("plain", plain)):
+        start[name], hit = cached_answers(cache_dir, sft, model, device, prompts, decoding,
+                                          functools.partial(answered, baseline))
+        if hit:
+            print(f"The SFT model's answers to the {len(prompts)} {name} prompts: from the cache ({cache_dir})",
+                  flush=True)
+    answers = {"sft": start["held-out"], "aligned": answered(policy, texts)}
+    plain_answers = {"sft": start["plain"], "aligned": answered(policy, plain)} if plain else None
     held_to = baseline if Path(reference).resolve() == Path(sft).resolve() else \
         load_causal_lm(reference, device).to(device).eval()
     kl = kl_estimate(policy, held_to, tokenizer, texts, cfg.max_new_tokens, seed, cfg.batch_size, chat)
