@@ -13,6 +13,8 @@ of its own with the example's settings but for the sizes below:
 3. `rounds DPO`: `rounds` on-policy rounds of `per-round` prompts each, best vs worst, `steps` steps a round.
 4. `rounds GDPO`: the same rounds, all K samples ranked (GDPO, K = samples per prompt).
 
+`--sft-weight W` trains both DPO arms on DPO plus W x the chosen answers' NLL (RPO; TRL's `loss_type: [sigmoid, sft]`).
+
 Every arm sees the same number of prompts, samples and optimizer steps (`max_steps`: each job trains exactly that
 many, whatever its data holds). The prompts are the example's: base tasks x one of eight IFEval instructions;
 training uses 30 base tasks, the held-out prompts 10 others and MT-Bench's 80 questions, each with an instruction.
@@ -63,6 +65,9 @@ def arm_config(example: dict, arm: str, args) -> dict:
     online["sampling"]["max_new_tokens"] = args.tokens
     steps = args.steps * (args.rounds if offline else 1)
     online["alignment"] = {"max_steps": steps, "num_epochs": 1000}  # max_steps ends every job at exactly `steps`
+    if args.sft_weight and arm != "rounds GDPO":
+        # DPO plus the chosen answers' NLL (RPO; TRL's loss_type sft): the followed answers are also imitated.
+        online["alignment"].update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, args.sft_weight])
     if arm == "rounds GDPO":
         online["select"] = "ranked"
         online["alignment"].update(method="gdpo", group_delay_size=args.samples, group_delay_weight=0.5)
@@ -168,6 +173,9 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--reference", choices=["previous", "sft"], default="previous",
                         help="the rounds' online.reference (offline DPO's one round is held to the start either way)")
+    parser.add_argument("--sft-weight", type=float, default=0.0,
+                        help="the DPO arms (offline and rounds) add the chosen answers' NLL with this weight "
+                             "(loss_type [sigmoid, sft]); GDPO's loss is its own")
     parser.add_argument("--plain-questions", type=int, default=2, help="MT-Bench questions also asked plainly")
     parser.add_argument("--assets", type=Path, help="a folder lexalign fetch smollm2 wrote (default: fetched)")
     parser.add_argument("--keep", type=Path, help="work here (kept; finished arms are not run again)")
@@ -239,7 +247,8 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, IFEval instructions, {len(rows)} held-out prompts (base tasks no round trains "
           f"on), greedy, {args.tokens} new tokens; {args.rounds} rounds x {args.per_round} prompts x K = "
           f"{args.samples}, {args.steps} steps a round (offline: one round of {args.rounds * args.per_round} "
-          f"prompts, {args.rounds * args.steps} steps); rounds' reference: {args.reference}; seed {seed}; "
+          f"prompts, {args.rounds * args.steps} steps); rounds' reference: {args.reference}; "
+          f"DPO arms' SFT weight: {args.sft_weight}; seed {seed}; "
           "bootstrap 95% intervals over prompts")
     print(header)
     print("-" * len(header))

@@ -181,7 +181,7 @@ class Cluster:
         # Inside a job the executor's job step runs the rule with every SLURM_* variable removed,
         # SLURM_CONF included: srun and scontrol put this cluster's config back (a real node has /etc/slurm).
         self.bin.mkdir(exist_ok=True)
-        for tool in ("srun", "scontrol"):
+        for tool in ("srun", "scontrol", "sinfo"):
             wrapper = self.bin / tool
             wrapper.write_text(f'#!/bin/sh\nSLURM_CONF="{self.conf}" exec {shutil.which(tool)} "$@"\n')
             wrapper.chmod(0o755)

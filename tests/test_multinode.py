@@ -53,7 +53,9 @@ def _config(workdir: Path) -> dict:
     write_jsonl(workdir / "data/preferences/train.jsonl", task.preference_rows(0, 64))
     path = workdir / "config/config.yaml"
     config = yaml.safe_load(path.read_text())
-    config["device"] = "cpu"
+    # device is left at its default, auto, as a user's is: the cluster's nodes have no GPUs, so the jobs must ask
+    # SLURM for none (sinfo says so; a --gres=gpu request would be refused at submission).
+    assert config["device"] == "auto"
     config["finetune"]["method"] = "none"  # align the demo model itself: no SFT job
     config["preference_data"].update(source="local", path="data/preferences", eval_fraction=0.1)
     config["alignment"].update(max_steps=STEPS, batch_size=BATCH, logging_steps=1, save_steps=SAVE_STEPS,
@@ -229,6 +231,11 @@ def test_the_job_spans_both_nodes(two_nodes):
     assert "Training on 2 nodes × 1 processes" in log, log[-3000:]
     assert "Node 0 of 2 (lxnode1)" in log and "Node 1 of 2 (lxnode2)" in log, log[-3000:]
     assert "[rank 0/2] on node lxnode1" in log and "[rank 1/2] on node lxnode2" in log, log[-3000:]
+
+
+def test_device_auto_asks_a_cpu_cluster_for_no_gpus(two_nodes):
+    job = two_nodes["job"]  # scontrol show job, of the align job
+    assert "NumNodes=2" in job and "gres/gpu" not in job and "TresPerNode" not in job, job
 
 
 def test_a_cancelled_job_resumes_from_the_checkpoint_it_wrote(two_nodes):

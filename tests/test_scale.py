@@ -16,7 +16,14 @@ import yaml
 from lexalign.config.loader import validate_config
 from lexalign.core.errors import LexAlignError
 from lexalign.pipeline.launch import launch_command
-from lexalign.pipeline.scale import check_nodes, num_nodes, num_processes, scale_resources
+from lexalign.pipeline.scale import (
+    check_nodes,
+    cluster_has_gpus,
+    gpu_request,
+    num_nodes,
+    num_processes,
+    scale_resources,
+)
 from workflow import SNAKEMAKE, copy_workflow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +43,44 @@ def test_scale_defaults_to_one_node_and_the_gpu_resources():
     assert resources == {"nodes": 1, "accelerate_config": "config/accelerate/ddp.yaml", "collective_timeout": 1800,
                          "gres": "gpu:1"}
     assert num_processes(resources) == 1 and num_nodes(resources) == 1
+    # device auto on a SLURM cluster whose sinfo lists no GPUs asks for none: sbatch would refuse --gres=gpu.
+    on_cpus = scale_resources(scale, "align", "auto", cluster_gpus=False)
+    assert "gres" not in on_cpus and num_processes(on_cpus) == 1
+
+
+@pytest.mark.parametrize("device, per_node, cluster_gpus, expected", [
+    ("cuda", None, None, "gpu:1"), ("cuda", 4, False, "gpu:4"),  # cuda is what the config says, whatever sinfo says
+    ("auto", 2, True, "gpu:2"), ("auto", None, None, "gpu:1"),   # no sinfo, or a dry run: as cuda
+    ("auto", 2, False, ""), ("cpu", 2, True, ""),
+])
+def test_the_gpu_request_follows_the_device_and_the_cluster(device, per_node, cluster_gpus, expected):
+    assert gpu_request(device, per_node, cluster_gpus) == expected
+
+
+@pytest.mark.parametrize("printed, code, expected", [
+    ("(null)\n(null)\n", 0, False),                       # a CPU cluster (the test cluster's own answer)
+    ("(null)\ngpu:a100:4(S:0-1)\n", 0, True),              # one GPU partition among CPU ones
+    ("tmpdisk:100,gpu:2\n", 0, True),                      # GPUs beside another GRES
+    ("gpudirect:1\n", 0, False),                           # a GRES whose name only starts with gpu
+    ("", 1, None),                                         # sinfo fails (no controller)
+])
+def test_sinfo_says_whether_the_cluster_has_gpus(tmp_path, printed, code, expected):
+    sinfo = tmp_path / "sinfo"
+    (tmp_path / "out").write_text(printed)
+    sinfo.write_text(f'#!/bin/sh\n[ "$1 $2" = "--noheader --format=%G" ] || exit 9\n'
+                     f'cat {tmp_path / "out"}\nexit {code}\n')
+    sinfo.chmod(0o755)
+    assert cluster_has_gpus(str(sinfo)) is expected
+
+
+def test_a_sinfo_that_hangs_or_is_missing_says_nothing(tmp_path):
+    sinfo = tmp_path / "sinfo"
+    sinfo.write_text("#!/bin/sh\nexec sleep 30\n")
+    sinfo.chmod(0o755)
+    started = __import__("time").monotonic()
+    assert cluster_has_gpus(str(sinfo), timeout=0.5) is None
+    assert __import__("time").monotonic() - started < 10
+    assert cluster_has_gpus(str(tmp_path / "missing")) is None
 
 
 def test_two_gpu_nodes_ask_for_one_task_per_node_and_the_gpus_of_each():

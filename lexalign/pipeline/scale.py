@@ -4,6 +4,8 @@ accelerate config and the collective timeout of each training and scoring step, 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 from lexalign.core.errors import LexAlignError
 
@@ -62,13 +64,39 @@ def num_nodes(resources) -> int:
     return max(int(value), 1) if value not in (None, "") else 1
 
 
-def scale_resources(scale: dict, section: str, device: str) -> dict:
+def cluster_has_gpus(sinfo: str | None = None, timeout: float = 10) -> bool | None:
+    """Whether any node of this machine's SLURM cluster has GPUs, by the GRES column of `sinfo` ("gpu:a100:4(S:0-1)",
+    "(null)"); None when there is no sinfo or it cannot answer in `timeout` seconds (no controller, say)."""
+    sinfo = sinfo or shutil.which("sinfo")
+    if not sinfo:
+        return None
+    try:
+        done = subprocess.run([sinfo, "--noheader", "--format=%G"], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    entries = [entry.strip() for line in done.stdout.splitlines() for entry in line.split(",")]
+    return any(re.match(r"gpu(:|\(|$)", entry) for entry in entries)
+
+
+def gpu_request(device: str, per_node: int | None, cluster_gpus: bool | None) -> str:
+    """The `gres` a step asks for: `gpu:<processes per node>` with device cuda, and with device auto unless the
+    cluster is known to have no GPUs (`cluster_gpus` False: sinfo lists none, so asking would be refused); none
+    with device cpu ("": no GRES)."""
+    if device == "cpu" or (device == "auto" and cluster_gpus is False):
+        return ""
+    return f"gpu:{per_node or 1}"
+
+
+def scale_resources(scale: dict, section: str, device: str, cluster_gpus: bool | None = None) -> dict:
     """The resources of a rule from the config's `scale` section (`section`: one of SCALE_SECTIONS; a scoring step
     has no backend: its processes launch as DDP's do, each holding the whole model).
 
-    nodes, processes (per node) and accelerate_config always follow the config; on GPUs (device not cpu)
-    `gres: gpu:<processes per node>`; with several nodes the SLURM executor's `mpi` hook and one task per
-    node (`tasks` = nodes; `tasks_per_node` must be > 1 in the plugin, and `tasks_per_gpu: 0` keeps the
+    nodes, processes (per node) and accelerate_config always follow the config; on GPUs `gres` (gpu_request:
+    device cuda, or auto on a cluster not known to lack GPUs); with several nodes the SLURM executor's `mpi` hook
+    and one task per node (`tasks` = nodes; `tasks_per_node` must be > 1 in the plugin, and `tasks_per_gpu: 0` keeps the
     plugin from turning `tasks` into `--ntasks-per-gpu` on GPU jobs).
     """
     own = scale[section]
@@ -77,8 +105,9 @@ def scale_resources(scale: dict, section: str, device: str) -> dict:
                  "collective_timeout": int(scale["timeout"])}
     if per_node:
         resources["processes"] = int(per_node)
-    if device != "cpu":
-        resources["gres"] = f"gpu:{per_node or 1}"
+    gres = gpu_request(device, per_node, cluster_gpus)
+    if gres:
+        resources["gres"] = gres
     if nodes > 1:
         resources.update(mpi="srun", tasks=nodes, tasks_per_gpu=0)
     return resources
