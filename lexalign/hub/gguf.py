@@ -125,8 +125,12 @@ def gguf_path(path: str | os.PathLike, gguf_file: str | None = None, key: str = 
                                 hint=f"Fix {file_key} (a file name inside {key})")
         return file
     if not path.exists():
-        raise LexAlignError(f'GGUF file not found: "{path}" ({key})',
-                            hint=f"Fix {key}: the .gguf file (llama.cpp's format), or a model folder")
+        from lexalign.hub.assets import SMOLLM2_GGUF
+
+        fix = f"Fix {key}: the .gguf file (llama.cpp's format), or a model folder"
+        if path.name == SMOLLM2_GGUF:  # the file `lexalign fetch smollm2` writes (the smollm2 example reads it)
+            fix = f"Run: lexalign fetch smollm2 --into {path.parent} (it writes {path.name}), or f{fix[1:]}"
+        raise LexAlignError(f'GGUF file not found: "{path}" ({key})', hint=fix)
     if not path.is_file():
         raise LexAlignError(f'"{path}" ({key}) is a folder, not a GGUF file',
                             hint=f"Set {key} to the .gguf file, or keep the folder and name the file in {file_key}")

@@ -53,7 +53,7 @@ A [LexAlign](https://github.com/lexalign/lexalign) project, started from the `{e
 - `config/accelerate/`: the multi-GPU launch configs the profiles name.
 
 ```bash
-snakemake -n                          # what would run, and why
+{fetch}snakemake -n                          # what would run, and why
 snakemake --cores 1 results/aligned   # download → finetune → validate → align
 snakemake --cores 1                   # … evaluate and report (results/report.html)
 ```
@@ -63,6 +63,9 @@ upgrade that changed the code of a step. Results are in `results/`, logs in `log
 checkpoints in `results/checkpoints/`.
 '''
 
+
+FETCH_FIRST = {"smollm2": "lexalign fetch smollm2"}
+"""Examples whose config reads files from the package registry (assets/): the command that writes them, run first."""
 
 MANIFEST = ".lexalign-init.json"
 """What init wrote (path → sha256), so a later `init --force` tells a file LexAlign wrote from one the user
@@ -88,13 +91,21 @@ def project_files(example: str, name: str) -> dict[str, str]:
 
     files = {"config/config.yaml": render_config(load_yaml(examples()[example]),
                                                  title=f"LexAlign pipeline configuration: the `{example}` example."),
-             "Snakefile": PROJECT_SNAKEFILE, "README.md": PROJECT_README.format(name=name, example=example)}
+             "Snakefile": PROJECT_SNAKEFILE,
+             "README.md": PROJECT_README.format(name=name, example=example, fetch=_fetch_line(example))}
     root = workflow_root()
     for folder in ("profiles", "config/accelerate"):
         for source in sorted((root / folder).rglob("*")):
             if source.is_file() and "__pycache__" not in source.parts:
                 files[str(source.relative_to(root))] = source.read_text(encoding="utf-8")
     return files
+
+
+def _fetch_line(example: str) -> str:
+    """The README's first command for an example that reads registry files (none for the others)."""
+    if example not in FETCH_FIRST:
+        return ""
+    return f"{FETCH_FIRST[example]:<37} # first: the files config.yaml reads (assets/), from the package registry\n"
 
 
 def _beside(relative: str, example: str) -> str:
